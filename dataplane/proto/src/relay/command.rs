@@ -1,0 +1,89 @@
+//! What the control plane pushes into a worker, and what the worker reports back
+//! (RFC 8656 §7-§12 requests after they have been authenticated).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use crate::wire::{ChannelNumber, IntegrityKey, TransactionId};
+
+use super::{AllocationId, FiveTuple};
+
+/// An authenticated Allocate that the control plane granted (RFC 8656 §7.2): the relayed
+/// transport address is already bound and `response` is the complete, signed success response.
+#[derive(Debug, Clone)]
+pub struct Install {
+    /// The client's 5-tuple.
+    pub five_tuple: FiveTuple,
+    /// Transaction ID of the Allocate request, to recognise retransmissions.
+    pub tid: TransactionId,
+    /// The relayed transport address.
+    pub relayed: SocketAddr,
+    /// Granted lifetime.
+    pub lifetime: Duration,
+    /// The signed Allocate success response, resent verbatim to retransmissions.
+    pub response: Box<[u8]>,
+}
+
+/// An authenticated request on an existing allocation. The worker applies it to its tables and
+/// answers the client with a response signed with `key`.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Install a new allocation (Allocate success).
+    Install(Install),
+    /// Refresh (RFC 8656 §8): `lifetime` already clamped by policy; zero deletes.
+    Refresh {
+        /// The client's 5-tuple.
+        five_tuple: FiveTuple,
+        /// Request transaction ID.
+        tid: TransactionId,
+        /// Granted lifetime; `Duration::ZERO` deletes the allocation.
+        lifetime: Duration,
+        /// Key to sign the response with.
+        key: IntegrityKey,
+    },
+    /// CreatePermission (RFC 8656 §10): every peer already passed the peer policy.
+    CreatePermission {
+        /// The client's 5-tuple.
+        five_tuple: FiveTuple,
+        /// Request transaction ID.
+        tid: TransactionId,
+        /// Peer IP addresses to install or refresh.
+        peers: Vec<IpAddr>,
+        /// Key to sign the response with.
+        key: IntegrityKey,
+    },
+    /// ChannelBind (RFC 8656 §12.2): the peer already passed the peer policy.
+    ChannelBind {
+        /// The client's 5-tuple.
+        five_tuple: FiveTuple,
+        /// Request transaction ID.
+        tid: TransactionId,
+        /// Channel to bind.
+        channel: ChannelNumber,
+        /// Peer transport address to bind it to.
+        peer: SocketAddr,
+        /// Key to sign the response with.
+        key: IntegrityKey,
+    },
+    /// Send `bytes` (a response the control plane built, e.g. 401) to the client.
+    Reply {
+        /// The client's 5-tuple.
+        five_tuple: FiveTuple,
+        /// The whole STUN message.
+        bytes: Vec<u8>,
+    },
+}
+
+/// What applying a [`Command`] produced, beyond the reply written to the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing beyond the reply.
+    None,
+    /// An allocation was installed under this id: start receiving on its relay socket.
+    Installed(AllocationId),
+    /// An Install was refused (the 5-tuple already has an allocation): close the offered relay
+    /// socket and tell the control plane the 5-tuple's new allocation was not made.
+    InstallRefused,
+    /// The allocation was deleted (Refresh with LIFETIME 0): close its relay socket.
+    Removed(AllocationId),
+}

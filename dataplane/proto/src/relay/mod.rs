@@ -1,0 +1,575 @@
+//! The per-worker TURN state machine (RFC 8656): one [`WorkerState`] per data-plane worker owns
+//! the allocations whose client 5-tuples the kernel steers to that worker.
+//!
+//! Contract (sans-IO): feed every client datagram to [`WorkerState::handle_client_datagram`], every
+//! peer datagram to [`WorkerState::handle_peer_datagram`], every control-plane [`Command`] to
+//! [`WorkerState::handle_command`], and call [`WorkerState::handle_timeout`] once
+//! [`WorkerState::poll_timeout`] has passed. Each call takes `now` and returns what to send.
+
+mod command;
+mod tables;
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+pub use command::{Command, Effect, Install};
+pub use tables::{Allocation, ChannelBinding, Tables};
+
+use crate::response::{self, ErrorCode};
+use crate::timer::TimerWheel;
+use crate::wire::{
+    self, address, attr, channel_data, ChannelData, ChannelNumber, Class, DatagramKind, Message, MessageWriter, Method,
+    TransactionId,
+};
+
+/// A client's 5-tuple on UDP (RFC 8656 §2): its address and the server address it sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    /// The client's transport address (as the server sees it, after any NAT).
+    pub client: SocketAddr,
+    /// The server transport address the client sends to.
+    pub server: SocketAddr,
+}
+
+/// An allocation's slot in its worker's slab plus a generation, so an id that outlives its
+/// allocation never names the slot's next tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AllocationId {
+    /// Slab index.
+    pub index: u32,
+    /// Generation of the slot when the allocation was made.
+    pub generation: u32,
+}
+
+/// Bytes a peer datagram needs in front of its payload so it can be framed in place: a 20-byte
+/// STUN header, a 24-byte IPv6 XOR-PEER-ADDRESS and a 4-byte DATA header (RFC 8656 §11.4).
+pub const PEER_HEADROOM: usize = 48;
+/// Bytes a peer datagram needs after its payload (DATA padding).
+pub const PEER_TAILROOM: usize = 3;
+
+/// Lifetimes the worker applies itself (RFC 8656 §9, §12).
+#[derive(Debug, Clone, Copy)]
+pub struct RelayConfig {
+    /// Permission lifetime; RFC 8656 §9 fixes 300 s.
+    pub permission_lifetime: Duration,
+    /// Channel binding lifetime; RFC 8656 §12 fixes 600 s.
+    pub channel_lifetime: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig { permission_lifetime: Duration::from_secs(300), channel_lifetime: Duration::from_secs(600) }
+    }
+}
+
+/// Per-worker counters (packets unless stated otherwise).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Client datagrams relayed to a peer (ChannelData or Send).
+    pub relayed_to_peer: u64,
+    /// Peer datagrams relayed to a client (ChannelData or Data indication).
+    pub relayed_to_client: u64,
+    /// STUN datagrams that failed [`Message::parse`].
+    pub malformed_stun: u64,
+    /// ChannelData datagrams with a bad header or length.
+    pub malformed_channel_data: u64,
+    /// Datagrams that are neither STUN nor ChannelData.
+    pub not_turn: u64,
+    /// ChannelData / Send / requests from a 5-tuple without an allocation (dropped).
+    pub no_allocation: u64,
+    /// ChannelData on an unbound or expired channel.
+    pub unbound_channel: u64,
+    /// Send indications or peer datagrams without a permission.
+    pub no_permission: u64,
+    /// Indications dropped: malformed Send, unknown attributes, or any other indication.
+    pub dropped_indications: u64,
+    /// Responses received from clients (dropped).
+    pub dropped_responses: u64,
+    /// Requests handed to the control plane.
+    pub requests_forwarded: u64,
+    /// Requests answered by the worker itself (Binding, retransmitted Allocate, errors).
+    pub requests_answered: u64,
+    /// Allocations that expired.
+    pub allocations_expired: u64,
+}
+
+/// What to do with a client datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientOutput {
+    /// Nothing to send (dropped, counted).
+    Drop,
+    /// Send `out[..len]` back to the client.
+    Reply(usize),
+    /// Send `datagram[payload]` from `alloc`'s relayed transport address to `peer`.
+    Relay {
+        /// The allocation whose relay socket sends.
+        alloc: AllocationId,
+        /// Destination peer.
+        peer: SocketAddr,
+        /// The application data within the datagram.
+        payload: Range<usize>,
+    },
+    /// An authenticated request (Allocate, Refresh, CreatePermission, ChannelBind): hand the
+    /// datagram to the control plane, which answers with a [`Command`].
+    Authenticate,
+}
+
+/// What to do with a peer datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerOutput {
+    /// Nothing to send (dropped, counted).
+    Drop,
+    /// Send `buf[message]` (ChannelData or Data indication built in place) to the client.
+    ToClient {
+        /// The client's 5-tuple.
+        five_tuple: FiveTuple,
+        /// The framed message within the buffer.
+        message: Range<usize>,
+    },
+}
+
+/// What applying a [`Command`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    /// The client to answer.
+    pub five_tuple: FiveTuple,
+    /// Length of the reply in the caller's buffer (0: nothing to send).
+    pub reply_len: usize,
+    /// What the shell must do about sockets and the control plane.
+    pub effect: Effect,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    Allocation(AllocationId),
+    Permission(AllocationId, IpAddr),
+    Channel(AllocationId, ChannelNumber),
+}
+
+/// The state of one worker: its tables, timers and counters.
+#[derive(Debug)]
+pub struct WorkerState {
+    config: RelayConfig,
+    tables: Tables,
+    timers: TimerWheel<Timer>,
+    fired: Vec<Timer>,
+    counters: Counters,
+    /// xorshift64 state for Data indication transaction IDs (seeded by the caller from a CSPRNG).
+    rng: u64,
+}
+
+impl WorkerState {
+    /// A worker with no allocations. `now` anchors the timer wheel; `seed` seeds the transaction
+    /// IDs of Data indications (any value; zero is replaced).
+    pub fn new(config: RelayConfig, now: Instant, seed: u64) -> Self {
+        WorkerState {
+            config,
+            tables: Tables::default(),
+            timers: TimerWheel::new(now, Duration::from_secs(1)),
+            fired: Vec::new(),
+            counters: Counters::default(),
+            rng: seed | 1,
+        }
+    }
+
+    /// The tables (read-only), for the shell and tests.
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next run; `None` with nothing to expire.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    /// Handles one datagram from a client. `out` receives any reply (at least 512 bytes).
+    pub fn handle_client_datagram(&mut self, now: Instant, ft: &FiveTuple, datagram: &[u8], out: &mut [u8]) -> ClientOutput {
+        match wire::classify(datagram) {
+            DatagramKind::ChannelData => self.client_channel_data(now, ft, datagram),
+            DatagramKind::Stun => match Message::parse(datagram) {
+                Ok(msg) => self.client_stun(now, ft, &msg, datagram, out),
+                Err(_) => {
+                    self.counters.malformed_stun += 1;
+                    ClientOutput::Drop
+                }
+            },
+            DatagramKind::Other => {
+                self.counters.not_turn += 1;
+                ClientOutput::Drop
+            }
+        }
+    }
+
+    /// RFC 8656 §12.5: ChannelData from the client goes to the bound peer.
+    #[inline]
+    fn client_channel_data(&mut self, now: Instant, ft: &FiveTuple, datagram: &[u8]) -> ClientOutput {
+        let cd = match ChannelData::parse(datagram) {
+            Ok(cd) => cd,
+            Err(_) => {
+                self.counters.malformed_channel_data += 1;
+                return ClientOutput::Drop;
+            }
+        };
+        let Some(alloc) = self.tables.lookup(ft) else {
+            self.counters.no_allocation += 1;
+            return ClientOutput::Drop;
+        };
+        match self.tables.channels.get(&(alloc.index, cd.channel())) {
+            Some(b) if b.expires > now => {
+                self.counters.relayed_to_peer += 1;
+                let len = cd.payload().len();
+                ClientOutput::Relay { alloc, peer: b.peer, payload: channel_data::HEADER_LEN..channel_data::HEADER_LEN + len }
+            }
+            _ => {
+                self.counters.unbound_channel += 1;
+                ClientOutput::Drop
+            }
+        }
+    }
+
+    fn client_stun(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, datagram: &[u8], out: &mut [u8]) -> ClientOutput {
+        match (msg.class(), msg.method()) {
+            (Class::Indication, Method::SEND) => self.client_send(now, ft, msg, datagram),
+            (Class::Indication, _) => {
+                self.counters.dropped_indications += 1;
+                ClientOutput::Drop
+            }
+            (Class::Success | Class::Error, _) => {
+                self.counters.dropped_responses += 1;
+                ClientOutput::Drop
+            }
+            (Class::Request, Method::BINDING) => self.answer(binding_response(ft, msg, out)),
+            (Class::Request, Method::ALLOCATE) => {
+                // RFC 8656 §7.2: a retransmitted Allocate gets the original success response.
+                if let Some(a) = self.tables.lookup(ft).and_then(|id| self.tables.get(id)) {
+                    if a.alloc_tid == msg.transaction_id() && a.alloc_response.len() <= out.len() {
+                        out[..a.alloc_response.len()].copy_from_slice(&a.alloc_response);
+                        self.counters.requests_answered += 1;
+                        return ClientOutput::Reply(a.alloc_response.len());
+                    }
+                }
+                self.counters.requests_forwarded += 1;
+                ClientOutput::Authenticate
+            }
+            (Class::Request, Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND) => {
+                self.counters.requests_forwarded += 1;
+                ClientOutput::Authenticate
+            }
+            (Class::Request, m) => {
+                self.answer(response::error(out, m, msg.transaction_id(), ErrorCode::BadRequest, &[], None))
+            }
+        }
+    }
+
+    fn answer(&mut self, written: Result<usize, wire::WriteError>) -> ClientOutput {
+        match written {
+            Ok(n) => {
+                self.counters.requests_answered += 1;
+                ClientOutput::Reply(n)
+            }
+            Err(_) => ClientOutput::Drop,
+        }
+    }
+
+    /// RFC 8656 §11.2: a Send indication with a permission is relayed; anything else is dropped.
+    fn client_send(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, datagram: &[u8]) -> ClientOutput {
+        let peer = msg.xor_address(attr::XOR_PEER_ADDRESS);
+        let data = msg.get(attr::DATA);
+        let (Some(Ok(peer)), Some(data), []) = (peer, data, msg.unknown_required()) else {
+            self.counters.dropped_indications += 1;
+            return ClientOutput::Drop;
+        };
+        let Some(alloc) = self.tables.lookup(ft) else {
+            self.counters.no_allocation += 1;
+            return ClientOutput::Drop;
+        };
+        if !self.has_permission(now, alloc, peer.ip()) {
+            self.counters.no_permission += 1;
+            return ClientOutput::Drop;
+        }
+        self.counters.relayed_to_peer += 1;
+        // `data` borrows from `datagram`; its position is the payload range.
+        let start = data.as_ptr() as usize - datagram.as_ptr() as usize;
+        ClientOutput::Relay { alloc, peer, payload: start..start + data.len() }
+    }
+
+    #[inline]
+    fn has_permission(&self, now: Instant, alloc: AllocationId, ip: IpAddr) -> bool {
+        matches!(self.tables.permissions.get(&(alloc.index, ip)), Some(&exp) if exp > now)
+    }
+
+    /// Handles one datagram a peer sent to `alloc`'s relayed transport address. The payload is
+    /// `buf[payload]`; the caller leaves [`PEER_HEADROOM`] bytes before it and [`PEER_TAILROOM`]
+    /// after it so the ChannelData or Data indication is framed in place (RFC 8656 §11.4, §12.4).
+    #[inline]
+    pub fn handle_peer_datagram(
+        &mut self,
+        now: Instant,
+        alloc: AllocationId,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        payload: Range<usize>,
+    ) -> PeerOutput {
+        let Some(a) = self.tables.get(alloc) else {
+            self.counters.no_allocation += 1;
+            return PeerOutput::Drop;
+        };
+        if a.expires <= now || payload.start < PEER_HEADROOM || payload.end + PEER_TAILROOM > buf.len() {
+            self.counters.no_allocation += 1;
+            return PeerOutput::Drop;
+        }
+        let five_tuple = a.five_tuple;
+        if !self.has_permission(now, alloc, peer.ip()) {
+            self.counters.no_permission += 1;
+            return PeerOutput::Drop;
+        }
+        let len = payload.end - payload.start;
+        if let Some(ch) = self.tables.peer_channels.get(&(alloc.index, peer)) {
+            if matches!(self.tables.channels.get(&(alloc.index, *ch)), Some(b) if b.expires > now) && len <= u16::MAX as usize {
+                let start = payload.start - channel_data::HEADER_LEN;
+                channel_data::write_header(&mut buf[start..], *ch, len as u16);
+                self.counters.relayed_to_client += 1;
+                return PeerOutput::ToClient { five_tuple, message: start..payload.end };
+            }
+        }
+        // Data indication: header, XOR-PEER-ADDRESS, DATA header, payload, padding.
+        let alen = address::encoded_len(&peer);
+        let start = payload.start - (20 + 4 + alen + 4);
+        let padded_end = payload.start + ((len + 3) & !3);
+        let body_len = padded_end - start - 20;
+        if body_len > u16::MAX as usize {
+            self.counters.dropped_indications += 1;
+            return PeerOutput::Drop;
+        }
+        let tid = self.next_tid();
+        let hdr = &mut buf[start..payload.start];
+        hdr[0..2].copy_from_slice(&wire::message::message_type(Method::DATA, Class::Indication).to_be_bytes());
+        hdr[2..4].copy_from_slice(&(body_len as u16).to_be_bytes());
+        hdr[4..8].copy_from_slice(&wire::MAGIC_COOKIE.to_be_bytes());
+        hdr[8..20].copy_from_slice(&tid.0);
+        hdr[20..22].copy_from_slice(&attr::XOR_PEER_ADDRESS.to_be_bytes());
+        hdr[22..24].copy_from_slice(&(alen as u16).to_be_bytes());
+        address::encode_xor_address(&peer, &tid, &mut hdr[24..24 + alen]);
+        hdr[24 + alen..26 + alen].copy_from_slice(&attr::DATA.to_be_bytes());
+        hdr[26 + alen..28 + alen].copy_from_slice(&(len as u16).to_be_bytes());
+        buf[payload.end..padded_end].fill(0);
+        self.counters.relayed_to_client += 1;
+        PeerOutput::ToClient { five_tuple, message: start..padded_end }
+    }
+
+    fn next_tid(&mut self) -> TransactionId {
+        let mut t = TransactionId::default();
+        for chunk in t.0.chunks_mut(4) {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            chunk.copy_from_slice(&(self.rng as u32).to_be_bytes());
+        }
+        t
+    }
+
+    /// Applies a control-plane [`Command`]; any reply for the client is written to `out`
+    /// (at least 512 bytes).
+    pub fn handle_command(&mut self, now: Instant, cmd: Command, out: &mut [u8]) -> CommandOutput {
+        match cmd {
+            Command::Install(i) => self.install(now, i, out),
+            Command::Reply { five_tuple, bytes } => {
+                let reply_len = if bytes.len() <= out.len() {
+                    out[..bytes.len()].copy_from_slice(&bytes);
+                    bytes.len()
+                } else {
+                    0
+                };
+                CommandOutput { five_tuple, reply_len, effect: Effect::None }
+            }
+            Command::Refresh { five_tuple, tid, lifetime, key } => {
+                let method = Method::REFRESH;
+                let Some(id) = self.tables.lookup(&five_tuple) else {
+                    return self.mismatch(five_tuple, method, tid, &key.0, out);
+                };
+                let effect = if lifetime.is_zero() {
+                    self.tables.remove(id);
+                    Effect::Removed(id)
+                } else {
+                    if let Some(a) = self.tables.get_mut(id) {
+                        // The pending timer sees the later deadline and files itself again.
+                        a.expires = now + lifetime;
+                    }
+                    Effect::None
+                };
+                let reply_len = success(out, method, tid, &key.0, |w| {
+                    w.u32(attr::LIFETIME, lifetime.as_secs() as u32)?;
+                    Ok(())
+                });
+                CommandOutput { five_tuple, reply_len, effect }
+            }
+            Command::CreatePermission { five_tuple, tid, peers, key } => {
+                let method = Method::CREATE_PERMISSION;
+                let Some(id) = self.tables.lookup(&five_tuple) else {
+                    return self.mismatch(five_tuple, method, tid, &key.0, out);
+                };
+                for ip in peers {
+                    self.permit(now, id, ip);
+                }
+                let reply_len = success(out, method, tid, &key.0, |_| Ok(()));
+                CommandOutput { five_tuple, reply_len, effect: Effect::None }
+            }
+            Command::ChannelBind { five_tuple, tid, channel, peer, key } => {
+                let method = Method::CHANNEL_BIND;
+                let Some(id) = self.tables.lookup(&five_tuple) else {
+                    return self.mismatch(five_tuple, method, tid, &key.0, out);
+                };
+                // RFC 8656 §12.2: a channel and a peer bind one to one.
+                let channel_taken = matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.peer != peer);
+                let peer_taken = matches!(self.tables.peer_channels.get(&(id.index, peer)), Some(c) if *c != channel);
+                if channel_taken || peer_taken {
+                    let reply_len = response::error(out, method, tid, ErrorCode::BadRequest, &[], Some(&key.0)).unwrap_or(0);
+                    return CommandOutput { five_tuple, reply_len, effect: Effect::None };
+                }
+                let expires = now + self.config.channel_lifetime;
+                if self.tables.set_channel(id, channel, peer, expires) {
+                    self.timers.schedule(expires, Timer::Channel(id, channel));
+                }
+                self.permit(now, id, peer.ip());
+                let reply_len = success(out, method, tid, &key.0, |_| Ok(()));
+                CommandOutput { five_tuple, reply_len, effect: Effect::None }
+            }
+        }
+    }
+
+    fn install(&mut self, now: Instant, i: Install, out: &mut [u8]) -> CommandOutput {
+        let five_tuple = i.five_tuple;
+        if let Some(existing) = self.tables.lookup(&five_tuple).and_then(|id| self.tables.get(id)) {
+            // A second Allocate on a 5-tuple that already has an allocation (RFC 8656 §7.2 step 2).
+            let reply_len = if existing.alloc_tid == i.tid && existing.alloc_response.len() <= out.len() {
+                out[..existing.alloc_response.len()].copy_from_slice(&existing.alloc_response);
+                existing.alloc_response.len()
+            } else {
+                response::error(out, Method::ALLOCATE, i.tid, ErrorCode::AllocationMismatch, &[], None).unwrap_or(0)
+            };
+            return CommandOutput { five_tuple, reply_len, effect: Effect::InstallRefused };
+        }
+        let reply_len = if i.response.len() <= out.len() {
+            out[..i.response.len()].copy_from_slice(&i.response);
+            i.response.len()
+        } else {
+            0
+        };
+        let expires = now + i.lifetime;
+        let id = self.tables.insert(Allocation {
+            five_tuple,
+            relayed: i.relayed,
+            expires,
+            alloc_tid: i.tid,
+            alloc_response: i.response,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+        });
+        self.timers.schedule(expires, Timer::Allocation(id));
+        CommandOutput { five_tuple, reply_len, effect: Effect::Installed(id) }
+    }
+
+    fn permit(&mut self, now: Instant, id: AllocationId, ip: IpAddr) {
+        let expires = now + self.config.permission_lifetime;
+        if self.tables.set_permission(id, ip, expires) {
+            self.timers.schedule(expires, Timer::Permission(id, ip));
+        }
+    }
+
+    fn mismatch(&mut self, five_tuple: FiveTuple, method: Method, tid: TransactionId, key: &[u8], out: &mut [u8]) -> CommandOutput {
+        let reply_len = response::error(out, method, tid, ErrorCode::AllocationMismatch, &[], Some(key)).unwrap_or(0);
+        CommandOutput { five_tuple, reply_len, effect: Effect::None }
+    }
+
+    /// Expires what is due at `now`: permissions, channel bindings and allocations. Each expired
+    /// allocation is appended to `expired` (its relay socket must be closed and the control plane
+    /// told).
+    pub fn handle_timeout(&mut self, now: Instant, expired: &mut Vec<(AllocationId, FiveTuple)>) {
+        let mut fired = std::mem::take(&mut self.fired);
+        self.timers.advance(now, &mut fired);
+        for t in fired.drain(..) {
+            match t {
+                Timer::Allocation(id) => {
+                    let Some(a) = self.tables.get(id) else { continue };
+                    if a.expires <= now {
+                        let ft = a.five_tuple;
+                        self.tables.remove(id);
+                        self.counters.allocations_expired += 1;
+                        expired.push((id, ft));
+                    } else {
+                        self.timers.schedule(a.expires, t);
+                    }
+                }
+                Timer::Permission(id, ip) => {
+                    let Some(&exp) = self.tables.permissions.get(&(id.index, ip)) else { continue };
+                    if self.tables.get(id).is_none() {
+                        continue;
+                    }
+                    if exp <= now {
+                        self.tables.remove_permission(id, ip);
+                    } else {
+                        self.timers.schedule(exp, t);
+                    }
+                }
+                Timer::Channel(id, ch) => {
+                    let Some(b) = self.tables.channels.get(&(id.index, ch)).copied() else { continue };
+                    if self.tables.get(id).is_none() {
+                        continue;
+                    }
+                    if b.expires <= now {
+                        self.tables.remove_channel(id, ch);
+                    } else {
+                        self.timers.schedule(b.expires, t);
+                    }
+                }
+            }
+        }
+        self.fired = fired;
+    }
+
+    /// Removes every allocation (shutdown), returning their ids.
+    pub fn drain(&mut self) -> Vec<(AllocationId, FiveTuple)> {
+        let all: Vec<_> = self.tables.by_five_tuple.iter().map(|(ft, id)| (*id, *ft)).collect();
+        for (id, _) in &all {
+            self.tables.remove(*id);
+        }
+        all
+    }
+}
+
+/// Writes a signed success response with `body` attributes; returns its length (0 if `out` is
+/// too small).
+fn success(
+    out: &mut [u8],
+    method: Method,
+    tid: TransactionId,
+    key: &[u8],
+    body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), wire::WriteError>,
+) -> usize {
+    let build = |out: &mut [u8]| {
+        let mut w = response::start(out, method, Class::Success, tid)?;
+        body(&mut w)?;
+        response::seal(w, Some(key))
+    };
+    build(out).unwrap_or(0)
+}
+
+/// RFC 8489 §18.2: Binding success with XOR-MAPPED-ADDRESS, or 420 for unknown attributes.
+fn binding_response(ft: &FiveTuple, msg: &Message<'_>, out: &mut [u8]) -> Result<usize, wire::WriteError> {
+    let tid = msg.transaction_id();
+    if !msg.unknown_required().is_empty() {
+        return response::error(out, Method::BINDING, tid, ErrorCode::UnknownAttribute, msg.unknown_required(), None);
+    }
+    let mut w = response::start(out, Method::BINDING, Class::Success, tid)?;
+    w.xor_address(attr::XOR_MAPPED_ADDRESS, &ft.client)?;
+    response::seal(w, None)
+}
+
+#[cfg(test)]
+mod tests;

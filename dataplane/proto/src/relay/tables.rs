@@ -1,0 +1,217 @@
+//! The per-worker tables (RFC 8656 §2.2, §9, §12): allocations in a slab, and hash maps from
+//! 5-tuple to allocation, (allocation, channel) to peer, (allocation, peer) to channel and
+//! (allocation, peer IP) to permission expiry. Removing an allocation removes everything it owns.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use hashbrown::HashMap;
+
+use crate::wire::{ChannelNumber, TransactionId};
+
+use super::{AllocationId, FiveTuple};
+
+/// One allocation (RFC 8656 §2.2).
+#[derive(Debug)]
+pub struct Allocation {
+    /// The client's 5-tuple.
+    pub five_tuple: FiveTuple,
+    /// The relayed transport address.
+    pub relayed: SocketAddr,
+    /// When the allocation expires unless refreshed.
+    pub expires: Instant,
+    /// Transaction ID of the Allocate that created it.
+    pub alloc_tid: TransactionId,
+    /// The Allocate success response, for retransmissions.
+    pub alloc_response: Box<[u8]>,
+    /// Peer IPs with a permission (keys of [`Tables::permissions`]).
+    pub permissions: Vec<IpAddr>,
+    /// Bound channels (keys of [`Tables::channels`]).
+    pub channels: Vec<ChannelNumber>,
+}
+
+/// A channel binding (RFC 8656 §12).
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelBinding {
+    /// The peer transport address the channel is bound to.
+    pub peer: SocketAddr,
+    /// When the binding expires unless refreshed.
+    pub expires: Instant,
+}
+
+#[derive(Debug)]
+struct Slot {
+    generation: u32,
+    allocation: Option<Allocation>,
+}
+
+/// All allocation state of one worker.
+#[derive(Debug, Default)]
+pub struct Tables {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// 5-tuple -> allocation.
+    pub by_five_tuple: HashMap<FiveTuple, AllocationId>,
+    /// (allocation slot, channel) -> binding.
+    pub channels: HashMap<(u32, ChannelNumber), ChannelBinding>,
+    /// (allocation slot, peer transport address) -> channel.
+    pub peer_channels: HashMap<(u32, SocketAddr), ChannelNumber>,
+    /// (allocation slot, peer IP) -> permission expiry.
+    pub permissions: HashMap<(u32, IpAddr), Instant>,
+}
+
+impl Tables {
+    /// Number of live allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.by_five_tuple.len()
+    }
+
+    /// Inserts `a` and returns its id. The caller has checked the 5-tuple is free.
+    pub fn insert(&mut self, a: Allocation) -> AllocationId {
+        let ft = a.five_tuple;
+        let index = match self.free.pop() {
+            Some(i) => {
+                let slot = &mut self.slots[i as usize];
+                slot.allocation = Some(a);
+                i
+            }
+            None => {
+                self.slots.push(Slot { generation: 0, allocation: Some(a) });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let id = AllocationId { index, generation: self.slots[index as usize].generation };
+        self.by_five_tuple.insert(ft, id);
+        id
+    }
+
+    /// The live allocation `id` names, if any (a stale id whose slot was reused yields `None`).
+    pub fn get(&self, id: AllocationId) -> Option<&Allocation> {
+        let slot = self.slots.get(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.allocation.as_ref()
+    }
+
+    /// Mutable access to the live allocation `id` names.
+    pub fn get_mut(&mut self, id: AllocationId) -> Option<&mut Allocation> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.allocation.as_mut()
+    }
+
+    /// The allocation of a 5-tuple.
+    #[inline]
+    pub fn lookup(&self, ft: &FiveTuple) -> Option<AllocationId> {
+        self.by_five_tuple.get(ft).copied()
+    }
+
+    /// Removes allocation `id` with its permissions and channels; returns it if it was live.
+    pub fn remove(&mut self, id: AllocationId) -> Option<Allocation> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        let a = slot.allocation.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(id.index);
+        self.by_five_tuple.remove(&a.five_tuple);
+        for ip in &a.permissions {
+            self.permissions.remove(&(id.index, *ip));
+        }
+        for ch in &a.channels {
+            if let Some(b) = self.channels.remove(&(id.index, *ch)) {
+                self.peer_channels.remove(&(id.index, b.peer));
+            }
+        }
+        Some(a)
+    }
+
+    /// Installs or refreshes a permission; returns true when it is new.
+    pub fn set_permission(&mut self, id: AllocationId, ip: IpAddr, expires: Instant) -> bool {
+        let new = self.permissions.insert((id.index, ip), expires).is_none();
+        if new {
+            if let Some(a) = self.get_mut(id) {
+                a.permissions.push(ip);
+            }
+        }
+        new
+    }
+
+    /// Removes a permission.
+    pub fn remove_permission(&mut self, id: AllocationId, ip: IpAddr) {
+        if self.permissions.remove(&(id.index, ip)).is_some() {
+            if let Some(a) = self.get_mut(id) {
+                a.permissions.retain(|p| *p != ip);
+            }
+        }
+    }
+
+    /// Binds or refreshes `channel` to `peer`; returns true when the binding is new.
+    /// The caller has checked neither is bound to something else.
+    pub fn set_channel(&mut self, id: AllocationId, channel: ChannelNumber, peer: SocketAddr, expires: Instant) -> bool {
+        let new = self.channels.insert((id.index, channel), ChannelBinding { peer, expires }).is_none();
+        if new {
+            self.peer_channels.insert((id.index, peer), channel);
+            if let Some(a) = self.get_mut(id) {
+                a.channels.push(channel);
+            }
+        }
+        new
+    }
+
+    /// Removes a channel binding.
+    pub fn remove_channel(&mut self, id: AllocationId, channel: ChannelNumber) {
+        if let Some(b) = self.channels.remove(&(id.index, channel)) {
+            self.peer_channels.remove(&(id.index, b.peer));
+            if let Some(a) = self.get_mut(id) {
+                a.channels.retain(|c| *c != channel);
+            }
+        }
+    }
+
+    /// Checks that every index agrees with the slab; returns a description of the first
+    /// disagreement. For tests and fuzzing.
+    pub fn check_consistency(&self) -> Result<(), String> {
+        let live: Vec<(AllocationId, &Allocation)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.allocation.as_ref().map(|a| (AllocationId { index: i as u32, generation: s.generation }, a)))
+            .collect();
+        if live.len() != self.by_five_tuple.len() {
+            return Err(format!("{} live allocations but {} 5-tuples", live.len(), self.by_five_tuple.len()));
+        }
+        let (mut perms, mut chans) = (0, 0);
+        for (id, a) in &live {
+            if self.by_five_tuple.get(&a.five_tuple) != Some(id) {
+                return Err(format!("5-tuple {:?} does not map to {:?}", a.five_tuple, id));
+            }
+            for ip in &a.permissions {
+                if !self.permissions.contains_key(&(id.index, *ip)) {
+                    return Err(format!("permission {ip} of {id:?} missing"));
+                }
+            }
+            for ch in &a.channels {
+                let b = self.channels.get(&(id.index, *ch)).ok_or(format!("channel {ch:?} missing"))?;
+                if self.peer_channels.get(&(id.index, b.peer)) != Some(ch) {
+                    return Err(format!("peer {} of channel {ch:?} not indexed", b.peer));
+                }
+            }
+            perms += a.permissions.len();
+            chans += a.channels.len();
+        }
+        if perms != self.permissions.len() || chans != self.channels.len() || chans != self.peer_channels.len() {
+            return Err(format!(
+                "lists hold {perms} permissions / {chans} channels, maps {} / {} / {}",
+                self.permissions.len(),
+                self.channels.len(),
+                self.peer_channels.len()
+            ));
+        }
+        Ok(())
+    }
+}

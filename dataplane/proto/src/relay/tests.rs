@@ -1,0 +1,304 @@
+//! State-machine tests with a simulated clock: every lifetime is crossed by moving `now`, never
+//! by sleeping.
+
+use super::*;
+use crate::wire::IntegrityKey;
+
+const KEY: IntegrityKey = IntegrityKey([7; 16]);
+
+fn ft() -> FiveTuple {
+    FiveTuple { client: "192.0.2.10:5000".parse().unwrap(), server: "198.51.100.1:3478".parse().unwrap() }
+}
+fn peer() -> SocketAddr {
+    "203.0.113.5:6000".parse().unwrap()
+}
+fn tid(n: u8) -> TransactionId {
+    TransactionId([n; 12])
+}
+fn ch(n: u16) -> ChannelNumber {
+    ChannelNumber::new(n).unwrap()
+}
+
+fn request(method: Method, t: TransactionId) -> Vec<u8> {
+    let mut buf = vec![0u8; 256];
+    let n = MessageWriter::new(&mut buf, method, Class::Request, t).unwrap().finish();
+    buf.truncate(n);
+    buf
+}
+
+fn parse_error_code(reply: &[u8]) -> Option<u16> {
+    let m = Message::parse(reply).ok()?;
+    let v = m.get(attr::ERROR_CODE)?;
+    Some(v[2] as u16 * 100 + v[3] as u16)
+}
+
+struct Harness {
+    state: WorkerState,
+    t0: Instant,
+    out: Vec<u8>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let t0 = Instant::now();
+        Harness { state: WorkerState::new(RelayConfig::default(), t0, 42), t0, out: vec![0; 1500] }
+    }
+    fn at(&self, secs: u64) -> Instant {
+        self.t0 + Duration::from_secs(secs)
+    }
+    fn command(&mut self, secs: u64, cmd: Command) -> CommandOutput {
+        let now = self.at(secs);
+        self.state.handle_command(now, cmd, &mut self.out)
+    }
+    fn install(&mut self, secs: u64, lifetime: u64) -> AllocationId {
+        let out = self.command(
+            secs,
+            Command::Install(Install {
+                five_tuple: ft(),
+                tid: tid(1),
+                relayed: "198.51.100.1:50000".parse().unwrap(),
+                lifetime: Duration::from_secs(lifetime),
+                response: vec![9u8; 40].into_boxed_slice(),
+            }),
+        );
+        match out.effect {
+            Effect::Installed(id) => id,
+            e => panic!("install failed: {e:?}"),
+        }
+    }
+    fn bind(&mut self, secs: u64, c: u16, p: SocketAddr) -> CommandOutput {
+        self.command(secs, Command::ChannelBind { five_tuple: ft(), tid: tid(3), channel: ch(c), peer: p, key: KEY })
+    }
+    fn client(&mut self, secs: u64, datagram: &[u8]) -> ClientOutput {
+        let now = self.at(secs);
+        self.state.handle_client_datagram(now, &ft(), datagram, &mut self.out)
+    }
+    /// A peer datagram with `payload`, placed after the required headroom.
+    fn peer(&mut self, secs: u64, id: AllocationId, from: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; PEER_HEADROOM + payload.len() + PEER_TAILROOM];
+        buf[PEER_HEADROOM..PEER_HEADROOM + payload.len()].copy_from_slice(payload);
+        let now = self.at(secs);
+        match self.state.handle_peer_datagram(now, id, from, &mut buf, PEER_HEADROOM..PEER_HEADROOM + payload.len()) {
+            PeerOutput::ToClient { five_tuple, message } => {
+                assert_eq!(five_tuple, ft());
+                Some(buf[message].to_vec())
+            }
+            PeerOutput::Drop => None,
+        }
+    }
+    fn tick(&mut self, secs: u64) -> Vec<(AllocationId, FiveTuple)> {
+        let mut expired = Vec::new();
+        let now = self.at(secs);
+        self.state.handle_timeout(now, &mut expired);
+        self.state.tables().check_consistency().unwrap();
+        expired
+    }
+}
+
+#[test]
+fn binding_request_gets_xor_mapped_address() {
+    let mut h = Harness::new();
+    let ClientOutput::Reply(n) = h.client(0, &request(Method::BINDING, tid(5))) else { panic!() };
+    let m = Message::parse(&h.out[..n]).unwrap();
+    assert_eq!((m.method(), m.class(), m.transaction_id()), (Method::BINDING, Class::Success, tid(5)));
+    assert_eq!(m.xor_address(attr::XOR_MAPPED_ADDRESS), Some(Ok(ft().client)));
+    assert_eq!(m.get(attr::SOFTWARE), Some(response::SOFTWARE.as_bytes()));
+}
+
+#[test]
+fn binding_with_unknown_required_attribute_gets_420() {
+    let mut h = Harness::new();
+    let mut buf = vec![0u8; 256];
+    let mut w = MessageWriter::new(&mut buf, Method::BINDING, Class::Request, tid(5)).unwrap();
+    w.u32(0x0033, 1).unwrap();
+    let n = w.finish();
+    let ClientOutput::Reply(r) = h.client(0, &buf[..n]) else { panic!() };
+    assert_eq!(parse_error_code(&h.out[..r]), Some(420));
+    let m = Message::parse(&h.out[..r]).unwrap();
+    assert_eq!(m.get(attr::UNKNOWN_ATTRIBUTES), Some(&[0x00, 0x33][..]));
+}
+
+#[test]
+fn authenticated_methods_go_to_the_control_plane() {
+    let mut h = Harness::new();
+    for m in [Method::ALLOCATE, Method::REFRESH, Method::CREATE_PERMISSION, Method::CHANNEL_BIND] {
+        assert_eq!(h.client(0, &request(m, tid(2))), ClientOutput::Authenticate);
+    }
+    assert_eq!(h.state.counters().requests_forwarded, 4);
+}
+
+#[test]
+fn retransmitted_allocate_gets_the_same_response_and_a_new_one_gets_437() {
+    let mut h = Harness::new();
+    h.install(0, 600);
+    assert_eq!(h.client(1, &request(Method::ALLOCATE, tid(1))), ClientOutput::Reply(40));
+    assert_eq!(&h.out[..40], &[9u8; 40][..]);
+    // A different transaction reaches the control plane, whose Install the worker refuses.
+    assert_eq!(h.client(1, &request(Method::ALLOCATE, tid(2))), ClientOutput::Authenticate);
+    let out = h.command(
+        1,
+        Command::Install(Install {
+            five_tuple: ft(),
+            tid: tid(2),
+            relayed: "198.51.100.1:50002".parse().unwrap(),
+            lifetime: Duration::from_secs(600),
+            response: vec![1u8; 40].into_boxed_slice(),
+        }),
+    );
+    assert_eq!(out.effect, Effect::InstallRefused);
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(437));
+    assert_eq!(h.state.tables().allocation_count(), 1);
+}
+
+#[test]
+fn channel_data_flows_both_ways_once_bound() {
+    let mut h = Harness::new();
+    let id = h.install(0, 600);
+    let cd = [0x40, 0x01, 0x00, 0x03, b'a', b'b', b'c', 0];
+    assert_eq!(h.client(0, &cd), ClientOutput::Drop, "unbound channel");
+    assert_eq!(h.state.counters().unbound_channel, 1);
+    let out = h.bind(0, 0x4001, peer());
+    let m = Message::parse(&h.out[..out.reply_len]).unwrap();
+    assert_eq!((m.method(), m.class()), (Method::CHANNEL_BIND, Class::Success));
+    assert!(crate::wire::integrity::verify(&KEY.0, &m.integrity_parts().unwrap()));
+    assert_eq!(h.client(1, &cd), ClientOutput::Relay { alloc: id, peer: peer(), payload: 4..7 });
+    assert_eq!(h.peer(1, id, peer(), b"xyz").unwrap(), vec![0x40, 0x01, 0x00, 0x03, b'x', b'y', b'z']);
+    assert_eq!(h.state.counters().relayed_to_client, 1);
+    assert_eq!(h.state.counters().relayed_to_peer, 1);
+}
+
+#[test]
+fn data_indication_when_permitted_but_unbound() {
+    let mut h = Harness::new();
+    let id = h.install(0, 600);
+    assert_eq!(h.peer(0, id, peer(), b"hello"), None, "no permission yet");
+    h.command(0, Command::CreatePermission { five_tuple: ft(), tid: tid(4), peers: vec![peer().ip()], key: KEY });
+    let msg = h.peer(1, id, peer(), b"hello").unwrap();
+    let m = Message::parse(&msg).unwrap();
+    assert_eq!((m.method(), m.class()), (Method::DATA, Class::Indication));
+    assert_eq!(m.xor_address(attr::XOR_PEER_ADDRESS), Some(Ok(peer())));
+    assert_eq!(m.get(attr::DATA), Some(&b"hello"[..]));
+    // Another port on the same IP is covered by the permission (RFC 8656 §9).
+    let other: SocketAddr = "203.0.113.5:7000".parse().unwrap();
+    assert!(h.peer(1, id, other, b"x").is_some());
+    let v6: SocketAddr = "[2001:db8::5]:7000".parse().unwrap();
+    assert_eq!(h.peer(1, id, v6, b"x"), None);
+}
+
+#[test]
+fn send_indication_needs_a_permission() {
+    let mut h = Harness::new();
+    let id = h.install(0, 600);
+    let mut buf = vec![0u8; 256];
+    let mut w = MessageWriter::new(&mut buf, Method::SEND, Class::Indication, tid(8)).unwrap();
+    w.xor_address(attr::XOR_PEER_ADDRESS, &peer()).unwrap();
+    w.bytes(attr::DATA, b"payload").unwrap();
+    let n = w.finish();
+    assert_eq!(h.client(0, &buf[..n]), ClientOutput::Drop);
+    assert_eq!(h.state.counters().no_permission, 1);
+    h.command(0, Command::CreatePermission { five_tuple: ft(), tid: tid(4), peers: vec![peer().ip()], key: KEY });
+    let ClientOutput::Relay { alloc, peer: p, payload } = h.client(0, &buf[..n]) else { panic!() };
+    assert_eq!((alloc, p, &buf[payload]), (id, peer(), &b"payload"[..]));
+}
+
+#[test]
+fn permission_expires_after_300_seconds_unless_refreshed() {
+    let mut h = Harness::new();
+    let id = h.install(0, 3600);
+    h.command(0, Command::CreatePermission { five_tuple: ft(), tid: tid(4), peers: vec![peer().ip()], key: KEY });
+    h.tick(299);
+    assert!(h.peer(299, id, peer(), b"a").is_some());
+    h.command(200, Command::CreatePermission { five_tuple: ft(), tid: tid(5), peers: vec![peer().ip()], key: KEY });
+    h.tick(301);
+    assert!(h.peer(301, id, peer(), b"a").is_some(), "refreshed at 200 s, lives to 500 s");
+    assert_eq!(h.state.tables().permissions.len(), 1);
+    h.tick(501);
+    assert!(h.peer(501, id, peer(), b"a").is_none());
+    assert!(h.state.tables().permissions.is_empty(), "the timer removed the entry");
+}
+
+#[test]
+fn channel_expires_after_600_seconds() {
+    let mut h = Harness::new();
+    let id = h.install(0, 3600);
+    h.bind(0, 0x4001, peer());
+    // Keep the permission alive past the channel, so only the channel's expiry matters.
+    for t in [250u64, 500, 700] {
+        h.command(t, Command::CreatePermission { five_tuple: ft(), tid: tid(9), peers: vec![peer().ip()], key: KEY });
+    }
+    h.tick(599);
+    assert_eq!(h.peer(599, id, peer(), b"z").unwrap()[0], 0x40);
+    h.tick(601);
+    assert!(h.state.tables().channels.is_empty());
+    // Still permitted, so the peer's data now arrives as a Data indication.
+    assert_eq!(h.peer(601, id, peer(), b"z").unwrap()[0..2], [0x00, 0x17]);
+    let cd = [0x40, 0x01, 0x00, 0x01, b'q'];
+    assert_eq!(h.client(601, &cd), ClientOutput::Drop);
+}
+
+#[test]
+fn allocation_expires_and_refresh_extends_it() {
+    let mut h = Harness::new();
+    let id = h.install(0, 600);
+    h.bind(0, 0x4001, peer());
+    let out = h.command(500, Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::from_secs(600), key: KEY });
+    let m = Message::parse(&h.out[..out.reply_len]).unwrap();
+    assert_eq!(m.u32_attr(attr::LIFETIME), Some(Ok(600)));
+    assert!(h.tick(601).is_empty(), "refreshed at 500 s: lives to 1100 s");
+    assert_eq!(h.tick(1101), vec![(id, ft())]);
+    assert_eq!(h.state.tables().allocation_count(), 0);
+    assert!(h.state.tables().channels.is_empty() && h.state.tables().permissions.is_empty());
+    assert_eq!(h.state.counters().allocations_expired, 1);
+    assert_eq!(h.peer(1101, id, peer(), b"late"), None, "stale id names nothing");
+}
+
+#[test]
+fn refresh_zero_deletes_and_requests_without_allocation_get_437() {
+    let mut h = Harness::new();
+    let id = h.install(0, 600);
+    let out = h.command(10, Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::ZERO, key: KEY });
+    assert_eq!(out.effect, Effect::Removed(id));
+    assert_eq!(Message::parse(&h.out[..out.reply_len]).unwrap().u32_attr(attr::LIFETIME), Some(Ok(0)));
+    for cmd in [
+        Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::ZERO, key: KEY },
+        Command::CreatePermission { five_tuple: ft(), tid: tid(4), peers: vec![peer().ip()], key: KEY },
+        Command::ChannelBind { five_tuple: ft(), tid: tid(3), channel: ch(0x4001), peer: peer(), key: KEY },
+    ] {
+        let out = h.command(11, cmd);
+        assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(437));
+    }
+    // The slot is reused with a new generation; the old id names nothing.
+    let id2 = h.install(12, 600);
+    assert_eq!(id2.index, id.index);
+    assert_ne!(id2.generation, id.generation);
+    assert!(h.state.tables().get(id).is_none());
+}
+
+#[test]
+fn channel_and_peer_bind_one_to_one() {
+    let mut h = Harness::new();
+    h.install(0, 600);
+    let out = h.bind(0, 0x4001, peer());
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), None);
+    let other: SocketAddr = "203.0.113.6:6000".parse().unwrap();
+    let out = h.bind(0, 0x4001, other);
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(400), "channel rebound to another peer");
+    let out = h.bind(0, 0x4002, peer());
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(400), "peer bound to another channel");
+    let out = h.bind(0, 0x4001, peer());
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), None, "same binding refreshes");
+    assert_eq!(h.state.tables().channels.len(), 1);
+    h.state.tables().check_consistency().unwrap();
+}
+
+#[test]
+fn garbage_is_counted_never_answered() {
+    let mut h = Harness::new();
+    h.install(0, 600);
+    let inputs: [&[u8]; 6] = [&[], &[0xFF; 30], &[0x40, 0x01], &[0x40, 0x01, 0xFF, 0xFF, 1], &[0u8; 19], &[0x01, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]];
+    for d in inputs {
+        assert_eq!(h.client(0, d), ClientOutput::Drop, "{d:?}");
+    }
+    let c = h.state.counters();
+    assert_eq!((c.not_turn, c.malformed_channel_data, c.malformed_stun, c.dropped_responses), (2, 2, 1, 1));
+}

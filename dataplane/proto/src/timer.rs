@@ -1,0 +1,122 @@
+//! A hashed timing wheel for expiry (allocations, permissions, channel bindings).
+//!
+//! Slots are one tick wide (1 second in uturn); each pass over a slot touches only the entries
+//! filed there, never the whole table. An entry whose deadline is further than one revolution away
+//! stays in its slot until its round comes. Refreshing an entry does not touch the wheel: the owner
+//! stores the new deadline and, when the old timer fires, files it again (see `relay`).
+
+use std::time::{Duration, Instant};
+
+/// Number of slots; with 1 s ticks one revolution is 4096 s, longer than the 3600 s maximum
+/// allocation lifetime, so most entries fire on their first visit.
+const SLOTS: usize = 4096;
+
+/// A timing wheel of `T` entries with a fixed tick.
+#[derive(Debug)]
+pub struct TimerWheel<T> {
+    origin: Instant,
+    tick: Duration,
+    /// The last tick whose slot has been processed.
+    current: u64,
+    slots: Vec<Vec<(u64, T)>>,
+    len: usize,
+}
+
+impl<T: Copy> TimerWheel<T> {
+    /// A wheel whose tick 0 is `origin`; `tick` must be non-zero.
+    pub fn new(origin: Instant, tick: Duration) -> Self {
+        assert!(!tick.is_zero(), "timer tick must be non-zero");
+        TimerWheel { origin, tick, current: 0, slots: (0..SLOTS).map(|_| Vec::new()).collect(), len: 0 }
+    }
+
+    fn tick_of(&self, t: Instant) -> u64 {
+        let d = t.saturating_duration_since(self.origin);
+        (d.as_nanos() / self.tick.as_nanos()) as u64
+    }
+
+    /// Files `item` to fire at the first tick at or after `at` (never in the past).
+    pub fn schedule(&mut self, at: Instant, item: T) {
+        let d = at.saturating_duration_since(self.origin).as_nanos();
+        let t = self.tick.as_nanos();
+        let tick = (d.div_ceil(t) as u64).max(self.current + 1);
+        self.slots[(tick % SLOTS as u64) as usize].push((tick, item));
+        self.len += 1;
+    }
+
+    /// Moves the wheel to `now`, appending every entry whose tick has passed to `fired`.
+    pub fn advance(&mut self, now: Instant, fired: &mut Vec<T>) {
+        let target = self.tick_of(now);
+        if target <= self.current {
+            return;
+        }
+        let steps = (target - self.current).min(SLOTS as u64);
+        for step in 1..=steps {
+            let slot = ((self.current + step) % SLOTS as u64) as usize;
+            let entries = &mut self.slots[slot];
+            let before = entries.len();
+            entries.retain(|&(due, item)| {
+                if due <= target {
+                    fired.push(item);
+                    false
+                } else {
+                    true
+                }
+            });
+            self.len -= before - entries.len();
+        }
+        self.current = target;
+    }
+
+    /// When [`advance`](Self::advance) should next be called: the next tick while anything is
+    /// filed, `None` when the wheel is empty.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        (self.len > 0).then(|| self.origin + self.tick * (self.current + 1) as u32)
+    }
+
+    /// Number of filed entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is filed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fires_in_order_and_only_when_due() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0, Duration::from_secs(1));
+        w.schedule(t0 + Duration::from_millis(1500), 'a');
+        w.schedule(t0 + Duration::from_secs(5000), 'b'); // more than one revolution away
+        let mut fired = Vec::new();
+        w.advance(t0 + Duration::from_secs(1), &mut fired);
+        assert!(fired.is_empty());
+        w.advance(t0 + Duration::from_secs(2), &mut fired);
+        assert_eq!(fired, vec!['a']);
+        w.advance(t0 + Duration::from_secs(4999), &mut fired);
+        assert_eq!(fired, vec!['a']);
+        assert_eq!(w.len(), 1);
+        w.advance(t0 + Duration::from_secs(5000), &mut fired);
+        assert_eq!(fired, vec!['a', 'b']);
+        assert!(w.is_empty());
+        assert_eq!(w.next_deadline(), None);
+    }
+
+    #[test]
+    fn past_deadlines_fire_on_next_tick() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0, Duration::from_secs(1));
+        let mut fired = Vec::new();
+        w.advance(t0 + Duration::from_secs(10), &mut fired);
+        w.schedule(t0, 1u8);
+        assert_eq!(w.next_deadline(), Some(t0 + Duration::from_secs(11)));
+        w.advance(t0 + Duration::from_secs(11), &mut fired);
+        assert_eq!(fired, vec![1]);
+    }
+}
