@@ -1,1 +1,60 @@
-fn main(){}
+//! The `uturn` binary: parse flags and config, print what is served, run until SIGINT/SIGTERM.
+
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::Parser;
+use uturn_controlplane::config::{Cli, Config};
+use uturn_controlplane::server;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("uturn: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, shutdown.clone()) {
+            eprintln!("uturn: cannot install signal handler: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    print_banner(&config);
+    match server::run(&config, shutdown) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("uturn: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_banner(c: &Config) {
+    println!("uturn {} - TURN relay (RFC 8656)", env!("CARGO_PKG_VERSION"));
+    for l in &c.listen {
+        println!("  listening   udp {l}");
+    }
+    println!("  relay       {} ports {}-{}", c.relay_ip, c.port_range.0, c.port_range.1);
+    println!("  realm       {}", c.realm);
+    println!("  workers     {}", c.workers);
+    let (user, pass) = c.users.iter().next().map(|(u, p)| (u.as_str(), p.as_str())).unwrap_or(("", ""));
+    let urls: Vec<String> = c
+        .listen
+        .iter()
+        .map(|a| match a {
+            std::net::SocketAddr::V4(v4) => format!("turn:{}:{}?transport=udp", v4.ip(), v4.port()),
+            std::net::SocketAddr::V6(v6) => format!("turn:[{}]:{}?transport=udp", v6.ip(), v6.port()),
+        })
+        .collect();
+    let snippet = serde_json::json!({ "iceServers": [{ "urls": urls, "username": user, "credential": pass }] });
+    println!("WebRTC RTCPeerConnection configuration:\n{snippet:#}");
+}

@@ -1,1 +1,27 @@
-//! x
+//! `uturn-dataplane`: the thread-per-core worker shell around [`uturn_proto::WorkerState`].
+//!
+//! Each worker is one OS thread pinned to one core. It owns:
+//! - one SO_REUSEPORT UDP socket per listen address, so the kernel steers each client 5-tuple to
+//!   exactly one worker;
+//! - the relay sockets (relayed transport addresses) of the allocations it serves, so both
+//!   directions of a session stay on its core;
+//! - its [`WorkerState`](uturn_proto::WorkerState) tables, touched by no other thread;
+//! - one I/O backend: io_uring ([`IoBackend::Uring`]: multishot receive into a provided-buffer
+//!   ring, batched sends, no copy of payloads) or epoll ([`IoBackend::Epoll`], through mio).
+//!
+//! The control plane talks to a worker only through bounded queues ([`ToWorker`] in,
+//! [`FromWorker`] out) and an eventfd to wake it. This crate knows nothing of users, passwords or
+//! configuration files.
+
+mod core;
+mod epoll;
+mod messages;
+mod socket;
+mod sys;
+mod uring;
+mod worker;
+
+pub use messages::{FromWorker, ToWorker};
+pub use socket::{bind_listener, bind_relay};
+pub use uring::probe as probe_uring;
+pub use worker::{spawn, IoBackend, WorkerConfig, WorkerHandle};

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     WrongCredentials,
     /// 442: REQUESTED-TRANSPORT other than UDP.
     UnsupportedTransportProtocol,
+    /// 443: the peer address family differs from the relayed address's.
+    PeerAddressFamilyMismatch,
     /// 486: a per-user or total allocation quota is reached.
     AllocationQuotaReached,
     /// 500: the server could not complete the request.
@@ -48,6 +50,7 @@ impl ErrorCode {
             ErrorCode::AddressFamilyNotSupported => 440,
             ErrorCode::WrongCredentials => 441,
             ErrorCode::UnsupportedTransportProtocol => 442,
+            ErrorCode::PeerAddressFamilyMismatch => 443,
             ErrorCode::AllocationQuotaReached => 486,
             ErrorCode::ServerError => 500,
             ErrorCode::InsufficientCapacity => 508,
@@ -66,6 +69,7 @@ impl ErrorCode {
             ErrorCode::AddressFamilyNotSupported => "Address Family not Supported",
             ErrorCode::WrongCredentials => "Wrong Credentials",
             ErrorCode::UnsupportedTransportProtocol => "Unsupported Transport Protocol",
+            ErrorCode::PeerAddressFamilyMismatch => "Peer Address Family Mismatch",
             ErrorCode::AllocationQuotaReached => "Allocation Quota Reached",
             ErrorCode::ServerError => "Server Error",
             ErrorCode::InsufficientCapacity => "Insufficient Capacity",

@@ -1,0 +1,276 @@
+//! Configuration: an embedded default, an optional TOML file (`--config`), then command-line
+//! flags, each overriding the one before. `docs/uturn.example.toml` documents every key.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Command-line flags; every one overrides the matching config-file key.
+#[derive(Debug, Parser, Default)]
+#[command(name = "uturn", version, about = "uturn: a TURN relay (RFC 8656) on a thread-per-core io_uring data plane")]
+pub struct Cli {
+    /// TOML configuration file (see docs/uturn.example.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// UDP listen address IP:PORT (repeatable).
+    #[arg(long)]
+    pub listen: Vec<SocketAddr>,
+    /// IP address relayed transport addresses are bound to and advertised with.
+    #[arg(long)]
+    pub relay_ip: Option<IpAddr>,
+    /// Realm for long-term credentials.
+    #[arg(long)]
+    pub realm: Option<String>,
+    /// A user as NAME:PASSWORD (repeatable; replaces the file's users).
+    #[arg(long)]
+    pub user: Vec<String>,
+    /// Worker threads (0: one per online core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Relay port range LO-HI.
+    #[arg(long)]
+    pub port_range: Option<String>,
+    /// I/O backend: auto, uring or epoll.
+    #[arg(long)]
+    pub io_backend: Option<String>,
+    /// Allow peers in this CIDR, overriding the default denials (repeatable).
+    #[arg(long)]
+    pub allow_peer: Vec<IpNet>,
+    /// Deny peers in this CIDR (repeatable).
+    #[arg(long)]
+    pub deny_peer: Vec<IpNet>,
+    /// Log level or tracing filter (error, warn, info, debug, trace).
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Accept channel numbers 0x5000-0x7FFF (RFC 5766 clients such as turnutils_uclient).
+    #[arg(long)]
+    pub rfc5766_channels: bool,
+}
+
+/// The configuration file, every key optional (kebab-case keys).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    listen: Option<Vec<SocketAddr>>,
+    relay_ip: Option<IpAddr>,
+    realm: Option<String>,
+    users: Option<BTreeMap<String, String>>,
+    workers: Option<usize>,
+    port_range: Option<String>,
+    io_backend: Option<String>,
+    allow_peer: Option<Vec<IpNet>>,
+    deny_peer: Option<Vec<IpNet>>,
+    log_level: Option<String>,
+    default_lifetime: Option<u64>,
+    max_lifetime: Option<u64>,
+    permission_lifetime: Option<u64>,
+    channel_lifetime: Option<u64>,
+    nonce_lifetime: Option<u64>,
+    user_quota: Option<u32>,
+    total_quota: Option<u32>,
+    rfc5766_channels: Option<bool>,
+}
+
+/// Which I/O backend to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    /// io_uring, or fail to start.
+    Uring,
+    /// epoll.
+    Epoll,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// UDP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Relayed transport addresses' IP.
+    pub relay_ip: IpAddr,
+    /// Realm (RFC 8489 §14.9).
+    pub realm: String,
+    /// Users and passwords.
+    pub users: BTreeMap<String, String>,
+    /// Worker threads (resolved: at least 1).
+    pub workers: usize,
+    /// Relay port range, inclusive.
+    pub port_range: (u16, u16),
+    /// I/O backend choice.
+    pub io_backend: BackendChoice,
+    /// CIDRs allowed despite the default denials.
+    pub allow_peer: Vec<IpNet>,
+    /// CIDRs denied in addition to the defaults.
+    pub deny_peer: Vec<IpNet>,
+    /// Tracing filter.
+    pub log_level: String,
+    /// Allocation lifetime when the client asks for less or nothing (RFC 8656 §7.2), default 600 s.
+    pub default_lifetime: Duration,
+    /// Longest allocation lifetime granted, default 3600 s.
+    pub max_lifetime: Duration,
+    /// Permission lifetime (RFC 8656 §9: 300 s).
+    pub permission_lifetime: Duration,
+    /// Channel binding lifetime (RFC 8656 §12: 600 s).
+    pub channel_lifetime: Duration,
+    /// Nonce lifetime, default 600 s; older nonces get 438 Stale Nonce.
+    pub nonce_lifetime: Duration,
+    /// Allocations one user may hold at once (0: unlimited); more earn 486.
+    pub user_quota: u32,
+    /// Allocations the server holds at once (0: unlimited); more earn 486.
+    pub total_quota: u32,
+    /// Accept ChannelBind numbers 0x5000-0x7FFF as RFC 5766 did (coturn's turnutils_uclient
+    /// picks them); off by default, following RFC 8656 §12.
+    pub rfc5766_channels: bool,
+}
+
+/// The embedded default's demo credential.
+pub const DEMO_USER: (&str, &str) = ("demo", "demo");
+
+impl Config {
+    /// The embedded default, merged with the file named by `--config` and with the flags.
+    pub fn load(cli: &Cli) -> Result<Config> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(file, cli)
+    }
+
+    fn merge(f: FileConfig, cli: &Cli) -> Result<Config> {
+        let listen = if !cli.listen.is_empty() {
+            cli.listen.clone()
+        } else {
+            f.listen.unwrap_or_else(|| vec!["127.0.0.1:3478".parse().unwrap()])
+        };
+        let mut users = f.users.unwrap_or_else(|| BTreeMap::from([(DEMO_USER.0.into(), DEMO_USER.1.into())]));
+        if !cli.user.is_empty() {
+            users.clear();
+            for u in &cli.user {
+                let (name, pass) = u.split_once(':').with_context(|| format!("--user {u}: expected NAME:PASSWORD"))?;
+                users.insert(name.into(), pass.into());
+            }
+        }
+        let workers = match cli.workers.or(f.workers).unwrap_or(0) {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        };
+        let range = cli.port_range.clone().or(f.port_range).unwrap_or_else(|| "49152-65535".into());
+        let port_range = parse_range(&range)?;
+        let io_backend = match cli.io_backend.clone().or(f.io_backend).as_deref().unwrap_or("auto") {
+            "auto" => BackendChoice::Auto,
+            "uring" | "io_uring" | "io-uring" => BackendChoice::Uring,
+            "epoll" => BackendChoice::Epoll,
+            other => bail!("io-backend {other:?}: expected auto, uring or epoll"),
+        };
+        let secs = |v: Option<u64>, d: u64| Duration::from_secs(v.unwrap_or(d));
+        let mut allow_peer = f.allow_peer.unwrap_or_default();
+        allow_peer.extend(cli.allow_peer.iter().copied());
+        let mut deny_peer = f.deny_peer.unwrap_or_default();
+        deny_peer.extend(cli.deny_peer.iter().copied());
+        let c = Config {
+            relay_ip: cli.relay_ip.or(f.relay_ip).unwrap_or_else(|| listen[0].ip()),
+            listen,
+            realm: cli.realm.clone().or(f.realm).unwrap_or_else(|| "uturn.local".into()),
+            users,
+            workers,
+            port_range,
+            io_backend,
+            allow_peer,
+            deny_peer,
+            log_level: cli.log_level.clone().or(f.log_level).unwrap_or_else(|| "info".into()),
+            default_lifetime: secs(f.default_lifetime, 600),
+            max_lifetime: secs(f.max_lifetime, 3600),
+            permission_lifetime: secs(f.permission_lifetime, 300),
+            channel_lifetime: secs(f.channel_lifetime, 600),
+            nonce_lifetime: secs(f.nonce_lifetime, 600),
+            user_quota: f.user_quota.unwrap_or(0),
+            total_quota: f.total_quota.unwrap_or(0),
+            rfc5766_channels: cli.rfc5766_channels || f.rfc5766_channels.unwrap_or(false),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.listen.is_empty() {
+            bail!("no listen address");
+        }
+        if self.users.is_empty() {
+            bail!("no users: add --user NAME:PASSWORD or a [users] table");
+        }
+        if self.relay_ip.is_unspecified() {
+            bail!("relay-ip must be a concrete address clients can reach, not {}", self.relay_ip);
+        }
+        if self.default_lifetime.is_zero() || self.max_lifetime < self.default_lifetime {
+            bail!("need 0 < default-lifetime <= max-lifetime");
+        }
+        if self.permission_lifetime.is_zero() || self.channel_lifetime.is_zero() || self.nonce_lifetime.is_zero() {
+            bail!("permission-lifetime, channel-lifetime and nonce-lifetime must be positive");
+        }
+        // Refuse the publicly known demo credential anywhere but loopback.
+        let demo = self.users.get(DEMO_USER.0).is_some_and(|p| p == DEMO_USER.1);
+        let public = self.listen.iter().map(|a| a.ip()).chain([self.relay_ip]).any(|ip| !ip.is_loopback());
+        if demo && public {
+            bail!("refusing to serve the demo credential (demo:demo) on a non-loopback address: set users with --user or [users]");
+        }
+        Ok(())
+    }
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16)> {
+    let (lo, hi) = s.split_once('-').with_context(|| format!("port range {s:?}: expected LO-HI"))?;
+    let (lo, hi): (u16, u16) = (lo.trim().parse()?, hi.trim().parse()?);
+    if lo == 0 || lo > hi {
+        bail!("port range {s:?}: need 0 < LO <= HI");
+    }
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_serves_loopback() {
+        let c = Config::load(&Cli::default()).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:3478".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(c.relay_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.realm, "uturn.local");
+        assert_eq!(c.users.get("demo").map(String::as_str), Some("demo"));
+        assert_eq!(c.port_range, (49152, 65535));
+        assert!(c.workers >= 1);
+    }
+
+    #[test]
+    fn demo_credential_refused_off_loopback() {
+        let cli = Cli { listen: vec!["0.0.0.0:3478".parse().unwrap()], relay_ip: Some("192.0.2.1".parse().unwrap()), ..Cli::default() };
+        assert!(Config::load(&cli).unwrap_err().to_string().contains("demo"));
+        let cli = Cli { user: vec!["alice:secret".into()], ..cli };
+        assert!(Config::load(&cli).is_ok());
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let f: FileConfig = toml::from_str(
+            "realm = \"example.org\"\nworkers = 3\nport-range = \"50000-50100\"\nmax-lifetime = 60\ndefault-lifetime = 30\n[users]\nbob = \"pw\"\n",
+        )
+        .unwrap();
+        let cli = Cli { workers: Some(2), ..Cli::default() };
+        let c = Config::merge(f, &cli).unwrap();
+        assert_eq!((c.realm.as_str(), c.workers, c.port_range), ("example.org", 2, (50000, 50100)));
+        assert_eq!(c.max_lifetime, Duration::from_secs(60));
+        assert!(c.users.contains_key("bob") && !c.users.contains_key("demo"));
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        assert!(parse_range("5-1").is_err());
+    }
+}

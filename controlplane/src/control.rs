@@ -1,0 +1,461 @@
+//! The control plane's request handling: long-term-credential authentication (RFC 8489 §9.2),
+//! Allocate policy (RFC 8656 §7.2: transport, address family, lifetime, quotas, relay port) and
+//! the checks of Refresh, CreatePermission and ChannelBind that need no data-plane state
+//! (§8, §10, §12). What passes becomes a command for the worker that owns the 5-tuple.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+use uturn_dataplane::ToWorker;
+use uturn_proto::relay::{Command, Install};
+use uturn_proto::response::{self, ErrorCode};
+use uturn_proto::wire::{attr, ChannelNumber, Class, IntegrityKey, Message, Method, TransactionId};
+use uturn_proto::FiveTuple;
+
+use crate::nonce::{NonceCheck, NonceKey};
+use crate::policy::PeerPolicy;
+use crate::ports::PortSlice;
+
+/// How long a response stays cached for retransmissions (RFC 8489 §6.3: a transaction lasts
+/// at most 39.5 s), and how many are kept.
+const CACHE_TTL: Duration = Duration::from_secs(40);
+const CACHE_MAX: usize = 65_536;
+/// Largest response the control plane builds, bytes.
+const RESPONSE_BUF: usize = 1024;
+/// How long a port reserved by EVEN-PORT's R bit waits for its RESERVATION-TOKEN (RFC 8656
+/// §7.2 suggests about 30 s).
+const RESERVATION_TTL: Duration = Duration::from_secs(30);
+
+/// The policy and credentials the control plane applies.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Realm.
+    pub realm: String,
+    /// Users and passwords (keys are derived once at start).
+    pub users: BTreeMap<String, String>,
+    /// IP of relayed transport addresses.
+    pub relay_ip: IpAddr,
+    /// Lifetime granted when the client asks for less or nothing.
+    pub default_lifetime: Duration,
+    /// Longest lifetime granted.
+    pub max_lifetime: Duration,
+    /// Allocations per user (0: unlimited).
+    pub user_quota: u32,
+    /// Allocations in total (0: unlimited).
+    pub total_quota: u32,
+    /// Peer address policy.
+    pub peers: PeerPolicy,
+    /// Accept channel numbers up to 0x7FFF (RFC 5766) instead of 0x4FFF (RFC 8656).
+    pub rfc5766_channels: bool,
+}
+
+struct Owner {
+    user: String,
+}
+
+/// Control-plane counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ControlStats {
+    /// Requests received from workers.
+    pub requests: u64,
+    /// Allocations granted.
+    pub allocations: u64,
+    /// Error responses sent, all codes.
+    pub errors: u64,
+    /// Retransmissions answered from the response cache.
+    pub retransmissions: u64,
+    /// Commands dropped because a worker's queue was full.
+    pub queue_full: u64,
+}
+
+/// Outcome of authentication.
+enum Auth {
+    Ok { user: String, key: IntegrityKey },
+    Reply(Vec<u8>),
+}
+
+/// The control plane's state. Single-threaded: one control thread owns it.
+pub struct ControlPlane {
+    policy: Policy,
+    keys: HashMap<String, IntegrityKey>,
+    nonces: NonceKey,
+    ports: Vec<PortSlice>,
+    owners: HashMap<FiveTuple, Owner>,
+    per_user: HashMap<String, u32>,
+    cache: HashMap<(FiveTuple, TransactionId), (Instant, Vec<u8>)>,
+    cache_order: VecDeque<(Instant, (FiveTuple, TransactionId))>,
+    /// Relay sockets held for RESERVATION-TOKENs, with their deadlines.
+    reservations: HashMap<[u8; 8], (Instant, UdpSocket)>,
+    clock_origin: Instant,
+    buf: Vec<u8>,
+    /// Counters.
+    pub stats: ControlStats,
+}
+
+impl ControlPlane {
+    /// A control plane for `workers` workers sharing `port_range`, with nonces keyed by
+    /// `nonce_secret` (from a CSPRNG) and valid for `nonce_lifetime`.
+    pub fn new(policy: Policy, workers: usize, port_range: (u16, u16), nonce_secret: [u8; 32], nonce_lifetime: Duration, now: Instant) -> Self {
+        let keys = policy
+            .users
+            .iter()
+            .map(|(u, p)| (u.clone(), IntegrityKey::long_term(u, &policy.realm, p)))
+            .collect();
+        ControlPlane {
+            keys,
+            nonces: NonceKey::new(nonce_secret, nonce_lifetime.as_secs().max(1)),
+            ports: PortSlice::split(port_range.0, port_range.1, workers),
+            owners: HashMap::new(),
+            per_user: HashMap::new(),
+            cache: HashMap::new(),
+            cache_order: VecDeque::new(),
+            reservations: HashMap::new(),
+            // Nonce times count from one second before start, so the first nonce is not time 0.
+            clock_origin: now.checked_sub(Duration::from_secs(1)).unwrap_or(now),
+            buf: vec![0; RESPONSE_BUF],
+            policy,
+            stats: ControlStats::default(),
+        }
+    }
+
+    /// Number of allocations the control plane accounts for.
+    pub fn allocations(&self) -> usize {
+        self.owners.len()
+    }
+
+    fn secs(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.clock_origin).as_secs()
+    }
+
+    /// A worker reported that `ft`'s allocation is gone: release its quota.
+    pub fn released(&mut self, ft: &FiveTuple) {
+        if let Some(o) = self.owners.remove(ft) {
+            if let Some(n) = self.per_user.get_mut(&o.user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_user.remove(&o.user);
+                }
+            }
+            debug!(client = %ft.client, user = %o.user, "allocation released");
+        }
+    }
+
+    /// Handles one request a worker forwarded; returns what to push to worker `worker`.
+    pub fn handle_request(&mut self, now: Instant, worker: usize, ft: FiveTuple, bytes: &[u8]) -> Option<ToWorker> {
+        self.stats.requests += 1;
+        let msg = Message::parse(bytes).ok()?;
+        if msg.class() != Class::Request {
+            return None;
+        }
+        let tid = msg.transaction_id();
+        self.expire_cache(now);
+        self.expire_reservations(now);
+        if let Some((_, cached)) = self.cache.get(&(ft, tid)) {
+            self.stats.retransmissions += 1;
+            return Some(reply(ft, cached.clone()));
+        }
+        let (user, key) = match self.authenticate(now, &ft, &msg) {
+            Auth::Ok { user, key } => (user, key),
+            Auth::Reply(bytes) => return Some(self.cached_reply(now, ft, tid, bytes)),
+        };
+        if !msg.unknown_required().is_empty() {
+            let r = self.error(&msg, ErrorCode::UnknownAttribute, Some(&key));
+            return Some(self.cached_reply(now, ft, tid, r));
+        }
+        match msg.method() {
+            Method::ALLOCATE => self.allocate(now, worker, ft, &msg, user, key),
+            m => {
+                // RFC 8656 §5: requests on an allocation need its 5-tuple and its credentials.
+                let owner = match self.owners.get(&ft) {
+                    None => Err(ErrorCode::AllocationMismatch),
+                    Some(o) if o.user != user => Err(ErrorCode::WrongCredentials),
+                    Some(_) => Ok(()),
+                };
+                let cmd = owner.and_then(|()| match m {
+                    Method::REFRESH => self.refresh(ft, &msg, key),
+                    Method::CREATE_PERMISSION => self.create_permission(ft, &msg, key),
+                    Method::CHANNEL_BIND => self.channel_bind(ft, &msg, key),
+                    _ => Err(ErrorCode::BadRequest),
+                });
+                match cmd {
+                    Ok(c) => Some(ToWorker::Command(c)),
+                    Err(code) => {
+                        let r = self.error(&msg, code, Some(&key));
+                        Some(self.cached_reply(now, ft, tid, r))
+                    }
+                }
+            }
+        }
+    }
+
+    /// RFC 8489 §9.2.4, in its order: no MESSAGE-INTEGRITY -> 401 with REALM and NONCE; missing
+    /// USERNAME, REALM or NONCE -> 400; bad or expired nonce -> 438 with a fresh one; unknown
+    /// user or wrong HMAC -> 401. Unknown user and wrong password give byte-identical answers.
+    fn authenticate(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>) -> Auth {
+        let Some(parts) = msg.integrity_parts() else {
+            return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthorized));
+        };
+        let (Some(username), Some(_realm), Some(nonce)) = (msg.username(), msg.realm(), msg.nonce()) else {
+            return Auth::Reply(self.error(msg, ErrorCode::BadRequest, None));
+        };
+        if self.nonces.check(nonce, self.secs(now), &ft.client) != NonceCheck::Valid {
+            return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::StaleNonce));
+        }
+        let found = std::str::from_utf8(username).ok().and_then(|u| self.keys.get(u).map(|k| (u.to_owned(), *k)));
+        match found {
+            Some((user, key)) if uturn_proto::wire::integrity::verify(&key.0, &parts) => Auth::Ok { user, key },
+            _ => {
+                debug!(client = %ft.client, method = msg.method().name(), "authentication failed");
+                Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthorized))
+            }
+        }
+    }
+
+    /// A 401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4).
+    fn challenge(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, code: ErrorCode) -> Vec<u8> {
+        self.stats.errors += 1;
+        let nonce = self.nonces.mint(self.secs(now), &ft.client);
+        let realm = self.policy.realm.clone();
+        let n = (|| {
+            let mut w = response::start(&mut self.buf, msg.method(), Class::Error, msg.transaction_id())?;
+            w.error_code(code.code(), code.reason())?;
+            w.bytes(attr::REALM, realm.as_bytes())?;
+            w.bytes(attr::NONCE, nonce.as_bytes())?;
+            response::seal(w, None)
+        })()
+        .unwrap_or(0);
+        self.buf[..n].to_vec()
+    }
+
+    fn error(&mut self, msg: &Message<'_>, code: ErrorCode, key: Option<&IntegrityKey>) -> Vec<u8> {
+        self.stats.errors += 1;
+        debug!(method = msg.method().name(), code = code.code(), "error response");
+        let n = response::error(&mut self.buf, msg.method(), msg.transaction_id(), code, msg.unknown_required(), key.map(|k| &k.0[..]))
+            .unwrap_or(0);
+        self.buf[..n].to_vec()
+    }
+
+    fn cached_reply(&mut self, now: Instant, ft: FiveTuple, tid: TransactionId, bytes: Vec<u8>) -> ToWorker {
+        if self.cache.len() >= CACHE_MAX {
+            if let Some((_, k)) = self.cache_order.pop_front() {
+                self.cache.remove(&k);
+            }
+        }
+        self.cache.insert((ft, tid), (now, bytes.clone()));
+        self.cache_order.push_back((now, (ft, tid)));
+        reply(ft, bytes)
+    }
+
+    fn expire_cache(&mut self, now: Instant) {
+        while let Some((t, k)) = self.cache_order.front() {
+            if now.saturating_duration_since(*t) < CACHE_TTL {
+                break;
+            }
+            if self.cache.get(k).is_some_and(|(t2, _)| t2 == t) {
+                self.cache.remove(k);
+            }
+            self.cache_order.pop_front();
+        }
+    }
+
+    /// Allocate after authentication (RFC 8656 §7.2 steps 2-8).
+    fn allocate(&mut self, now: Instant, worker: usize, ft: FiveTuple, msg: &Message<'_>, user: String, key: IntegrityKey) -> Option<ToWorker> {
+        let tid = msg.transaction_id();
+        let checked = if self.owners.contains_key(&ft) {
+            // RFC 8656 §7.2 step 2 (a retransmission would have hit the response cache).
+            Err(ErrorCode::AllocationMismatch)
+        } else {
+            self.check_allocate(msg, &user)
+        };
+        match checked {
+            Err(code) => {
+                let r = self.error(msg, code, Some(&key));
+                Some(self.cached_reply(now, ft, tid, r))
+            }
+            Ok((lifetime, port)) => {
+                let (socket, token) = match self.relay_socket(worker, port) {
+                    Ok(Some(pair)) => pair,
+                    Ok(None) => {
+                        warn!(worker, "relay ports exhausted");
+                        let r = self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
+                        return Some(self.cached_reply(now, ft, tid, r));
+                    }
+                    Err(e) => {
+                        warn!(worker, "binding a relay socket failed: {e}");
+                        let r = self.error(msg, ErrorCode::ServerError, Some(&key));
+                        return Some(self.cached_reply(now, ft, tid, r));
+                    }
+                };
+                let relayed = socket.local_addr().ok()?;
+                let bytes = self.allocate_success(msg, &ft, &relayed, lifetime, token, &key);
+                self.owners.insert(ft, Owner { user: user.clone() });
+                *self.per_user.entry(user.clone()).or_default() += 1;
+                self.stats.allocations += 1;
+                info!(client = %ft.client, %user, relayed = %relayed, lifetime_s = lifetime.as_secs(), "allocation granted");
+                self.cached_reply(now, ft, tid, bytes.clone());
+                Some(ToWorker::Install(Install { five_tuple: ft, tid, relayed, lifetime, response: bytes.into() }, socket))
+            }
+        }
+    }
+
+    /// Checks an Allocate; returns the lifetime and the relay port request.
+    fn check_allocate(&self, msg: &Message<'_>, user: &str) -> Result<(Duration, PortRequest), ErrorCode> {
+        let transport = msg.get(attr::REQUESTED_TRANSPORT).ok_or(ErrorCode::BadRequest)?;
+        if transport.len() != 4 {
+            return Err(ErrorCode::BadRequest);
+        }
+        if transport[0] != attr::TRANSPORT_UDP {
+            return Err(ErrorCode::UnsupportedTransportProtocol);
+        }
+        let family = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
+        let token = msg.get(attr::RESERVATION_TOKEN);
+        let even = msg.get(attr::EVEN_PORT);
+        if (family.is_some() || even.is_some()) && token.is_some() {
+            return Err(ErrorCode::BadRequest);
+        }
+        if let Some(t) = token {
+            // RFC 8656 §7.2 step 5: an unknown or expired token earns 508.
+            if !<[u8; 8]>::try_from(t).is_ok_and(|t| self.reservations.contains_key(&t)) {
+                return Err(ErrorCode::InsufficientCapacity);
+            }
+        }
+        if let Some(f) = family {
+            let want = if self.policy.relay_ip.is_ipv4() { attr::FAMILY_IPV4 } else { attr::FAMILY_IPV6 };
+            match f.first() {
+                Some(&v) if v == want => {}
+                Some(&v) if v == attr::FAMILY_IPV4 || v == attr::FAMILY_IPV6 => return Err(ErrorCode::AddressFamilyNotSupported),
+                _ => return Err(ErrorCode::BadRequest),
+            }
+        }
+        let quota = |q: u32, n: usize| q != 0 && n >= q as usize;
+        if quota(self.policy.total_quota, self.owners.len()) || quota(self.policy.user_quota, self.per_user.get(user).copied().unwrap_or(0) as usize) {
+            return Err(ErrorCode::AllocationQuotaReached);
+        }
+        let lifetime = self.lifetime(msg)?;
+        let port = match (token, even) {
+            (Some(t), _) => PortRequest::Reserved(t.try_into().map_err(|_| ErrorCode::InsufficientCapacity)?),
+            (None, Some(e)) if e.first().is_some_and(|b| b & 0x80 != 0) => PortRequest::EvenAndReserveNext,
+            (None, Some(_)) => PortRequest::Even,
+            (None, None) => PortRequest::Any,
+        };
+        Ok((if lifetime.is_zero() { self.policy.default_lifetime } else { lifetime }, port))
+    }
+
+    /// The granted lifetime: the requested one clamped to [default, max]; zero stays zero
+    /// (Refresh deletes); absent means default (RFC 8656 §7.2, §8).
+    fn lifetime(&self, msg: &Message<'_>) -> Result<Duration, ErrorCode> {
+        match msg.u32_attr(attr::LIFETIME) {
+            None => Ok(self.policy.default_lifetime),
+            Some(Err(_)) => Err(ErrorCode::BadRequest),
+            Some(Ok(0)) => Ok(Duration::ZERO),
+            Some(Ok(s)) => Ok(Duration::from_secs(s as u64).clamp(self.policy.default_lifetime, self.policy.max_lifetime)),
+        }
+    }
+
+    /// Binds (or takes from a reservation) the relay socket; with the R bit also reserves the
+    /// next port and returns its token.
+    fn relay_socket(&mut self, worker: usize, port: PortRequest) -> std::io::Result<Option<(UdpSocket, Option<[u8; 8]>)>> {
+        let ip = self.policy.relay_ip;
+        let Some(slice) = self.ports.get_mut(worker) else { return Ok(None) };
+        Ok(match port {
+            PortRequest::Any => slice.bind(ip, false)?.map(|s| (s, None)),
+            PortRequest::Even => slice.bind(ip, true)?.map(|s| (s, None)),
+            PortRequest::EvenAndReserveNext => match slice.bind_pair(ip)? {
+                Some((s, reserved)) => {
+                    let token: [u8; 8] = rand::random();
+                    self.reservations.insert(token, (Instant::now() + RESERVATION_TTL, reserved));
+                    Some((s, Some(token)))
+                }
+                None => None,
+            },
+            PortRequest::Reserved(t) => self.reservations.remove(&t).map(|(_, s)| (s, None)),
+        })
+    }
+
+    /// Drops reservations nobody claimed in time.
+    fn expire_reservations(&mut self, now: Instant) {
+        if !self.reservations.is_empty() {
+            self.reservations.retain(|_, (deadline, _)| *deadline > now);
+        }
+    }
+
+    fn allocate_success(
+        &mut self,
+        msg: &Message<'_>,
+        ft: &FiveTuple,
+        relayed: &SocketAddr,
+        lifetime: Duration,
+        token: Option<[u8; 8]>,
+        key: &IntegrityKey,
+    ) -> Vec<u8> {
+        let n = (|| {
+            let mut w = response::start(&mut self.buf, Method::ALLOCATE, Class::Success, msg.transaction_id())?;
+            w.xor_address(attr::XOR_RELAYED_ADDRESS, relayed)?;
+            w.xor_address(attr::XOR_MAPPED_ADDRESS, &ft.client)?;
+            w.u32(attr::LIFETIME, lifetime.as_secs() as u32)?;
+            if let Some(t) = token {
+                w.bytes(attr::RESERVATION_TOKEN, &t)?;
+            }
+            response::seal(w, Some(&key.0))
+        })()
+        .unwrap_or(0);
+        self.buf[..n].to_vec()
+    }
+
+    fn refresh(&self, ft: FiveTuple, msg: &Message<'_>, key: IntegrityKey) -> Result<Command, ErrorCode> {
+        let lifetime = self.lifetime(msg)?;
+        Ok(Command::Refresh { five_tuple: ft, tid: msg.transaction_id(), lifetime, key })
+    }
+
+    fn check_peer(&self, peer: Result<SocketAddr, uturn_proto::wire::AddressError>) -> Result<SocketAddr, ErrorCode> {
+        let peer = peer.map_err(|_| ErrorCode::BadRequest)?;
+        if peer.is_ipv4() != self.policy.relay_ip.is_ipv4() {
+            return Err(ErrorCode::PeerAddressFamilyMismatch);
+        }
+        if !self.policy.peers.allows(peer.ip()) {
+            return Err(ErrorCode::Forbidden);
+        }
+        Ok(peer)
+    }
+
+    /// RFC 8656 §10.2: every XOR-PEER-ADDRESS must pass, or none is installed.
+    fn create_permission(&self, ft: FiveTuple, msg: &Message<'_>, key: IntegrityKey) -> Result<Command, ErrorCode> {
+        let peers = msg.peer_addresses().map(|p| self.check_peer(p).map(|a| a.ip())).collect::<Result<Vec<_>, _>>()?;
+        if peers.is_empty() {
+            return Err(ErrorCode::BadRequest);
+        }
+        Ok(Command::CreatePermission { five_tuple: ft, tid: msg.transaction_id(), peers, key })
+    }
+
+    /// RFC 8656 §12.2: CHANNEL-NUMBER in 0x4000-0x4FFF and one allowed XOR-PEER-ADDRESS.
+    fn channel_bind(&self, ft: FiveTuple, msg: &Message<'_>, key: IntegrityKey) -> Result<Command, ErrorCode> {
+        let number = match msg.u32_attr(attr::CHANNEL_NUMBER) {
+            Some(Ok(v)) => (v >> 16) as u16,
+            _ => return Err(ErrorCode::BadRequest),
+        };
+        let channel = if self.policy.rfc5766_channels { ChannelNumber::new_rfc5766(number) } else { ChannelNumber::new(number) };
+        let channel = channel.ok_or(ErrorCode::BadRequest)?;
+        let peer = self.check_peer(msg.xor_address(attr::XOR_PEER_ADDRESS).ok_or(ErrorCode::BadRequest)?)?;
+        Ok(Command::ChannelBind { five_tuple: ft, tid: msg.transaction_id(), channel, peer, key })
+    }
+}
+
+/// Which relay port an Allocate asks for (RFC 8656 §7.2, §18.7, §18.10).
+#[derive(Debug, Clone, Copy)]
+enum PortRequest {
+    Any,
+    Even,
+    /// EVEN-PORT with the R bit: an even port, and the next one reserved for a token.
+    EvenAndReserveNext,
+    /// RESERVATION-TOKEN: the port reserved under this token.
+    Reserved([u8; 8]),
+}
+
+fn reply(five_tuple: FiveTuple, bytes: Vec<u8>) -> ToWorker {
+    ToWorker::Command(Command::Reply { five_tuple, bytes })
+}
+
+#[cfg(test)]
+mod tests;

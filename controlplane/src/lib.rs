@@ -1,0 +1,10 @@
+//! `uturn-controlplane`: configuration, credentials and nonces, Allocate authentication and
+//! allocation policy for the uturn TURN relay. It pushes allocations, permissions and channel
+//! bindings into the data-plane workers over queues and never touches a packet on the fast path.
+
+pub mod config;
+pub mod control;
+pub mod nonce;
+pub mod policy;
+pub mod ports;
+pub mod server;

@@ -1,0 +1,118 @@
+//! Stateless nonces (RFC 8489 §9.2): an HMAC over the issue time and the client's address, so
+//! any thread can verify one without shared mutable state, and a nonce minted for one client is
+//! worthless from another address.
+//!
+//! Format (40 ASCII characters): 16 hex digits of the issue time in seconds, then 24 hex digits
+//! of HMAC-SHA1(secret, time || client IP || client port) truncated to 96 bits.
+
+use std::net::{IpAddr, SocketAddr};
+
+use hmac::{Hmac, Mac};
+use sha1::Sha1;
+
+/// Length of a nonce in bytes.
+pub const NONCE_LEN: usize = 40;
+
+/// The outcome of checking a nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceCheck {
+    /// Minted by us for this client and not older than the lifetime.
+    Valid,
+    /// Minted by us for this client but expired: answer 438 (RFC 8489 §9.2.4).
+    Stale,
+    /// Not ours, or for another client: treated as a bad credential (401).
+    Invalid,
+}
+
+/// Mints and verifies nonces with a process-wide secret.
+#[derive(Clone)]
+pub struct NonceKey {
+    secret: [u8; 32],
+    lifetime_secs: u64,
+}
+
+impl std::fmt::Debug for NonceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NonceKey").field("lifetime_secs", &self.lifetime_secs).finish_non_exhaustive()
+    }
+}
+
+impl NonceKey {
+    /// A key with `secret` (from a CSPRNG) whose nonces live `lifetime_secs` seconds.
+    pub fn new(secret: [u8; 32], lifetime_secs: u64) -> Self {
+        NonceKey { secret, lifetime_secs }
+    }
+
+    fn mac(&self, issued: u64, client: &SocketAddr) -> [u8; 12] {
+        let mut m = <Hmac<Sha1> as Mac>::new_from_slice(&self.secret).unwrap_or_else(|_| unreachable!());
+        m.update(&issued.to_be_bytes());
+        match client.ip() {
+            IpAddr::V4(ip) => m.update(&ip.octets()),
+            IpAddr::V6(ip) => m.update(&ip.octets()),
+        }
+        m.update(&client.port().to_be_bytes());
+        let full = m.finalize().into_bytes();
+        let mut out = [0u8; 12];
+        out.copy_from_slice(&full[..12]);
+        out
+    }
+
+    /// A nonce for `client` issued at `now_secs` (seconds on the control plane's clock).
+    pub fn mint(&self, now_secs: u64, client: &SocketAddr) -> String {
+        let mut s = format!("{now_secs:016x}");
+        for b in self.mac(now_secs, client) {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    /// Checks a received nonce for `client` at `now_secs`. The MAC is compared in constant time.
+    pub fn check(&self, nonce: &[u8], now_secs: u64, client: &SocketAddr) -> NonceCheck {
+        if nonce.len() != NONCE_LEN {
+            return NonceCheck::Invalid;
+        }
+        let Some(issued) = std::str::from_utf8(&nonce[..16]).ok().and_then(|h| u64::from_str_radix(h, 16).ok()) else {
+            return NonceCheck::Invalid;
+        };
+        let mut got = [0u8; 12];
+        for (i, b) in got.iter_mut().enumerate() {
+            let Some(v) = std::str::from_utf8(&nonce[16 + 2 * i..18 + 2 * i]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+            else {
+                return NonceCheck::Invalid;
+            };
+            *b = v;
+        }
+        let want = self.mac(issued, client);
+        let diff = want.iter().zip(got.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff != 0 || issued > now_secs {
+            return NonceCheck::Invalid;
+        }
+        if now_secs - issued >= self.lifetime_secs {
+            NonceCheck::Stale
+        } else {
+            NonceCheck::Valid
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_then_stale_and_bound_to_client() {
+        let k = NonceKey::new([5; 32], 600);
+        let c: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let n = k.mint(1000, &c);
+        assert_eq!(n.len(), NONCE_LEN);
+        assert_eq!(k.check(n.as_bytes(), 1000, &c), NonceCheck::Valid);
+        assert_eq!(k.check(n.as_bytes(), 1599, &c), NonceCheck::Valid);
+        assert_eq!(k.check(n.as_bytes(), 1600, &c), NonceCheck::Stale);
+        assert_eq!(k.check(n.as_bytes(), 1000, &"192.0.2.1:4001".parse().unwrap()), NonceCheck::Invalid);
+        assert_eq!(NonceKey::new([6; 32], 600).check(n.as_bytes(), 1000, &c), NonceCheck::Invalid);
+        let mut forged = n.into_bytes();
+        forged[39] = if forged[39] == b'0' { b'1' } else { b'0' };
+        assert_eq!(k.check(&forged, 1000, &c), NonceCheck::Invalid);
+        assert_eq!(k.check(b"short", 1000, &c), NonceCheck::Invalid);
+    }
+}

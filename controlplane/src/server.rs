@@ -1,0 +1,129 @@
+//! Starting and stopping uturn: the workers (one per core), the control thread, and the queues
+//! between them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::RecvTimeoutError;
+use tracing::{error, info, warn};
+use uturn_dataplane::{FromWorker, IoBackend, ToWorker, WorkerConfig, WorkerHandle};
+use uturn_proto::relay::RelayConfig;
+
+use crate::config::{BackendChoice, Config};
+use crate::control::{ControlPlane, Policy};
+use crate::policy::PeerPolicy;
+
+/// Commands a worker's queue holds before the control plane drops more (clients retransmit).
+const COMMAND_QUEUE: usize = 16_384;
+
+/// Picks the I/O backend, probing io_uring when asked for `auto`.
+pub fn choose_backend(choice: BackendChoice) -> Result<IoBackend> {
+    match choice {
+        BackendChoice::Epoll => Ok(IoBackend::Epoll),
+        BackendChoice::Uring => {
+            uturn_dataplane::probe_uring().map_err(|e| anyhow::anyhow!("io_uring unavailable: {e}"))?;
+            Ok(IoBackend::Uring)
+        }
+        BackendChoice::Auto => match uturn_dataplane::probe_uring() {
+            Ok(()) => Ok(IoBackend::Uring),
+            Err(e) => {
+                warn!("io_uring unavailable ({e}); falling back to epoll");
+                Ok(IoBackend::Epoll)
+            }
+        },
+    }
+}
+
+/// Runs uturn until `shutdown` is set; returns after every worker has stopped.
+pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
+    let backend = choose_backend(config.io_backend)?;
+    info!(backend = backend.name(), workers = config.workers, "starting data plane");
+    let (events_tx, events_rx) = crossbeam_channel::unbounded::<FromWorker>();
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut workers: Vec<WorkerHandle> = Vec::with_capacity(config.workers);
+    for index in 0..config.workers {
+        let cfg = WorkerConfig {
+            index,
+            core: if cores.is_empty() { None } else { Some(cores[index % cores.len()]) },
+            listen: config.listen.clone(),
+            backend,
+            relay: RelayConfig { permission_lifetime: config.permission_lifetime, channel_lifetime: config.channel_lifetime },
+            command_queue: COMMAND_QUEUE,
+        };
+        match uturn_dataplane::spawn(cfg, events_tx.clone()) {
+            Ok(h) => workers.push(h),
+            Err(e) => {
+                for w in &workers {
+                    w.stop();
+                }
+                return Err(e).context("starting workers");
+            }
+        }
+    }
+    drop(events_tx);
+    let policy = Policy {
+        realm: config.realm.clone(),
+        users: config.users.clone(),
+        relay_ip: config.relay_ip,
+        default_lifetime: config.default_lifetime,
+        max_lifetime: config.max_lifetime,
+        user_quota: config.user_quota,
+        total_quota: config.total_quota,
+        peers: PeerPolicy::new(config.relay_ip, &config.allow_peer, &config.deny_peer),
+        rfc5766_channels: config.rfc5766_channels,
+    };
+    let mut control = ControlPlane::new(policy, config.workers, config.port_range, rand::random(), config.nonce_lifetime, Instant::now());
+
+    let mut failed = false;
+    while !shutdown.load(Ordering::Relaxed) {
+        match events_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(ev) => handle_event(&mut control, &workers, ev),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        // Drain what else is queued before checking the flag again.
+        while let Ok(ev) = events_rx.try_recv() {
+            handle_event(&mut control, &workers, ev);
+        }
+        if let Some(w) = workers.iter().find(|w| w.is_finished()) {
+            error!(worker = w.index(), "worker stopped unexpectedly; shutting down so a supervisor can restart uturn");
+            failed = true;
+            break;
+        }
+    }
+    info!("stopping");
+    for w in &workers {
+        w.stop();
+    }
+    for w in workers {
+        let index = w.index();
+        if let Some(c) = w.join() {
+            info!(worker = index, relayed_to_peer = c.relayed_to_peer, relayed_to_client = c.relayed_to_client,
+                malformed = c.malformed_stun + c.malformed_channel_data + c.not_turn, "worker stopped");
+        }
+    }
+    let s = control.stats;
+    info!(requests = s.requests, allocations = s.allocations, errors = s.errors, retransmissions = s.retransmissions, "control plane stopped");
+    if failed {
+        bail!("a worker stopped unexpectedly");
+    }
+    Ok(())
+}
+
+fn handle_event(control: &mut ControlPlane, workers: &[WorkerHandle], ev: FromWorker) {
+    match ev {
+        FromWorker::Request { worker, five_tuple, bytes } => {
+            let Some(msg) = control.handle_request(Instant::now(), worker, five_tuple, &bytes) else { return };
+            if let Err(rejected) = workers[worker].send(msg) {
+                control.stats.queue_full += 1;
+                if let ToWorker::Install(i, _socket) = rejected {
+                    // The socket closes here; forget the allocation the worker never saw.
+                    control.released(&i.five_tuple);
+                }
+            }
+        }
+        FromWorker::Released { five_tuple } => control.released(&five_tuple),
+    }
+}

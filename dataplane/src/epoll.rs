@@ -1,0 +1,136 @@
+//! The epoll backend (mio): readiness-driven `recvfrom`/`sendto`, one system call per datagram.
+//! It runs where io_uring is unavailable (old kernels, seccomp profiles that block it).
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use uturn_proto::relay::{AllocationId, PEER_HEADROOM, PEER_TAILROOM};
+
+use crate::core::{ClientVerdict, Io, WorkerCore};
+use crate::sys::Waker;
+
+const WAKER: Token = Token(usize::MAX);
+/// Tokens below this are listeners; relay slot `i` is `RELAY_BASE + i`.
+const RELAY_BASE: usize = 1 << 16;
+/// Receive buffer: headroom for in-place framing plus the largest UDP payload.
+const BUF_LEN: usize = PEER_HEADROOM + 65_536 + PEER_TAILROOM;
+
+struct EpollIo {
+    poll: Poll,
+    listeners: Vec<UdpSocket>,
+}
+
+impl Io for EpollIo {
+    fn register_relay(&mut self, id: AllocationId, socket: &UdpSocket) {
+        let fd = socket.as_raw_fd();
+        let _ = self.poll.registry().register(&mut SourceFd(&fd), Token(RELAY_BASE + id.index as usize), Interest::READABLE);
+    }
+    fn deregister_relay(&mut self, _id: AllocationId, socket: &UdpSocket) {
+        let fd = socket.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+    }
+    fn send_reply(&mut self, listener: usize, to: SocketAddr, bytes: &[u8]) {
+        let _ = self.listeners[listener].send_to(bytes, to);
+    }
+}
+
+/// Runs the worker until `shutdown` is set.
+/// `finish` sees the core once the loop ends (to collect its counters).
+pub(crate) fn run(mut core: WorkerCore, waker: &Waker, shutdown: &AtomicBool, finish: impl FnOnce(&WorkerCore)) -> io::Result<()> {
+    let poll = Poll::new()?;
+    let listeners: Vec<UdpSocket> =
+        core.listeners.iter().map(|l| l.socket.try_clone()).collect::<io::Result<_>>()?;
+    for (i, l) in listeners.iter().enumerate() {
+        poll.registry().register(&mut SourceFd(&l.as_raw_fd()), Token(i), Interest::READABLE)?;
+    }
+    poll.registry().register(&mut SourceFd(&waker.raw_fd()), WAKER, Interest::READABLE)?;
+    let mut io = EpollIo { poll, listeners };
+    let mut events = Events::with_capacity(1024);
+    let mut buf = vec![0u8; BUF_LEN];
+    while !shutdown.load(Ordering::Relaxed) {
+        let timeout = core
+            .state
+            .poll_timeout()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(1));
+        if let Err(e) = io.poll.poll(&mut events, Some(timeout)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        let now = Instant::now();
+        for ev in events.iter() {
+            match ev.token() {
+                WAKER => waker.drain(),
+                Token(t) if t < RELAY_BASE => drain_listener(&mut core, &mut io, t, &mut buf, now),
+                Token(t) => drain_relay(&mut core, &mut io, t - RELAY_BASE, &mut buf, now),
+            }
+        }
+        core.drain_commands(now, &mut io);
+        core.expire(now, &mut io);
+    }
+    core.close_all(&mut io);
+    finish(&core);
+    Ok(())
+}
+
+/// Consecutive receive errors (other than WouldBlock) after which a drain loop gives up.
+const MAX_RECV_ERRORS: u32 = 64;
+
+fn drain_listener(core: &mut WorkerCore, io: &mut EpollIo, listener: usize, buf: &mut [u8], now: Instant) {
+    let mut errors = 0;
+    loop {
+        let (n, from) = match io.listeners[listener].recv_from(&mut buf[PEER_HEADROOM..]) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(_) if errors < MAX_RECV_ERRORS => {
+                errors += 1;
+                continue;
+            }
+            Err(_) => return,
+        };
+        let buf = &buf[PEER_HEADROOM..];
+        match core.on_client(now, listener, from, &buf[..n]) {
+            ClientVerdict::Done => {}
+            ClientVerdict::Reply(len) => {
+                let _ = io.listeners[listener].send_to(core.reply(len), from);
+            }
+            ClientVerdict::ToPeer { relay, peer, payload } => {
+                if let Some(Some(r)) = core.relays.get(relay) {
+                    let _ = r.socket.send_to(&buf[payload], peer);
+                }
+            }
+        }
+    }
+}
+
+fn drain_relay(core: &mut WorkerCore, io: &mut EpollIo, slot: usize, buf: &mut [u8], now: Instant) {
+    let generation = match core.relays.get(slot) {
+        Some(Some(r)) => r.id.generation,
+        _ => return,
+    };
+    let mut errors = 0;
+    loop {
+        let received = match core.relays.get(slot) {
+            Some(Some(r)) => r.socket.recv_from(&mut buf[PEER_HEADROOM..BUF_LEN - PEER_TAILROOM]),
+            _ => return,
+        };
+        let (n, peer) = match received {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(_) if errors < MAX_RECV_ERRORS => {
+                errors += 1;
+                continue;
+            }
+            Err(_) => return,
+        };
+        if let Some((listener, client, msg)) = core.on_peer(now, slot, generation, peer, buf, PEER_HEADROOM..PEER_HEADROOM + n) {
+            let _ = io.listeners[listener].send_to(&buf[msg], client);
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! The io_uring backend.
+//!
+//! - Every listener and relay socket has one multishot `RecvMsg` (kernel 6.0+) that draws
+//!   buffers from a provided-buffer ring (kernel 5.19+). The kernel writes a 16-byte
+//!   `io_uring_recvmsg_out` header and a 32-byte address field before each payload, so the
+//!   payload starts at byte 48 = [`PEER_HEADROOM`]: a peer datagram is framed as ChannelData or a
+//!   Data indication by writing over those 48 bytes after reading the address, with no copy.
+//! - Relayed datagrams are sent with `SendMsg` straight from the receive buffer; the buffer goes
+//!   back to the ring when the send completes. Replies are copied into the send slot.
+//! - Submissions are batched: one `io_uring_enter` per loop iteration submits every send queued
+//!   while processing the previous batch of completions and waits for the next.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use io_uring::types::{BufRingEntry, Fd, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use tracing::warn;
+use uturn_proto::relay::{AllocationId, PEER_HEADROOM, PEER_TAILROOM};
+
+use crate::core::{ClientVerdict, Io, WorkerCore};
+use crate::sys::{sockaddr_from_bytes, RawSockAddr, Waker};
+
+/// Provided buffers per worker (a power of two).
+const BUF_COUNT: u16 = 4096;
+/// Bytes per provided buffer: 48 bytes of header and address, then up to
+/// 2048 - 48 - 3 = 1997 payload bytes. Longer datagrams are dropped (MSG_TRUNC) and counted.
+const BUF_SIZE: usize = 2048;
+/// Address field size in the multishot recvmsg layout (fits `sockaddr_in6`).
+const NAME_LEN: usize = 32;
+/// Where the payload starts in a provided buffer.
+const PAYLOAD_AT: usize = 16 + NAME_LEN;
+const _: () = assert!(PAYLOAD_AT == PEER_HEADROOM);
+/// Buffer group id of the provided-buffer ring.
+const BGID: u16 = 0;
+/// Sends in flight per worker.
+const SEND_SLOTS: usize = 2048;
+const SQ_ENTRIES: u32 = 4096;
+
+const KIND_SHIFT: u32 = 60;
+const KIND_LISTENER: u64 = 1;
+const KIND_RELAY: u64 = 2;
+const KIND_SEND: u64 = 3;
+const KIND_WAKER: u64 = 4;
+const KIND_CANCEL: u64 = 5;
+const GEN_MASK: u32 = 0x0FFF_FFFF;
+
+fn tag(kind: u64, low: u64) -> u64 {
+    (kind << KIND_SHIFT) | low
+}
+fn relay_tag(id: AllocationId) -> u64 {
+    tag(KIND_RELAY, ((id.generation & GEN_MASK) as u64) << 32 | id.index as u64)
+}
+
+/// Checks that this kernel and process can run the io_uring backend: a ring can be created
+/// (seccomp may forbid it), multishot RecvMsg is known, and a provided-buffer ring registers.
+pub fn probe() -> Result<(), String> {
+    let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup: {e}"))?;
+    let mut p = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut p).map_err(|e| format!("io_uring probe: {e}"))?;
+    for (op, name) in [(opcode::RecvMsg::CODE, "RecvMsg"), (opcode::SendMsg::CODE, "SendMsg"), (opcode::AsyncCancel::CODE, "AsyncCancel")] {
+        if !p.is_supported(op) {
+            return Err(format!("io_uring opcode {name} unsupported"));
+        }
+    }
+    BufRing::new(&ring, 8, 64, 1).map(drop).map_err(|e| format!("provided-buffer ring: {e} (needs Linux 5.19+)"))
+}
+
+/// A provided-buffer ring and its buffers (IORING_REGISTER_PBUF_RING).
+struct BufRing {
+    entries: *mut BufRingEntry,
+    entries_layout: Layout,
+    bufs: *mut u8,
+    bufs_layout: Layout,
+    count: u16,
+    size: usize,
+    /// Next tail value to publish.
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring, count: u16, size: usize, bgid: u16) -> io::Result<Self> {
+        let entries_layout = Layout::from_size_align(count as usize * std::mem::size_of::<BufRingEntry>(), 4096)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let bufs_layout = Layout::from_size_align(count as usize * size, 64)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: both layouts have non-zero size (count and size are non-zero constants).
+        let (entries, bufs) = unsafe { (alloc_zeroed(entries_layout).cast::<BufRingEntry>(), alloc_zeroed(bufs_layout)) };
+        if entries.is_null() || bufs.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        let mut me = BufRing { entries, entries_layout, bufs, bufs_layout, count, size, tail: 0 };
+        // SAFETY: `entries` is page-aligned memory for `count` entries that lives until `me` is
+        // dropped, and `me` is dropped only after the ring (see `UringIo` field order).
+        unsafe { ring.submitter().register_buf_ring_with_flags(entries as u64, count, bgid, 0)? };
+        for bid in 0..count {
+            me.recycle(bid);
+        }
+        me.publish();
+        Ok(me)
+    }
+
+    /// The whole buffer `bid`.
+    fn buf(&mut self, bid: u16) -> &mut [u8] {
+        debug_assert!(bid < self.count);
+        // SAFETY: `bid < count`, so the range lies inside the allocation; the kernel handed this
+        // buffer to us in a completion and will not touch it until `recycle(bid)` is published,
+        // and `&mut self` prevents a second live slice.
+        unsafe { std::slice::from_raw_parts_mut(self.bufs.add(bid as usize * self.size), self.size) }
+    }
+
+    /// Returns buffer `bid` to the ring (visible to the kernel after [`publish`](Self::publish)).
+    fn recycle(&mut self, bid: u16) {
+        let mask = self.count - 1;
+        // SAFETY: `tail & mask < count`, inside the entries allocation; the kernel only reads
+        // entries between its head and the published tail, and this one is past the tail.
+        let e = unsafe { &mut *self.entries.add((self.tail & mask) as usize) };
+        // SAFETY: `bid < count` keeps the address inside the buffers allocation.
+        e.set_addr(unsafe { self.bufs.add(bid as usize * self.size) } as u64);
+        e.set_len(self.size as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Publishes recycled buffers to the kernel.
+    fn publish(&self) {
+        // SAFETY: `entries` is the ring base; its tail field is a u16 the kernel reads
+        // atomically; a release store orders the entry writes before it.
+        let tail = unsafe { &*(BufRingEntry::tail(self.entries).cast::<AtomicU16>()) };
+        tail.store(self.tail, Ordering::Release);
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with these layouts; the ring that used them is gone.
+        unsafe {
+            dealloc(self.entries.cast(), self.entries_layout);
+            dealloc(self.bufs, self.bufs_layout);
+        }
+    }
+}
+
+/// One in-flight send: its msghdr, iovec and address must stay put until the completion.
+struct SendSlot {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    addr: RawSockAddr,
+    /// Provided buffer to recycle when the send completes.
+    bid: Option<u16>,
+    /// Storage for replies (copied, they are small and rare).
+    owned: Vec<u8>,
+}
+
+struct UringIo {
+    // Field order matters: the ring must be dropped before the buffers it references.
+    ring: IoUring,
+    bufs: BufRing,
+    slots: Box<[SendSlot]>,
+    free_slots: Vec<u32>,
+    recv_hdr: Box<libc::msghdr>,
+    listener_fds: Vec<RawFd>,
+    waker_buf: Box<u64>,
+    /// Sends dropped for lack of a free slot.
+    send_slots_exhausted: u64,
+    /// Sends that completed with an error.
+    send_errors: u64,
+}
+
+impl UringIo {
+    fn push(&mut self, sqe: squeue::Entry) {
+        // SAFETY: every SQE built here points only at memory owned by `self` (send slots,
+        // `recv_hdr`, `waker_buf`) or the provided buffers, all of which outlive the operation:
+        // slots and buffers are released only on the operation's completion.
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            if let Err(e) = self.ring.submit() {
+                warn!("io_uring submit failed while the SQ was full: {e}");
+                return;
+            }
+        }
+    }
+
+    fn arm_recv(&mut self, fd: RawFd, user_data: u64) {
+        let sqe = opcode::RecvMsgMulti::new(Fd(fd), &*self.recv_hdr as *const _, BGID).build().user_data(user_data);
+        self.push(sqe);
+    }
+
+    fn arm_waker(&mut self, fd: RawFd) {
+        let sqe = opcode::Read::new(Fd(fd), (&mut *self.waker_buf as *mut u64).cast(), 8).build().user_data(tag(KIND_WAKER, 0));
+        self.push(sqe);
+    }
+
+    /// Queues a send of `len` bytes at `data` to `to` from `fd`. `bid`, if any, is recycled when
+    /// the send completes; `data` must point into that buffer or into the slot's `owned`.
+    /// Returns false (and sends nothing) when no slot is free.
+    fn send(&mut self, fd: RawFd, to: SocketAddr, data: Result<*const u8, &[u8]>, len: usize, bid: Option<u16>) -> bool {
+        let Some(i) = self.free_slots.pop() else {
+            self.send_slots_exhausted += 1;
+            return false;
+        };
+        let slot = &mut self.slots[i as usize];
+        let base = match data {
+            Ok(p) => p,
+            Err(bytes) => {
+                slot.owned.clear();
+                slot.owned.extend_from_slice(bytes);
+                slot.owned.as_ptr()
+            }
+        };
+        slot.bid = bid;
+        slot.iov = libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len };
+        let addr_len = slot.addr.set(&to);
+        slot.hdr.msg_name = slot.addr.as_ptr();
+        slot.hdr.msg_namelen = addr_len;
+        slot.hdr.msg_iov = &mut slot.iov;
+        slot.hdr.msg_iovlen = 1;
+        let sqe = opcode::SendMsg::new(Fd(fd), &slot.hdr).build().user_data(tag(KIND_SEND, i as u64));
+        self.push(sqe);
+        true
+    }
+}
+
+impl Io for UringIo {
+    fn register_relay(&mut self, id: AllocationId, socket: &UdpSocket) {
+        self.arm_recv(socket.as_raw_fd(), relay_tag(id));
+    }
+    fn deregister_relay(&mut self, id: AllocationId, _socket: &UdpSocket) {
+        // The caller closes the socket next; the cancel drops the ring's reference to it.
+        let sqe = opcode::AsyncCancel::new(relay_tag(id)).build().user_data(tag(KIND_CANCEL, 0));
+        self.push(sqe);
+    }
+    fn send_reply(&mut self, listener: usize, to: SocketAddr, bytes: &[u8]) {
+        let fd = self.listener_fds[listener];
+        self.send(fd, to, Err(bytes), bytes.len(), None);
+    }
+}
+
+fn new_ring() -> io::Result<IoUring> {
+    // DEFER_TASKRUN (6.1+) runs completion work only when we wait, so a whole batch is reaped
+    // in one go; fall back to a plain ring where unsupported.
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(SQ_ENTRIES * 4)
+        .build(SQ_ENTRIES)
+        .or_else(|_| IoUring::builder().setup_cqsize(SQ_ENTRIES * 4).build(SQ_ENTRIES))
+}
+
+/// Runs the worker until `shutdown` is set.
+/// `finish` sees the core once the loop ends (to collect its counters).
+pub(crate) fn run(mut core: WorkerCore, waker: &Waker, shutdown: &AtomicBool, finish: impl FnOnce(&WorkerCore)) -> io::Result<()> {
+    let ring = new_ring()?;
+    let bufs = BufRing::new(&ring, BUF_COUNT, BUF_SIZE, BGID)?;
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+    recv_hdr.msg_namelen = NAME_LEN as libc::socklen_t;
+    recv_hdr.msg_controllen = 0;
+    let slots: Box<[SendSlot]> = (0..SEND_SLOTS)
+        .map(|_| SendSlot {
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            hdr: unsafe { std::mem::zeroed() },
+            iov: libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 },
+            addr: RawSockAddr::zeroed(),
+            bid: None,
+            owned: Vec::new(),
+        })
+        .collect();
+    let mut io = UringIo {
+        ring,
+        bufs,
+        slots,
+        free_slots: (0..SEND_SLOTS as u32).rev().collect(),
+        recv_hdr,
+        listener_fds: core.listeners.iter().map(|l| l.socket.as_raw_fd()).collect(),
+        waker_buf: Box::new(0),
+        send_slots_exhausted: 0,
+        send_errors: 0,
+    };
+    for i in 0..io.listener_fds.len() {
+        io.arm_recv(io.listener_fds[i], tag(KIND_LISTENER, i as u64));
+    }
+    io.arm_waker(waker.raw_fd());
+    let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(SQ_ENTRIES as usize * 4);
+
+    while !shutdown.load(Ordering::Relaxed) {
+        io.bufs.publish();
+        let wait = core
+            .state
+            .poll_timeout()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_millis(1));
+        let ts = Timespec::from(wait);
+        let args = SubmitArgs::new().timespec(&ts);
+        match io.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => return Err(e),
+        }
+        let now = Instant::now();
+        cqes.clear();
+        cqes.extend(io.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+        for &(ud, res, flags) in &cqes {
+            dispatch(&mut core, &mut io, now, ud, res, flags, waker);
+        }
+        core.drain_commands(now, &mut io);
+        core.expire(now, &mut io);
+    }
+    core.close_all(&mut io);
+    finish(&core);
+    if io.send_slots_exhausted > 0 || io.send_errors > 0 {
+        warn!(worker = core.index, slots_exhausted = io.send_slots_exhausted, send_errors = io.send_errors, "send drops");
+    }
+    Ok(())
+}
+
+fn dispatch(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res: i32, flags: u32, waker: &Waker) {
+    let low = ud & ((1 << KIND_SHIFT) - 1);
+    match ud >> KIND_SHIFT {
+        KIND_SEND => {
+            let slot = &mut io.slots[low as usize];
+            if let Some(bid) = slot.bid.take() {
+                io.bufs.recycle(bid);
+            }
+            io.free_slots.push(low as u32);
+            if res < 0 {
+                io.send_errors += 1;
+            }
+        }
+        KIND_LISTENER => {
+            let listener = low as usize;
+            if !cqueue::more(flags) {
+                io.arm_recv(io.listener_fds[listener], ud);
+            }
+            let Some(bid) = cqueue::buffer_select(flags) else { return };
+            if res > 0 {
+                on_listener(core, io, now, listener, bid, res as usize);
+            } else {
+                io.bufs.recycle(bid);
+            }
+        }
+        KIND_RELAY => {
+            let index = (low & 0xFFFF_FFFF) as usize;
+            let generation = (low >> 32) as u32;
+            let live = matches!(core.relays.get(index), Some(Some(r)) if r.id.generation & GEN_MASK == generation);
+            if live && !cqueue::more(flags) && res != -libc::ECANCELED {
+                if let Some(Some(r)) = core.relays.get(index) {
+                    let (fd, id) = (r.socket.as_raw_fd(), r.id);
+                    io.arm_recv(fd, relay_tag(id));
+                }
+            }
+            let Some(bid) = cqueue::buffer_select(flags) else { return };
+            if res > 0 && live {
+                on_relay(core, io, now, index, bid, res as usize);
+            } else {
+                io.bufs.recycle(bid);
+            }
+        }
+        KIND_WAKER => io.arm_waker(waker.raw_fd()),
+        _ => {}
+    }
+}
+
+/// Splits a multishot recvmsg buffer into (source address, payload length); `None` for a
+/// truncated datagram or an unreadable address.
+fn received(buf: &[u8], hdr: &libc::msghdr) -> Option<(SocketAddr, usize)> {
+    let out = RecvMsgOut::parse(buf, hdr).ok()?;
+    if out.is_payload_truncated() || out.is_name_data_truncated() {
+        return None;
+    }
+    Some((sockaddr_from_bytes(out.name_data())?, out.payload_data().len()))
+}
+
+fn on_listener(core: &mut WorkerCore, io: &mut UringIo, now: Instant, listener: usize, bid: u16, len: usize) {
+    let buf = io.bufs.buf(bid);
+    let Some((from, n)) = received(&buf[..len], &io.recv_hdr) else {
+        io.bufs.recycle(bid);
+        return;
+    };
+    let datagram = &buf[PAYLOAD_AT..PAYLOAD_AT + n];
+    let base = buf.as_ptr();
+    match core.on_client(now, listener, from, datagram) {
+        ClientVerdict::ToPeer { relay, peer, payload } => {
+            let fd = match core.relays.get(relay) {
+                Some(Some(r)) => r.socket.as_raw_fd(),
+                _ => {
+                    io.bufs.recycle(bid);
+                    return;
+                }
+            };
+            // SAFETY: `payload` lies within the datagram, which lies within buffer `bid`.
+            let data = unsafe { base.add(PAYLOAD_AT + payload.start) };
+            if !io.send(fd, peer, Ok(data), payload.len(), Some(bid)) {
+                io.bufs.recycle(bid);
+            }
+        }
+        ClientVerdict::Reply(n) => {
+            io.bufs.recycle(bid);
+            let fd = io.listener_fds[listener];
+            let reply = core.reply(n);
+            io.send(fd, from, Err(reply), n, None);
+        }
+        ClientVerdict::Done => io.bufs.recycle(bid),
+    }
+}
+
+fn on_relay(core: &mut WorkerCore, io: &mut UringIo, now: Instant, index: usize, bid: u16, len: usize) {
+    let hdr = &*io.recv_hdr;
+    let buf = io.bufs.buf(bid);
+    let Some((peer, n)) = received(&buf[..len], hdr) else {
+        io.bufs.recycle(bid);
+        return;
+    };
+    if PAYLOAD_AT + n + PEER_TAILROOM > buf.len() {
+        io.bufs.recycle(bid);
+        return;
+    }
+    let generation = match core.relays.get(index) {
+        Some(Some(r)) => r.id.generation,
+        _ => 0,
+    };
+    let base = buf.as_ptr();
+    match core.on_peer(now, index, generation, peer, buf, PAYLOAD_AT..PAYLOAD_AT + n) {
+        Some((listener, client, msg)) => {
+            let fd = io.listener_fds[listener];
+            // SAFETY: `msg` lies within buffer `bid` (it was framed in place there).
+            let data = unsafe { base.add(msg.start) };
+            if !io.send(fd, client, Ok(data), msg.len(), Some(bid)) {
+                io.bufs.recycle(bid);
+            }
+        }
+        None => io.bufs.recycle(bid),
+    }
+}
