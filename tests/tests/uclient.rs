@@ -1,0 +1,72 @@
+//! coturn's `turnutils_uclient` against the started uturn binary: channel mode, Send-indication
+//! mode (`-s`), client-to-client (`-y`) and several clients (`-m`), on both I/O backends, with
+//! every message received.
+
+use std::process::Command;
+use std::time::Duration;
+
+use uturn_tests::{free_udp_port, run_with_timeout, Guard, Relay};
+
+/// The last "tot_send_msgs=X, tot_recv_msgs=Y" uclient printed.
+fn totals(out: &str) -> (u64, u64) {
+    let line = out.lines().rev().find(|l| l.contains("tot_send_msgs=") && !l.contains("msz=")).unwrap_or_else(|| panic!("no totals in:\n{out}"));
+    let num = |key: &str| -> u64 {
+        let rest = &line[line.find(key).unwrap() + key.len()..];
+        rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+    };
+    (num("tot_send_msgs="), num("tot_recv_msgs="))
+}
+
+fn start_peer() -> (Guard, u16) {
+    let port = free_udp_port();
+    let child = Command::new("turnutils_peer")
+        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("turnutils_peer (Debian package coturn) must be installed: scripts/test.sh installs it");
+    std::thread::sleep(Duration::from_millis(300));
+    (Guard(child), port)
+}
+
+/// Runs uclient with `mode_args` (e.g. `-s`), `messages` per client and `clients` clients, and
+/// asserts every message came back.
+fn uclient(backend: &str, mode_args: &[&str], messages: u64, clients: u64) {
+    // turnutils_uclient picks channel numbers up to 0x7FFF (RFC 5766), see docs/rfc-compliance.md.
+    let relay = Relay::start(backend, "", &["--rfc5766-channels"]);
+    let client_to_client = mode_args.contains(&"-y");
+    let (_peer, peer_port) = if client_to_client { (None, 0) } else { let (g, p) = start_peer(); (Some(g), p) };
+    let mut cmd = Command::new("turnutils_uclient");
+    cmd.args(mode_args)
+        .args(["-u", "demo", "-w", "demo", "-p", &relay.addr.port().to_string()])
+        .args(["-n", &messages.to_string(), "-l", "180", "-m", &clients.to_string()]);
+    if !client_to_client {
+        cmd.args(["-e", "127.0.0.1", "-r", &peer_port.to_string()]);
+    }
+    cmd.arg("127.0.0.1");
+    let (ok, out) = run_with_timeout(&mut cmd, Duration::from_secs(90));
+    assert!(ok, "turnutils_uclient failed:\n{out}\n--- uturn log ---\n{}", relay.log());
+    assert!(out.contains("Total lost packets 0 (0.000000%)"), "loss reported:\n{out}");
+    let (sent, received) = totals(&out);
+    assert_eq!(sent, received, "{out}");
+    assert!(sent >= messages * clients, "sent {sent} < {messages} x {clients}:\n{out}");
+    assert!(!relay.log().contains("ERROR"), "{}", relay.log());
+}
+
+macro_rules! both_backends {
+    ($($name:ident: $mode:expr, $n:expr, $m:expr;)*) => {
+        mod uring {
+            $( #[test] fn $name() { super::uclient("uring", $mode, $n, $m) } )*
+        }
+        mod epoll {
+            $( #[test] fn $name() { super::uclient("epoll", $mode, $n, $m) } )*
+        }
+    };
+}
+
+both_backends! {
+    channel_data: &[], 60, 2;
+    send_indications: &["-s"], 60, 2;
+    client_to_client: &["-y"], 60, 2;
+    many_clients_channel_data: &[], 40, 10;
+}
