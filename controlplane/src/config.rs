@@ -253,7 +253,11 @@ mod tests {
 
     #[test]
     fn demo_credential_refused_off_loopback() {
-        let cli = Cli { listen: vec!["0.0.0.0:3478".parse().unwrap()], relay_ip: Some("192.0.2.1".parse().unwrap()), ..Cli::default() };
+        let cli = Cli {
+            listen: vec!["0.0.0.0:3478".parse().unwrap()],
+            relay_ip: Some("192.0.2.1".parse().unwrap()),
+            ..Cli::default()
+        };
         assert!(Config::load(&cli).unwrap_err().to_string().contains("demo"));
         let cli = Cli { user: vec!["alice:secret".into()], ..cli };
         assert!(Config::load(&cli).is_ok());

@@ -97,12 +97,16 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// A control plane for `workers` workers sharing `port_range`, with nonces keyed by
     /// `nonce_secret` (from a CSPRNG) and valid for `nonce_lifetime`.
-    pub fn new(policy: Policy, workers: usize, port_range: (u16, u16), nonce_secret: [u8; 32], nonce_lifetime: Duration, now: Instant) -> Self {
-        let keys = policy
-            .users
-            .iter()
-            .map(|(u, p)| (u.clone(), IntegrityKey::long_term(u, &policy.realm, p)))
-            .collect();
+    pub fn new(
+        policy: Policy,
+        workers: usize,
+        port_range: (u16, u16),
+        nonce_secret: [u8; 32],
+        nonce_lifetime: Duration,
+        now: Instant,
+    ) -> Self {
+        let keys =
+            policy.users.iter().map(|(u, p)| (u.clone(), IntegrityKey::long_term(u, &policy.realm, p))).collect();
         ControlPlane {
             keys,
             nonces: NonceKey::new(nonce_secret, nonce_lifetime.as_secs().max(1)),
@@ -232,8 +236,15 @@ impl ControlPlane {
     fn error(&mut self, msg: &Message<'_>, code: ErrorCode, key: Option<&IntegrityKey>) -> Vec<u8> {
         self.stats.errors += 1;
         debug!(method = msg.method().name(), code = code.code(), "error response");
-        let n = response::error(&mut self.buf, msg.method(), msg.transaction_id(), code, msg.unknown_required(), key.map(|k| &k.0[..]))
-            .unwrap_or(0);
+        let n = response::error(
+            &mut self.buf,
+            msg.method(),
+            msg.transaction_id(),
+            code,
+            msg.unknown_required(),
+            key.map(|k| &k.0[..]),
+        )
+        .unwrap_or(0);
         self.buf[..n].to_vec()
     }
 
@@ -261,7 +272,15 @@ impl ControlPlane {
     }
 
     /// Allocate after authentication (RFC 8656 §7.2 steps 2-8).
-    fn allocate(&mut self, now: Instant, worker: usize, ft: FiveTuple, msg: &Message<'_>, user: String, key: IntegrityKey) -> Option<ToWorker> {
+    fn allocate(
+        &mut self,
+        now: Instant,
+        worker: usize,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        user: String,
+        key: IntegrityKey,
+    ) -> Option<ToWorker> {
         let tid = msg.transaction_id();
         let checked = if self.owners.contains_key(&ft) {
             // RFC 8656 §7.2 step 2 (a retransmission would have hit the response cache).
@@ -295,7 +314,10 @@ impl ControlPlane {
                 self.stats.allocations += 1;
                 info!(client = %ft.client, %user, relayed = %relayed, lifetime_s = lifetime.as_secs(), "allocation granted");
                 self.cached_reply(now, ft, tid, bytes.clone());
-                Some(ToWorker::Install(Install { five_tuple: ft, tid, relayed, lifetime, response: bytes.into() }, socket))
+                Some(ToWorker::Install(
+                    Install { five_tuple: ft, tid, relayed, lifetime, response: bytes.into() },
+                    socket,
+                ))
             }
         }
     }
@@ -325,12 +347,16 @@ impl ControlPlane {
             let want = if self.policy.relay_ip.is_ipv4() { attr::FAMILY_IPV4 } else { attr::FAMILY_IPV6 };
             match f.first() {
                 Some(&v) if v == want => {}
-                Some(&v) if v == attr::FAMILY_IPV4 || v == attr::FAMILY_IPV6 => return Err(ErrorCode::AddressFamilyNotSupported),
+                Some(&v) if v == attr::FAMILY_IPV4 || v == attr::FAMILY_IPV6 => {
+                    return Err(ErrorCode::AddressFamilyNotSupported)
+                }
                 _ => return Err(ErrorCode::BadRequest),
             }
         }
         let quota = |q: u32, n: usize| q != 0 && n >= q as usize;
-        if quota(self.policy.total_quota, self.owners.len()) || quota(self.policy.user_quota, self.per_user.get(user).copied().unwrap_or(0) as usize) {
+        if quota(self.policy.total_quota, self.owners.len())
+            || quota(self.policy.user_quota, self.per_user.get(user).copied().unwrap_or(0) as usize)
+        {
             return Err(ErrorCode::AllocationQuotaReached);
         }
         let lifetime = self.lifetime(msg)?;
@@ -350,13 +376,19 @@ impl ControlPlane {
             None => Ok(self.policy.default_lifetime),
             Some(Err(_)) => Err(ErrorCode::BadRequest),
             Some(Ok(0)) => Ok(Duration::ZERO),
-            Some(Ok(s)) => Ok(Duration::from_secs(s as u64).clamp(self.policy.default_lifetime, self.policy.max_lifetime)),
+            Some(Ok(s)) => {
+                Ok(Duration::from_secs(s as u64).clamp(self.policy.default_lifetime, self.policy.max_lifetime))
+            }
         }
     }
 
     /// Binds (or takes from a reservation) the relay socket; with the R bit also reserves the
     /// next port and returns its token.
-    fn relay_socket(&mut self, worker: usize, port: PortRequest) -> std::io::Result<Option<(UdpSocket, Option<[u8; 8]>)>> {
+    fn relay_socket(
+        &mut self,
+        worker: usize,
+        port: PortRequest,
+    ) -> std::io::Result<Option<(UdpSocket, Option<[u8; 8]>)>> {
         let ip = self.policy.relay_ip;
         let Some(slice) = self.ports.get_mut(worker) else { return Ok(None) };
         Ok(match port {
@@ -435,7 +467,8 @@ impl ControlPlane {
             Some(Ok(v)) => (v >> 16) as u16,
             _ => return Err(ErrorCode::BadRequest),
         };
-        let channel = if self.policy.rfc5766_channels { ChannelNumber::new_rfc5766(number) } else { ChannelNumber::new(number) };
+        let channel =
+            if self.policy.rfc5766_channels { ChannelNumber::new_rfc5766(number) } else { ChannelNumber::new(number) };
         let channel = channel.ok_or(ErrorCode::BadRequest)?;
         let peer = self.check_peer(msg.xor_address(attr::XOR_PEER_ADDRESS).ok_or(ErrorCode::BadRequest)?)?;
         Ok(Command::ChannelBind { five_tuple: ft, tid: msg.transaction_id(), channel, peer, key })

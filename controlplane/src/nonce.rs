@@ -76,7 +76,8 @@ impl NonceKey {
         };
         let mut got = [0u8; 12];
         for (i, b) in got.iter_mut().enumerate() {
-            let Some(v) = std::str::from_utf8(&nonce[16 + 2 * i..18 + 2 * i]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+            let Some(v) =
+                std::str::from_utf8(&nonce[16 + 2 * i..18 + 2 * i]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
             else {
                 return NonceCheck::Invalid;
             };

@@ -65,7 +65,17 @@ mod tests {
     #[test]
     fn defaults_on_a_public_relay() {
         let p = PeerPolicy::new(ip("192.0.2.1"), &[], &[]);
-        for bad in ["0.0.0.1", "224.0.0.1", "239.1.2.3", "255.255.255.255", "127.0.0.1", "::1", "::ffff:127.0.0.1", "ff02::1", "::"] {
+        for bad in [
+            "0.0.0.1",
+            "224.0.0.1",
+            "239.1.2.3",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "ff02::1",
+            "::",
+        ] {
             assert!(!p.allows(ip(bad)), "{bad}");
         }
         for good in ["198.51.100.7", "2001:db8::1"] {
@@ -78,7 +88,8 @@ mod tests {
         let p = PeerPolicy::new(ip("127.0.0.1"), &[], &[]);
         assert!(p.allows(ip("127.0.0.1")));
         assert!(!p.allows(ip("0.0.0.0")));
-        let p = PeerPolicy::new(ip("192.0.2.1"), &["127.0.0.0/8".parse().unwrap()], &["198.51.100.0/24".parse().unwrap()]);
+        let p =
+            PeerPolicy::new(ip("192.0.2.1"), &["127.0.0.0/8".parse().unwrap()], &["198.51.100.0/24".parse().unwrap()]);
         assert!(p.allows(ip("127.0.0.5")));
         assert!(!p.allows(ip("198.51.100.9")));
     }

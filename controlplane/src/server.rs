@@ -49,7 +49,10 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
             core: if cores.is_empty() { None } else { Some(cores[index % cores.len()]) },
             listen: config.listen.clone(),
             backend,
-            relay: RelayConfig { permission_lifetime: config.permission_lifetime, channel_lifetime: config.channel_lifetime },
+            relay: RelayConfig {
+                permission_lifetime: config.permission_lifetime,
+                channel_lifetime: config.channel_lifetime,
+            },
             command_queue: COMMAND_QUEUE,
         };
         match uturn_dataplane::spawn(cfg, events_tx.clone()) {
@@ -74,7 +77,14 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         peers: PeerPolicy::new(config.relay_ip, &config.allow_peer, &config.deny_peer),
         rfc5766_channels: config.rfc5766_channels,
     };
-    let mut control = ControlPlane::new(policy, config.workers, config.port_range, rand::random(), config.nonce_lifetime, Instant::now());
+    let mut control = ControlPlane::new(
+        policy,
+        config.workers,
+        config.port_range,
+        rand::random(),
+        config.nonce_lifetime,
+        Instant::now(),
+    );
 
     let mut failed = false;
     while !shutdown.load(Ordering::Relaxed) {
@@ -100,12 +110,23 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     for w in workers {
         let index = w.index();
         if let Some(c) = w.join() {
-            info!(worker = index, relayed_to_peer = c.relayed_to_peer, relayed_to_client = c.relayed_to_client,
-                malformed = c.malformed_stun + c.malformed_channel_data + c.not_turn, "worker stopped");
+            info!(
+                worker = index,
+                relayed_to_peer = c.relayed_to_peer,
+                relayed_to_client = c.relayed_to_client,
+                malformed = c.malformed_stun + c.malformed_channel_data + c.not_turn,
+                "worker stopped"
+            );
         }
     }
     let s = control.stats;
-    info!(requests = s.requests, allocations = s.allocations, errors = s.errors, retransmissions = s.retransmissions, "control plane stopped");
+    info!(
+        requests = s.requests,
+        allocations = s.allocations,
+        errors = s.errors,
+        retransmissions = s.retransmissions,
+        "control plane stopped"
+    );
     if failed {
         bail!("a worker stopped unexpectedly");
     }

@@ -100,7 +100,13 @@ impl WorkerCore {
 
     /// A datagram from `from` on listener `listener`.
     #[inline]
-    pub(crate) fn on_client(&mut self, now: Instant, listener: usize, from: SocketAddr, datagram: &[u8]) -> ClientVerdict {
+    pub(crate) fn on_client(
+        &mut self,
+        now: Instant,
+        listener: usize,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> ClientVerdict {
         let five_tuple = FiveTuple { client: from, server: self.listeners[listener].addr };
         match self.state.handle_client_datagram(now, &five_tuple, datagram, &mut self.reply) {
             ClientOutput::Relay { alloc, peer, payload } => {

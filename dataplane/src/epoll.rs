@@ -28,7 +28,11 @@ struct EpollIo {
 impl Io for EpollIo {
     fn register_relay(&mut self, id: AllocationId, socket: &UdpSocket) {
         let fd = socket.as_raw_fd();
-        let _ = self.poll.registry().register(&mut SourceFd(&fd), Token(RELAY_BASE + id.index as usize), Interest::READABLE);
+        let _ = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(RELAY_BASE + id.index as usize),
+            Interest::READABLE,
+        );
     }
     fn deregister_relay(&mut self, _id: AllocationId, socket: &UdpSocket) {
         let fd = socket.as_raw_fd();
@@ -41,10 +45,14 @@ impl Io for EpollIo {
 
 /// Runs the worker until `shutdown` is set.
 /// `finish` sees the core once the loop ends (to collect its counters).
-pub(crate) fn run(mut core: WorkerCore, waker: &Waker, shutdown: &AtomicBool, finish: impl FnOnce(&WorkerCore)) -> io::Result<()> {
+pub(crate) fn run(
+    mut core: WorkerCore,
+    waker: &Waker,
+    shutdown: &AtomicBool,
+    finish: impl FnOnce(&WorkerCore),
+) -> io::Result<()> {
     let poll = Poll::new()?;
-    let listeners: Vec<UdpSocket> =
-        core.listeners.iter().map(|l| l.socket.try_clone()).collect::<io::Result<_>>()?;
+    let listeners: Vec<UdpSocket> = core.listeners.iter().map(|l| l.socket.try_clone()).collect::<io::Result<_>>()?;
     for (i, l) in listeners.iter().enumerate() {
         poll.registry().register(&mut SourceFd(&l.as_raw_fd()), Token(i), Interest::READABLE)?;
     }
@@ -129,7 +137,9 @@ fn drain_relay(core: &mut WorkerCore, io: &mut EpollIo, slot: usize, buf: &mut [
             }
             Err(_) => return,
         };
-        if let Some((listener, client, msg)) = core.on_peer(now, slot, generation, peer, buf, PEER_HEADROOM..PEER_HEADROOM + n) {
+        if let Some((listener, client, msg)) =
+            core.on_peer(now, slot, generation, peer, buf, PEER_HEADROOM..PEER_HEADROOM + n)
+        {
             let _ = io.listeners[listener].send_to(&buf[msg], client);
         }
     }

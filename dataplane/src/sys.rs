@@ -54,7 +54,13 @@ pub(crate) union RawSockAddr {
 impl RawSockAddr {
     pub(crate) fn zeroed() -> Self {
         RawSockAddr {
-            v6: libc::sockaddr_in6 { sin6_family: 0, sin6_port: 0, sin6_flowinfo: 0, sin6_addr: libc::in6_addr { s6_addr: [0; 16] }, sin6_scope_id: 0 },
+            v6: libc::sockaddr_in6 {
+                sin6_family: 0,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: [0; 16] },
+                sin6_scope_id: 0,
+            },
         }
     }
 

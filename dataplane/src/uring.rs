@@ -62,7 +62,11 @@ pub fn probe() -> Result<(), String> {
     let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup: {e}"))?;
     let mut p = io_uring::Probe::new();
     ring.submitter().register_probe(&mut p).map_err(|e| format!("io_uring probe: {e}"))?;
-    for (op, name) in [(opcode::RecvMsg::CODE, "RecvMsg"), (opcode::SendMsg::CODE, "SendMsg"), (opcode::AsyncCancel::CODE, "AsyncCancel")] {
+    for (op, name) in [
+        (opcode::RecvMsg::CODE, "RecvMsg"),
+        (opcode::SendMsg::CODE, "SendMsg"),
+        (opcode::AsyncCancel::CODE, "AsyncCancel"),
+    ] {
         if !p.is_supported(op) {
             return Err(format!("io_uring opcode {name} unsupported"));
         }
@@ -89,7 +93,8 @@ impl BufRing {
         let bufs_layout = Layout::from_size_align(count as usize * size, 64)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: both layouts have non-zero size (count and size are non-zero constants).
-        let (entries, bufs) = unsafe { (alloc_zeroed(entries_layout).cast::<BufRingEntry>(), alloc_zeroed(bufs_layout)) };
+        let (entries, bufs) =
+            unsafe { (alloc_zeroed(entries_layout).cast::<BufRingEntry>(), alloc_zeroed(bufs_layout)) };
         if entries.is_null() || bufs.is_null() {
             return Err(io::Error::from(io::ErrorKind::OutOfMemory));
         }
@@ -190,14 +195,23 @@ impl UringIo {
     }
 
     fn arm_waker(&mut self, fd: RawFd) {
-        let sqe = opcode::Read::new(Fd(fd), (&mut *self.waker_buf as *mut u64).cast(), 8).build().user_data(tag(KIND_WAKER, 0));
+        let sqe = opcode::Read::new(Fd(fd), (&mut *self.waker_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(tag(KIND_WAKER, 0));
         self.push(sqe);
     }
 
     /// Queues a send of `len` bytes at `data` to `to` from `fd`. `bid`, if any, is recycled when
     /// the send completes; `data` must point into that buffer or into the slot's `owned`.
     /// Returns false (and sends nothing) when no slot is free.
-    fn send(&mut self, fd: RawFd, to: SocketAddr, data: Result<*const u8, &[u8]>, len: usize, bid: Option<u16>) -> bool {
+    fn send(
+        &mut self,
+        fd: RawFd,
+        to: SocketAddr,
+        data: Result<*const u8, &[u8]>,
+        len: usize,
+        bid: Option<u16>,
+    ) -> bool {
         let Some(i) = self.free_slots.pop() else {
             self.send_slots_exhausted += 1;
             return false;
@@ -252,7 +266,12 @@ fn new_ring() -> io::Result<IoUring> {
 
 /// Runs the worker until `shutdown` is set.
 /// `finish` sees the core once the loop ends (to collect its counters).
-pub(crate) fn run(mut core: WorkerCore, waker: &Waker, shutdown: &AtomicBool, finish: impl FnOnce(&WorkerCore)) -> io::Result<()> {
+pub(crate) fn run(
+    mut core: WorkerCore,
+    waker: &Waker,
+    shutdown: &AtomicBool,
+    finish: impl FnOnce(&WorkerCore),
+) -> io::Result<()> {
     let ring = new_ring()?;
     let bufs = BufRing::new(&ring, BUF_COUNT, BUF_SIZE, BGID)?;
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
@@ -313,7 +332,12 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, shutdown: &AtomicBool, fi
     core.close_all(&mut io);
     finish(&core);
     if io.send_slots_exhausted > 0 || io.send_errors > 0 {
-        warn!(worker = core.index, slots_exhausted = io.send_slots_exhausted, send_errors = io.send_errors, "send drops");
+        warn!(
+            worker = core.index,
+            slots_exhausted = io.send_slots_exhausted,
+            send_errors = io.send_errors,
+            "send drops"
+        );
     }
     Ok(())
 }

@@ -28,7 +28,10 @@ pub fn uturn_bin() -> PathBuf {
             return p;
         }
     }
-    panic!("uturn binary not found under {}: run `cargo build --bin uturn` first (scripts/test.sh does)", target.display());
+    panic!(
+        "uturn binary not found under {}: run `cargo build --bin uturn` first (scripts/test.sh does)",
+        target.display()
+    );
 }
 
 /// A free UDP port on 127.0.0.1 (bound then released; uturn binds it again right away).
@@ -55,7 +58,11 @@ pub mod tempfile_lite {
     impl TempFile {
         /// Writes `contents` to a fresh file under the system temp dir.
         pub fn new(name: &str, contents: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("uturn-test-{}-{}-{name}", std::process::id(), rand::random::<u32>()));
+            let p = std::env::temp_dir().join(format!(
+                "uturn-test-{}-{}-{name}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
             std::fs::write(&p, contents).unwrap();
             TempFile(p)
         }
@@ -78,7 +85,8 @@ impl Relay {
             let lo = 49152 + (rand::random::<u16>() % 15000);
             let range = format!("{lo}-{}", lo + 399);
             // A config file that sets the port range keeps it (flags would override it).
-            let range_args: Vec<&str> = if config.contains("port-range") { vec![] } else { vec!["--port-range", &range] };
+            let range_args: Vec<&str> =
+                if config.contains("port-range") { vec![] } else { vec!["--port-range", &range] };
             let cfg = tempfile_lite::TempFile::new("config.toml", config);
             let stderr_log = std::env::temp_dir().join(format!("uturn-test-{}-{port}.log", std::process::id()));
             let log = std::fs::File::create(&stderr_log).unwrap();
@@ -269,14 +277,22 @@ impl Client {
     }
 
     /// Sends an unauthenticated request built by `f` and returns the response.
-    pub fn unauthenticated(&self, method: Method, f: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>) -> Response {
+    pub fn unauthenticated(
+        &self,
+        method: Method,
+        f: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>,
+    ) -> Response {
         let req = build(method, Class::Request, TransactionId(rand::random()), None, f);
         self.transact(&req).expect("response")
     }
 
     /// Sends a request with USERNAME, REALM, NONCE and MESSAGE-INTEGRITY; `f` adds the method's
     /// attributes first.
-    pub fn authenticated(&self, method: Method, f: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>) -> Response {
+    pub fn authenticated(
+        &self,
+        method: Method,
+        f: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>,
+    ) -> Response {
         let req = self.signed_request(method, TransactionId(rand::random()), f);
         self.transact(&req).expect("response")
     }
@@ -370,9 +386,11 @@ pub fn peer_socket() -> UdpSocket {
 
 /// Runs `cmd` with a wall-clock limit, returning (success, combined output).
 pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> (bool, String) {
-    let out_path = std::env::temp_dir().join(format!("uturn-test-out-{}-{}", std::process::id(), rand::random::<u32>()));
+    let out_path =
+        std::env::temp_dir().join(format!("uturn-test-out-{}-{}", std::process::id(), rand::random::<u32>()));
     let file = std::fs::File::create(&out_path).unwrap();
-    let mut child = Guard(cmd.stdout(file.try_clone().unwrap()).stderr(file).stdin(Stdio::null()).spawn().expect("spawn"));
+    let mut child =
+        Guard(cmd.stdout(file.try_clone().unwrap()).stderr(file).stdin(Stdio::null()).spawn().expect("spawn"));
     let deadline = Instant::now() + limit;
     let ok = loop {
         if let Ok(Some(st)) = child.0.try_wait() {

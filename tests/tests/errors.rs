@@ -54,7 +54,9 @@ fn wrong_password_and_unknown_user_get_the_same_401() {
         let mut good = client(relay);
         good.learn_nonce();
         let tid = TransactionId([9; 12]);
-        let allocate = |c: &Client| c.signed_request(Method::ALLOCATE, tid, |w| w.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP).map(drop));
+        let allocate = |c: &Client| {
+            c.signed_request(Method::ALLOCATE, tid, |w| w.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP).map(drop))
+        };
         let mut wrong = Client::new(relay.addr, "demo", "not-demo", "uturn.local");
         wrong.nonce = good.nonce.clone();
         wrong.sock = good.sock.try_clone().unwrap();
@@ -64,12 +66,20 @@ fn wrong_password_and_unknown_user_get_the_same_401() {
         let a = wrong.transact(&allocate(&wrong)).unwrap();
         // A different transaction ID, so the retransmission cache does not answer.
         let b = unknown
-            .transact(&unknown.signed_request(Method::ALLOCATE, TransactionId([8; 12]), |w| w.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP).map(drop)))
+            .transact(&unknown.signed_request(Method::ALLOCATE, TransactionId([8; 12]), |w| {
+                w.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP).map(drop)
+            }))
             .unwrap();
         assert_eq!((a.code(), b.code()), (Some(401), Some(401)));
         // Identical apart from the transaction ID (and the FINGERPRINT over it), nonce included
         // when minted within the same second.
-        let strip = |v: &[u8]| { let mut v = v.to_vec(); v[8..20].fill(0); let n = v.len(); v[n - 4..].fill(0); v };
+        let strip = |v: &[u8]| {
+            let mut v = v.to_vec();
+            v[8..20].fill(0);
+            let n = v.len();
+            v[n - 4..].fill(0);
+            v
+        };
         if a.msg().nonce() == b.msg().nonce() {
             assert_eq!(strip(&a.0), strip(&b.0));
         }
@@ -106,7 +116,10 @@ fn allocate_errors_420_437_440_442_508_and_retransmission() {
             w.bytes(attr::DONT_FRAGMENT, &[]).map(drop)
         });
         assert_eq!(r.code(), Some(420), "DONT-FRAGMENT is not honoured, so it is unknown (RFC 8656 §7.2)");
-        assert_eq!(c.authenticated(Method::ALLOCATE, |w| w.u32(attr::REQUESTED_TRANSPORT, 6 << 24).map(drop)).code(), Some(442));
+        assert_eq!(
+            c.authenticated(Method::ALLOCATE, |w| w.u32(attr::REQUESTED_TRANSPORT, 6 << 24).map(drop)).code(),
+            Some(442)
+        );
         assert_eq!(c.authenticated(Method::ALLOCATE, |_| Ok(())).code(), Some(400), "REQUESTED-TRANSPORT missing");
         let r = c.authenticated(Method::ALLOCATE, |w| {
             w.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP)?;
@@ -119,12 +132,17 @@ fn allocate_errors_420_437_440_442_508_and_retransmission() {
         });
         assert_eq!(r.code(), Some(508), "unknown reservation token");
         // Success, then the same request again gets the same bytes, and a new one 437.
-        let req = c.signed_request(Method::ALLOCATE, TransactionId([4; 12]), |w| w.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP).map(drop));
+        let req = c.signed_request(Method::ALLOCATE, TransactionId([4; 12]), |w| {
+            w.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP).map(drop)
+        });
         let first = c.transact(&req).unwrap();
         assert_eq!(first.code(), None);
         let again = c.transact(&req).unwrap();
         assert_eq!(first.0, again.0, "a retransmitted Allocate gets the same answer");
-        assert_eq!(c.authenticated(Method::ALLOCATE, |w| w.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP).map(drop)).code(), Some(437));
+        assert_eq!(
+            c.authenticated(Method::ALLOCATE, |w| w.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP).map(drop)).code(),
+            Some(437)
+        );
     });
 }
 
@@ -157,7 +175,11 @@ fn forbidden_peers_get_403_and_install_nothing() {
         c.send_indication(good, b"must not arrive");
         let mut buf = [0u8; 64];
         assert!(peer.recv_from(&mut buf).is_err(), "no permission was installed");
-        assert_eq!(c.create_permission(&["[::1]:5000".parse().unwrap()]).code(), Some(443), "IPv6 peer on an IPv4 relay");
+        assert_eq!(
+            c.create_permission(&["[::1]:5000".parse().unwrap()]).code(),
+            Some(443),
+            "IPv6 peer on an IPv4 relay"
+        );
     });
 }
 
@@ -239,7 +261,11 @@ fn quota_gets_486_and_port_exhaustion_508() {
             results.push((r.code(), c));
         }
         assert!(results.iter().filter(|(code, _)| code.is_none()).count() <= 2);
-        assert!(results.iter().any(|(code, _)| *code == Some(508)), "{:?}", results.iter().map(|r| r.0).collect::<Vec<_>>());
+        assert!(
+            results.iter().any(|(code, _)| *code == Some(508)),
+            "{:?}",
+            results.iter().map(|r| r.0).collect::<Vec<_>>()
+        );
     });
 }
 
@@ -260,7 +286,10 @@ fn data_flows_both_ways_and_bad_input_is_dropped() {
         let d = c.recv().unwrap();
         let m = Message::parse(&d).unwrap();
         assert_eq!((m.method(), m.class()), (Method::DATA, Class::Indication));
-        assert_eq!((m.get(attr::DATA), m.xor_address(attr::XOR_PEER_ADDRESS)), (Some(&b"back as data"[..]), Some(Ok(peer_addr))));
+        assert_eq!(
+            (m.get(attr::DATA), m.xor_address(attr::XOR_PEER_ADDRESS)),
+            (Some(&b"back as data"[..]), Some(Ok(peer_addr)))
+        );
         // ChannelData both ways once bound.
         assert_eq!(c.channel_bind(0x4001, peer_addr).code(), None);
         c.send_channel_data(0x4001, b"via channel");
@@ -270,7 +299,14 @@ fn data_flows_both_ways_and_bad_input_is_dropped() {
         assert_eq!(c.recv().unwrap(), [&[0x40, 0x01, 0x00, 15][..], b"back on channel"].concat());
         // Garbage, bad ChannelData lengths, unbound channels, stray responses and indications:
         // no answer, and the session carries on.
-        let junk: [&[u8]; 6] = [&[0xFF; 40], &[0x40, 0x01, 0x01, 0x00, 1, 2], &[0x40, 0x02, 0x00, 0x01, 9], &[0x00, 0x01, 0x00], &[0x01, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], &[]];
+        let junk: [&[u8]; 6] = [
+            &[0xFF; 40],
+            &[0x40, 0x01, 0x01, 0x00, 1, 2],
+            &[0x40, 0x02, 0x00, 0x01, 9],
+            &[0x00, 0x01, 0x00],
+            &[0x01, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+            &[],
+        ];
         for j in junk {
             c.send_raw(j);
         }

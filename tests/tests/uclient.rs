@@ -9,7 +9,11 @@ use uturn_tests::{free_udp_port, run_with_timeout, Guard, Relay};
 
 /// The last "tot_send_msgs=X, tot_recv_msgs=Y" uclient printed.
 fn totals(out: &str) -> (u64, u64) {
-    let line = out.lines().rev().find(|l| l.contains("tot_send_msgs=") && !l.contains("msz=")).unwrap_or_else(|| panic!("no totals in:\n{out}"));
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("tot_send_msgs=") && !l.contains("msz="))
+        .unwrap_or_else(|| panic!("no totals in:\n{out}"));
     let num = |key: &str| -> u64 {
         let rest = &line[line.find(key).unwrap() + key.len()..];
         rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
@@ -35,11 +39,21 @@ fn uclient(backend: &str, mode_args: &[&str], messages: u64, clients: u64) {
     // turnutils_uclient picks channel numbers up to 0x7FFF (RFC 5766), see docs/rfc-compliance.md.
     let relay = Relay::start(backend, "", &["--rfc5766-channels"]);
     let client_to_client = mode_args.contains(&"-y");
-    let (_peer, peer_port) = if client_to_client { (None, 0) } else { let (g, p) = start_peer(); (Some(g), p) };
+    let (_peer, peer_port) = if client_to_client {
+        (None, 0)
+    } else {
+        let (g, p) = start_peer();
+        (Some(g), p)
+    };
     let mut cmd = Command::new("turnutils_uclient");
-    cmd.args(mode_args)
-        .args(["-u", "demo", "-w", "demo", "-p", &relay.addr.port().to_string()])
-        .args(["-n", &messages.to_string(), "-l", "180", "-m", &clients.to_string()]);
+    cmd.args(mode_args).args(["-u", "demo", "-w", "demo", "-p", &relay.addr.port().to_string()]).args([
+        "-n",
+        &messages.to_string(),
+        "-l",
+        "180",
+        "-m",
+        &clients.to_string(),
+    ]);
     if !client_to_client {
         cmd.args(["-e", "127.0.0.1", "-r", &peer_port.to_string()]);
     }

@@ -78,7 +78,12 @@ impl ErrorCode {
 }
 
 /// Starts a response of class `class` to a `method` request, with SOFTWARE already written.
-pub fn start(out: &mut [u8], method: Method, class: Class, tid: TransactionId) -> Result<MessageWriter<'_>, WriteError> {
+pub fn start(
+    out: &mut [u8],
+    method: Method,
+    class: Class,
+    tid: TransactionId,
+) -> Result<MessageWriter<'_>, WriteError> {
     let mut w = MessageWriter::new(out, method, class, tid)?;
     w.bytes(attr::SOFTWARE, SOFTWARE.as_bytes())?;
     Ok(w)

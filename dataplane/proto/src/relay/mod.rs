@@ -189,7 +189,13 @@ impl WorkerState {
     }
 
     /// Handles one datagram from a client. `out` receives any reply (at least 512 bytes).
-    pub fn handle_client_datagram(&mut self, now: Instant, ft: &FiveTuple, datagram: &[u8], out: &mut [u8]) -> ClientOutput {
+    pub fn handle_client_datagram(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> ClientOutput {
         match wire::classify(datagram) {
             DatagramKind::ChannelData => self.client_channel_data(now, ft, datagram),
             DatagramKind::Stun => match Message::parse(datagram) {
@@ -224,7 +230,11 @@ impl WorkerState {
             Some(b) if b.expires > now => {
                 self.counters.relayed_to_peer += 1;
                 let len = cd.payload().len();
-                ClientOutput::Relay { alloc, peer: b.peer, payload: channel_data::HEADER_LEN..channel_data::HEADER_LEN + len }
+                ClientOutput::Relay {
+                    alloc,
+                    peer: b.peer,
+                    payload: channel_data::HEADER_LEN..channel_data::HEADER_LEN + len,
+                }
             }
             _ => {
                 self.counters.unbound_channel += 1;
@@ -233,7 +243,14 @@ impl WorkerState {
         }
     }
 
-    fn client_stun(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, datagram: &[u8], out: &mut [u8]) -> ClientOutput {
+    fn client_stun(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message<'_>,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> ClientOutput {
         match (msg.class(), msg.method()) {
             (Class::Indication, Method::SEND) => self.client_send(now, ft, msg, datagram),
             (Class::Indication, _) => {
@@ -331,7 +348,9 @@ impl WorkerState {
         }
         let len = payload.end - payload.start;
         if let Some(ch) = self.tables.peer_channels.get(&(alloc.index, peer)) {
-            if matches!(self.tables.channels.get(&(alloc.index, *ch)), Some(b) if b.expires > now) && len <= u16::MAX as usize {
+            if matches!(self.tables.channels.get(&(alloc.index, *ch)), Some(b) if b.expires > now)
+                && len <= u16::MAX as usize
+            {
                 let start = payload.start - channel_data::HEADER_LEN;
                 channel_data::write_header(&mut buf[start..], *ch, len as u16);
                 self.counters.relayed_to_client += 1;
@@ -429,7 +448,8 @@ impl WorkerState {
                 let channel_taken = matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.peer != peer);
                 let peer_taken = matches!(self.tables.peer_channels.get(&(id.index, peer)), Some(c) if *c != channel);
                 if channel_taken || peer_taken {
-                    let reply_len = response::error(out, method, tid, ErrorCode::BadRequest, &[], Some(&key.0)).unwrap_or(0);
+                    let reply_len =
+                        response::error(out, method, tid, ErrorCode::BadRequest, &[], Some(&key.0)).unwrap_or(0);
                     return CommandOutput { five_tuple, reply_len, effect: Effect::None };
                 }
                 let expires = now + self.config.channel_lifetime;
@@ -482,7 +502,14 @@ impl WorkerState {
         }
     }
 
-    fn mismatch(&mut self, five_tuple: FiveTuple, method: Method, tid: TransactionId, key: &[u8], out: &mut [u8]) -> CommandOutput {
+    fn mismatch(
+        &mut self,
+        five_tuple: FiveTuple,
+        method: Method,
+        tid: TransactionId,
+        key: &[u8],
+        out: &mut [u8],
+    ) -> CommandOutput {
         let reply_len = response::error(out, method, tid, ErrorCode::AllocationMismatch, &[], Some(key)).unwrap_or(0);
         CommandOutput { five_tuple, reply_len, effect: Effect::None }
     }

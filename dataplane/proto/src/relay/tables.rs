@@ -152,7 +152,13 @@ impl Tables {
 
     /// Binds or refreshes `channel` to `peer`; returns true when the binding is new.
     /// The caller has checked neither is bound to something else.
-    pub fn set_channel(&mut self, id: AllocationId, channel: ChannelNumber, peer: SocketAddr, expires: Instant) -> bool {
+    pub fn set_channel(
+        &mut self,
+        id: AllocationId,
+        channel: ChannelNumber,
+        peer: SocketAddr,
+        expires: Instant,
+    ) -> bool {
         let new = self.channels.insert((id.index, channel), ChannelBinding { peer, expires }).is_none();
         if new {
             self.peer_channels.insert((id.index, peer), channel);
@@ -180,7 +186,9 @@ impl Tables {
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.allocation.as_ref().map(|a| (AllocationId { index: i as u32, generation: s.generation }, a)))
+            .filter_map(|(i, s)| {
+                s.allocation.as_ref().map(|a| (AllocationId { index: i as u32, generation: s.generation }, a))
+            })
             .collect();
         if live.len() != self.by_five_tuple.len() {
             return Err(format!("{} live allocations but {} 5-tuples", live.len(), self.by_five_tuple.len()));

@@ -241,7 +241,8 @@ fn allocation_expires_and_refresh_extends_it() {
     let mut h = Harness::new();
     let id = h.install(0, 600);
     h.bind(0, 0x4001, peer());
-    let out = h.command(500, Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::from_secs(600), key: KEY });
+    let out = h
+        .command(500, Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::from_secs(600), key: KEY });
     let m = Message::parse(&h.out[..out.reply_len]).unwrap();
     assert_eq!(m.u32_attr(attr::LIFETIME), Some(Ok(600)));
     assert!(h.tick(601).is_empty(), "refreshed at 500 s: lives to 1100 s");
@@ -295,7 +296,14 @@ fn channel_and_peer_bind_one_to_one() {
 fn garbage_is_counted_never_answered() {
     let mut h = Harness::new();
     h.install(0, 600);
-    let inputs: [&[u8]; 6] = [&[], &[0xFF; 30], &[0x40, 0x01], &[0x40, 0x01, 0xFF, 0xFF, 1], &[0u8; 19], &[0x01, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]];
+    let inputs: [&[u8]; 6] = [
+        &[],
+        &[0xFF; 30],
+        &[0x40, 0x01],
+        &[0x40, 0x01, 0xFF, 0xFF, 1],
+        &[0u8; 19],
+        &[0x01, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ];
     for d in inputs {
         assert_eq!(h.client(0, d), ClientOutput::Drop, "{d:?}");
     }

@@ -281,9 +281,7 @@ impl<'a> Message<'a> {
     /// Every counted XOR-PEER-ADDRESS, decoded (CreatePermission may carry several, RFC 8656 §10).
     pub fn peer_addresses(&self) -> impl Iterator<Item = Result<SocketAddr, AddressError>> + 'a {
         let tid = self.tid;
-        self.attributes()
-            .filter(|a| a.typ == attr::XOR_PEER_ADDRESS)
-            .map(move |a| decode_xor_address(a.value, &tid))
+        self.attributes().filter(|a| a.typ == attr::XOR_PEER_ADDRESS).map(move |a| decode_xor_address(a.value, &tid))
     }
 
     /// The parts MESSAGE-INTEGRITY covers (RFC 8489 §14.5): the length to put in the header, the
