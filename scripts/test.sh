@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every uturn test on a fresh Debian 12 machine with the Rust toolchain.
+# Installs what the tests need first: coturn (for turnutils_uclient / turnutils_peer),
+# Python's aioice, and cargo-nextest. All test traffic stays on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+missing=()
+command -v turnutils_uclient >/dev/null 2>&1 || missing+=(coturn)
+command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import aioice' >/dev/null 2>&1; then
+  echo "==> pip install aioice"
+  python3 -m pip install --quiet aioice 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages aioice
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "==> cargo install cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+echo "==> build"
+cargo build --workspace --all-targets
+echo "==> tests"
+cargo nextest run --workspace --no-fail-fast "$@"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Tunes a Linux host for uturn (run as root; prints what it changes). Safe to run repeatedly.
+# - larger socket buffers, so bursts to one worker's listener are not dropped by the kernel;
+# - a wider ephemeral/relay port picture: uturn's relay range (default 49152-65535) overlaps
+#   Linux's ephemeral range; narrowing ip_local_port_range keeps other programs out of it.
+set -euo pipefail
+apply() { echo "sysctl -w $1=$2"; sysctl -qw "$1=$2"; }
+apply net.core.rmem_max 8388608
+apply net.core.wmem_max 8388608
+apply net.core.rmem_default 1048576
+apply net.core.netdev_max_backlog 16384
+if [ "${UTURN_TUNE_PORTS:-1}" = 1 ]; then
+  apply net.ipv4.ip_local_port_range "32768 49151"
+fi
+echo "open files: raise the uturn service's LimitNOFILE (one socket per allocation), e.g. 1048576"
