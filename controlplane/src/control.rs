@@ -146,6 +146,13 @@ impl ControlPlane {
         }
     }
 
+    /// An Install could not be queued to its worker: forget the allocation and its cached
+    /// success, so the client's retransmission is handled afresh.
+    pub fn install_dropped(&mut self, install: &Install) {
+        self.cache.remove(&(install.five_tuple, install.tid));
+        self.released(&install.five_tuple);
+    }
+
     /// Handles one request a worker forwarded; returns what to push to worker `worker`.
     pub fn handle_request(&mut self, now: Instant, worker: usize, ft: FiveTuple, bytes: &[u8]) -> Option<ToWorker> {
         self.stats.requests += 1;
@@ -208,8 +215,11 @@ impl ControlPlane {
             return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::StaleNonce));
         }
         let found = std::str::from_utf8(username).ok().and_then(|u| self.keys.get(u).map(|k| (u.to_owned(), *k)));
+        // An unknown user costs the same HMAC as a known one, so timing does not tell them apart.
+        let key = found.as_ref().map(|(_, k)| *k).unwrap_or(IntegrityKey([0; 16]));
+        let verified = uturn_proto::wire::integrity::verify(&key.0, &parts);
         match found {
-            Some((user, key)) if uturn_proto::wire::integrity::verify(&key.0, &parts) => Auth::Ok { user, key },
+            Some((user, key)) if verified => Auth::Ok { user, key },
             _ => {
                 debug!(client = %ft.client, method = msg.method().name(), "authentication failed");
                 Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthorized))
@@ -343,6 +353,9 @@ impl ControlPlane {
                 return Err(ErrorCode::InsufficientCapacity);
             }
         }
+        if family.is_some_and(|f| f.len() != 4) || even.is_some_and(|e| e.len() != 1) {
+            return Err(ErrorCode::BadRequest);
+        }
         if let Some(f) = family {
             let want = if self.policy.relay_ip.is_ipv4() { attr::FAMILY_IPV4 } else { attr::FAMILY_IPV6 };
             match f.first() {
@@ -437,6 +450,13 @@ impl ControlPlane {
     }
 
     fn refresh(&self, ft: FiveTuple, msg: &Message<'_>, key: IntegrityKey) -> Result<Command, ErrorCode> {
+        // RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY other than the allocation's earns 443.
+        if let Some(f) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
+            let want = if self.policy.relay_ip.is_ipv4() { attr::FAMILY_IPV4 } else { attr::FAMILY_IPV6 };
+            if f.len() != 4 || f[0] != want {
+                return Err(ErrorCode::PeerAddressFamilyMismatch);
+            }
+        }
         let lifetime = self.lifetime(msg)?;
         Ok(Command::Refresh { five_tuple: ft, tid: msg.transaction_id(), lifetime, key })
     }

@@ -20,7 +20,8 @@ pub enum NonceCheck {
     Valid,
     /// Minted by us for this client but expired: answer 438 (RFC 8489 §9.2.4).
     Stale,
-    /// Not ours, or for another client: treated as a bad credential (401).
+    /// Not ours, or for another client: answered like a stale one, 438 with a fresh nonce
+    /// (RFC 8489 §9.2.4: the nonce is not valid).
     Invalid,
 }
 

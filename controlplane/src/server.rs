@@ -39,6 +39,10 @@ pub fn choose_backend(choice: BackendChoice) -> Result<IoBackend> {
 /// Runs uturn until `shutdown` is set; returns after every worker has stopped.
 pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     let backend = choose_backend(config.io_backend)?;
+    match uturn_dataplane::raise_fd_limit() {
+        Ok(n) => info!(open_files = n, "file descriptor limit (one per allocation)"),
+        Err(e) => warn!("could not raise the open-file limit: {e}"),
+    }
     info!(backend = backend.name(), workers = config.workers, "starting data plane");
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<FromWorker>();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -141,7 +145,7 @@ fn handle_event(control: &mut ControlPlane, workers: &[WorkerHandle], ev: FromWo
                 control.stats.queue_full += 1;
                 if let ToWorker::Install(i, _socket) = rejected {
                     // The socket closes here; forget the allocation the worker never saw.
-                    control.released(&i.five_tuple);
+                    control.install_dropped(&i);
                 }
             }
         }

@@ -23,5 +23,6 @@ mod worker;
 
 pub use messages::{FromWorker, ToWorker};
 pub use socket::{bind_listener, bind_relay};
+pub use sys::raise_fd_limit;
 pub use uring::probe as probe_uring;
 pub use worker::{spawn, IoBackend, WorkerConfig, WorkerHandle};

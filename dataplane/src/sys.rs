@@ -43,6 +43,22 @@ impl Waker {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit (one socket per allocation) and
+/// returns the new soft limit.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only the local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads only the local struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
 /// A sockaddr for IPv4 or IPv6, with a stable address while it lives in a send slot.
 #[derive(Clone, Copy)]
 #[repr(C)]

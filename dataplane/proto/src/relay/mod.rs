@@ -228,6 +228,13 @@ impl WorkerState {
         };
         match self.tables.channels.get(&(alloc.index, cd.channel())) {
             Some(b) if b.expires > now => {
+                let peer = b.peer;
+                // RFC 8656 §9: data flows only while the peer's permission lives; a ChannelBind
+                // refreshes it, but a client may let it lapse while the binding lasts.
+                if !self.has_permission(now, alloc, peer.ip()) {
+                    self.counters.no_permission += 1;
+                    return ClientOutput::Drop;
+                }
                 self.counters.relayed_to_peer += 1;
                 let len = cd.payload().len();
                 ClientOutput::Relay {

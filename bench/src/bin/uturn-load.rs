@@ -1,0 +1,670 @@
+//! `uturn-load`: a TURN traffic generator. N clients, each on its own UDP socket, each doing
+//! the full 401 -> authenticated Allocate, CreatePermission and ChannelBind to its own peer
+//! socket, then paced traffic (ChannelData or Send indications, one-way or echo) for a set
+//! duration after a warm-up. Payloads carry a sequence number and a send timestamp; the report
+//! gives delivered packets/s, loss, duplicates, reordering, latency percentiles and, given the
+//! server's PID, the server's CPU microseconds per relayed packet.
+//!
+//! `--mode raw` sends bare payloads to a plain UDP forwarder (the benchmark floor);
+//! `--mode allocs` measures authenticated allocations per second; `--mode hold` measures the
+//! server's memory per idle allocation.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use serde::Serialize;
+use uturn_bench::client::Client;
+use uturn_bench::mmsg::{RecvBatch, SendBatch};
+use uturn_bench::payload::{self, Stamp};
+use uturn_bench::procstat;
+use uturn_bench::stats::{latency_histogram, ClientStats, Latency};
+use uturn_proto::wire::{attr, Class, Message, MessageWriter, Method, TransactionId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    /// ChannelData (RFC 8656 §12).
+    Channel,
+    /// Send/Data indications (RFC 8656 §11).
+    Send,
+    /// Bare payloads to a UDP forwarder (no TURN).
+    Raw,
+    /// Authenticated allocations per second.
+    Allocs,
+    /// Hold --count idle allocations and report the server's memory per allocation.
+    Hold,
+}
+
+/// TURN traffic generator.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TURN server (or forwarder in raw mode).
+    #[arg(long, default_value = "127.0.0.1:3478")]
+    server: SocketAddr,
+    /// Username.
+    #[arg(long, default_value = "demo")]
+    user: String,
+    /// Password.
+    #[arg(long, default_value = "demo")]
+    password: String,
+    /// Realm the server uses (the key is derived from it).
+    #[arg(long, default_value = "uturn.local")]
+    realm: String,
+    /// Clients (each its own socket and allocation); threads in allocs/hold mode.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Total offered packets per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Payload size, bytes (at least 24).
+    #[arg(long, default_value_t = 160)]
+    size: usize,
+    /// Measured duration, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Warm-up before measuring, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Traffic mode.
+    #[arg(long, value_enum, default_value_t = Mode::Channel)]
+    mode: Mode,
+    /// The peer sends every packet back; latency is the round trip.
+    #[arg(long)]
+    echo: bool,
+    /// Print one JSON object instead of the human summary.
+    #[arg(long)]
+    json: bool,
+    /// Server PID, to report its CPU time per relayed packet and its memory.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Raw mode: the address the peer socket binds (the forwarder's --forward-to).
+    #[arg(long, default_value = "127.0.0.1:3481")]
+    peer: SocketAddr,
+    /// Allocs/hold mode: allocations to make.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// Allocs mode: delete each allocation with Refresh LIFETIME 0.
+    #[arg(long)]
+    delete: bool,
+    /// Pin the generator's threads to this core.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Serialize, Default)]
+struct TrafficReport {
+    server: String,
+    mode: String,
+    echo: bool,
+    clients: usize,
+    offered_pps: u64,
+    size: usize,
+    duration_s: f64,
+    sent: u64,
+    delivered: u64,
+    delivered_pps: f64,
+    lost: u64,
+    loss_pct: f64,
+    duplicates: u64,
+    reordered: u64,
+    latency: Latency,
+    /// Packets the server relayed in the window: delivered, twice that in echo runs.
+    relayed: u64,
+    server_cpu_us_per_packet: Option<f64>,
+    server_cpu_pct: Option<f64>,
+    generator_cpu_us_per_packet: f64,
+    generator_cpu_pct: f64,
+}
+
+fn main() {
+    let args = Args::parse();
+    raise_fd_limit();
+    if let Some(c) = args.cpu {
+        core_affinity::set_for_current(core_affinity::CoreId { id: c });
+    }
+    let result = match args.mode {
+        Mode::Allocs => allocs(&args),
+        Mode::Hold => hold(&args),
+        _ => traffic(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("uturn-load: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: get/setrlimit read and write the local struct only.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// One generator client: its TURN client socket, its peer socket, its relayed address.
+struct Session {
+    client: UdpSocket,
+    peer: Option<UdpSocket>,
+    relayed: SocketAddr,
+    peer_addr: SocketAddr,
+    channel: u16,
+}
+
+fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
+    let mut sessions = Vec::with_capacity(args.clients);
+    if args.mode == Mode::Raw {
+        let peer = UdpSocket::bind(args.peer).map_err(|e| format!("bind raw peer {}: {e}", args.peer))?;
+        for _ in 0..args.clients {
+            let client = UdpSocket::bind(SocketAddr::new(args.server.ip(), 0)).map_err(|e| e.to_string())?;
+            sessions.push(Session { client, peer: None, relayed: args.server, peer_addr: args.peer, channel: 0 });
+        }
+        return Ok((sessions, Some(peer)));
+    }
+    for i in 0..args.clients {
+        let mut c = Client::new(args.server, &args.user, &args.password, &args.realm);
+        let relayed = c.try_allocate().map_err(|e| format!("client {i}: allocate: {e}"))?;
+        let peer = UdpSocket::bind(SocketAddr::new(relayed.ip(), 0)).map_err(|e| e.to_string())?;
+        let peer_addr = peer.local_addr().map_err(|e| e.to_string())?;
+        let channel = 0x4000 + (i % 0x1000) as u16;
+        let r = c.transact(&c.signed_request(Method::CREATE_PERMISSION, TransactionId(rand::random()), |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, &peer_addr).map(drop)
+        }));
+        if r.as_ref().and_then(|r| r.code()).is_some() || r.is_none() {
+            return Err(format!("client {i}: CreatePermission failed"));
+        }
+        if args.mode == Mode::Channel {
+            let r = c.transact(&c.signed_request(Method::CHANNEL_BIND, TransactionId(rand::random()), |w| {
+                w.u32(attr::CHANNEL_NUMBER, (channel as u32) << 16)?;
+                w.xor_address(attr::XOR_PEER_ADDRESS, &peer_addr).map(drop)
+            }));
+            if r.as_ref().and_then(|r| r.code()).is_some() || r.is_none() {
+                return Err(format!("client {i}: ChannelBind failed"));
+            }
+        }
+        sessions.push(Session { client: c.sock, peer: Some(peer), relayed, peer_addr, channel });
+    }
+    Ok((sessions, None))
+}
+
+/// Shared between the sender and the receiver.
+struct Shared {
+    start: Instant,
+    stop: AtomicBool,
+    delivered: AtomicU64,
+}
+
+fn now_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+fn traffic(args: &Args) -> Result<(), String> {
+    if args.size < payload::MIN_SIZE || args.size > 1400 {
+        return Err(format!("--size must be in {}..=1400", payload::MIN_SIZE));
+    }
+    let (sessions, raw_peer) = setup(args)?;
+    for s in &sessions {
+        s.client.set_nonblocking(true).map_err(|e| e.to_string())?;
+        if let Some(p) = &s.peer {
+            p.set_nonblocking(true).map_err(|e| e.to_string())?;
+        }
+    }
+    if let Some(p) = &raw_peer {
+        p.set_nonblocking(true).map_err(|e| e.to_string())?;
+    }
+    let total = args.warmup + args.duration;
+    let per_client_capacity = ((args.rate as f64 * (total + 1.0)) / args.clients as f64 * 1.2) as u64 + 1024;
+    let shared = Arc::new(Shared { start: Instant::now(), stop: AtomicBool::new(false), delivered: AtomicU64::new(0) });
+    let warmup_ns = (args.warmup * 1e9) as u64;
+    let end_ns = (total * 1e9) as u64;
+
+    // The receiver: peer sockets (and client sockets when echoing).
+    let recv_fds: Vec<(Token, i32)> = {
+        let mut v = Vec::new();
+        for (i, s) in sessions.iter().enumerate() {
+            if let Some(p) = &s.peer {
+                v.push((Token(2 * i), p.as_raw_fd()));
+            }
+            if args.echo {
+                v.push((Token(2 * i + 1), s.client.as_raw_fd()));
+            }
+        }
+        if let Some(p) = &raw_peer {
+            v.push((Token(usize::MAX - 1), p.as_raw_fd()));
+        }
+        v
+    };
+    let (echo, mode, clients, cpu) = (args.echo, args.mode, args.clients, args.cpu);
+    let sh = shared.clone();
+    let receiver = std::thread::spawn(move || {
+        if let Some(c) = cpu {
+            core_affinity::set_for_current(core_affinity::CoreId { id: c });
+        }
+        receive(&sh, &recv_fds, echo, mode, clients, per_client_capacity, warmup_ns, end_ns)
+    });
+
+    // The sender (this thread), paced in 200 µs ticks.
+    let progress = (!args.quiet && !args.json).then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.enable_steady_tick(Duration::from_millis(200));
+        pb
+    });
+    let mut batch = SendBatch::new();
+    let mut seqs = vec![0u64; sessions.len()];
+    let mut measured_from = vec![None::<u64>; sessions.len()];
+    let mut sent = 0u64;
+    let mut next_client = 0usize;
+    let mut scratch = vec![0u8; 1500];
+    let mut cpu_at_warmup = None;
+    let mut last_progress = Instant::now();
+    loop {
+        let t = now_ns(shared.start);
+        if t >= end_ns {
+            break;
+        }
+        if t >= warmup_ns && cpu_at_warmup.is_none() {
+            cpu_at_warmup = Some((
+                args.server_pid.map(procstat::cpu_micros),
+                procstat::cpu_micros(std::process::id()),
+                Instant::now(),
+            ));
+            for (i, m) in measured_from.iter_mut().enumerate() {
+                *m = Some(seqs[i]);
+            }
+        }
+        let due = (args.rate as u128 * t as u128 / 1_000_000_000) as u64;
+        let mut todo = due.saturating_sub(sent);
+        while todo > 0 {
+            // Round-robin: up to one batch per client per pass.
+            let i = next_client;
+            next_client = (next_client + 1) % sessions.len();
+            let k = todo.min(((todo + sessions.len() as u64 - 1) / sessions.len() as u64).max(1)).min(64);
+            let s = &sessions[i];
+            for _ in 0..k {
+                let stamp = Stamp { client: i as u32, seq: seqs[i], sent_ns: now_ns(shared.start) };
+                seqs[i] += 1;
+                let size = args.size;
+                batch.push(&s.relayed_or_server(args), |b| frame(mode, b, &mut scratch, size, stamp, s));
+            }
+            if let Err(e) = batch.flush(s.client.as_raw_fd()) {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    return Err(format!("send: {e}"));
+                }
+            }
+            sent += k;
+            todo -= k;
+        }
+        if let Some(pb) = &progress {
+            if last_progress.elapsed() > Duration::from_millis(250) {
+                last_progress = Instant::now();
+                let secs = t as f64 / 1e9;
+                let d = shared.delivered.load(Ordering::Relaxed);
+                pb.set_message(format!(
+                    "{secs:5.1}s  offered {:>8.0} pkt/s  delivered {:>8.0} pkt/s  loss so far {:.3}%",
+                    sent as f64 / secs,
+                    d as f64 / secs,
+                    100.0 * (sent.saturating_sub(d)) as f64 / sent.max(1) as f64
+                ));
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let cpu_end = (args.server_pid.map(procstat::cpu_micros), procstat::cpu_micros(std::process::id()), Instant::now());
+    if let Some(pb) = progress {
+        pb.finish_and_clear();
+    }
+    // Let in-flight packets land, then stop the receiver.
+    std::thread::sleep(Duration::from_millis(500));
+    shared.stop.store(true, Ordering::Relaxed);
+    let (stats, hist) = receiver.join().map_err(|_| "receiver panicked".to_string())?;
+
+    let mut report = TrafficReport {
+        server: args.server.to_string(),
+        mode: format!("{:?}", args.mode).to_lowercase(),
+        echo: args.echo,
+        clients: args.clients,
+        offered_pps: args.rate,
+        size: args.size,
+        duration_s: args.duration,
+        ..Default::default()
+    };
+    for (i, st) in stats.iter().enumerate() {
+        let lo = measured_from[i].unwrap_or(0);
+        let hi = seqs[i];
+        report.sent += hi - lo;
+        report.delivered += st.received_in(lo, hi);
+        report.duplicates += st.duplicates;
+        report.reordered += st.reordered;
+    }
+    report.lost = report.sent.saturating_sub(report.delivered);
+    report.loss_pct = 100.0 * report.lost as f64 / report.sent.max(1) as f64;
+    report.latency = Latency::of(&hist);
+    report.relayed = if args.echo && args.mode != Mode::Raw { 2 * report.delivered } else { report.delivered };
+    if args.echo && args.mode == Mode::Raw {
+        report.relayed = 2 * report.delivered;
+    }
+    if let Some((s0, g0, t0)) = cpu_at_warmup {
+        let wall = cpu_end.2.duration_since(t0).as_secs_f64();
+        report.delivered_pps = report.delivered as f64 / wall;
+        if let (Some(Ok(a)), Some(Ok(b))) = (s0, cpu_end.0) {
+            report.server_cpu_us_per_packet = Some((b - a) as f64 / report.relayed.max(1) as f64);
+            report.server_cpu_pct = Some(100.0 * (b - a) as f64 / 1e6 / wall);
+        }
+        if let (Ok(a), Ok(b)) = (g0, cpu_end.1) {
+            report.generator_cpu_us_per_packet = (b - a) as f64 / report.sent.max(1) as f64;
+            report.generator_cpu_pct = 100.0 * (b - a) as f64 / 1e6 / wall;
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        print_traffic(&report);
+    }
+    Ok(())
+}
+
+impl Session {
+    fn relayed_or_server(&self, args: &Args) -> SocketAddr {
+        // Every client datagram goes to the server (TURN) or the forwarder (raw).
+        let _ = self.relayed;
+        args.server
+    }
+}
+
+/// Writes one client datagram (ChannelData, Send indication or bare payload) into `b`.
+fn frame(mode: Mode, b: &mut [u8], scratch: &mut [u8], size: usize, stamp: Stamp, s: &Session) -> usize {
+    match mode {
+        Mode::Channel => {
+            b[0..2].copy_from_slice(&s.channel.to_be_bytes());
+            b[2..4].copy_from_slice(&(size as u16).to_be_bytes());
+            4 + payload::write(&mut b[4..], size, stamp)
+        }
+        Mode::Send => {
+            payload::write(scratch, size, stamp);
+            let tid = TransactionId([(stamp.seq & 0xFF) as u8; 12]);
+            let Ok(mut w) = MessageWriter::new(b, Method::SEND, Class::Indication, tid) else { return 0 };
+            let ok = w.xor_address(attr::XOR_PEER_ADDRESS, &s.peer_addr).is_ok()
+                && w.bytes(attr::DATA, &scratch[..size]).is_ok();
+            if ok {
+                w.finish()
+            } else {
+                0
+            }
+        }
+        _ => payload::write(b, size, stamp),
+    }
+}
+
+/// The payload inside a datagram a client receives from the relay.
+fn unframe(d: &[u8]) -> Option<&[u8]> {
+    match d.first()? >> 6 {
+        0b01 if d.len() >= 4 => {
+            let len = u16::from_be_bytes([d[2], d[3]]) as usize;
+            d.get(4..4 + len)
+        }
+        0b00 => Message::parse(d).ok().and_then(|m| m.get(attr::DATA)),
+        _ => Some(d),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive(
+    shared: &Shared,
+    fds: &[(Token, i32)],
+    echo: bool,
+    mode: Mode,
+    clients: usize,
+    capacity: u64,
+    warmup_ns: u64,
+    end_ns: u64,
+) -> (Vec<ClientStats>, hdrhistogram::Histogram<u64>) {
+    let mut stats: Vec<ClientStats> = (0..clients).map(|_| ClientStats::new(capacity)).collect();
+    let mut hist = latency_histogram();
+    let mut poll = Poll::new().expect("epoll");
+    for (tok, fd) in fds {
+        poll.registry().register(&mut SourceFd(fd), *tok, Interest::READABLE).expect("register");
+    }
+    let mut events = Events::with_capacity(1024);
+    let (mut rx, mut tx) = (RecvBatch::new(), SendBatch::new());
+    let raw = mode == Mode::Raw;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let _ = poll.poll(&mut events, Some(Duration::from_millis(50)));
+        for ev in events.iter() {
+            let Token(t) = ev.token();
+            let fd = fds.iter().find(|(tok, _)| tok.0 == t).map(|(_, fd)| *fd).unwrap_or(-1);
+            let is_peer = t % 2 == 0 || t == usize::MAX - 1;
+            while let Ok(n) = rx.recv(fd) {
+                if n == 0 {
+                    break;
+                }
+                let now = now_ns(shared.start);
+                for i in 0..n {
+                    let (d, from) = rx.get(i);
+                    if is_peer && echo {
+                        if let Some(from) = from {
+                            tx.push(&from, |b| {
+                                b[..d.len()].copy_from_slice(d);
+                                d.len()
+                            });
+                        }
+                        continue;
+                    }
+                    let p = if is_peer || raw { Some(d) } else { unframe(d) };
+                    let Some(stamp) = p.and_then(payload::read) else { continue };
+                    let Some(st) = stats.get_mut(stamp.client as usize) else { continue };
+                    if st.record(stamp.seq) {
+                        shared.delivered.fetch_add(1, Ordering::Relaxed);
+                        if stamp.sent_ns >= warmup_ns && stamp.sent_ns < end_ns {
+                            let _ = hist.record(((now.saturating_sub(stamp.sent_ns)) / 1000).max(1));
+                        }
+                    }
+                }
+                if !tx.is_empty() {
+                    let _ = tx.flush(fd);
+                }
+            }
+        }
+    }
+    (stats, hist)
+}
+
+fn print_traffic(r: &TrafficReport) {
+    println!(
+        "server            {}  mode {}{}  clients {}  size {} B",
+        r.server,
+        r.mode,
+        if r.echo { " echo" } else { "" },
+        r.clients,
+        r.size
+    );
+    println!("offered           {} pkt/s for {:.1} s", r.offered_pps, r.duration_s);
+    println!("sent / delivered  {} / {}  ({:.0} pkt/s delivered)", r.sent, r.delivered, r.delivered_pps);
+    println!(
+        "loss              {} ({:.4}%)  duplicates {}  reordered {}",
+        r.lost, r.loss_pct, r.duplicates, r.reordered
+    );
+    let l = &r.latency;
+    println!(
+        "latency (µs)      p50 {}  p99 {}  p99.9 {}  max {}{}",
+        l.p50_us,
+        l.p99_us,
+        l.p999_us,
+        l.max_us,
+        if r.echo { "  (round trip)" } else { "  (one way)" }
+    );
+    if let (Some(us), Some(pct)) = (r.server_cpu_us_per_packet, r.server_cpu_pct) {
+        println!("server CPU        {us:.2} µs per relayed packet ({pct:.0}% of a core)");
+    }
+    println!(
+        "generator CPU     {:.2} µs per sent packet ({:.0}% of a core)",
+        r.generator_cpu_us_per_packet, r.generator_cpu_pct
+    );
+}
+
+#[derive(Serialize)]
+struct AllocsReport {
+    server: String,
+    attempted: usize,
+    succeeded: usize,
+    failures: std::collections::BTreeMap<String, usize>,
+    allocs_per_s: f64,
+    latency: Latency,
+    server_cpu_us_per_alloc: Option<f64>,
+    deleted: bool,
+}
+
+/// Authenticated Allocate throughput: each of `--clients` threads makes allocations from fresh
+/// sockets (401 round, authenticated Allocate timed, optional Refresh 0).
+fn allocs(args: &Args) -> Result<(), String> {
+    let threads = args.clients.clamp(1, 256);
+    let per = args.count.div_ceil(threads);
+    let cpu0 = args.server_pid.map(procstat::cpu_micros);
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (server, user, pass, realm, delete) =
+                (args.server, args.user.clone(), args.password.clone(), args.realm.clone(), args.delete);
+            std::thread::spawn(move || {
+                let mut hist = latency_histogram();
+                let mut failures = std::collections::BTreeMap::<String, usize>::new();
+                let mut ok = 0usize;
+                for _ in 0..per {
+                    let mut c = Client::new(server, &user, &pass, &realm);
+                    if c.try_learn_nonce().is_err() {
+                        *failures.entry("no 401".into()).or_default() += 1;
+                        continue;
+                    }
+                    let req = c.signed_request(Method::ALLOCATE, TransactionId(rand::random()), |w| {
+                        w.u32(attr::REQUESTED_TRANSPORT, 17 << 24).map(drop)
+                    });
+                    let t = Instant::now();
+                    match c.transact(&req) {
+                        Some(r) => match r.code() {
+                            None => {
+                                let _ = hist.record((t.elapsed().as_micros() as u64).max(1));
+                                ok += 1;
+                                if delete {
+                                    let _ = c.transact(&c.signed_request(
+                                        Method::REFRESH,
+                                        TransactionId(rand::random()),
+                                        |w| w.u32(attr::LIFETIME, 0).map(drop),
+                                    ));
+                                }
+                            }
+                            Some(code) => *failures.entry(code.to_string()).or_default() += 1,
+                        },
+                        None => *failures.entry("timeout".into()).or_default() += 1,
+                    }
+                }
+                (ok, failures, hist)
+            })
+        })
+        .collect();
+    let mut report = AllocsReport {
+        server: args.server.to_string(),
+        attempted: per * threads,
+        succeeded: 0,
+        failures: Default::default(),
+        allocs_per_s: 0.0,
+        latency: Latency::default(),
+        server_cpu_us_per_alloc: None,
+        deleted: args.delete,
+    };
+    let mut hist = latency_histogram();
+    for h in handles {
+        let (ok, f, hh) = h.join().map_err(|_| "allocs thread panicked")?;
+        report.succeeded += ok;
+        for (k, v) in f {
+            *report.failures.entry(k).or_default() += v;
+        }
+        let _ = hist.add(&hh);
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    report.allocs_per_s = report.succeeded as f64 / wall;
+    report.latency = Latency::of(&hist);
+    if let (Some(Ok(a)), Some(pid)) = (cpu0, args.server_pid) {
+        if let Ok(b) = procstat::cpu_micros(pid) {
+            report.server_cpu_us_per_alloc = Some((b - a) as f64 / report.succeeded.max(1) as f64);
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        println!(
+            "allocations       {} of {} in {wall:.2} s: {:.0}/s{}",
+            report.succeeded,
+            report.attempted,
+            report.allocs_per_s,
+            if args.delete { " (each deleted)" } else { "" }
+        );
+        println!("failures          {:?}", report.failures);
+        let l = report.latency;
+        println!(
+            "Allocate latency  p50 {} µs  p99 {} µs  p99.9 {} µs  max {} µs",
+            l.p50_us, l.p99_us, l.p999_us, l.max_us
+        );
+        if let Some(us) = report.server_cpu_us_per_alloc {
+            println!("server CPU        {us:.1} µs per allocation");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct HoldReport {
+    server: String,
+    allocations: usize,
+    rss_before: u64,
+    rss_after: u64,
+    user_bytes_per_allocation: f64,
+    kernel_bytes_per_allocation: f64,
+}
+
+/// Makes `--count` allocations, keeps them idle, and reports the server's resident memory and
+/// the kernel's UDP socket memory per allocation.
+fn hold(args: &Args) -> Result<(), String> {
+    let pid = args.server_pid.ok_or("--mode hold needs --server-pid")?;
+    let rss0 = procstat::rss_bytes(pid).map_err(|e| e.to_string())?;
+    let k0 = procstat::kernel_udp_bytes().unwrap_or(0);
+    let mut held = Vec::with_capacity(args.count);
+    for i in 0..args.count {
+        let mut c = Client::new(args.server, &args.user, &args.password, &args.realm);
+        c.try_allocate().map_err(|e| format!("allocation {i}: {e}"))?;
+        held.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rss1 = procstat::rss_bytes(pid).map_err(|e| e.to_string())?;
+    let k1 = procstat::kernel_udp_bytes().unwrap_or(0);
+    let n = args.count.max(1) as f64;
+    // The generator's own client sockets are in the kernel figure too: half the sockets are ours.
+    let report = HoldReport {
+        server: args.server.to_string(),
+        allocations: args.count,
+        rss_before: rss0,
+        rss_after: rss1,
+        user_bytes_per_allocation: (rss1 as f64 - rss0 as f64) / n,
+        kernel_bytes_per_allocation: (k1 as f64 - k0 as f64) / n / 2.0,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        println!(
+            "{} idle allocations: server RSS {} -> {} bytes, {:.0} B/allocation user space, ~{:.0} B/allocation kernel",
+            report.allocations, rss0, rss1, report.user_bytes_per_allocation, report.kernel_bytes_per_allocation
+        );
+    }
+    drop(held);
+    Ok(())
+}

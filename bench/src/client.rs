@@ -1,0 +1,235 @@
+//! A small blocking TURN client (RFC 8656 over UDP) on one socket: long-term credentials,
+//! Allocate, CreatePermission, ChannelBind, Refresh, ChannelData and Send indications. Used by
+//! `uturn-load` for session setup and by the end-to-end tests.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use uturn_proto::wire::{attr, Class, IntegrityKey, Message, MessageWriter, Method, TransactionId};
+
+/// Builds a STUN message; `f` adds attributes; with `key`, MESSAGE-INTEGRITY and FINGERPRINT
+/// are appended.
+pub fn build(
+    method: Method,
+    class: Class,
+    tid: TransactionId,
+    key: Option<&[u8]>,
+    f: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>,
+) -> Vec<u8> {
+    let mut buf = vec![0u8; 1500];
+    let mut w = MessageWriter::new(&mut buf, method, class, tid).unwrap();
+    f(&mut w).unwrap();
+    if let Some(k) = key {
+        w.integrity(k).unwrap();
+        w.fingerprint().unwrap();
+    }
+    let n = w.finish();
+    buf.truncate(n);
+    buf
+}
+
+/// The ERROR-CODE number of a response, if any.
+pub fn error_code(msg: &Message<'_>) -> Option<u16> {
+    msg.get(attr::ERROR_CODE).map(|v| v[2] as u16 * 100 + v[3] as u16)
+}
+
+/// A raw TURN client on its own UDP socket, speaking to one relay.
+pub struct Client {
+    /// The client's socket.
+    pub sock: UdpSocket,
+    server: SocketAddr,
+    /// Username used for requests.
+    pub user: String,
+    /// Long-term key.
+    pub key: IntegrityKey,
+    /// Realm learned from the server's 401.
+    pub realm: String,
+    /// Nonce learned from the server's 401/438.
+    pub nonce: Vec<u8>,
+}
+
+/// A response as owned bytes with convenience accessors.
+pub struct Response(pub Vec<u8>);
+
+impl Response {
+    /// The parsed message (panics if the server sent something unparseable).
+    pub fn msg(&self) -> Message<'_> {
+        Message::parse(&self.0).expect("server sent a valid STUN message")
+    }
+    /// ERROR-CODE number, or None for success.
+    pub fn code(&self) -> Option<u16> {
+        error_code(&self.msg())
+    }
+}
+
+impl Client {
+    /// A client of `server` with credentials `user`/`password` in realm `realm`.
+    pub fn new(server: SocketAddr, user: &str, password: &str, realm: &str) -> Client {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        Client {
+            sock,
+            server,
+            user: user.into(),
+            key: IntegrityKey::long_term(user, realm, password),
+            realm: realm.into(),
+            nonce: Vec::new(),
+        }
+    }
+
+    /// Sends raw bytes to the server.
+    pub fn send_raw(&self, bytes: &[u8]) {
+        self.sock.send_to(bytes, self.server).unwrap();
+    }
+
+    /// Waits (at most ~500 ms) for the next datagram from anywhere.
+    pub fn recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = self.sock.recv_from(&mut buf).ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+
+    /// Sends `req` and waits for the response with its transaction ID, retransmitting up to 4
+    /// times (500 ms apart), skipping unrelated datagrams.
+    pub fn transact(&self, req: &[u8]) -> Option<Response> {
+        let tid = Message::parse(req).unwrap().transaction_id();
+        for _ in 0..4 {
+            self.send_raw(req);
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < deadline {
+                let Some(d) = self.recv() else { break };
+                if Message::parse(&d).is_ok_and(|m| m.transaction_id() == tid && m.class() != Class::Indication) {
+                    return Some(Response(d));
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends an unauthenticated request built by `f` and returns the response.
+    pub fn unauthenticated(
+        &self,
+        method: Method,
+        f: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>,
+    ) -> Response {
+        let req = build(method, Class::Request, TransactionId(rand::random()), None, f);
+        self.transact(&req).expect("response")
+    }
+
+    /// Sends a request with USERNAME, REALM, NONCE and MESSAGE-INTEGRITY; `f` adds the method's
+    /// attributes first.
+    pub fn authenticated(
+        &self,
+        method: Method,
+        f: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>,
+    ) -> Response {
+        let req = self.signed_request(method, TransactionId(rand::random()), f);
+        self.transact(&req).expect("response")
+    }
+
+    /// Builds a signed request without sending it.
+    pub fn signed_request(
+        &self,
+        method: Method,
+        tid: TransactionId,
+        f: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>,
+    ) -> Vec<u8> {
+        let (user, realm, nonce, key) = (self.user.clone(), self.realm.clone(), self.nonce.clone(), self.key);
+        build(method, Class::Request, tid, Some(&key.0), |w| {
+            f(w)?;
+            w.bytes(attr::USERNAME, user.as_bytes())?;
+            w.bytes(attr::REALM, realm.as_bytes())?;
+            w.bytes(attr::NONCE, &nonce)?;
+            Ok(())
+        })
+    }
+
+    /// Learns REALM and NONCE from a 401 to an unauthenticated Allocate.
+    pub fn try_learn_nonce(&mut self) -> Result<(), String> {
+        let req = build(Method::ALLOCATE, Class::Request, TransactionId(rand::random()), None, |w| {
+            w.u32(attr::REQUESTED_TRANSPORT, 17 << 24).map(drop)
+        });
+        let r = self.transact(&req).ok_or("no answer to Allocate")?;
+        if r.code() != Some(401) {
+            return Err(format!("expected 401, got {:?}", r.code()));
+        }
+        let m = r.msg();
+        self.realm = String::from_utf8_lossy(m.realm().unwrap_or_default()).into_owned();
+        self.nonce = m.nonce().unwrap_or_default().to_vec();
+        Ok(())
+    }
+
+    /// [`try_learn_nonce`](Self::try_learn_nonce), panicking on failure (tests).
+    pub fn learn_nonce(&mut self) {
+        self.try_learn_nonce().unwrap();
+    }
+
+    /// Full Allocate (401 round, then authenticated); returns the relayed transport address.
+    pub fn try_allocate(&mut self) -> Result<SocketAddr, String> {
+        self.try_learn_nonce()?;
+        let req = self.signed_request(Method::ALLOCATE, TransactionId(rand::random()), |w| {
+            w.u32(attr::REQUESTED_TRANSPORT, 17 << 24).map(drop)
+        });
+        let r = self.transact(&req).ok_or("no answer to authenticated Allocate")?;
+        if let Some(code) = r.code() {
+            return Err(format!("Allocate failed with {code}"));
+        }
+        let m = r.msg();
+        if !m.integrity_parts().is_some_and(|p| uturn_proto::wire::integrity::verify(&self.key.0, &p)) {
+            return Err("Allocate response MESSAGE-INTEGRITY does not verify".into());
+        }
+        match m.xor_address(attr::XOR_RELAYED_ADDRESS) {
+            Some(Ok(a)) => Ok(a),
+            _ => Err("no XOR-RELAYED-ADDRESS".into()),
+        }
+    }
+
+    /// [`try_allocate`](Self::try_allocate), panicking on failure (tests).
+    pub fn allocate(&mut self) -> SocketAddr {
+        self.try_allocate().unwrap()
+    }
+
+    /// CreatePermission for `peers`.
+    pub fn create_permission(&self, peers: &[SocketAddr]) -> Response {
+        self.authenticated(Method::CREATE_PERMISSION, |w| {
+            for p in peers {
+                w.xor_address(attr::XOR_PEER_ADDRESS, p)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// ChannelBind `channel` to `peer`.
+    pub fn channel_bind(&self, channel: u16, peer: SocketAddr) -> Response {
+        self.authenticated(Method::CHANNEL_BIND, |w| {
+            w.u32(attr::CHANNEL_NUMBER, (channel as u32) << 16)?;
+            w.xor_address(attr::XOR_PEER_ADDRESS, &peer)?;
+            Ok(())
+        })
+    }
+
+    /// Refresh with `lifetime` seconds.
+    pub fn refresh(&self, lifetime: u32) -> Response {
+        self.authenticated(Method::REFRESH, |w| w.u32(attr::LIFETIME, lifetime).map(drop))
+    }
+
+    /// Sends ChannelData on `channel`.
+    pub fn send_channel_data(&self, channel: u16, payload: &[u8]) {
+        let mut d = Vec::with_capacity(4 + payload.len());
+        d.extend_from_slice(&channel.to_be_bytes());
+        d.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        d.extend_from_slice(payload);
+        self.send_raw(&d);
+    }
+
+    /// Sends a Send indication to `peer`.
+    pub fn send_indication(&self, peer: SocketAddr, payload: &[u8]) {
+        let ind = build(Method::SEND, Class::Indication, TransactionId(rand::random()), None, |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, &peer)?;
+            w.bytes(attr::DATA, payload)?;
+            Ok(())
+        });
+        self.send_raw(&ind);
+    }
+}
