@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -51,8 +52,11 @@ pub struct Policy {
     pub rfc5766_channels: bool,
 }
 
+/// Who holds an allocation: its user (shared with the credential table, no copy per
+/// allocation) and the Allocate transaction that made it.
 struct Owner {
-    user: String,
+    user: Arc<str>,
+    tid: TransactionId,
 }
 
 /// Control-plane counters.
@@ -72,18 +76,18 @@ pub struct ControlStats {
 
 /// Outcome of authentication.
 enum Auth {
-    Ok { user: String, key: IntegrityKey },
+    Ok { user: Arc<str>, key: IntegrityKey },
     Reply(Vec<u8>),
 }
 
 /// The control plane's state. Single-threaded: one control thread owns it.
 pub struct ControlPlane {
     policy: Policy,
-    keys: HashMap<String, IntegrityKey>,
+    keys: HashMap<Arc<str>, IntegrityKey>,
     nonces: NonceKey,
     ports: Vec<PortSlice>,
     owners: HashMap<FiveTuple, Owner>,
-    per_user: HashMap<String, u32>,
+    per_user: HashMap<Arc<str>, u32>,
     cache: HashMap<(FiveTuple, TransactionId), (Instant, Vec<u8>)>,
     cache_order: VecDeque<(Instant, (FiveTuple, TransactionId))>,
     /// Relay sockets held for RESERVATION-TOKENs, with their deadlines.
@@ -105,8 +109,11 @@ impl ControlPlane {
         nonce_lifetime: Duration,
         now: Instant,
     ) -> Self {
-        let keys =
-            policy.users.iter().map(|(u, p)| (u.clone(), IntegrityKey::long_term(u, &policy.realm, p))).collect();
+        let keys = policy
+            .users
+            .iter()
+            .map(|(u, p)| (Arc::from(u.as_str()), IntegrityKey::long_term(u, &policy.realm, p)))
+            .collect();
         ControlPlane {
             keys,
             nonces: NonceKey::new(nonce_secret, nonce_lifetime.as_secs().max(1)),
@@ -214,7 +221,8 @@ impl ControlPlane {
         if self.nonces.check(nonce, self.secs(now), &ft.client) != NonceCheck::Valid {
             return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::StaleNonce));
         }
-        let found = std::str::from_utf8(username).ok().and_then(|u| self.keys.get(u).map(|k| (u.to_owned(), *k)));
+        let found =
+            std::str::from_utf8(username).ok().and_then(|u| self.keys.get_key_value(u).map(|(u, k)| (u.clone(), *k)));
         // An unknown user costs the same HMAC as a known one, so timing does not tell them apart.
         let key = found.as_ref().map(|(_, k)| *k).unwrap_or(IntegrityKey([0; 16]));
         let verified = uturn_proto::wire::integrity::verify(&key.0, &parts);
@@ -288,12 +296,16 @@ impl ControlPlane {
         worker: usize,
         ft: FiveTuple,
         msg: &Message<'_>,
-        user: String,
+        user: Arc<str>,
         key: IntegrityKey,
     ) -> Option<ToWorker> {
         let tid = msg.transaction_id();
-        let checked = if self.owners.contains_key(&ft) {
-            // RFC 8656 §7.2 step 2 (a retransmission would have hit the response cache).
+        let checked = if let Some(o) = self.owners.get(&ft) {
+            if o.tid == tid {
+                // A retransmission racing its own Install: the worker answers the next one.
+                return None;
+            }
+            // RFC 8656 §7.2 step 2.
             Err(ErrorCode::AllocationMismatch)
         } else {
             self.check_allocate(msg, &user)
@@ -319,11 +331,11 @@ impl ControlPlane {
                 };
                 let relayed = socket.local_addr().ok()?;
                 let bytes = self.allocate_success(msg, &ft, &relayed, lifetime, token, &key);
-                self.owners.insert(ft, Owner { user: user.clone() });
+                self.owners.insert(ft, Owner { user: user.clone(), tid });
                 *self.per_user.entry(user.clone()).or_default() += 1;
                 self.stats.allocations += 1;
                 info!(client = %ft.client, %user, relayed = %relayed, lifetime_s = lifetime.as_secs(), "allocation granted");
-                self.cached_reply(now, ft, tid, bytes.clone());
+                // Not cached here: the worker keeps the response and answers retransmissions.
                 Some(ToWorker::Install(
                     Install { five_tuple: ft, tid, relayed, lifetime, response: bytes.into() },
                     socket,

@@ -99,10 +99,18 @@ struct Args {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// Label for the JSON report (the contestant's name in scripts/bench-compare.sh).
+    #[arg(long, default_value = "")]
+    contestant: String,
+    /// Scenario name for the JSON report.
+    #[arg(long, default_value = "")]
+    scenario: String,
 }
 
 #[derive(Serialize, Default)]
 struct TrafficReport {
+    contestant: String,
+    scenario: String,
     server: String,
     mode: String,
     echo: bool,
@@ -156,6 +164,8 @@ fn raise_fd_limit() {
 
 /// One generator client: its TURN client socket, its peer socket, its relayed address.
 struct Session {
+    /// The TURN client (absent in raw mode, where `sock` is a bare socket).
+    turn: Option<Client>,
     client: UdpSocket,
     peer: Option<UdpSocket>,
     relayed: SocketAddr,
@@ -169,7 +179,14 @@ fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
         let peer = UdpSocket::bind(args.peer).map_err(|e| format!("bind raw peer {}: {e}", args.peer))?;
         for _ in 0..args.clients {
             let client = UdpSocket::bind(SocketAddr::new(args.server.ip(), 0)).map_err(|e| e.to_string())?;
-            sessions.push(Session { client, peer: None, relayed: args.server, peer_addr: args.peer, channel: 0 });
+            sessions.push(Session {
+                turn: None,
+                client,
+                peer: None,
+                relayed: args.server,
+                peer_addr: args.peer,
+                channel: 0,
+            });
         }
         return Ok((sessions, Some(peer)));
     }
@@ -194,7 +211,8 @@ fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
                 return Err(format!("client {i}: ChannelBind failed"));
             }
         }
-        sessions.push(Session { client: c.sock, peer: Some(peer), relayed, peer_addr, channel });
+        let client = c.sock.try_clone().map_err(|e| e.to_string())?;
+        sessions.push(Session { turn: Some(c), client, peer: Some(peer), relayed, peer_addr, channel });
     }
     Ok((sessions, None))
 }
@@ -329,8 +347,11 @@ fn traffic(args: &Args) -> Result<(), String> {
     std::thread::sleep(Duration::from_millis(500));
     shared.stop.store(true, Ordering::Relaxed);
     let (stats, hist) = receiver.join().map_err(|_| "receiver panicked".to_string())?;
+    delete_allocations(&sessions);
 
     let mut report = TrafficReport {
+        contestant: args.contestant.clone(),
+        scenario: args.scenario.clone(),
         server: args.server.to_string(),
         mode: format!("{:?}", args.mode).to_lowercase(),
         echo: args.echo,
@@ -373,6 +394,19 @@ fn traffic(args: &Args) -> Result<(), String> {
         print_traffic(&report);
     }
     Ok(())
+}
+
+/// Deletes every allocation (Refresh LIFETIME 0), so the next run's clients, which may get the
+/// same ephemeral ports, do not meet a 437.
+fn delete_allocations(sessions: &[Session]) {
+    for s in sessions {
+        if let Some(c) = &s.turn {
+            let _ = s.client.set_nonblocking(false);
+            let _ = c.transact(&c.signed_request(Method::REFRESH, TransactionId(rand::random()), |w| {
+                w.u32(attr::LIFETIME, 0).map(drop)
+            }));
+        }
+    }
 }
 
 impl Session {
@@ -515,6 +549,7 @@ fn print_traffic(r: &TrafficReport) {
 
 #[derive(Serialize)]
 struct AllocsReport {
+    contestant: String,
     server: String,
     attempted: usize,
     succeeded: usize,
@@ -573,6 +608,7 @@ fn allocs(args: &Args) -> Result<(), String> {
         })
         .collect();
     let mut report = AllocsReport {
+        contestant: args.contestant.clone(),
         server: args.server.to_string(),
         attempted: per * threads,
         succeeded: 0,
@@ -624,6 +660,7 @@ fn allocs(args: &Args) -> Result<(), String> {
 
 #[derive(Serialize)]
 struct HoldReport {
+    contestant: String,
     server: String,
     allocations: usize,
     rss_before: u64,
@@ -650,6 +687,7 @@ fn hold(args: &Args) -> Result<(), String> {
     let n = args.count.max(1) as f64;
     // The generator's own client sockets are in the kernel figure too: half the sockets are ours.
     let report = HoldReport {
+        contestant: args.contestant.clone(),
         server: args.server.to_string(),
         allocations: args.count,
         rss_before: rss0,
