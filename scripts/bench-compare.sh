@@ -58,7 +58,7 @@ start_server() {
     coturn)
       taskset -c "$SERVER_CPUS" turnserver -n --listening-ip=127.0.0.1 --listening-port="$port" --relay-ip=127.0.0.1 \
         --lt-cred-mech --user=demo:demo --realm=uturn.local --no-tls --no-dtls --no-cli --no-tcp-relay \
-        --relay-threads="$workers" --min-port=30001 --max-port=40000 --allow-loopback-peers \
+        --relay-threads="$workers" --min-port=30001 --max-port=60000 --allow-loopback-peers \
         --pidfile="$OUT/coturn.pid" --log-file="$OUT/coturn.log" --simple-log >/dev/null 2>&1 &
       ;;
     floor)

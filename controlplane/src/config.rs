@@ -75,6 +75,10 @@ pub struct FileConfig {
     user_quota: Option<u32>,
     total_quota: Option<u32>,
     rfc5766_channels: Option<bool>,
+    max_permissions: Option<usize>,
+    max_channels: Option<usize>,
+    max_bandwidth: Option<u64>,
+    unauth_rate: Option<u32>,
 }
 
 /// Which I/O backend to run.
@@ -128,6 +132,16 @@ pub struct Config {
     /// Accept ChannelBind numbers 0x5000-0x7FFF as RFC 5766 did (coturn's turnutils_uclient
     /// picks them); off by default, following RFC 8656 §12.
     pub rfc5766_channels: bool,
+    /// Permissions one allocation may hold (default 128); more earn 508.
+    pub max_permissions: usize,
+    /// Channel bindings one allocation may hold (default 128); more earn 508.
+    pub max_channels: usize,
+    /// Relayed payload bytes/s per allocation, both directions (0: unlimited, the default).
+    pub max_bandwidth: u64,
+    /// Requests without MESSAGE-INTEGRITY (Binding, the first Allocate) accepted per second from
+    /// one source IP by each worker (burst of the same size); more are dropped silently.
+    /// 0: unlimited. Default 50.
+    pub unauth_rate: u32,
 }
 
 /// The embedded default's demo credential.
@@ -196,6 +210,10 @@ impl Config {
             user_quota: f.user_quota.unwrap_or(0),
             total_quota: f.total_quota.unwrap_or(0),
             rfc5766_channels: cli.rfc5766_channels || f.rfc5766_channels.unwrap_or(false),
+            max_permissions: f.max_permissions.unwrap_or(128),
+            max_channels: f.max_channels.unwrap_or(128),
+            max_bandwidth: f.max_bandwidth.unwrap_or(0),
+            unauth_rate: f.unauth_rate.unwrap_or(50),
         };
         c.validate()?;
         Ok(c)

@@ -241,7 +241,8 @@ impl ControlPlane {
         let nonce = self.nonces.mint(self.secs(now), &ft.client);
         let realm = self.policy.realm.clone();
         let n = (|| {
-            let mut w = response::start(&mut self.buf, msg.method(), Class::Error, msg.transaction_id())?;
+            let mut w =
+                response::start_unauthenticated(&mut self.buf, msg.method(), Class::Error, msg.transaction_id())?;
             w.error_code(code.code(), code.reason())?;
             w.bytes(attr::REALM, realm.as_bytes())?;
             w.bytes(attr::NONCE, nonce.as_bytes())?;
@@ -478,7 +479,7 @@ impl ControlPlane {
         if peer.is_ipv4() != self.policy.relay_ip.is_ipv4() {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
-        if !self.policy.peers.allows(peer.ip()) {
+        if !self.policy.peers.allows(peer) {
             return Err(ErrorCode::Forbidden);
         }
         Ok(peer)

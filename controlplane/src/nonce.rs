@@ -2,8 +2,9 @@
 //! any thread can verify one without shared mutable state, and a nonce minted for one client is
 //! worthless from another address.
 //!
-//! Format (40 ASCII characters): 16 hex digits of the issue time in seconds, then 24 hex digits
-//! of HMAC-SHA1(secret, time || client IP || client port) truncated to 96 bits.
+//! Format (24 ASCII characters, short because every byte of a 401 counts towards the relay's
+//! amplification ratio): 8 hex digits of the issue time in seconds, then 16 hex digits of
+//! HMAC-SHA1(secret, time || client IP || client port) truncated to 64 bits.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -11,7 +12,7 @@ use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
 /// Length of a nonce in bytes.
-pub const NONCE_LEN: usize = 40;
+pub const NONCE_LEN: usize = 24;
 
 /// The outcome of checking a nonce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +45,7 @@ impl NonceKey {
         NonceKey { secret, lifetime_secs }
     }
 
-    fn mac(&self, issued: u64, client: &SocketAddr) -> [u8; 12] {
+    fn mac(&self, issued: u32, client: &SocketAddr) -> [u8; 8] {
         let mut m = <Hmac<Sha1> as Mac>::new_from_slice(&self.secret).unwrap_or_else(|_| unreachable!());
         m.update(&issued.to_be_bytes());
         match client.ip() {
@@ -53,15 +54,17 @@ impl NonceKey {
         }
         m.update(&client.port().to_be_bytes());
         let full = m.finalize().into_bytes();
-        let mut out = [0u8; 12];
-        out.copy_from_slice(&full[..12]);
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&full[..8]);
         out
     }
 
-    /// A nonce for `client` issued at `now_secs` (seconds on the control plane's clock).
+    /// A nonce for `client` issued at `now_secs` (seconds on the control plane's clock, which
+    /// starts near zero, so 32 bits last 136 years).
     pub fn mint(&self, now_secs: u64, client: &SocketAddr) -> String {
-        let mut s = format!("{now_secs:016x}");
-        for b in self.mac(now_secs, client) {
+        let issued = now_secs as u32;
+        let mut s = format!("{issued:08x}");
+        for b in self.mac(issued, client) {
             s.push_str(&format!("{b:02x}"));
         }
         s
@@ -69,23 +72,21 @@ impl NonceKey {
 
     /// Checks a received nonce for `client` at `now_secs`. The MAC is compared in constant time.
     pub fn check(&self, nonce: &[u8], now_secs: u64, client: &SocketAddr) -> NonceCheck {
+        let hex = |range: std::ops::Range<usize>| {
+            std::str::from_utf8(nonce.get(range)?).ok().and_then(|h| u32::from_str_radix(h, 16).ok())
+        };
         if nonce.len() != NONCE_LEN {
             return NonceCheck::Invalid;
         }
-        let Some(issued) = std::str::from_utf8(&nonce[..16]).ok().and_then(|h| u64::from_str_radix(h, 16).ok()) else {
-            return NonceCheck::Invalid;
-        };
-        let mut got = [0u8; 12];
+        let Some(issued) = hex(0..8) else { return NonceCheck::Invalid };
+        let mut got = [0u8; 8];
         for (i, b) in got.iter_mut().enumerate() {
-            let Some(v) =
-                std::str::from_utf8(&nonce[16 + 2 * i..18 + 2 * i]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
-            else {
-                return NonceCheck::Invalid;
-            };
-            *b = v;
+            let Some(v) = hex(8 + 2 * i..10 + 2 * i) else { return NonceCheck::Invalid };
+            *b = v as u8;
         }
         let want = self.mac(issued, client);
         let diff = want.iter().zip(got.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let issued = issued as u64;
         if diff != 0 || issued > now_secs {
             return NonceCheck::Invalid;
         }
@@ -113,7 +114,7 @@ mod tests {
         assert_eq!(k.check(n.as_bytes(), 1000, &"192.0.2.1:4001".parse().unwrap()), NonceCheck::Invalid);
         assert_eq!(NonceKey::new([6; 32], 600).check(n.as_bytes(), 1000, &c), NonceCheck::Invalid);
         let mut forged = n.into_bytes();
-        forged[39] = if forged[39] == b'0' { b'1' } else { b'0' };
+        forged[23] = if forged[23] == b'0' { b'1' } else { b'0' };
         assert_eq!(k.check(&forged, 1000, &c), NonceCheck::Invalid);
         assert_eq!(k.check(b"short", 1000, &c), NonceCheck::Invalid);
     }

@@ -1,56 +1,110 @@
-//! Peer address policy (RFC 8656 §21.1, §21.2.3): which peers a client may get a permission or
-//! channel for. Checked by the control plane on CreatePermission and ChannelBind (403); Send
-//! indications and peer datagrams need a permission, so they inherit it.
+//! Peer address policy (RFC 8656 §21.1, §21.2.3; RFC 6156 §9.1): which peers a client may get
+//! a permission or a channel for. Checked by the control plane on every path that names a peer
+//! (CreatePermission, ChannelBind: 403); Send indications and peer datagrams need a permission,
+//! so they inherit it.
+//!
+//! Every address is normalised first: IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible
+//! (::a.b.c.d) and NAT64 (64:ff9b::/96) forms are judged as the IPv4 address they carry, so
+//! a denied IPv4 range cannot be reached through an IPv6 spelling (coturn CVE-2020-26262).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
-/// Default denials: "this network", multicast, limited broadcast; loopback unless the relay
-/// itself is on loopback.
-fn default_denied(relay_is_loopback: bool) -> Vec<IpNet> {
-    let mut v: Vec<IpNet> = ["0.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32", "::/128", "ff00::/8"]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-    if !relay_is_loopback {
-        v.push("127.0.0.0/8".parse().unwrap());
-        v.push("::1/128".parse().unwrap());
-    }
-    v
+/// Always denied: "this network", multicast, reserved/broadcast, link-local (the cloud metadata
+/// address 169.254.169.254 lives there), unspecified, Teredo and 6to4 (RFC 6156 §9.1: MUST NOT).
+pub const DENIED: &[&str] = &[
+    "0.0.0.0/8",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "255.255.255.255/32",
+    "169.254.0.0/16",
+    "::/128",
+    "ff00::/8",
+    "fe80::/10",
+    "2001::/32",
+    "2002::/16",
+];
+/// Denied unless the relay address itself is loopback.
+pub const LOOPBACK: &[&str] = &["127.0.0.0/8", "::1/128"];
+/// Private ranges: denied unless `allow-peer` lists them.
+pub const PRIVATE: &[&str] = &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"];
+
+fn nets(list: &[&str]) -> Vec<IpNet> {
+    list.iter().map(|s| s.parse().expect("built-in CIDR")).collect()
 }
 
-/// The peer policy: `allow` entries win over everything, then `deny` entries and the defaults.
+/// The peer policy. Order: the relay's own listening addresses are always refused; then an
+/// `allow` entry admits; then the default denials, `deny` entries and private ranges refuse.
 #[derive(Debug, Clone)]
 pub struct PeerPolicy {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
+    /// The relay's own listening transport addresses (an unspecified listen IP expands to the
+    /// relay IP and loopback).
+    own: Vec<SocketAddr>,
 }
 
 impl PeerPolicy {
-    /// Builds the policy for a relay on `relay_ip` with the operator's `allow`/`deny` CIDRs.
-    pub fn new(relay_ip: IpAddr, allow: &[IpNet], deny: &[IpNet]) -> Self {
-        let mut d = default_denied(normalize(relay_ip).is_loopback());
+    /// The policy for a relay on `relay_ip` listening on `listen`, with the operator's
+    /// `allow`/`deny` CIDRs.
+    pub fn new(relay_ip: IpAddr, listen: &[SocketAddr], allow: &[IpNet], deny: &[IpNet]) -> Self {
+        let mut d = nets(DENIED);
+        if !normalize(relay_ip).is_loopback() {
+            d.extend(nets(LOOPBACK));
+        }
+        d.extend(nets(PRIVATE));
         d.extend_from_slice(deny);
-        PeerPolicy { allow: allow.to_vec(), deny: d }
+        let mut own = Vec::new();
+        for l in listen {
+            if l.ip().is_unspecified() {
+                let lo: IpAddr = if l.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() };
+                own.extend([SocketAddr::new(relay_ip, l.port()), SocketAddr::new(lo, l.port())]);
+            } else {
+                own.push(*l);
+            }
+        }
+        PeerPolicy { allow: allow.to_vec(), deny: d, own }
     }
 
-    /// True when a client may reach `peer`. IPv4-mapped IPv6 addresses are judged as the IPv4
-    /// address they carry.
-    pub fn allows(&self, peer: IpAddr) -> bool {
-        let ip = normalize(peer);
-        if self.allow.iter().any(|n| n.contains(&ip) || n.contains(&peer)) {
+    /// True when a client may reach `peer`.
+    pub fn allows(&self, peer: SocketAddr) -> bool {
+        let ip = normalize(peer.ip());
+        if self.own.iter().any(|l| l.port() == peer.port() && normalize(l.ip()) == ip) {
+            return false;
+        }
+        if self.allow.iter().any(|n| n.contains(&ip)) {
             return true;
         }
-        !self.deny.iter().any(|n| n.contains(&ip) || n.contains(&peer))
+        !self.deny.iter().any(|n| n.contains(&ip) || n.contains(&peer.ip()))
+    }
+
+    /// One line for the startup log.
+    pub fn describe(&self) -> String {
+        format!(
+            "peers denied: {} (private ranges {} unless allow-peer lists them); allowed by allow-peer: {}",
+            self.deny.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            PRIVATE.join(", "),
+            if self.allow.is_empty() {
+                "none".into()
+            } else {
+                self.allow.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            }
+        )
     }
 }
 
-/// Reduces an IPv4-mapped IPv6 address (::ffff:a.b.c.d) to its IPv4 address.
+/// Reduces IPv4-mapped (::ffff:0:0/96), IPv4-compatible (::/96 other than :: and ::1) and NAT64
+/// (64:ff9b::/96, RFC 6052) IPv6 addresses to the IPv4 address they carry.
 pub fn normalize(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
+    let IpAddr::V6(v6) = ip else { return ip };
+    let s = v6.segments();
+    let embedded = || IpAddr::V4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
+    match s {
+        [0, 0, 0, 0, 0, 0xffff, _, _] => embedded(),
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => embedded(),
+        [0, 0, 0, 0, 0, 0, _, _] if v6 != Ipv6Addr::UNSPECIFIED && v6 != Ipv6Addr::LOCALHOST => embedded(),
+        _ => ip,
     }
 }
 
@@ -61,36 +115,82 @@ mod tests {
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
+    fn at(ip: IpAddr) -> SocketAddr {
+        SocketAddr::new(ip, 5000)
+    }
+
+    /// Every IPv6 spelling of an IPv4 address.
+    fn spellings(v4: Ipv4Addr) -> Vec<IpAddr> {
+        let o = v4.octets();
+        let (hi, lo) = (u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([o[2], o[3]]));
+        vec![
+            IpAddr::V4(v4),
+            IpAddr::V6(v4.to_ipv6_mapped()),
+            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, hi, lo)),
+            IpAddr::V6(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo)),
+        ]
+    }
+
+    /// First, second and last address of each IPv4 range in `list`.
+    fn samples(list: &[&str]) -> Vec<Ipv4Addr> {
+        let mut out = Vec::new();
+        for n in list {
+            if let Ok(IpNet::V4(n)) = n.parse::<IpNet>() {
+                let first = u32::from(n.network());
+                let last = u32::from(n.broadcast());
+                out.extend([first, first.saturating_add(1).min(last), last].map(Ipv4Addr::from));
+            }
+        }
+        out
+    }
 
     #[test]
-    fn defaults_on_a_public_relay() {
-        let p = PeerPolicy::new(ip("192.0.2.1"), &[], &[]);
-        for bad in [
-            "0.0.0.1",
-            "224.0.0.1",
-            "239.1.2.3",
-            "255.255.255.255",
-            "127.0.0.1",
-            "::1",
-            "::ffff:127.0.0.1",
-            "ff02::1",
-            "::",
-        ] {
-            assert!(!p.allows(ip(bad)), "{bad}");
+    fn every_spelling_of_every_denied_ipv4_range_is_denied() {
+        let p = PeerPolicy::new(ip("192.0.2.1"), &[], &[], &[]);
+        for v4 in samples(DENIED).into_iter().chain(samples(LOOPBACK)).chain(samples(PRIVATE)) {
+            for form in spellings(v4) {
+                assert!(!p.allows(at(form)), "{form} ({v4}) must be denied");
+            }
         }
-        for good in ["198.51.100.7", "2001:db8::1"] {
-            assert!(p.allows(ip(good)), "{good}");
+        for v6 in
+            ["::", "::1", "ff02::1", "fe80::1", "2001::1", "2001:0:ffff::1", "2002:c000:201::1", "fc00::1", "fd12::1"]
+        {
+            assert!(!p.allows(at(ip(v6))), "{v6}");
+        }
+        for good in
+            ["198.51.100.7", "8.8.8.8", "::ffff:198.51.100.7", "64:ff9b::808:808", "2001:db8::1", "2400:cb00::1"]
+        {
+            assert!(p.allows(at(ip(good))), "{good}");
         }
     }
 
     #[test]
-    fn loopback_relay_may_reach_loopback_peers_and_flags_override() {
-        let p = PeerPolicy::new(ip("127.0.0.1"), &[], &[]);
-        assert!(p.allows(ip("127.0.0.1")));
-        assert!(!p.allows(ip("0.0.0.0")));
-        let p =
-            PeerPolicy::new(ip("192.0.2.1"), &["127.0.0.0/8".parse().unwrap()], &["198.51.100.0/24".parse().unwrap()]);
-        assert!(p.allows(ip("127.0.0.5")));
-        assert!(!p.allows(ip("198.51.100.9")));
+    fn loopback_relay_may_reach_loopback_but_not_its_listener() {
+        let listen: SocketAddr = "127.0.0.1:3478".parse().unwrap();
+        let p = PeerPolicy::new(ip("127.0.0.1"), &[listen], &[], &[]);
+        assert!(p.allows("127.0.0.1:5000".parse().unwrap()));
+        assert!(p.allows("[::ffff:127.0.0.1]:5000".parse().unwrap()));
+        assert!(!p.allows(listen));
+        assert!(!p.allows("[::ffff:127.0.0.1]:3478".parse().unwrap()), "listener through a mapped address");
+        assert!(!p.allows("0.0.0.0:5000".parse().unwrap()));
+        assert!(!p.allows("10.1.2.3:5000".parse().unwrap()), "private stays denied");
+        let any = PeerPolicy::new(ip("192.0.2.1"), &["0.0.0.0:3478".parse().unwrap()], &[], &[]);
+        assert!(any.allows("198.51.100.7:3478".parse().unwrap()), "another host's port 3478 is fine");
+        assert!(!any.allows("192.0.2.1:3478".parse().unwrap()), "the relay IP's listener");
+    }
+
+    #[test]
+    fn allow_and_deny_flags() {
+        let p = PeerPolicy::new(
+            ip("192.0.2.1"),
+            &[],
+            &["10.0.0.0/8".parse().unwrap()],
+            &["198.51.100.0/24".parse().unwrap()],
+        );
+        assert!(p.allows(at(ip("10.9.9.9"))));
+        assert!(p.allows(at(ip("::ffff:10.9.9.9"))), "allowed through a mapped spelling too");
+        assert!(!p.allows(at(ip("192.168.1.1"))));
+        assert!(!p.allows(at(ip("198.51.100.9"))));
+        assert!(p.describe().contains("10.0.0.0/8"));
     }
 }

@@ -56,6 +56,10 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
             relay: RelayConfig {
                 permission_lifetime: config.permission_lifetime,
                 channel_lifetime: config.channel_lifetime,
+                max_permissions: config.max_permissions,
+                max_channels: config.max_channels,
+                bandwidth: (config.max_bandwidth > 0).then_some(config.max_bandwidth),
+                unauthenticated_rate: config.unauth_rate,
             },
             command_queue: COMMAND_QUEUE,
         };
@@ -78,9 +82,10 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         max_lifetime: config.max_lifetime,
         user_quota: config.user_quota,
         total_quota: config.total_quota,
-        peers: PeerPolicy::new(config.relay_ip, &config.allow_peer, &config.deny_peer),
+        peers: PeerPolicy::new(config.relay_ip, &config.listen, &config.allow_peer, &config.deny_peer),
         rfc5766_channels: config.rfc5766_channels,
     };
+    info!("{}", policy.peers.describe());
     let mut control = ControlPlane::new(
         policy,
         config.workers,

@@ -70,7 +70,13 @@ pub(crate) struct WorkerCore {
     expired: Vec<(AllocationId, FiveTuple)>,
     /// Requests dropped because the control-plane queue was full.
     pub(crate) control_queue_full: u64,
+    /// Test hook (`UTURN_FAULT_INJECTION=worker-panic`): panic on a datagram carrying
+    /// [`FAULT_MARKER`], to exercise what a worker failure does to the process.
+    pub(crate) fault_injection: bool,
 }
+
+/// The datagram content that makes a worker panic when fault injection is on.
+pub(crate) const FAULT_MARKER: &[u8] = b"uturn-fault-injection:worker-panic";
 
 impl WorkerCore {
     pub(crate) fn new(
@@ -90,6 +96,7 @@ impl WorkerCore {
             reply: vec![0; REPLY_BUF],
             expired: Vec::new(),
             control_queue_full: 0,
+            fault_injection: std::env::var("UTURN_FAULT_INJECTION").is_ok_and(|v| v == "worker-panic"),
         }
     }
 
@@ -107,6 +114,9 @@ impl WorkerCore {
         from: SocketAddr,
         datagram: &[u8],
     ) -> ClientVerdict {
+        if self.fault_injection && datagram.windows(FAULT_MARKER.len()).any(|w| w == FAULT_MARKER) {
+            panic!("fault injection: worker {} told to panic by {from}", self.index);
+        }
         let five_tuple = FiveTuple { client: from, server: self.listeners[listener].addr };
         match self.state.handle_client_datagram(now, &five_tuple, datagram, &mut self.reply) {
             ClientOutput::Relay { alloc, peer, payload } => {

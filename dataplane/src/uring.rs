@@ -206,31 +206,54 @@ struct UringIo {
     send_errors: u64,
     /// Datagrams dropped because they did not fit a provided buffer (MSG_TRUNC).
     truncated: u64,
+    /// Submissions the kernel refused (receives were retried, sends dropped).
+    submit_failures: u64,
+    /// Receives and cancels to queue again next iteration.
+    pending: Vec<squeue::Entry>,
 }
 
 impl UringIo {
-    fn push(&mut self, sqe: squeue::Entry) {
+    /// Queues `sqe`, submitting first when the SQ is full. False when it could not be queued
+    /// (the kernel refused the submit, e.g. EBUSY while completions overflow): the caller must
+    /// release whatever the entry would have owned.
+    fn push(&mut self, sqe: &squeue::Entry) -> bool {
         // SAFETY: every SQE built here points only at memory owned by `self` (send slots,
         // `recv_hdr`, `waker_buf`) or the provided buffers, all of which outlive the operation:
         // slots and buffers are released only on the operation's completion.
-        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            if let Err(e) = self.ring.submit() {
-                warn!("io_uring submit failed while the SQ was full: {e}");
-                return;
+        while unsafe { self.ring.submission().push(sqe) }.is_err() {
+            if self.ring.submit().is_err() {
+                self.submit_failures += 1;
+                return false;
             }
+        }
+        true
+    }
+
+    /// Queues `sqe` now or, if the kernel refuses, next iteration: receives and cancels must
+    /// never be lost, or a socket would be left without a receive.
+    fn push_or_retry(&mut self, sqe: squeue::Entry) {
+        if !self.push(&sqe) {
+            self.pending.push(sqe);
         }
     }
 
     fn arm_recv(&mut self, fd: RawFd, user_data: u64) {
         let sqe = opcode::RecvMsgMulti::new(Fd(fd), &*self.recv_hdr as *const _, BGID).build().user_data(user_data);
-        self.push(sqe);
+        self.push_or_retry(sqe);
     }
 
     fn arm_waker(&mut self, fd: RawFd) {
         let sqe = opcode::Read::new(Fd(fd), (&mut *self.waker_buf as *mut u64).cast(), 8)
             .build()
             .user_data(tag(KIND_WAKER, 0));
-        self.push(sqe);
+        self.push_or_retry(sqe);
+    }
+
+    /// Retries the receives and cancels that could not be queued earlier.
+    fn retry_pending(&mut self) {
+        for sqe in std::mem::take(&mut self.pending) {
+            self.push_or_retry(sqe);
+        }
     }
 
     /// Queues a send of `len` bytes at `data` to `to` from `fd`. `bid`, if any, is recycled when
@@ -265,7 +288,12 @@ impl UringIo {
         slot.hdr.msg_iov = &mut slot.iov;
         slot.hdr.msg_iovlen = 1;
         let sqe = opcode::SendMsg::new(Fd(fd), &slot.hdr).build().user_data(tag(KIND_SEND, i as u64));
-        self.push(sqe);
+        if !self.push(&sqe) {
+            // Not queued: the slot is free again and the caller recycles the buffer.
+            self.slots[i as usize].bid = None;
+            self.free_slots.push(i);
+            return false;
+        }
         true
     }
 }
@@ -277,7 +305,7 @@ impl Io for UringIo {
     fn deregister_relay(&mut self, id: AllocationId, _socket: &UdpSocket) {
         // The caller closes the socket next; the cancel drops the ring's reference to it.
         let sqe = opcode::AsyncCancel::new(relay_tag(id)).build().user_data(tag(KIND_CANCEL, 0));
-        self.push(sqe);
+        self.push_or_retry(sqe);
     }
     fn send_reply(&mut self, listener: usize, to: SocketAddr, bytes: &[u8]) {
         let fd = self.listener_fds[listener];
@@ -331,6 +359,8 @@ pub(crate) fn run(
         send_slots_exhausted: 0,
         send_errors: 0,
         truncated: 0,
+        submit_failures: 0,
+        pending: Vec::new(),
     };
     for i in 0..io.listener_fds.len() {
         io.arm_recv(io.listener_fds[i], tag(KIND_LISTENER, i as u64));
@@ -339,6 +369,7 @@ pub(crate) fn run(
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(SQ_ENTRIES as usize * 4);
 
     while !shutdown.load(Ordering::Relaxed) {
+        io.retry_pending();
         io.bufs.publish();
         let wait = core
             .state
@@ -364,12 +395,14 @@ pub(crate) fn run(
     }
     core.close_all(&mut io);
     finish(&core);
-    if io.send_slots_exhausted > 0 || io.send_errors > 0 {
+    if io.send_slots_exhausted > 0 || io.send_errors > 0 || io.truncated > 0 || io.submit_failures > 0 {
         warn!(
             worker = core.index,
             slots_exhausted = io.send_slots_exhausted,
             send_errors = io.send_errors,
-            "send drops"
+            truncated = io.truncated,
+            submit_failures = io.submit_failures,
+            "datagrams dropped by the io_uring backend"
         );
     }
     Ok(())

@@ -81,6 +81,11 @@ impl Relay {
     /// the TOML `config` (may be empty) and extra `args`; waits until it answers a Binding
     /// request (at most 10 s).
     pub fn start(backend: &str, config: &str, args: &[&str]) -> Relay {
+        Self::start_with_env(backend, config, args, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables.
+    pub fn start_with_env(backend: &str, config: &str, args: &[&str], env: &[(&str, &str)]) -> Relay {
         for _attempt in 0..5 {
             let port = free_udp_port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -99,6 +104,7 @@ impl Relay {
                 .arg("--config")
                 .arg(&cfg.0)
                 .args(args)
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -141,6 +147,18 @@ impl Relay {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits (at most `limit`) for the process to exit on its own; returns the exit status.
+    pub fn terminate_after(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Sends SIGTERM and waits (at most `limit`) for a clean exit; returns the exit status.

@@ -39,6 +39,9 @@ enum Mode {
     Allocs,
     /// Hold --count idle allocations and report the server's memory per allocation.
     Hold,
+    /// Send --rate random garbage datagrams per second (random bytes, STUN-looking headers,
+    /// ChannelData on unbound channels) from --clients sockets for --duration.
+    Garbage,
 }
 
 /// TURN traffic generator.
@@ -143,6 +146,7 @@ fn main() {
     let result = match args.mode {
         Mode::Allocs => allocs(&args),
         Mode::Hold => hold(&args),
+        Mode::Garbage => garbage(&args),
         _ => traffic(&args),
     };
     if let Err(e) = result {
@@ -704,5 +708,40 @@ fn hold(args: &Args) -> Result<(), String> {
         );
     }
     drop(held);
+    Ok(())
+}
+
+/// A garbage flood: datagrams the relay must drop and count, never answer with more than a
+/// rate-limited 401, never crash on.
+fn garbage(args: &Args) -> Result<(), String> {
+    use rand::RngCore;
+    let socks: Vec<UdpSocket> = (0..args.clients.max(1))
+        .map(|_| UdpSocket::bind(SocketAddr::new(args.server.ip(), 0)).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let mut rng = rand::thread_rng();
+    let start = Instant::now();
+    let total = (args.rate as f64 * args.duration) as u64;
+    let mut buf = [0u8; 600];
+    for i in 0..total {
+        let len = (rng.next_u32() % 600) as usize;
+        rng.fill_bytes(&mut buf[..len]);
+        match i % 4 {
+            1 if len >= 20 => {
+                buf[0] &= 0x3F;
+                buf[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+            }
+            2 if len >= 4 => buf[0] = 0x40 | (buf[0] & 0x0F),
+            _ => {}
+        }
+        let _ = socks[(i % socks.len() as u64) as usize].send_to(&buf[..len], args.server);
+        if i % 256 == 0 {
+            let due = Duration::from_secs_f64(i as f64 / args.rate.max(1) as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let report = serde_json::json!({ "contestant": args.contestant, "garbage_sent": total, "seconds": start.elapsed().as_secs_f64() });
+    println!("{report}");
     Ok(())
 }

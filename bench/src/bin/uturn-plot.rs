@@ -48,7 +48,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&args.out)?;
     let mut by_scenario: BTreeMap<String, (Series, Series)> = BTreeMap::new();
     for line in std::fs::read_to_string(&args.results)?.lines().filter(|l| !l.trim().is_empty()) {
-        let r: Row = serde_json::from_str(line)?;
+        // Other reports (max rate, allocations, memory) share the file; only traffic rows plot.
+        let Ok(r) = serde_json::from_str::<Row>(line) else { continue };
         let (cpu, lat) = by_scenario.entry(r.scenario.clone()).or_default();
         if let Some(c) = r.server_cpu_us_per_packet {
             cpu.entry(r.contestant.clone()).or_default().push((r.offered_pps as f64 / 1000.0, c));

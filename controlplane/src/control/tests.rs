@@ -15,7 +15,7 @@ fn policy() -> Policy {
         max_lifetime: Duration::from_secs(3600),
         user_quota: 2,
         total_quota: 0,
-        peers: PeerPolicy::new("127.0.0.1".parse().unwrap(), &[], &[]),
+        peers: PeerPolicy::new("127.0.0.1".parse().unwrap(), &[], &[], &[]),
         rfc5766_channels: false,
     }
 }

@@ -89,6 +89,17 @@ pub fn start(
     Ok(w)
 }
 
+/// Starts a response without SOFTWARE: for answers to unauthenticated requests (Binding, 401,
+/// 438, unsigned errors), which stay as small as possible so the relay is no amplifier.
+pub fn start_unauthenticated(
+    out: &mut [u8],
+    method: Method,
+    class: Class,
+    tid: TransactionId,
+) -> Result<MessageWriter<'_>, WriteError> {
+    MessageWriter::new(out, method, class, tid)
+}
+
 /// Adds MESSAGE-INTEGRITY (when `key` is given) and FINGERPRINT, returning the length in bytes.
 pub fn seal(mut w: MessageWriter<'_>, key: Option<&[u8]>) -> Result<usize, WriteError> {
     if let Some(k) = key {
@@ -98,8 +109,9 @@ pub fn seal(mut w: MessageWriter<'_>, key: Option<&[u8]>) -> Result<usize, Write
     Ok(w.finish())
 }
 
-/// Writes a complete error response (ERROR-CODE, plus UNKNOWN-ATTRIBUTES for 420), signed when
-/// `key` is given. Returns its length in bytes.
+/// Writes a complete error response (ERROR-CODE, plus UNKNOWN-ATTRIBUTES for 420). With `key`
+/// it is signed and carries SOFTWARE; without, it is an unauthenticated answer and omits
+/// SOFTWARE. Returns its length in bytes.
 pub fn error(
     out: &mut [u8],
     method: Method,
@@ -108,7 +120,11 @@ pub fn error(
     unknown: &[u16],
     key: Option<&[u8]>,
 ) -> Result<usize, WriteError> {
-    let mut w = start(out, method, Class::Error, tid)?;
+    let mut w = if key.is_some() {
+        start(out, method, Class::Error, tid)?
+    } else {
+        start_unauthenticated(out, method, Class::Error, tid)?
+    };
     w.error_code(code.code(), code.reason())?;
     if code == ErrorCode::UnknownAttribute {
         w.unknown_attributes(unknown)?;

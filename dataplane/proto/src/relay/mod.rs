@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 pub use command::{Command, Effect, Install};
 pub use tables::{Allocation, ChannelBinding, Tables};
 
+use crate::ratelimit::PerIpLimiter;
 use crate::response::{self, ErrorCode};
 use crate::timer::TimerWheel;
 use crate::wire::{
@@ -48,18 +49,35 @@ pub const PEER_HEADROOM: usize = 48;
 /// Bytes a peer datagram needs after its payload (DATA padding).
 pub const PEER_TAILROOM: usize = 3;
 
-/// Lifetimes the worker applies itself (RFC 8656 §9, §12).
+/// Lifetimes and limits the worker applies itself (RFC 8656 §9, §12).
 #[derive(Debug, Clone, Copy)]
 pub struct RelayConfig {
     /// Permission lifetime; RFC 8656 §9 fixes 300 s.
     pub permission_lifetime: Duration,
     /// Channel binding lifetime; RFC 8656 §12 fixes 600 s.
     pub channel_lifetime: Duration,
+    /// Most permissions (peer IPs) one allocation may hold; more earn 508.
+    pub max_permissions: usize,
+    /// Most channel bindings one allocation may hold; more earn 508.
+    pub max_channels: usize,
+    /// Relayed payload bytes per second per allocation, both directions together; `None` is
+    /// unlimited. The burst allowance is one second's worth.
+    pub bandwidth: Option<u64>,
+    /// Requests without MESSAGE-INTEGRITY (Binding, the first Allocate) accepted per second per
+    /// source IP by this worker (0: unlimited); more are dropped silently.
+    pub unauthenticated_rate: u32,
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        RelayConfig { permission_lifetime: Duration::from_secs(300), channel_lifetime: Duration::from_secs(600) }
+        RelayConfig {
+            permission_lifetime: Duration::from_secs(300),
+            channel_lifetime: Duration::from_secs(600),
+            max_permissions: 128,
+            max_channels: 128,
+            bandwidth: None,
+            unauthenticated_rate: 50,
+        }
     }
 }
 
@@ -92,6 +110,12 @@ pub struct Counters {
     pub requests_answered: u64,
     /// Allocations that expired.
     pub allocations_expired: u64,
+    /// Datagrams dropped by the per-allocation bandwidth cap.
+    pub bandwidth_drops: u64,
+    /// CreatePermission / ChannelBind refused with 508 by the per-allocation caps.
+    pub capacity_refusals: u64,
+    /// Unauthenticated requests dropped by the per-source-IP rate limit.
+    pub rate_limited: u64,
 }
 
 /// What to do with a client datagram.
@@ -155,6 +179,8 @@ pub struct WorkerState {
     timers: TimerWheel<Timer>,
     fired: Vec<Timer>,
     counters: Counters,
+    /// Requests without MESSAGE-INTEGRITY per source IP (Binding, and the 401 round).
+    unauthenticated: PerIpLimiter,
     /// xorshift64 state for Data indication transaction IDs (seeded by the caller from a CSPRNG).
     rng: u64,
 }
@@ -169,6 +195,7 @@ impl WorkerState {
             timers: TimerWheel::new(now, Duration::from_secs(1)),
             fired: Vec::new(),
             counters: Counters::default(),
+            unauthenticated: PerIpLimiter::new(config.unauthenticated_rate),
             rng: seed | 1,
         }
     }
@@ -235,13 +262,12 @@ impl WorkerState {
                     self.counters.no_permission += 1;
                     return ClientOutput::Drop;
                 }
-                self.counters.relayed_to_peer += 1;
                 let len = cd.payload().len();
-                ClientOutput::Relay {
-                    alloc,
-                    peer: b.peer,
-                    payload: channel_data::HEADER_LEN..channel_data::HEADER_LEN + len,
+                if !self.within_bandwidth(now, alloc, len) {
+                    return ClientOutput::Drop;
                 }
+                self.counters.relayed_to_peer += 1;
+                ClientOutput::Relay { alloc, peer, payload: channel_data::HEADER_LEN..channel_data::HEADER_LEN + len }
             }
             _ => {
                 self.counters.unbound_channel += 1;
@@ -266,6 +292,12 @@ impl WorkerState {
             }
             (Class::Success | Class::Error, _) => {
                 self.counters.dropped_responses += 1;
+                ClientOutput::Drop
+            }
+            (Class::Request, _) if !msg.has_integrity() && !self.unauthenticated.allow(now, ft.client.ip()) => {
+                // Binding and 401 answers go to an address nobody has proven: cap them per
+                // source IP so the relay cannot be aimed at a spoofed victim.
+                self.counters.rate_limited += 1;
                 ClientOutput::Drop
             }
             (Class::Request, Method::BINDING) => self.answer(binding_response(ft, msg, out)),
@@ -317,10 +349,34 @@ impl WorkerState {
             self.counters.no_permission += 1;
             return ClientOutput::Drop;
         }
+        if !self.within_bandwidth(now, alloc, data.len()) {
+            return ClientOutput::Drop;
+        }
         self.counters.relayed_to_peer += 1;
         // `data` borrows from `datagram`; its position is the payload range.
         let start = data.as_ptr() as usize - datagram.as_ptr() as usize;
         ClientOutput::Relay { alloc, peer, payload: start..start + data.len() }
+    }
+
+    /// The per-allocation token bucket: refills at `bandwidth` bytes/s up to one second's worth,
+    /// and takes `len` bytes or refuses (counted).
+    #[inline]
+    fn within_bandwidth(&mut self, now: Instant, alloc: AllocationId, len: usize) -> bool {
+        let Some(rate) = self.config.bandwidth else { return true };
+        let Some(a) = self.tables.get_mut(alloc) else { return false };
+        let elapsed = now.saturating_duration_since(a.refilled).as_nanos();
+        let refill = (rate as u128 * elapsed / 1_000_000_000) as u64;
+        if refill > 0 {
+            a.tokens = (a.tokens + refill).min(rate);
+            a.refilled = now;
+        }
+        if a.tokens >= len as u64 {
+            a.tokens -= len as u64;
+            true
+        } else {
+            self.counters.bandwidth_drops += 1;
+            false
+        }
     }
 
     #[inline]
@@ -354,6 +410,9 @@ impl WorkerState {
             return PeerOutput::Drop;
         }
         let len = payload.end - payload.start;
+        if !self.within_bandwidth(now, alloc, len) {
+            return PeerOutput::Drop;
+        }
         if let Some(ch) = self.tables.peer_channels.get(&(alloc.index, peer)) {
             if matches!(self.tables.channels.get(&(alloc.index, *ch)), Some(b) if b.expires > now)
                 && len <= u16::MAX as usize
@@ -440,6 +499,17 @@ impl WorkerState {
                 let Some(id) = self.tables.lookup(&five_tuple) else {
                     return self.mismatch(five_tuple, method, tid, &key.0, out);
                 };
+                let held = self.tables.get(id).map_or(0, |a| a.permissions.len());
+                let mut new: Vec<IpAddr> = peers
+                    .iter()
+                    .copied()
+                    .filter(|ip| !self.tables.permissions.contains_key(&(id.index, *ip)))
+                    .collect();
+                new.sort_unstable();
+                new.dedup();
+                if held + new.len() > self.config.max_permissions {
+                    return self.over_capacity(five_tuple, method, tid, &key.0, out);
+                }
                 for ip in peers {
                     self.permit(now, id, ip);
                 }
@@ -458,6 +528,15 @@ impl WorkerState {
                     let reply_len =
                         response::error(out, method, tid, ErrorCode::BadRequest, &[], Some(&key.0)).unwrap_or(0);
                     return CommandOutput { five_tuple, reply_len, effect: Effect::None };
+                }
+                let (channels, permissions) =
+                    self.tables.get(id).map_or((0, 0), |a| (a.channels.len(), a.permissions.len()));
+                let new_channel = !self.tables.channels.contains_key(&(id.index, channel));
+                let new_permission = !self.tables.permissions.contains_key(&(id.index, peer.ip()));
+                if (new_channel && channels >= self.config.max_channels)
+                    || (new_permission && permissions >= self.config.max_permissions)
+                {
+                    return self.over_capacity(five_tuple, method, tid, &key.0, out);
                 }
                 let expires = now + self.config.channel_lifetime;
                 if self.tables.set_channel(id, channel, peer, expires) {
@@ -497,6 +576,8 @@ impl WorkerState {
             alloc_response: i.response,
             permissions: Vec::new(),
             channels: Vec::new(),
+            tokens: self.config.bandwidth.unwrap_or(0),
+            refilled: now,
         });
         self.timers.schedule(expires, Timer::Allocation(id));
         CommandOutput { five_tuple, reply_len, effect: Effect::Installed(id) }
@@ -507,6 +588,19 @@ impl WorkerState {
         if self.tables.set_permission(id, ip, expires) {
             self.timers.schedule(expires, Timer::Permission(id, ip));
         }
+    }
+
+    fn over_capacity(
+        &mut self,
+        five_tuple: FiveTuple,
+        method: Method,
+        tid: TransactionId,
+        key: &[u8],
+        out: &mut [u8],
+    ) -> CommandOutput {
+        self.counters.capacity_refusals += 1;
+        let reply_len = response::error(out, method, tid, ErrorCode::InsufficientCapacity, &[], Some(key)).unwrap_or(0);
+        CommandOutput { five_tuple, reply_len, effect: Effect::None }
     }
 
     fn mismatch(
@@ -600,7 +694,7 @@ fn binding_response(ft: &FiveTuple, msg: &Message<'_>, out: &mut [u8]) -> Result
     if !msg.unknown_required().is_empty() {
         return response::error(out, Method::BINDING, tid, ErrorCode::UnknownAttribute, msg.unknown_required(), None);
     }
-    let mut w = response::start(out, Method::BINDING, Class::Success, tid)?;
+    let mut w = response::start_unauthenticated(out, Method::BINDING, Class::Success, tid)?;
     w.xor_address(attr::XOR_MAPPED_ADDRESS, &ft.client)?;
     response::seal(w, None)
 }

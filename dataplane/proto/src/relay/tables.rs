@@ -28,6 +28,10 @@ pub struct Allocation {
     pub permissions: Vec<IpAddr>,
     /// Bound channels (keys of [`Tables::channels`]).
     pub channels: Vec<ChannelNumber>,
+    /// Bandwidth tokens left, bytes (see `RelayConfig::bandwidth`).
+    pub tokens: u64,
+    /// When `tokens` was last refilled.
+    pub refilled: Instant,
 }
 
 /// A channel binding (RFC 8656 §12).

@@ -102,7 +102,7 @@ fn binding_request_gets_xor_mapped_address() {
     let m = Message::parse(&h.out[..n]).unwrap();
     assert_eq!((m.method(), m.class(), m.transaction_id()), (Method::BINDING, Class::Success, tid(5)));
     assert_eq!(m.xor_address(attr::XOR_MAPPED_ADDRESS), Some(Ok(ft().client)));
-    assert_eq!(m.get(attr::SOFTWARE), Some(response::SOFTWARE.as_bytes()));
+    assert_eq!(m.get(attr::SOFTWARE), None, "unauthenticated answers stay minimal");
 }
 
 #[test]
@@ -309,4 +309,57 @@ fn garbage_is_counted_never_answered() {
     }
     let c = h.state.counters();
     assert_eq!((c.not_turn, c.malformed_channel_data, c.malformed_stun, c.dropped_responses), (2, 2, 1, 1));
+}
+
+#[test]
+fn unauthenticated_requests_are_rate_limited_per_source_ip() {
+    let mut h = Harness::new();
+    let replies = (0..60)
+        .filter(|i| matches!(h.client(0, &request(Method::BINDING, tid(*i as u8))), ClientOutput::Reply(_)))
+        .count();
+    assert_eq!(replies, 50, "a burst of 50 per second by default");
+    assert_eq!(h.state.counters().rate_limited, 10);
+    // One second later the bucket has refilled.
+    assert!(matches!(h.client(1, &request(Method::BINDING, tid(99))), ClientOutput::Reply(_)));
+    // Requests with MESSAGE-INTEGRITY are not counted against the limit.
+    let mut buf = vec![0u8; 256];
+    let mut w = MessageWriter::new(&mut buf, Method::REFRESH, Class::Request, tid(7)).unwrap();
+    w.integrity(&KEY.0).unwrap();
+    let n = w.finish();
+    let limited = h.state.counters().rate_limited;
+    for _ in 0..100 {
+        assert_eq!(h.client(1, &buf[..n]), ClientOutput::Authenticate);
+    }
+    assert_eq!(h.state.counters().rate_limited, limited);
+}
+
+#[test]
+fn per_allocation_caps_and_bandwidth() {
+    let t0 = Instant::now();
+    let config = RelayConfig { max_permissions: 2, max_channels: 1, bandwidth: Some(1000), ..RelayConfig::default() };
+    let mut h = Harness { state: WorkerState::new(config, t0, 1), t0, out: vec![0; 1500] };
+    let id = h.install(0, 600);
+    let ips = |n: u8| (1..=n).map(|i| IpAddr::from([203, 0, 113, i])).collect::<Vec<_>>();
+    let out = h.command(0, Command::CreatePermission { five_tuple: ft(), tid: tid(4), peers: ips(3), key: KEY });
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(508), "three permissions exceed the cap of two");
+    assert!(h.state.tables().permissions.is_empty(), "none installed");
+    let out = h.command(0, Command::CreatePermission { five_tuple: ft(), tid: tid(5), peers: ips(2), key: KEY });
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), None);
+    let p1 = SocketAddr::from(([203, 0, 113, 1], 6000));
+    let out = h.bind(0, 0x4001, p1);
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), None);
+    let p2 = SocketAddr::from(([203, 0, 113, 2], 6000));
+    let out = h.bind(0, 0x4002, p2);
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(508), "one channel at most");
+    assert_eq!(h.state.counters().capacity_refusals, 2);
+    // 1000 bytes/s: two 400-byte payloads pass, the third is dropped until tokens refill.
+    let payload = [0u8; 400];
+    let mut cd = vec![0x40, 0x01, 0x01, 0x90];
+    cd.extend_from_slice(&payload);
+    assert!(matches!(h.client(0, &cd), ClientOutput::Relay { .. }));
+    assert!(matches!(h.client(0, &cd), ClientOutput::Relay { .. }));
+    assert_eq!(h.client(0, &cd), ClientOutput::Drop);
+    assert!(h.peer(0, id, p1, &payload).is_none(), "the cap covers both directions");
+    assert_eq!(h.state.counters().bandwidth_drops, 2);
+    assert!(matches!(h.client(1, &cd), ClientOutput::Relay { .. }), "refilled after a second");
 }

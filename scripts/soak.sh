@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Soak test: runs uturn under uturn-load for SOAK_SECONDS (default 600, bounded) with steady
+# ChannelData traffic, allocation churn (allocate, relay, refresh, delete) and a parallel
+# garbage flood, all on 127.0.0.1. Reports sessions served, packets relayed, loss, the relay's
+# resident memory at start, middle and end, open file descriptors at start and end, and every
+# ERROR/WARN line logged. Exits non-zero when the relay died, leaked descriptors, grew its
+# memory beyond noise, or lost more than 0.1% of the steady traffic.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_TOTAL=${SOAK_SECONDS:-600}
+RATE=${SOAK_RATE:-20000}
+GARBAGE_RATE=${SOAK_GARBAGE_RATE:-5000}
+BIN=${BIN:-target/release}
+OUT=target/soak
+mkdir -p "$OUT"
+if [ "${SOAK_BUILD:-1}" = 1 ]; then
+  if [ "$BIN" = target/release ]; then cargo build --release --bins -q; else cargo build --bins -q; fi
+fi
+ulimit -n "$(ulimit -Hn)" || true
+port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# Churn comes from one IP far faster than a real client would: lift the unauthenticated rate
+# limit for this run (docs/security.md).
+printf 'unauth-rate = 0\n' > "$OUT/soak.toml"
+"$BIN/uturn" --config "$OUT/soak.toml" --listen 127.0.0.1:"$port" --workers 2 --port-range 40000-48000 --log-level warn \
+  >/dev/null 2>"$OUT/uturn.log" &
+PID=$!
+cleanup() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }
+trap cleanup EXIT
+sleep 1
+kill -0 "$PID"
+rss() { awk '/VmRSS/ {print $2}' /proc/"$PID"/status; }
+fds() { ls /proc/"$PID"/fd | wc -l; }
+rss0=$(rss); fds0=$(fds)
+echo "soak: ${SECONDS_TOTAL}s on 127.0.0.1:$port (pid $PID): RSS ${rss0} KiB, ${fds0} fds"
+
+"$BIN/uturn-load" --json --quiet --server 127.0.0.1:"$port" --clients 32 --rate "$RATE" --duration "$SECONDS_TOTAL" \
+  --warmup 1 --server-pid "$PID" > "$OUT/traffic.json" &
+TRAFFIC=$!
+"$BIN/uturn-load" --mode garbage --clients 8 --rate "$GARBAGE_RATE" --duration "$SECONDS_TOTAL" --server 127.0.0.1:"$port" \
+  > "$OUT/garbage.json" &
+GARBAGE=$!
+: > "$OUT/churn.jsonl"
+end=$(( $(date +%s) + SECONDS_TOTAL ))
+half=$(( $(date +%s) + SECONDS_TOTAL / 2 ))
+rss_mid=""
+while [ "$(date +%s)" -lt "$end" ]; do
+  timeout 60 "$BIN/uturn-load" --json --quiet --mode allocs --count 200 --clients 4 --delete --server 127.0.0.1:"$port" \
+    >> "$OUT/churn.jsonl" || true
+  if [ -z "$rss_mid" ] && [ "$(date +%s)" -ge "$half" ]; then rss_mid=$(rss); fi
+done
+wait "$TRAFFIC" "$GARBAGE"
+rss_mid=${rss_mid:-$(rss)}
+sleep 1
+rss1=$(rss); fds1=$(fds)
+python3 - "$OUT" "$rss0" "$rss_mid" "$rss1" "$fds0" "$fds1" <<'PY'
+import json, sys
+out, rss0, rssm, rss1, fds0, fds1 = sys.argv[1], *map(int, sys.argv[2:])
+t = json.load(open(f"{out}/traffic.json"))
+churn = [json.loads(l) for l in open(f"{out}/churn.jsonl") if l.strip()]
+g = json.load(open(f"{out}/garbage.json"))
+sessions = sum(c["succeeded"] for c in churn) + t["clients"]
+failures = {}
+for c in churn:
+    for k, v in c["failures"].items():
+        failures[k] = failures.get(k, 0) + v
+log = [l for l in open(f"{out}/uturn.log") if "ERROR" in l or "WARN" in l]
+print(f"sessions served     {sessions} ({t['clients']} steady, {sessions - t['clients']} churned; churn failures {failures or 'none'})")
+print(f"packets relayed     {t['delivered']} of {t['sent']} steady ChannelData, loss {t['loss_pct']:.4f}%, p99 {t['latency']['p99_us']} us")
+print(f"garbage datagrams   {g['garbage_sent']}")
+print(f"relay RSS (KiB)     start {rss0}, middle {rssm}, end {rss1}")
+print(f"relay fds           start {fds0}, end {fds1}")
+print(f"ERROR/WARN logged   {len(log)}" + "".join("\n  " + l.rstrip() for l in log[:20]))
+bad = []
+if t["loss_pct"] > 0.1: bad.append("loss above 0.1%")
+if fds1 > fds0 + 4: bad.append("file descriptors leaked")
+if rss1 > max(rss0 * 1.5, rss0 + 16384): bad.append("memory grew beyond noise")
+if any("ERROR" in l for l in log): bad.append("errors logged")
+print("soak: " + ("FAILED: " + ", ".join(bad) if bad else "passed"))
+sys.exit(1 if bad else 0)
+PY
