@@ -23,6 +23,7 @@ OUT=target/bench
 RESULTS=$OUT/results.jsonl
 mkdir -p "$OUT" docs/img
 : > "$RESULTS"
+: > "$OUT/uturn.log"
 
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
 need=()
@@ -52,8 +53,11 @@ start_server() {
   workers=$(echo "$SERVER_CPUS" | tr ',' '\n' | wc -l)
   case $name in
     uturn)
-      taskset -c "$SERVER_CPUS" $BIN/uturn --listen 127.0.0.1:"$port" --workers "$workers" --log-level warn \
-        --port-range 20000-30000 >/dev/null 2>"$OUT/uturn.log" &
+      # One generator IP makes thousands of allocations per second: lift the per-IP limit on
+      # unauthenticated requests (coturn has none by default).
+      printf 'unauth-rate = 0\n' > "$OUT/uturn.toml"
+      taskset -c "$SERVER_CPUS" $BIN/uturn --config "$OUT/uturn.toml" --listen 127.0.0.1:"$port" --workers "$workers" --log-level warn \
+        --port-range 20000-30000 >/dev/null 2>>"$OUT/uturn.log" &
       ;;
     coturn)
       taskset -c "$SERVER_CPUS" turnserver -n --listening-ip=127.0.0.1 --listening-port="$port" --relay-ip=127.0.0.1 \

@@ -3,7 +3,7 @@
 //! the checks of Refresh, CreatePermission and ChannelBind that need no data-plane state
 //! (§8, §10, §12). What passes becomes a command for the worker that owns the 5-tuple.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,10 +19,6 @@ use crate::nonce::{NonceCheck, NonceKey};
 use crate::policy::PeerPolicy;
 use crate::ports::PortSlice;
 
-/// How long a response stays cached for retransmissions (RFC 8489 §6.3: a transaction lasts
-/// at most 39.5 s), and how many are kept.
-const CACHE_TTL: Duration = Duration::from_secs(40);
-const CACHE_MAX: usize = 65_536;
 /// Largest response the control plane builds, bytes.
 const RESPONSE_BUF: usize = 1024;
 /// How long a port reserved by EVEN-PORT's R bit waits for its RESERVATION-TOKEN (RFC 8656
@@ -68,8 +64,6 @@ pub struct ControlStats {
     pub allocations: u64,
     /// Error responses sent, all codes.
     pub errors: u64,
-    /// Retransmissions answered from the response cache.
-    pub retransmissions: u64,
     /// Commands dropped because a worker's queue was full.
     pub queue_full: u64,
 }
@@ -88,8 +82,6 @@ pub struct ControlPlane {
     ports: Vec<PortSlice>,
     owners: HashMap<FiveTuple, Owner>,
     per_user: HashMap<Arc<str>, u32>,
-    cache: HashMap<(FiveTuple, TransactionId), (Instant, Vec<u8>)>,
-    cache_order: VecDeque<(Instant, (FiveTuple, TransactionId))>,
     /// Relay sockets held for RESERVATION-TOKENs, with their deadlines.
     reservations: HashMap<[u8; 8], (Instant, UdpSocket)>,
     clock_origin: Instant,
@@ -120,8 +112,6 @@ impl ControlPlane {
             ports: PortSlice::split(port_range.0, port_range.1, workers),
             owners: HashMap::new(),
             per_user: HashMap::new(),
-            cache: HashMap::new(),
-            cache_order: VecDeque::new(),
             reservations: HashMap::new(),
             // Nonce times count from one second before start, so the first nonce is not time 0.
             clock_origin: now.checked_sub(Duration::from_secs(1)).unwrap_or(now),
@@ -153,10 +143,9 @@ impl ControlPlane {
         }
     }
 
-    /// An Install could not be queued to its worker: forget the allocation and its cached
-    /// success, so the client's retransmission is handled afresh.
+    /// An Install could not be queued to its worker: forget the allocation, so the client's
+    /// retransmission is handled afresh.
     pub fn install_dropped(&mut self, install: &Install) {
-        self.cache.remove(&(install.five_tuple, install.tid));
         self.released(&install.five_tuple);
     }
 
@@ -167,23 +156,20 @@ impl ControlPlane {
         if msg.class() != Class::Request {
             return None;
         }
-        let tid = msg.transaction_id();
-        self.expire_cache(now);
+        // No response cache: every answer built here is a function of the request, the state and
+        // (for nonces) a time window, so a retransmission gets the same bytes; the one answer
+        // that is not (Allocate success) is kept and resent by the worker.
         self.expire_reservations(now);
-        if let Some((_, cached)) = self.cache.get(&(ft, tid)) {
-            self.stats.retransmissions += 1;
-            return Some(reply(ft, cached.clone()));
-        }
         let (user, key) = match self.authenticate(now, &ft, &msg) {
             Auth::Ok { user, key } => (user, key),
-            Auth::Reply(bytes) => return Some(self.cached_reply(now, ft, tid, bytes)),
+            Auth::Reply(bytes) => return Some(reply(ft, bytes)),
         };
         if !msg.unknown_required().is_empty() {
             let r = self.error(&msg, ErrorCode::UnknownAttribute, Some(&key));
-            return Some(self.cached_reply(now, ft, tid, r));
+            return Some(reply(ft, r));
         }
         match msg.method() {
-            Method::ALLOCATE => self.allocate(now, worker, ft, &msg, user, key),
+            Method::ALLOCATE => self.allocate(worker, ft, &msg, user, key),
             m => {
                 // RFC 8656 §5: requests on an allocation need its 5-tuple and its credentials.
                 let owner = match self.owners.get(&ft) {
@@ -201,7 +187,7 @@ impl ControlPlane {
                     Ok(c) => Some(ToWorker::Command(c)),
                     Err(code) => {
                         let r = self.error(&msg, code, Some(&key));
-                        Some(self.cached_reply(now, ft, tid, r))
+                        Some(reply(ft, r))
                     }
                 }
             }
@@ -267,33 +253,9 @@ impl ControlPlane {
         self.buf[..n].to_vec()
     }
 
-    fn cached_reply(&mut self, now: Instant, ft: FiveTuple, tid: TransactionId, bytes: Vec<u8>) -> ToWorker {
-        if self.cache.len() >= CACHE_MAX {
-            if let Some((_, k)) = self.cache_order.pop_front() {
-                self.cache.remove(&k);
-            }
-        }
-        self.cache.insert((ft, tid), (now, bytes.clone()));
-        self.cache_order.push_back((now, (ft, tid)));
-        reply(ft, bytes)
-    }
-
-    fn expire_cache(&mut self, now: Instant) {
-        while let Some((t, k)) = self.cache_order.front() {
-            if now.saturating_duration_since(*t) < CACHE_TTL {
-                break;
-            }
-            if self.cache.get(k).is_some_and(|(t2, _)| t2 == t) {
-                self.cache.remove(k);
-            }
-            self.cache_order.pop_front();
-        }
-    }
-
     /// Allocate after authentication (RFC 8656 §7.2 steps 2-8).
     fn allocate(
         &mut self,
-        now: Instant,
         worker: usize,
         ft: FiveTuple,
         msg: &Message<'_>,
@@ -314,7 +276,7 @@ impl ControlPlane {
         match checked {
             Err(code) => {
                 let r = self.error(msg, code, Some(&key));
-                Some(self.cached_reply(now, ft, tid, r))
+                Some(reply(ft, r))
             }
             Ok((lifetime, port)) => {
                 let (socket, token) = match self.relay_socket(worker, port) {
@@ -322,12 +284,12 @@ impl ControlPlane {
                     Ok(None) => {
                         warn!(worker, "relay ports exhausted");
                         let r = self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
-                        return Some(self.cached_reply(now, ft, tid, r));
+                        return Some(reply(ft, r));
                     }
                     Err(e) => {
                         warn!(worker, "binding a relay socket failed: {e}");
                         let r = self.error(msg, ErrorCode::ServerError, Some(&key));
-                        return Some(self.cached_reply(now, ft, tid, r));
+                        return Some(reply(ft, r));
                     }
                 };
                 let relayed = socket.local_addr().ok()?;
@@ -336,7 +298,7 @@ impl ControlPlane {
                 *self.per_user.entry(user.clone()).or_default() += 1;
                 self.stats.allocations += 1;
                 info!(client = %ft.client, %user, relayed = %relayed, lifetime_s = lifetime.as_secs(), "allocation granted");
-                // Not cached here: the worker keeps the response and answers retransmissions.
+                // The worker keeps the response and answers retransmissions.
                 Some(ToWorker::Install(
                     Install { five_tuple: ft, tid, relayed, lifetime, response: bytes.into() },
                     socket,

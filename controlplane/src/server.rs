@@ -129,13 +129,7 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         }
     }
     let s = control.stats;
-    info!(
-        requests = s.requests,
-        allocations = s.allocations,
-        errors = s.errors,
-        retransmissions = s.retransmissions,
-        "control plane stopped"
-    );
+    info!(requests = s.requests, allocations = s.allocations, errors = s.errors, "control plane stopped");
     if failed {
         bail!("a worker stopped unexpectedly");
     }
