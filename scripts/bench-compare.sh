@@ -77,8 +77,10 @@ start_server() {
 load() {
   local who=$1 scen=$2; shift 2
   taskset -c "$GEN_CPU" $BIN/uturn-load --json --quiet --cpu "$GEN_CPU" --contestant "$who" --scenario "$scen" \
-    --server-pid "$SERVER_PID" --clients "$CLIENTS" --duration "$DURATION" --warmup "$WARMUP" "$@" | tee -a "$RESULTS" \
-    | python3 scripts/bench-line.py
+    --server-pid "$SERVER_PID" --clients "$CLIENTS" --duration "$DURATION" --warmup "$WARMUP" "$@" > "$OUT/run.json" \
+    || { echo "  $who $scen: uturn-load failed, skipped"; return 0; }
+  cat "$OUT/run.json" >> "$RESULTS"
+  python3 scripts/bench-line.py < "$OUT/run.json"
 }
 
 for who in uturn coturn floor; do
@@ -102,14 +104,14 @@ for who in uturn coturn floor; do
     m=channel; [ "$who" = floor ] && m=raw
     r=$(taskset -c "$GEN_CPU" $BIN/uturn-load --json --quiet --cpu "$GEN_CPU" --contestant "$who" --scenario max \
         --server-pid "$SERVER_PID" --clients "$CLIENTS" --duration 2 --warmup 1 --server 127.0.0.1:"$port" \
-        --peer 127.0.0.1:"$peer" --mode $m --size "${SIZES%% *}" --rate "$mid")
+        --peer 127.0.0.1:"$peer" --mode $m --size "${SIZES%% *}" --rate "$mid") || r='{"loss_pct": 100}'
     if python3 -c 'import json,sys; sys.exit(0 if json.loads(sys.argv[1])["loss_pct"] < 0.1 else 1)' "$r"; then lo=$mid; else hi=$mid; fi
   done
   echo "{\"contestant\":\"$who\",\"scenario\":\"max-rate\",\"max_rate_pps\":$lo}" >> "$RESULTS"
   echo "  $who: highest rate with loss < 0.1%: ~$lo packets/s"
   if [ "$who" != floor ]; then
     taskset -c "$GEN_CPU" $BIN/uturn-load --json --quiet --contestant "$who" --mode allocs --server 127.0.0.1:"$port" \
-      --server-pid "$SERVER_PID" --clients 4 --count 2000 --delete | tee -a "$RESULTS"
+      --server-pid "$SERVER_PID" --clients 4 --count 2000 --delete | tee -a "$RESULTS" || echo "  allocs run failed"
   fi
   stop_server
   if [ "$who" != floor ]; then
@@ -117,7 +119,7 @@ for who in uturn coturn floor; do
       port=$(free_port)
       start_server "$who" "$port" 0
       taskset -c "$GEN_CPU" $BIN/uturn-load --json --quiet --contestant "$who" --mode hold --server 127.0.0.1:"$port" \
-        --server-pid "$SERVER_PID" --count "$n" | tee -a "$RESULTS"
+        --server-pid "$SERVER_PID" --count "$n" | tee -a "$RESULTS" || echo "  hold run failed"
       stop_server
     done
   fi

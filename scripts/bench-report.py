@@ -33,6 +33,10 @@ p(f"Measured {datetime.date.today()} on {os.cpu_count()} cores, Linux {platform.
 p("")
 p(f"    {command}")
 p("")
+notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks-notes.md")
+if os.path.exists(notes):
+    p(open(notes).read().rstrip())
+    p("")
 p("`floor` is `udp-forwarder`: one thread, recvmmsg/sendmmsg, no TURN logic - the least a "
   "kernel-socket relay can cost. Server CPU is user+system time of all the relay's threads "
   "from /proc over the measured window, divided by the packets it relayed (an echo run relays "

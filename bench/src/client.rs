@@ -151,6 +151,9 @@ impl Client {
             w.u32(attr::REQUESTED_TRANSPORT, 17 << 24).map(drop)
         });
         let r = self.transact(&req).ok_or("no answer to Allocate")?;
+        if r.code() == Some(437) {
+            return Err("437: this 5-tuple already has an allocation".into());
+        }
         if r.code() != Some(401) {
             return Err(format!("expected 401, got {:?}", r.code()));
         }

@@ -169,7 +169,7 @@ impl ControlPlane {
             return Some(reply(ft, r));
         }
         match msg.method() {
-            Method::ALLOCATE => self.allocate(worker, ft, &msg, user, key),
+            Method::ALLOCATE => self.allocate(now, worker, ft, &msg, user, key),
             m => {
                 // RFC 8656 §5: requests on an allocation need its 5-tuple and its credentials.
                 let owner = match self.owners.get(&ft) {
@@ -256,6 +256,7 @@ impl ControlPlane {
     /// Allocate after authentication (RFC 8656 §7.2 steps 2-8).
     fn allocate(
         &mut self,
+        now: Instant,
         worker: usize,
         ft: FiveTuple,
         msg: &Message<'_>,
@@ -279,7 +280,7 @@ impl ControlPlane {
                 Some(reply(ft, r))
             }
             Ok((lifetime, port)) => {
-                let (socket, token) = match self.relay_socket(worker, port) {
+                let (socket, token) = match self.relay_socket(now, worker, port) {
                     Ok(Some(pair)) => pair,
                     Ok(None) => {
                         warn!(worker, "relay ports exhausted");
@@ -374,6 +375,7 @@ impl ControlPlane {
     /// next port and returns its token.
     fn relay_socket(
         &mut self,
+        now: Instant,
         worker: usize,
         port: PortRequest,
     ) -> std::io::Result<Option<(UdpSocket, Option<[u8; 8]>)>> {
@@ -385,7 +387,7 @@ impl ControlPlane {
             PortRequest::EvenAndReserveNext => match slice.bind_pair(ip)? {
                 Some((s, reserved)) => {
                     let token: [u8; 8] = rand::random();
-                    self.reservations.insert(token, (Instant::now() + RESERVATION_TTL, reserved));
+                    self.reservations.insert(token, (now + RESERVATION_TTL, reserved));
                     Some((s, Some(token)))
                 }
                 None => None,
@@ -428,7 +430,10 @@ impl ControlPlane {
         // RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY other than the allocation's earns 443.
         if let Some(f) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
             let want = if self.policy.relay_ip.is_ipv4() { attr::FAMILY_IPV4 } else { attr::FAMILY_IPV6 };
-            if f.len() != 4 || f[0] != want {
+            if f.len() != 4 {
+                return Err(ErrorCode::BadRequest);
+            }
+            if f[0] != want {
                 return Err(ErrorCode::PeerAddressFamilyMismatch);
             }
         }

@@ -102,8 +102,8 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        // Drain what else is queued before checking the flag again.
-        while let Ok(ev) = events_rx.try_recv() {
+        // Drain what else is queued (bounded, so a flood cannot delay the checks below).
+        for ev in events_rx.try_iter().take(4096) {
             handle_event(&mut control, &workers, ev);
         }
         if let Some(w) = workers.iter().find(|w| w.is_finished()) {
@@ -124,12 +124,26 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
                 relayed_to_peer = c.relayed_to_peer,
                 relayed_to_client = c.relayed_to_client,
                 malformed = c.malformed_stun + c.malformed_channel_data + c.not_turn,
+                no_allocation = c.no_allocation,
+                unbound_channel = c.unbound_channel,
+                no_permission = c.no_permission,
+                dropped_indications = c.dropped_indications,
+                rate_limited = c.rate_limited,
+                bandwidth_drops = c.bandwidth_drops,
+                capacity_refusals = c.capacity_refusals,
+                allocations_expired = c.allocations_expired,
                 "worker stopped"
             );
         }
     }
     let s = control.stats;
-    info!(requests = s.requests, allocations = s.allocations, errors = s.errors, "control plane stopped");
+    info!(
+        requests = s.requests,
+        allocations = s.allocations,
+        errors = s.errors,
+        worker_queue_full = s.queue_full,
+        "control plane stopped"
+    );
     if failed {
         bail!("a worker stopped unexpectedly");
     }

@@ -304,7 +304,10 @@ impl Io for UringIo {
     }
     fn deregister_relay(&mut self, id: AllocationId, _socket: &UdpSocket) {
         // The caller closes the socket next; the cancel drops the ring's reference to it.
-        let sqe = opcode::AsyncCancel::new(relay_tag(id)).build().user_data(tag(KIND_CANCEL, 0));
+        // A receive still waiting in `pending` must not be armed on a closed (or reused) fd.
+        let ud = relay_tag(id);
+        self.pending.retain(|e| e.get_user_data() != ud);
+        let sqe = opcode::AsyncCancel::new(ud).build().user_data(tag(KIND_CANCEL, 0));
         self.push_or_retry(sqe);
     }
     fn send_reply(&mut self, listener: usize, to: SocketAddr, bytes: &[u8]) {
@@ -508,6 +511,7 @@ fn on_relay(core: &mut WorkerCore, io: &mut UringIo, now: Instant, index: usize,
         return;
     };
     if PAYLOAD_AT + n + PEER_TAILROOM > buf.len() {
+        io.truncated += 1;
         io.bufs.recycle(bid);
         return;
     }

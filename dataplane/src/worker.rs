@@ -134,7 +134,12 @@ pub fn spawn(cfg: WorkerConfig, events: Sender<FromWorker>) -> io::Result<Worker
 
 fn run(core: WorkerCore, backend: IoBackend, waker: &Waker, shutdown: &AtomicBool) -> io::Result<Counters> {
     let counters = std::cell::Cell::new(Counters::default());
-    let finish = |c: &WorkerCore| counters.set(*c.state.counters());
+    let finish = |c: &WorkerCore| {
+        counters.set(*c.state.counters());
+        if c.control_queue_full > 0 {
+            tracing::warn!(worker = c.index, dropped = c.control_queue_full, "requests dropped: control-plane queue full");
+        }
+    };
     match backend {
         IoBackend::Uring => crate::uring::run(core, waker, shutdown, finish)?,
         IoBackend::Epoll => crate::epoll::run(core, waker, shutdown, finish)?,

@@ -195,8 +195,20 @@ fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
         return Ok((sessions, Some(peer)));
     }
     for i in 0..args.clients {
-        let mut c = Client::new(args.server, &args.user, &args.password, &args.realm);
-        let relayed = c.try_allocate().map_err(|e| format!("client {i}: allocate: {e}"))?;
+        // A fresh socket may reuse the port of a previous run's client whose allocation the
+        // server still keeps (coturn holds deleted allocations for a second): try another.
+        let mut attempt = 0;
+        let (c, relayed) = loop {
+            let mut c = Client::new(args.server, &args.user, &args.password, &args.realm);
+            match c.try_allocate() {
+                Ok(r) => break (c, r),
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    eprintln!("client {i}: allocate: {e}; retrying on a new socket");
+                }
+                Err(e) => return Err(format!("client {i}: allocate: {e}")),
+            }
+        };
         let peer = UdpSocket::bind(SocketAddr::new(relayed.ip(), 0)).map_err(|e| e.to_string())?;
         let peer_addr = peer.local_addr().map_err(|e| e.to_string())?;
         let channel = 0x4000 + (i % 0x1000) as u16;

@@ -40,7 +40,11 @@ impl PerIpLimiter {
         let refill = (now.saturating_duration_since(*last).as_micros() as u64 * rate as u64 / 1_000_000) as u32;
         if refill > 0 {
             *tokens = tokens.saturating_add(refill).min(rate);
-            *last = now;
+            // Advance only by the time the whole tokens account for, keeping the fraction.
+            *last += Duration::from_micros(refill as u64 * 1_000_000 / rate as u64);
+            if *tokens == rate {
+                *last = now;
+            }
         }
         if *tokens == 0 {
             return false;

@@ -368,7 +368,11 @@ impl WorkerState {
         let refill = (rate as u128 * elapsed / 1_000_000_000) as u64;
         if refill > 0 {
             a.tokens = (a.tokens + refill).min(rate);
-            a.refilled = now;
+            // Advance only by the time the whole tokens account for, keeping the fraction.
+            a.refilled += Duration::from_nanos((refill as u128 * 1_000_000_000 / rate as u128) as u64);
+            if a.tokens == rate {
+                a.refilled = now;
+            }
         }
         if a.tokens >= len as u64 {
             a.tokens -= len as u64;
