@@ -137,7 +137,11 @@ fn run(core: WorkerCore, backend: IoBackend, waker: &Waker, shutdown: &AtomicBoo
     let finish = |c: &WorkerCore| {
         counters.set(*c.state.counters());
         if c.control_queue_full > 0 {
-            tracing::warn!(worker = c.index, dropped = c.control_queue_full, "requests dropped: control-plane queue full");
+            tracing::warn!(
+                worker = c.index,
+                dropped = c.control_queue_full,
+                "requests dropped: control-plane queue full"
+            );
         }
     };
     match backend {
