@@ -42,9 +42,17 @@ impl PortSlice {
         false
     }
 
-    /// Binds a relay socket on `ip` at the next free port of the slice (an even one when `even`,
+    /// Starts the next search at a port drawn from the CSPRNG, so relayed transport addresses
+    /// cannot be predicted (RFC 8656 §7.2 and §21: guessing one would let an attacker aim at an
+    /// allocation).
+    fn randomize(&mut self) {
+        self.next = self.lo + (rand::random::<u32>() % self.len() as u32) as u16;
+    }
+
+    /// Binds a relay socket on `ip` at a random free port of the slice (an even one when `even`,
     /// RFC 8656 §18.7). Returns `None` when every port is taken (508 Insufficient Capacity).
     pub fn bind(&mut self, ip: IpAddr, even: bool) -> io::Result<Option<UdpSocket>> {
+        self.randomize();
         for _ in 0..self.len() {
             let port = self.next;
             self.next = if self.next >= self.hi { self.lo } else { self.next + 1 };
@@ -64,6 +72,7 @@ impl PortSlice {
     /// §18.7): the first socket serves the allocation, the second is held for a
     /// RESERVATION-TOKEN. `None` when no such pair is free.
     pub fn bind_pair(&mut self, ip: IpAddr) -> io::Result<Option<(UdpSocket, UdpSocket)>> {
+        self.randomize();
         for _ in 0..self.len() {
             let port = self.next;
             self.next = if self.next >= self.hi { self.lo } else { self.next + 1 };

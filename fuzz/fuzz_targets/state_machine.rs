@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
                 s.handle_command(now, Command::Refresh { five_tuple: ft, tid, lifetime: Duration::from_secs(d as u64 % 5), key }, &mut out);
             }
             2 => {
-                let peers: Vec<IpAddr> = (0..(d % 4)).map(|i| IpAddr::from([127, 0, 0, 1 + ((a + i) % 6)])).collect();
+                let peers: Vec<IpAddr> = (0..(d % 4)).map(|i| IpAddr::from([127, 0, 0, 1 + (a.wrapping_add(i) % 6)])).collect();
                 s.handle_command(now, Command::CreatePermission { five_tuple: ft, tid, peers, key }, &mut out);
             }
             3 => {
