@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 SECONDS_TOTAL=${SOAK_SECONDS:-600}
 RATE=${SOAK_RATE:-20000}
 GARBAGE_RATE=${SOAK_GARBAGE_RATE:-5000}
+# Pause between churn batches (200 allocations each), seconds: keeps the churn from taking a
+# whole core of a small machine away from the relay.
+CHURN_PAUSE=${SOAK_CHURN_PAUSE:-0.5}
 BIN=${BIN:-target/release}
 OUT=target/soak
 mkdir -p "$OUT"
@@ -46,6 +49,7 @@ rss_mid=""
 while [ "$(date +%s)" -lt "$end" ]; do
   timeout 60 "$BIN/uturn-load" --json --quiet --mode allocs --count 200 --clients 4 --delete --server 127.0.0.1:"$port" \
     >> "$OUT/churn.jsonl" || true
+  sleep "$CHURN_PAUSE"
   if [ -z "$rss_mid" ] && [ "$(date +%s)" -ge "$half" ]; then rss_mid=$(rss); fi
 done
 wait "$TRAFFIC" "$GARBAGE"

@@ -73,6 +73,17 @@ impl<T: Copy> TimerWheel<T> {
         (self.len > 0).then(|| self.origin + self.tick * (self.current + 1) as u32)
     }
 
+    /// Keeps only the entries `keep` approves: the owner's way to drop entries whose target is
+    /// gone (a deleted allocation leaves its timers behind). O(entries); call it rarely.
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        let mut len = 0;
+        for slot in &mut self.slots {
+            slot.retain(|(_, item)| keep(item));
+            len += slot.len();
+        }
+        self.len = len;
+    }
+
     /// Number of filed entries.
     pub fn len(&self) -> usize {
         self.len

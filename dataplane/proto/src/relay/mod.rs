@@ -480,10 +480,11 @@ impl WorkerState {
             Command::Refresh { five_tuple, tid, lifetime, key } => {
                 let method = Method::REFRESH;
                 let Some(id) = self.tables.lookup(&five_tuple) else {
-                    return self.mismatch(five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
                 };
                 let effect = if lifetime.is_zero() {
                     self.tables.remove(id);
+                    self.compact_timers();
                     Effect::Removed(id)
                 } else {
                     if let Some(a) = self.tables.get_mut(id) {
@@ -501,7 +502,7 @@ impl WorkerState {
             Command::CreatePermission { five_tuple, tid, peers, key } => {
                 let method = Method::CREATE_PERMISSION;
                 let Some(id) = self.tables.lookup(&five_tuple) else {
-                    return self.mismatch(five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
                 };
                 let held = self.tables.get(id).map_or(0, |a| a.permissions.len());
                 let mut new: Vec<IpAddr> = peers
@@ -512,7 +513,7 @@ impl WorkerState {
                 new.sort_unstable();
                 new.dedup();
                 if held + new.len() > self.config.max_permissions {
-                    return self.over_capacity(five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::InsufficientCapacity, five_tuple, method, tid, &key.0, out);
                 }
                 for ip in peers {
                     self.permit(now, id, ip);
@@ -523,7 +524,7 @@ impl WorkerState {
             Command::ChannelBind { five_tuple, tid, channel, peer, key } => {
                 let method = Method::CHANNEL_BIND;
                 let Some(id) = self.tables.lookup(&five_tuple) else {
-                    return self.mismatch(five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
                 };
                 // RFC 8656 §12.2: a channel and a peer bind one to one.
                 let channel_taken = matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.peer != peer);
@@ -540,7 +541,7 @@ impl WorkerState {
                 if (new_channel && channels >= self.config.max_channels)
                     || (new_permission && permissions >= self.config.max_permissions)
                 {
-                    return self.over_capacity(five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::InsufficientCapacity, five_tuple, method, tid, &key.0, out);
                 }
                 let expires = now + self.config.channel_lifetime;
                 if self.tables.set_channel(id, channel, peer, expires) {
@@ -594,28 +595,20 @@ impl WorkerState {
         }
     }
 
-    fn over_capacity(
+    /// A signed error response to a command (437 without an allocation, 508 over a cap).
+    fn refuse(
         &mut self,
+        code: ErrorCode,
         five_tuple: FiveTuple,
         method: Method,
         tid: TransactionId,
         key: &[u8],
         out: &mut [u8],
     ) -> CommandOutput {
-        self.counters.capacity_refusals += 1;
-        let reply_len = response::error(out, method, tid, ErrorCode::InsufficientCapacity, &[], Some(key)).unwrap_or(0);
-        CommandOutput { five_tuple, reply_len, effect: Effect::None }
-    }
-
-    fn mismatch(
-        &mut self,
-        five_tuple: FiveTuple,
-        method: Method,
-        tid: TransactionId,
-        key: &[u8],
-        out: &mut [u8],
-    ) -> CommandOutput {
-        let reply_len = response::error(out, method, tid, ErrorCode::AllocationMismatch, &[], Some(key)).unwrap_or(0);
+        if code == ErrorCode::InsufficientCapacity {
+            self.counters.capacity_refusals += 1;
+        }
+        let reply_len = response::error(out, method, tid, code, &[], Some(key)).unwrap_or(0);
         CommandOutput { five_tuple, reply_len, effect: Effect::None }
     }
 
@@ -663,6 +656,29 @@ impl WorkerState {
             }
         }
         self.fired = fired;
+        self.compact_timers();
+    }
+
+    /// Timer entries filed (live and stale), for tests and metrics.
+    pub fn timer_count(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// Drops timer entries whose allocation, permission or channel is gone once they outnumber
+    /// the live ones: deleting an allocation leaves its timers filed until their deadline (up to
+    /// the maximum lifetime), which under churn would grow without this. Amortised O(1) per
+    /// deletion: it runs only after as many deletions as there are live timers.
+    fn compact_timers(&mut self) {
+        let t = &self.tables;
+        let live = t.allocation_count() + t.permissions.len() + t.channels.len();
+        if self.timers.len() <= 2 * live + 1024 {
+            return;
+        }
+        self.timers.retain(|timer| match *timer {
+            Timer::Allocation(id) => t.get(id).is_some(),
+            Timer::Permission(id, ip) => t.get(id).is_some() && t.permissions.contains_key(&(id.index, ip)),
+            Timer::Channel(id, ch) => t.get(id).is_some() && t.channels.contains_key(&(id.index, ch)),
+        });
     }
 
     /// Removes every allocation (shutdown), returning their ids.

@@ -363,3 +363,21 @@ fn per_allocation_caps_and_bandwidth() {
     assert_eq!(h.state.counters().bandwidth_drops, 2);
     assert!(matches!(h.client(1, &cd), ClientOutput::Relay { .. }), "refilled after a second");
 }
+
+#[test]
+fn churn_leaves_no_timers_behind() {
+    let mut h = Harness::new();
+    for i in 0..20_000u64 {
+        h.install(i / 100, 600);
+        let out = h.command(
+            i / 100,
+            Command::CreatePermission { five_tuple: ft(), tid: tid(4), peers: vec![peer().ip()], key: KEY },
+        );
+        assert_eq!(parse_error_code(&h.out[..out.reply_len]), None);
+        let out =
+            h.command(i / 100, Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::ZERO, key: KEY });
+        assert!(matches!(out.effect, Effect::Removed(_)));
+    }
+    assert_eq!(h.state.tables().allocation_count(), 0);
+    assert!(h.state.timer_count() <= 1024 + 2, "stale timers compacted: {}", h.state.timer_count());
+}
