@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_TOTAL=${SOAK_SECONDS:-600}
-RATE=${SOAK_RATE:-20000}
+RATE=${SOAK_RATE:-10000}
 GARBAGE_RATE=${SOAK_GARBAGE_RATE:-5000}
 # Pause between churn batches (200 allocations each), seconds: keeps the churn from taking a
 # whole core of a small machine away from the relay.

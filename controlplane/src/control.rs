@@ -15,9 +15,9 @@ use uturn_proto::response::{self, ErrorCode};
 use uturn_proto::wire::{attr, ChannelNumber, Class, IntegrityKey, Message, Method, TransactionId};
 use uturn_proto::FiveTuple;
 
-use crate::nonce::{NonceCheck, NonceKey};
 use crate::policy::PeerPolicy;
 use crate::ports::PortSlice;
+use uturn_proto::nonce::{Challenger, NonceCheck};
 
 /// Largest response the control plane builds, bytes.
 const RESPONSE_BUF: usize = 1024;
@@ -78,29 +78,21 @@ enum Auth {
 pub struct ControlPlane {
     policy: Policy,
     keys: HashMap<Arc<str>, IntegrityKey>,
-    nonces: NonceKey,
+    challenger: Challenger,
     ports: Vec<PortSlice>,
     owners: HashMap<FiveTuple, Owner>,
     per_user: HashMap<Arc<str>, u32>,
     /// Relay sockets held for RESERVATION-TOKENs, with their deadlines.
     reservations: HashMap<[u8; 8], (Instant, UdpSocket)>,
-    clock_origin: Instant,
     buf: Vec<u8>,
     /// Counters.
     pub stats: ControlStats,
 }
 
 impl ControlPlane {
-    /// A control plane for `workers` workers sharing `port_range`, with nonces keyed by
-    /// `nonce_secret` (from a CSPRNG) and valid for `nonce_lifetime`.
-    pub fn new(
-        policy: Policy,
-        workers: usize,
-        port_range: (u16, u16),
-        nonce_secret: [u8; 32],
-        nonce_lifetime: Duration,
-        now: Instant,
-    ) -> Self {
+    /// A control plane for `workers` workers sharing `port_range`; `challenger` mints and checks
+    /// nonces (the workers hold clones of it).
+    pub fn new(policy: Policy, workers: usize, port_range: (u16, u16), challenger: Challenger) -> Self {
         let keys = policy
             .users
             .iter()
@@ -108,13 +100,11 @@ impl ControlPlane {
             .collect();
         ControlPlane {
             keys,
-            nonces: NonceKey::new(nonce_secret, nonce_lifetime.as_secs().max(1)),
+            challenger,
             ports: PortSlice::split(port_range.0, port_range.1, workers),
             owners: HashMap::new(),
             per_user: HashMap::new(),
             reservations: HashMap::new(),
-            // Nonce times count from one second before start, so the first nonce is not time 0.
-            clock_origin: now.checked_sub(Duration::from_secs(1)).unwrap_or(now),
             buf: vec![0; RESPONSE_BUF],
             policy,
             stats: ControlStats::default(),
@@ -124,10 +114,6 @@ impl ControlPlane {
     /// Number of allocations the control plane accounts for.
     pub fn allocations(&self) -> usize {
         self.owners.len()
-    }
-
-    fn secs(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.clock_origin).as_secs()
     }
 
     /// A worker reported that `ft`'s allocation is gone: release its quota.
@@ -204,7 +190,7 @@ impl ControlPlane {
         let (Some(username), Some(_realm), Some(nonce)) = (msg.username(), msg.realm(), msg.nonce()) else {
             return Auth::Reply(self.error(msg, ErrorCode::BadRequest, None));
         };
-        if self.nonces.check(nonce, self.secs(now), &ft.client) != NonceCheck::Valid {
+        if self.challenger.check(nonce, now, &ft.client) != NonceCheck::Valid {
             return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::StaleNonce));
         }
         let found =
@@ -224,17 +210,10 @@ impl ControlPlane {
     /// A 401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4).
     fn challenge(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, code: ErrorCode) -> Vec<u8> {
         self.stats.errors += 1;
-        let nonce = self.nonces.mint(self.secs(now), &ft.client);
-        let realm = self.policy.realm.clone();
-        let n = (|| {
-            let mut w =
-                response::start_unauthenticated(&mut self.buf, msg.method(), Class::Error, msg.transaction_id())?;
-            w.error_code(code.code(), code.reason())?;
-            w.bytes(attr::REALM, realm.as_bytes())?;
-            w.bytes(attr::NONCE, nonce.as_bytes())?;
-            response::seal(w, None)
-        })()
-        .unwrap_or(0);
+        let n = self
+            .challenger
+            .write(&mut self.buf, msg.method(), msg.transaction_id(), code, now, &ft.client)
+            .unwrap_or(0);
         self.buf[..n].to_vec()
     }
 

@@ -4,7 +4,6 @@
 
 pub mod config;
 pub mod control;
-pub mod nonce;
 pub mod policy;
 pub mod ports;
 pub mod server;

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::RecvTimeoutError;
 use tracing::{error, info, warn};
 use uturn_dataplane::{FromWorker, IoBackend, ToWorker, WorkerConfig, WorkerHandle};
+use uturn_proto::nonce::{Challenger, NonceKey};
 use uturn_proto::relay::RelayConfig;
 
 use crate::config::{BackendChoice, Config};
@@ -44,6 +45,10 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         Err(e) => warn!("could not raise the open-file limit: {e}"),
     }
     info!(backend = backend.name(), workers = config.workers, "starting data plane");
+    // One nonce key (secret from the OS CSPRNG) for the control plane and every worker: workers
+    // answer the first, unauthenticated request of an Allocate with 401 themselves.
+    let nonce_key = NonceKey::new(rand::random(), config.nonce_lifetime.as_secs().max(1));
+    let challenger = Challenger::new(&config.realm, nonce_key, Challenger::origin_for(Instant::now()));
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<FromWorker>();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut workers: Vec<WorkerHandle> = Vec::with_capacity(config.workers);
@@ -62,6 +67,7 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
                 unauthenticated_rate: config.unauth_rate,
             },
             command_queue: COMMAND_QUEUE,
+            challenger: Some(challenger.clone()),
         };
         match uturn_dataplane::spawn(cfg, events_tx.clone()) {
             Ok(h) => workers.push(h),
@@ -86,14 +92,7 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         rfc5766_channels: config.rfc5766_channels,
     };
     info!("{}", policy.peers.describe());
-    let mut control = ControlPlane::new(
-        policy,
-        config.workers,
-        config.port_range,
-        rand::random(),
-        config.nonce_lifetime,
-        Instant::now(),
-    );
+    let mut control = ControlPlane::new(policy, config.workers, config.port_range, challenger);
 
     let mut failed = false;
     while !shutdown.load(Ordering::Relaxed) {

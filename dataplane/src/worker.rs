@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Sender, TrySendError};
 use tracing::{error, info};
+use uturn_proto::nonce::Challenger;
 use uturn_proto::relay::{Counters, RelayConfig};
 use uturn_proto::WorkerState;
 
@@ -51,6 +52,8 @@ pub struct WorkerConfig {
     pub relay: RelayConfig,
     /// Capacity of the command queue from the control plane, in messages.
     pub command_queue: usize,
+    /// Lets the worker answer unauthenticated requests with 401 itself (shared nonce key).
+    pub challenger: Option<Challenger>,
 }
 
 /// The control plane's handle on a running worker.
@@ -117,7 +120,10 @@ pub fn spawn(cfg: WorkerConfig, events: Sender<FromWorker>) -> io::Result<Worker
                 tracing::warn!(worker = index, core = core.id, "could not pin worker to core");
             }
         }
-        let state = WorkerState::new(cfg.relay, Instant::now(), rand::random());
+        let mut state = WorkerState::new(cfg.relay, Instant::now(), rand::random());
+        if let Some(c) = cfg.challenger {
+            state.set_challenger(c);
+        }
         let core = WorkerCore::new(index, state, listeners, rx, events);
         let result = run(core, cfg.backend, &w, &s);
         match result {

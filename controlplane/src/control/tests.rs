@@ -2,6 +2,7 @@
 //! quotas and the retransmission cache. Relay sockets are real (127.0.0.1).
 
 use super::*;
+use uturn_proto::nonce::NonceKey;
 use uturn_proto::wire::{integrity, MessageWriter, WriteError};
 
 const REALM: &str = "uturn.local";
@@ -33,7 +34,8 @@ impl H {
     fn new() -> H {
         let t0 = Instant::now();
         let lo = 40000 + rand::random::<u16>() % 20000;
-        H { cp: ControlPlane::new(policy(), 1, (lo, lo + 50), [3; 32], Duration::from_secs(10), t0), t0 }
+        let challenger = Challenger::new(REALM, NonceKey::new([3; 32], 10), Challenger::origin_for(t0));
+        H { cp: ControlPlane::new(policy(), 1, (lo, lo + 50), challenger), t0 }
     }
     fn at(&self, s: u64) -> Instant {
         self.t0 + Duration::from_secs(s)

@@ -11,6 +11,7 @@
 //! Nothing here performs I/O; the `uturn-dataplane` crate wraps it in io_uring / epoll workers.
 #![forbid(unsafe_code)]
 
+pub mod nonce;
 pub mod ratelimit;
 pub mod relay;
 pub mod response;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 pub use command::{Command, Effect, Install};
 pub use tables::{Allocation, ChannelBinding, Tables};
 
+use crate::nonce::Challenger;
 use crate::ratelimit::PerIpLimiter;
 use crate::response::{self, ErrorCode};
 use crate::timer::TimerWheel;
@@ -181,6 +182,8 @@ pub struct WorkerState {
     counters: Counters,
     /// Requests without MESSAGE-INTEGRITY per source IP (Binding, and the 401 round).
     unauthenticated: PerIpLimiter,
+    /// Answers the unauthenticated first request of an Allocate (401) without the control plane.
+    challenger: Option<Challenger>,
     /// xorshift64 state for Data indication transaction IDs (seeded by the caller from a CSPRNG).
     rng: u64,
 }
@@ -196,8 +199,15 @@ impl WorkerState {
             fired: Vec::new(),
             counters: Counters::default(),
             unauthenticated: PerIpLimiter::new(config.unauthenticated_rate),
+            challenger: None,
             rng: seed | 1,
         }
+    }
+
+    /// Lets the worker answer requests without MESSAGE-INTEGRITY with 401 itself (RFC 8489
+    /// §9.2.4 step 1), saving the round trip to the control plane; without it they are forwarded.
+    pub fn set_challenger(&mut self, challenger: Challenger) {
+        self.challenger = Some(challenger);
     }
 
     /// The tables (read-only), for the shell and tests.
@@ -310,10 +320,16 @@ impl WorkerState {
                         return ClientOutput::Reply(a.alloc_response.len());
                     }
                 }
+                if let Some(reply) = self.challenge(now, ft, msg, out) {
+                    return reply;
+                }
                 self.counters.requests_forwarded += 1;
                 ClientOutput::Authenticate
             }
             (Class::Request, Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND) => {
+                if let Some(reply) = self.challenge(now, ft, msg, out) {
+                    return reply;
+                }
                 self.counters.requests_forwarded += 1;
                 ClientOutput::Authenticate
             }
@@ -321,6 +337,16 @@ impl WorkerState {
                 self.answer(response::error(out, m, msg.transaction_id(), ErrorCode::BadRequest, &[], None))
             }
         }
+    }
+
+    /// 401 with REALM and NONCE for a request without MESSAGE-INTEGRITY, when a challenger is set.
+    fn challenge(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, out: &mut [u8]) -> Option<ClientOutput> {
+        if msg.has_integrity() {
+            return None;
+        }
+        let c = self.challenger.as_ref()?;
+        let written = c.write(out, msg.method(), msg.transaction_id(), ErrorCode::Unauthorized, now, &ft.client);
+        Some(self.answer(written))
     }
 
     fn answer(&mut self, written: Result<usize, wire::WriteError>) -> ClientOutput {

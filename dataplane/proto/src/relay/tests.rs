@@ -381,3 +381,31 @@ fn churn_leaves_no_timers_behind() {
     assert_eq!(h.state.tables().allocation_count(), 0);
     assert!(h.state.timer_count() <= 1024 + 2, "stale timers compacted: {}", h.state.timer_count());
 }
+
+#[test]
+fn with_a_challenger_the_worker_answers_the_first_allocate_with_401() {
+    use crate::nonce::{Challenger, NonceCheck, NonceKey};
+    let mut h = Harness::new();
+    let challenger = Challenger::new("uturn.local", NonceKey::new([9; 32], 600), Challenger::origin_for(h.t0));
+    h.state.set_challenger(challenger.clone());
+    let ClientOutput::Reply(n) = h.client(0, &request(Method::ALLOCATE, tid(1))) else { panic!("answered locally") };
+    let reply = h.out[..n].to_vec();
+    let m = Message::parse(&reply).unwrap();
+    assert_eq!(parse_error_code(&reply), Some(401));
+    assert_eq!(m.realm(), Some(&b"uturn.local"[..]));
+    assert_eq!(
+        challenger.check(m.nonce().unwrap(), h.at(1), &ft().client),
+        NonceCheck::Valid,
+        "the control plane accepts it"
+    );
+    assert_eq!(h.state.counters().requests_forwarded, 0);
+    // The same request again gets the same bytes (the nonce time window), with no state kept.
+    let ClientOutput::Reply(n2) = h.client(0, &request(Method::ALLOCATE, tid(1))) else { panic!() };
+    assert_eq!(&h.out[..n2], &reply[..]);
+    // Requests carrying MESSAGE-INTEGRITY still go to the control plane.
+    let mut buf = vec![0u8; 256];
+    let mut w = MessageWriter::new(&mut buf, Method::ALLOCATE, Class::Request, tid(2)).unwrap();
+    w.integrity(&KEY.0).unwrap();
+    let len = w.finish();
+    assert_eq!(h.client(0, &buf[..len]), ClientOutput::Authenticate);
+}

@@ -7,9 +7,14 @@
 //! HMAC-SHA1(secret, time || client IP || client port) truncated to 64 bits.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
+
+use crate::response::{self, ErrorCode};
+use crate::wire::{attr, Class, Method, TransactionId, WriteError};
 
 /// Length of a nonce in bytes.
 pub const NONCE_LEN: usize = 24;
@@ -99,6 +104,63 @@ impl NonceKey {
         } else {
             NonceCheck::Valid
         }
+    }
+}
+
+/// Everything needed to challenge a client with 401 or 438 (RFC 8489 §9.2.4): the realm, the
+/// nonce key and the clock origin. Immutable and cheap to clone, so every worker answers the
+/// unauthenticated first request of an Allocate itself, byte for byte as the control plane
+/// would, and the control plane checks the nonces it sees.
+#[derive(Debug, Clone)]
+pub struct Challenger {
+    realm: Arc<str>,
+    key: NonceKey,
+    origin: Instant,
+}
+
+impl Challenger {
+    /// A challenger for `realm`; nonce times count seconds from `origin`.
+    pub fn new(realm: &str, key: NonceKey, origin: Instant) -> Self {
+        Challenger { realm: realm.into(), key, origin }
+    }
+
+    /// The clock origin for a process starting at `now` (one second before, so the first nonce
+    /// is not time 0).
+    pub fn origin_for(now: Instant) -> Instant {
+        now.checked_sub(Duration::from_secs(1)).unwrap_or(now)
+    }
+
+    /// The realm.
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    fn secs(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_secs()
+    }
+
+    /// Checks a received nonce for `client` at `now`.
+    pub fn check(&self, nonce: &[u8], now: Instant, client: &SocketAddr) -> NonceCheck {
+        self.key.check(nonce, self.secs(now), client)
+    }
+
+    /// Writes a `code` (401 or 438) error response with REALM and a fresh NONCE for `client`,
+    /// unsigned and without SOFTWARE (an answer to a stranger stays small). Returns its length.
+    pub fn write(
+        &self,
+        out: &mut [u8],
+        method: Method,
+        tid: TransactionId,
+        code: ErrorCode,
+        now: Instant,
+        client: &SocketAddr,
+    ) -> Result<usize, WriteError> {
+        let nonce = self.key.mint(self.secs(now), client);
+        let mut w = response::start_unauthenticated(out, method, Class::Error, tid)?;
+        w.error_code(code.code(), code.reason())?;
+        w.bytes(attr::REALM, self.realm.as_bytes())?;
+        w.bytes(attr::NONCE, nonce.as_bytes())?;
+        response::seal(w, None)
     }
 }
 
