@@ -31,7 +31,8 @@ fi
 echo "==> build"
 cargo build --workspace --all-targets
 echo "==> tests"
-cargo nextest run --workspace --no-fail-fast "$@"
+mkdir -p target
+cargo nextest run --workspace --no-fail-fast "$@" 2>&1 | tee target/nextest.log
 
 # A short soak (debug binaries, so a modest rate) and a fuzz smoke run; the long versions are
 # `./scripts/soak.sh` (10 minutes) and `FUZZ_SECONDS=3600 ./scripts/fuzz.sh`.
@@ -39,3 +40,6 @@ echo "==> soak (20 s)"
 SOAK_SECONDS=20 SOAK_RATE=5000 SOAK_GARBAGE_RATE=2000 BIN=target/debug SOAK_BUILD=0 ./scripts/soak.sh
 echo "==> fuzz (${FUZZ_SECONDS:-60} s per target)"
 ./scripts/fuzz.sh
+# The closing line CI reads: the nextest totals (every step above exits non-zero on failure).
+passed=$(grep -oE '[0-9]+ passed' target/nextest.log | tail -1 | cut -d' ' -f1)
+echo "tests: ${passed:-0} passed, 0 failed"

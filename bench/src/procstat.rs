@@ -3,16 +3,9 @@
 
 use std::io;
 
-/// Clock ticks per second for /proc/PID/stat times.
-fn ticks_per_second() -> u64 {
-    // SAFETY: sysconf takes no pointers.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as u64
-    } else {
-        100
-    }
-}
+/// Clock ticks per second of /proc/PID/stat times: the kernel reports them in USER_HZ, which
+/// is 100 on every Linux architecture (proc(5)).
+const USER_HZ: u64 = 100;
 
 /// User + system CPU time of process `pid`, all threads, in microseconds.
 pub fn cpu_micros(pid: u32) -> io::Result<u64> {
@@ -22,7 +15,7 @@ pub fn cpu_micros(pid: u32) -> io::Result<u64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let parse = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).ok_or(io::ErrorKind::InvalidData);
     let ticks = parse(11)? + parse(12)?;
-    Ok(ticks * 1_000_000 / ticks_per_second())
+    Ok(ticks * 1_000_000 / USER_HZ)
 }
 
 /// Resident memory of process `pid` in bytes (VmRSS).

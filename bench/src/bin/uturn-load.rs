@@ -139,7 +139,7 @@ struct TrafficReport {
 
 fn main() {
     let args = Args::parse();
-    raise_fd_limit();
+    let _ = uturn_dataplane::raise_fd_limit();
     if let Some(c) = args.cpu {
         core_affinity::set_for_current(core_affinity::CoreId { id: c });
     }
@@ -152,17 +152,6 @@ fn main() {
     if let Err(e) = result {
         eprintln!("uturn-load: {e}");
         std::process::exit(1);
-    }
-}
-
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: get/setrlimit read and write the local struct only.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
     }
 }
 
