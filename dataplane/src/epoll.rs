@@ -90,19 +90,28 @@ pub(crate) fn run(
 /// Consecutive receive errors (other than WouldBlock) after which a drain loop gives up.
 const MAX_RECV_ERRORS: u32 = 64;
 
+/// The drain loops' policy for one receive: a datagram, `None` to try again after a transient
+/// error, or `Err(())` to stop (the socket is drained, or keeps failing).
+fn received<T>(r: io::Result<T>, errors: &mut u32) -> Result<Option<T>, ()> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(()),
+        Err(_) if *errors < MAX_RECV_ERRORS => {
+            *errors += 1;
+            Ok(None)
+        }
+        Err(_) => Err(()),
+    }
+}
+
 fn drain_listener(core: &mut WorkerCore, io: &mut EpollIo, listener: usize, buf: &mut [u8], now: Instant) {
     let mut errors = 0;
     loop {
-        let (n, from) = match io.listeners[listener].recv_from(&mut buf[PEER_HEADROOM..]) {
-            Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(_) if errors < MAX_RECV_ERRORS => {
-                errors += 1;
-                continue;
-            }
-            Err(_) => return,
+        let (n, from) = match received(io.listeners[listener].recv_from(buf), &mut errors) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(()) => return,
         };
-        let buf = &buf[PEER_HEADROOM..];
         match core.on_client(now, listener, from, &buf[..n]) {
             ClientVerdict::Done => {}
             ClientVerdict::Reply(len) => {
@@ -124,18 +133,14 @@ fn drain_relay(core: &mut WorkerCore, io: &mut EpollIo, slot: usize, buf: &mut [
     };
     let mut errors = 0;
     loop {
-        let received = match core.relays.get(slot) {
+        let result = match core.relays.get(slot) {
             Some(Some(r)) => r.socket.recv_from(&mut buf[PEER_HEADROOM..BUF_LEN - PEER_TAILROOM]),
             _ => return,
         };
-        let (n, peer) = match received {
-            Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(_) if errors < MAX_RECV_ERRORS => {
-                errors += 1;
-                continue;
-            }
-            Err(_) => return,
+        let (n, peer) = match received(result, &mut errors) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(()) => return,
         };
         if let Some((listener, client, msg)) =
             core.on_peer(now, slot, generation, peer, buf, PEER_HEADROOM..PEER_HEADROOM + n)
