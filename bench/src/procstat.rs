@@ -18,6 +18,22 @@ pub fn cpu_micros(pid: u32) -> io::Result<u64> {
     Ok(ticks * 1_000_000 / USER_HZ)
 }
 
+/// Context switches of process `pid`, all threads (voluntary + involuntary, from
+/// /proc/PID/task/*/status): each voluntary one is a sleep and a wake-up, so the count per
+/// relayed packet shows how well a relay batches.
+pub fn context_switches(pid: u32) -> io::Result<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else { continue };
+        for l in status.lines() {
+            if l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:") {
+                total += l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// Resident memory of process `pid` in bytes (VmRSS).
 pub fn rss_bytes(pid: u32) -> io::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -62,5 +78,6 @@ mod tests {
         }
         assert!(x != 1);
         super::cpu_micros(me).unwrap();
+        assert!(super::context_switches(me).unwrap() > 0);
     }
 }

@@ -5,8 +5,12 @@
 //!   `io_uring_recvmsg_out` header and a 32-byte address field before each payload, so the
 //!   payload starts at byte 48 = [`PEER_HEADROOM`]: a peer datagram is framed as ChannelData or a
 //!   Data indication by writing over those 48 bytes after reading the address, with no copy.
-//! - Relayed datagrams are sent with `SendMsg` straight from the receive buffer; the buffer goes
-//!   back to the ring when the send completes. Replies are copied into the send slot.
+//! - Relayed datagrams are sent with `Send` and a destination address (sendto, kernel 6.0+)
+//!   straight from the receive buffer; the buffer goes back to the ring when the send completes.
+//!   Replies are copied into the send slot. `Send` rather than `SendMsg` spares the kernel a
+//!   msghdr and iovec copy per datagram.
+//! - Listener and relay sockets are registered files (a fixed-file table), so no operation takes
+//!   a file reference per datagram. Sockets past the table's size fall back to plain fds.
 //! - Submissions are batched: one `io_uring_enter` per loop iteration submits every send queued
 //!   while processing the previous batch of completions and waits for the next.
 
@@ -17,7 +21,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use io_uring::types::{BufRingEntry, Fd, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::types::{BufRingEntry, Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use tracing::warn;
 use uturn_proto::relay::{AllocationId, PEER_HEADROOM, PEER_TAILROOM};
@@ -40,6 +44,32 @@ const BGID: u16 = 0;
 /// Sends in flight per worker.
 const SEND_SLOTS: usize = 2048;
 const SQ_ENTRIES: u32 = 4096;
+/// Relay sockets per worker that get a registered-file slot (the table costs 8 bytes a slot);
+/// allocations beyond it use plain fds.
+const FIXED_RELAYS: u32 = 65_536;
+
+/// How an operation names its socket: a registered-file slot, or a plain fd.
+#[derive(Clone, Copy, Debug)]
+enum FileRef {
+    Fixed(u32),
+    Raw(RawFd),
+}
+
+/// Builds `$op` with the socket `$file` as a `Fixed` slot or an `Fd`.
+macro_rules! with_file {
+    ($file:expr, |$t:ident| $op:expr) => {
+        match $file {
+            FileRef::Fixed(slot) => {
+                let $t = Fixed(slot);
+                $op
+            }
+            FileRef::Raw(fd) => {
+                let $t = Fd(fd);
+                $op
+            }
+        }
+    };
+}
 
 const KIND_SHIFT: u32 = 60;
 const KIND_LISTENER: u64 = 1;
@@ -65,7 +95,7 @@ pub fn probe() -> Result<(), String> {
     ring.submitter().register_probe(&mut p).map_err(|e| format!("io_uring probe: {e}"))?;
     for (op, name) in [
         (opcode::RecvMsg::CODE, "RecvMsg"),
-        (opcode::SendMsg::CODE, "SendMsg"),
+        (opcode::Send::CODE, "Send"),
         (opcode::AsyncCancel::CODE, "AsyncCancel"),
     ] {
         if !p.is_supported(op) {
@@ -180,10 +210,8 @@ impl Drop for BufRing {
     }
 }
 
-/// One in-flight send: its msghdr, iovec and address must stay put until the completion.
+/// One in-flight send: its destination address must stay put until the completion.
 struct SendSlot {
-    hdr: libc::msghdr,
-    iov: libc::iovec,
     addr: RawSockAddr,
     /// Provided buffer to recycle when the send completes.
     bid: Option<u16>,
@@ -198,7 +226,10 @@ struct UringIo {
     slots: Box<[SendSlot]>,
     free_slots: Vec<u32>,
     recv_hdr: Box<libc::msghdr>,
-    listener_fds: Vec<RawFd>,
+    /// Listener `i` as operations name it (registered slot `i`, or its fd).
+    listener_files: Vec<FileRef>,
+    /// Registered-file slots exist (`register_files_sparse` succeeded).
+    fixed_files: bool,
     waker_buf: Box<u64>,
     /// Sends dropped for lack of a free slot.
     send_slots_exhausted: u64,
@@ -208,6 +239,8 @@ struct UringIo {
     truncated: u64,
     /// Submissions the kernel refused (receives were retried, sends dropped).
     submit_failures: u64,
+    /// Registered-file table updates that failed (the socket ran on its plain fd).
+    fixed_update_failures: u64,
     /// Receives and cancels to queue again next iteration.
     pending: Vec<squeue::Entry>,
 }
@@ -237,9 +270,20 @@ impl UringIo {
         }
     }
 
-    fn arm_recv(&mut self, fd: RawFd, user_data: u64) {
-        let sqe = opcode::RecvMsgMulti::new(Fd(fd), &*self.recv_hdr as *const _, BGID).build().user_data(user_data);
+    fn arm_recv(&mut self, file: FileRef, user_data: u64) {
+        let hdr = &*self.recv_hdr as *const libc::msghdr;
+        let sqe = with_file!(file, |t| opcode::RecvMsgMulti::new(t, hdr, BGID).build().user_data(user_data));
         self.push_or_retry(sqe);
+    }
+
+    /// The registered slot of relay slab index `index`, if the table has one.
+    fn relay_slot(&self, index: u32) -> Option<u32> {
+        (self.fixed_files && index < FIXED_RELAYS).then(|| self.listener_files.len() as u32 + index)
+    }
+
+    /// How operations name the relay socket `fd` of slab index `index`.
+    fn relay_file(&self, index: u32, fd: RawFd) -> FileRef {
+        self.relay_slot(index).map_or(FileRef::Raw(fd), FileRef::Fixed)
     }
 
     fn arm_waker(&mut self, fd: RawFd) {
@@ -261,7 +305,7 @@ impl UringIo {
     /// Returns false (and sends nothing) when no slot is free.
     fn send(
         &mut self,
-        fd: RawFd,
+        file: FileRef,
         to: SocketAddr,
         data: Result<*const u8, &[u8]>,
         len: usize,
@@ -281,13 +325,13 @@ impl UringIo {
             }
         };
         slot.bid = bid;
-        slot.iov = libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len };
         let addr_len = slot.addr.set(&to);
-        slot.hdr.msg_name = slot.addr.as_ptr();
-        slot.hdr.msg_namelen = addr_len;
-        slot.hdr.msg_iov = &mut slot.iov;
-        slot.hdr.msg_iovlen = 1;
-        let sqe = opcode::SendMsg::new(Fd(fd), &slot.hdr).build().user_data(tag(KIND_SEND, i as u64));
+        let addr = slot.addr.as_ptr().cast::<libc::sockaddr>().cast_const();
+        let sqe = with_file!(file, |t| opcode::Send::new(t, base, len as u32)
+            .dest_addr(addr)
+            .dest_addr_len(addr_len)
+            .build()
+            .user_data(tag(KIND_SEND, i as u64)));
         if !self.push(&sqe) {
             // Not queued: the slot is free again and the caller recycles the buffer.
             self.slots[i as usize].bid = None;
@@ -300,9 +344,26 @@ impl UringIo {
 
 impl Io for UringIo {
     fn register_relay(&mut self, id: AllocationId, socket: &UdpSocket) {
-        self.arm_recv(socket.as_raw_fd(), relay_tag(id));
+        let mut file = FileRef::Raw(socket.as_raw_fd());
+        if let Some(slot) = self.relay_slot(id.index) {
+            match self.ring.submitter().register_files_update(slot, &[socket.as_raw_fd()]) {
+                Ok(_) => file = FileRef::Fixed(slot),
+                Err(e) => {
+                    self.fixed_update_failures += 1;
+                    warn!(error = %e, "registering a relay socket failed; it runs on a plain fd");
+                }
+            }
+        }
+        self.arm_recv(file, relay_tag(id));
     }
     fn deregister_relay(&mut self, id: AllocationId, _socket: &UdpSocket) {
+        // Empty the registered slot so the table no longer keeps the socket open; requests
+        // still using it hold the old table node until they complete.
+        if let Some(slot) = self.relay_slot(id.index) {
+            if self.ring.submitter().register_files_update(slot, &[-1]).is_err() {
+                self.fixed_update_failures += 1;
+            }
+        }
         // The caller closes the socket next; the cancel drops the ring's reference to it.
         // A receive still waiting in `pending` must not be armed on a closed (or reused) fd.
         let ud = relay_tag(id);
@@ -311,8 +372,8 @@ impl Io for UringIo {
         self.push_or_retry(sqe);
     }
     fn send_reply(&mut self, listener: usize, to: SocketAddr, bytes: &[u8]) {
-        let fd = self.listener_fds[listener];
-        self.send(fd, to, Err(bytes), bytes.len(), None);
+        let file = self.listener_files[listener];
+        self.send(file, to, Err(bytes), bytes.len(), None);
     }
 }
 
@@ -336,6 +397,19 @@ pub(crate) fn run(
     finish: impl FnOnce(&WorkerCore),
 ) -> io::Result<()> {
     let ring = new_ring()?;
+    let listener_fds: Vec<RawFd> = core.listeners.iter().map(|l| l.socket.as_raw_fd()).collect();
+    // A sparse table of listener slots, then one slot per relay slab index (5.19+); without it
+    // every socket is named by its fd.
+    let fixed_files = ring
+        .submitter()
+        .register_files_sparse(listener_fds.len() as u32 + FIXED_RELAYS)
+        .and_then(|_| ring.submitter().register_files_update(0, &listener_fds))
+        .is_ok();
+    let listener_files = listener_fds
+        .iter()
+        .enumerate()
+        .map(|(i, &fd)| if fixed_files { FileRef::Fixed(i as u32) } else { FileRef::Raw(fd) })
+        .collect();
     let bufs = BufRing::new(&ring, BUF_COUNT, BUF_SIZE, BGID)?;
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
@@ -343,9 +417,6 @@ pub(crate) fn run(
     recv_hdr.msg_controllen = 0;
     let slots: Box<[SendSlot]> = (0..SEND_SLOTS)
         .map(|_| SendSlot {
-            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-            hdr: unsafe { std::mem::zeroed() },
-            iov: libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 },
             addr: RawSockAddr::zeroed(),
             bid: None,
             owned: Vec::new(),
@@ -357,7 +428,9 @@ pub(crate) fn run(
         slots,
         free_slots: (0..SEND_SLOTS as u32).rev().collect(),
         recv_hdr,
-        listener_fds: core.listeners.iter().map(|l| l.socket.as_raw_fd()).collect(),
+        listener_files,
+        fixed_files,
+        fixed_update_failures: 0,
         waker_buf: Box::new(0),
         send_slots_exhausted: 0,
         send_errors: 0,
@@ -365,8 +438,8 @@ pub(crate) fn run(
         submit_failures: 0,
         pending: Vec::new(),
     };
-    for i in 0..io.listener_fds.len() {
-        io.arm_recv(io.listener_fds[i], tag(KIND_LISTENER, i as u64));
+    for i in 0..io.listener_files.len() {
+        io.arm_recv(io.listener_files[i], tag(KIND_LISTENER, i as u64));
     }
     io.arm_waker(waker.raw_fd());
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(SQ_ENTRIES as usize * 4);
@@ -398,9 +471,15 @@ pub(crate) fn run(
     }
     core.close_all(&mut io);
     finish(&core);
-    if io.send_slots_exhausted > 0 || io.send_errors > 0 || io.truncated > 0 || io.submit_failures > 0 {
+    if io.send_slots_exhausted > 0
+        || io.send_errors > 0
+        || io.truncated > 0
+        || io.submit_failures > 0
+        || io.fixed_update_failures > 0
+    {
         warn!(
             worker = core.index,
+            fixed_update_failures = io.fixed_update_failures,
             slots_exhausted = io.send_slots_exhausted,
             send_errors = io.send_errors,
             truncated = io.truncated,
@@ -427,7 +506,7 @@ fn dispatch(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res:
         KIND_LISTENER => {
             let listener = low as usize;
             if !cqueue::more(flags) {
-                io.arm_recv(io.listener_fds[listener], ud);
+                io.arm_recv(io.listener_files[listener], ud);
             }
             let Some(bid) = cqueue::buffer_select(flags) else { return };
             if res > 0 {
@@ -442,8 +521,8 @@ fn dispatch(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res:
             let live = matches!(core.relays.get(index), Some(Some(r)) if r.id.generation & GEN_MASK == generation);
             if live && !cqueue::more(flags) && res != -libc::ECANCELED {
                 if let Some(Some(r)) = core.relays.get(index) {
-                    let (fd, id) = (r.socket.as_raw_fd(), r.id);
-                    io.arm_recv(fd, relay_tag(id));
+                    let (file, id) = (io.relay_file(r.id.index, r.socket.as_raw_fd()), r.id);
+                    io.arm_recv(file, relay_tag(id));
                 }
             }
             let Some(bid) = cqueue::buffer_select(flags) else { return };
@@ -479,8 +558,8 @@ fn on_listener(core: &mut WorkerCore, io: &mut UringIo, now: Instant, listener: 
     let base = buf.as_ptr();
     match core.on_client(now, listener, from, datagram) {
         ClientVerdict::ToPeer { relay, peer, payload } => {
-            let fd = match core.relays.get(relay) {
-                Some(Some(r)) => r.socket.as_raw_fd(),
+            let file = match core.relays.get(relay) {
+                Some(Some(r)) => io.relay_file(r.id.index, r.socket.as_raw_fd()),
                 _ => {
                     io.bufs.recycle(bid);
                     return;
@@ -488,15 +567,15 @@ fn on_listener(core: &mut WorkerCore, io: &mut UringIo, now: Instant, listener: 
             };
             // SAFETY: `payload` lies within the datagram, which lies within buffer `bid`.
             let data = unsafe { base.add(PAYLOAD_AT + payload.start) };
-            if !io.send(fd, peer, Ok(data), payload.len(), Some(bid)) {
+            if !io.send(file, peer, Ok(data), payload.len(), Some(bid)) {
                 io.bufs.recycle(bid);
             }
         }
         ClientVerdict::Reply(n) => {
             io.bufs.recycle(bid);
-            let fd = io.listener_fds[listener];
+            let file = io.listener_files[listener];
             let reply = core.reply(n);
-            io.send(fd, from, Err(reply), n, None);
+            io.send(file, from, Err(reply), n, None);
         }
         ClientVerdict::Done => io.bufs.recycle(bid),
     }
@@ -522,10 +601,10 @@ fn on_relay(core: &mut WorkerCore, io: &mut UringIo, now: Instant, index: usize,
     let base = buf.as_ptr();
     match core.on_peer(now, index, generation, peer, buf, PAYLOAD_AT..PAYLOAD_AT + n) {
         Some((listener, client, msg)) => {
-            let fd = io.listener_fds[listener];
+            let file = io.listener_files[listener];
             // SAFETY: `msg` lies within buffer `bid` (it was framed in place there).
             let data = unsafe { base.add(msg.start) };
-            if !io.send(fd, client, Ok(data), msg.len(), Some(bid)) {
+            if !io.send(file, client, Ok(data), msg.len(), Some(bid)) {
                 io.bufs.recycle(bid);
             }
         }

@@ -133,6 +133,8 @@ struct TrafficReport {
     relayed: u64,
     server_cpu_us_per_packet: Option<f64>,
     server_cpu_pct: Option<f64>,
+    /// Server context switches (all threads) per 1,000 relayed packets: how well it batches.
+    server_switches_per_kpkt: Option<f64>,
     generator_cpu_us_per_packet: f64,
     generator_cpu_pct: f64,
 }
@@ -291,6 +293,7 @@ fn traffic(args: &Args) -> Result<(), String> {
     let mut next_client = 0usize;
     let mut scratch = vec![0u8; 1500];
     let mut cpu_at_warmup = None;
+    let mut switches_at_warmup = None;
     let mut last_progress = Instant::now();
     loop {
         let t = now_ns(shared.start);
@@ -298,6 +301,7 @@ fn traffic(args: &Args) -> Result<(), String> {
             break;
         }
         if t >= warmup_ns && cpu_at_warmup.is_none() {
+            switches_at_warmup = args.server_pid.map(procstat::context_switches);
             cpu_at_warmup = Some((
                 args.server_pid.map(procstat::cpu_micros),
                 procstat::cpu_micros(std::process::id()),
@@ -345,6 +349,7 @@ fn traffic(args: &Args) -> Result<(), String> {
         std::thread::sleep(Duration::from_micros(200));
     }
     let cpu_end = (args.server_pid.map(procstat::cpu_micros), procstat::cpu_micros(std::process::id()), Instant::now());
+    let switches_end = args.server_pid.map(procstat::context_switches);
     if let Some(pb) = progress {
         pb.finish_and_clear();
     }
@@ -387,6 +392,9 @@ fn traffic(args: &Args) -> Result<(), String> {
         if let (Some(Ok(a)), Some(Ok(b))) = (s0, cpu_end.0) {
             report.server_cpu_us_per_packet = Some((b - a) as f64 / report.relayed.max(1) as f64);
             report.server_cpu_pct = Some(100.0 * (b - a) as f64 / 1e6 / wall);
+        }
+        if let (Some(Ok(a)), Some(Ok(b))) = (switches_at_warmup, switches_end) {
+            report.server_switches_per_kpkt = Some(1000.0 * b.saturating_sub(a) as f64 / report.relayed.max(1) as f64);
         }
         if let (Ok(a), Ok(b)) = (g0, cpu_end.1) {
             report.generator_cpu_us_per_packet = (b - a) as f64 / report.sent.max(1) as f64;
@@ -545,6 +553,9 @@ fn print_traffic(r: &TrafficReport) {
     );
     if let (Some(us), Some(pct)) = (r.server_cpu_us_per_packet, r.server_cpu_pct) {
         println!("server CPU        {us:.2} µs per relayed packet ({pct:.0}% of a core)");
+    }
+    if let Some(s) = r.server_switches_per_kpkt {
+        println!("server wake-ups   {s:.1} context switches per 1,000 relayed packets");
     }
     println!(
         "generator CPU     {:.2} µs per sent packet ({:.0}% of a core)",
