@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use crossbeam_channel::RecvTimeoutError;
+use crossbeam_channel::TryRecvError;
 use tracing::{error, info, warn};
-use uturn_dataplane::{FromWorker, IoBackend, ToWorker, WorkerConfig, WorkerHandle};
+use uturn_dataplane::{EventSender, FromWorker, IoBackend, ToWorker, WorkerConfig, WorkerHandle};
 use uturn_proto::nonce::{Challenger, NonceKey};
 use uturn_proto::relay::RelayConfig;
 
@@ -69,7 +69,7 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
             command_queue: COMMAND_QUEUE,
             challenger: Some(challenger.clone()),
         };
-        match uturn_dataplane::spawn(cfg, events_tx.clone()) {
+        match uturn_dataplane::spawn(cfg, EventSender::new(events_tx.clone(), std::thread::current())) {
             Ok(h) => workers.push(h),
             Err(e) => {
                 for w in &workers {
@@ -96,14 +96,28 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
 
     let mut failed = false;
     while !shutdown.load(Ordering::Relaxed) {
-        match events_rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(ev) => handle_event(&mut control, &workers, ev),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
+        // Drain what is queued (bounded, so a flood cannot delay the checks below), then sleep
+        // until a worker unparks this thread (no spinning: the core may be a worker's).
+        let mut handled = 0;
+        let mut disconnected = false;
+        while handled < 4096 {
+            match events_rx.try_recv() {
+                Ok(ev) => {
+                    handle_event(&mut control, &workers, ev);
+                    handled += 1;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
+            }
         }
-        // Drain what else is queued (bounded, so a flood cannot delay the checks below).
-        for ev in events_rx.try_iter().take(4096) {
-            handle_event(&mut control, &workers, ev);
+        if disconnected {
+            break;
+        }
+        if handled == 0 {
+            std::thread::park_timeout(Duration::from_millis(100));
         }
         if let Some(w) = workers.iter().find(|w| w.is_finished()) {
             error!(worker = w.index(), "worker stopped unexpectedly; shutting down so a supervisor can restart uturn");

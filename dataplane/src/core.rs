@@ -6,12 +6,12 @@ use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use tracing::{debug, warn};
 use uturn_proto::relay::{AllocationId, ClientOutput, Command, Effect, PeerOutput};
 use uturn_proto::{FiveTuple, WorkerState};
 
-use crate::messages::{FromWorker, ToWorker};
+use crate::messages::{EventSender, FromWorker, ToWorker};
 
 /// Reply buffer size, bytes: every STUN response uturn builds fits.
 const REPLY_BUF: usize = 1500;
@@ -65,7 +65,7 @@ pub(crate) struct WorkerCore {
     pub(crate) relays: Vec<Option<Relay>>,
     commands: Receiver<ToWorker>,
     /// Unbounded; requests are capped by [`MAX_PENDING_REQUESTS`].
-    events: Sender<FromWorker>,
+    events: EventSender,
     reply: Vec<u8>,
     expired: Vec<(AllocationId, FiveTuple)>,
     /// Requests dropped because the control-plane queue was full.
@@ -84,7 +84,7 @@ impl WorkerCore {
         state: WorkerState,
         listeners: Vec<Listener>,
         commands: Receiver<ToWorker>,
-        events: Sender<FromWorker>,
+        events: EventSender,
     ) -> Self {
         WorkerCore {
             index,
@@ -158,6 +158,11 @@ impl WorkerCore {
             PeerOutput::ToClient { five_tuple, message } => Some((listener, five_tuple.client, message)),
             PeerOutput::Drop => None,
         }
+    }
+
+    /// True when control-plane commands are queued (checked before the worker sleeps).
+    pub(crate) fn commands_pending(&self) -> bool {
+        !self.commands.is_empty()
     }
 
     /// Applies every queued control-plane command.

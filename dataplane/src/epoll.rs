@@ -66,7 +66,12 @@ pub(crate) fn run(
             .poll_timeout()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(1));
-        if let Err(e) = io.poll.poll(&mut events, Some(timeout)) {
+        // Commands queued after this check find the flag set and write the eventfd.
+        waker.sleeping(true);
+        let timeout = if core.commands_pending() { Duration::ZERO } else { timeout };
+        let polled = io.poll.poll(&mut events, Some(timeout));
+        waker.sleeping(false);
+        if let Err(e) = polled {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }

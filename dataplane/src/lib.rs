@@ -9,8 +9,9 @@
 //! - one I/O backend: io_uring ([`IoBackend::Uring`]: multishot receive into a provided-buffer
 //!   ring, batched sends, no copy of payloads) or epoll ([`IoBackend::Epoll`], through mio).
 //!
-//! The control plane talks to a worker only through bounded queues ([`ToWorker`] in,
-//! [`FromWorker`] out) and an eventfd to wake it. This crate knows nothing of users, passwords or
+//! The control plane talks to a worker only through queues ([`ToWorker`] in, bounded;
+//! [`FromWorker`] out, through an [`EventSender`] that unparks the control thread) and an
+//! eventfd to wake it, written only while the worker sleeps. This crate knows nothing of users, passwords or
 //! configuration files.
 
 mod core;
@@ -21,7 +22,7 @@ mod sys;
 mod uring;
 mod worker;
 
-pub use messages::{FromWorker, ToWorker};
+pub use messages::{EventSender, FromWorker, ToWorker};
 pub use socket::{bind_listener, bind_relay};
 pub use sys::raise_fd_limit;
 pub use uring::probe as probe_uring;

@@ -1,6 +1,9 @@
 //! The queue messages between the control plane and a worker.
 
 use std::net::UdpSocket;
+use std::thread::Thread;
+
+use crossbeam_channel::Sender;
 
 use uturn_proto::relay::{Command, Install};
 use uturn_proto::FiveTuple;
@@ -13,6 +16,37 @@ pub enum ToWorker {
     Install(Install, UdpSocket),
     /// Any other command (Refresh, CreatePermission, ChannelBind, or a reply to send).
     Command(Command),
+}
+
+/// The workers' end of the queue to the control plane: an unbounded crossbeam sender plus the
+/// control thread, which sleeps in `std::thread::park_timeout` (a futex) and is unparked after
+/// each event. A channel's blocking receive would spin and `sched_yield` before sleeping, which
+/// on a core shared with a worker burns the time the worker needs.
+#[derive(Debug, Clone)]
+pub struct EventSender {
+    tx: Sender<FromWorker>,
+    control: Thread,
+}
+
+impl EventSender {
+    /// Events go into `tx`; `control` is the thread that drains its receiver and parks when
+    /// it is empty.
+    pub fn new(tx: Sender<FromWorker>, control: Thread) -> Self {
+        EventSender { tx, control }
+    }
+
+    /// Queues `ev` and unparks the control thread (an atomic swap when it is awake, one futex
+    /// wake when it is parked). Errors only when the control plane is gone.
+    pub(crate) fn send(&self, ev: FromWorker) -> Result<(), FromWorker> {
+        self.tx.send(ev).map_err(|e| e.0)?;
+        self.control.unpark();
+        Ok(())
+    }
+
+    /// Events queued and not yet taken by the control plane.
+    pub(crate) fn len(&self) -> usize {
+        self.tx.len()
+    }
 }
 
 /// What a worker reports to the control plane.

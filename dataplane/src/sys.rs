@@ -4,11 +4,18 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 
-/// An eventfd that wakes a worker blocked in io_uring or epoll.
+/// An eventfd that wakes a worker blocked in io_uring or epoll, and whether it is blocked.
+///
+/// The worker calls [`sleeping(true)`](Self::sleeping), then checks its queue, then blocks; a
+/// sender queues, then calls [`wake_if_sleeping`](Self::wake_if_sleeping). Both sides put a
+/// SeqCst fence between their write and their read, so either the worker sees the message or
+/// the sender sees the flag: no wake-up is lost, and an awake worker costs no `write`.
 #[derive(Debug)]
 pub(crate) struct Waker {
     fd: OwnedFd,
+    asleep: AtomicBool,
 }
 
 impl Waker {
@@ -20,7 +27,21 @@ impl Waker {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-        Ok(Waker { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Waker { fd: unsafe { OwnedFd::from_raw_fd(fd) }, asleep: AtomicBool::new(false) })
+    }
+
+    /// The worker is about to block (`true`; check the queue after this) or has woken.
+    pub(crate) fn sleeping(&self, asleep: bool) {
+        self.asleep.store(asleep, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Wakes the worker if it is (about to be) blocked. Call after queueing.
+    pub(crate) fn wake_if_sleeping(&self) {
+        fence(Ordering::SeqCst);
+        if self.asleep.load(Ordering::SeqCst) {
+            self.wake();
+        }
     }
 
     /// Adds 1 to the counter, making the fd readable.

@@ -455,7 +455,12 @@ pub(crate) fn run(
             .max(Duration::from_millis(1));
         let ts = Timespec::from(wait);
         let args = SubmitArgs::new().timespec(&ts);
-        match io.ring.submitter().submit_with_args(1, &args) {
+        // Commands queued after this check find the flag set and write the eventfd.
+        waker.sleeping(true);
+        let want = if core.commands_pending() { 0 } else { 1 };
+        let entered = io.ring.submitter().submit_with_args(want, &args);
+        waker.sleeping(false);
+        match entered {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
             Err(e) => return Err(e),

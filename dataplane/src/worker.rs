@@ -14,7 +14,7 @@ use uturn_proto::relay::{Counters, RelayConfig};
 use uturn_proto::WorkerState;
 
 use crate::core::{Listener, WorkerCore};
-use crate::messages::{FromWorker, ToWorker};
+use crate::messages::{EventSender, ToWorker};
 use crate::socket::bind_listener;
 use crate::sys::Waker;
 
@@ -72,12 +72,13 @@ impl WorkerHandle {
         self.index
     }
 
-    /// Queues `msg` for the worker and wakes it. Never blocks: when the queue is full the
-    /// message is handed back (the client will retransmit).
+    /// Queues `msg` for the worker and wakes it if it sleeps (an awake worker drains its
+    /// queue before it next sleeps, so no system call is spent on it). Never blocks: when the
+    /// queue is full the message is handed back (the client will retransmit).
     pub fn send(&self, msg: ToWorker) -> Result<(), ToWorker> {
         match self.commands.try_send(msg) {
             Ok(()) => {
-                self.waker.wake();
+                self.waker.wake_if_sleeping();
                 Ok(())
             }
             Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
@@ -103,7 +104,7 @@ impl WorkerHandle {
 
 /// Binds the worker's listeners (so bind errors surface here) and starts its thread.
 /// `events` is the shared queue to the control plane.
-pub fn spawn(cfg: WorkerConfig, events: Sender<FromWorker>) -> io::Result<WorkerHandle> {
+pub fn spawn(cfg: WorkerConfig, events: EventSender) -> io::Result<WorkerHandle> {
     let mut listeners = Vec::with_capacity(cfg.listen.len());
     for addr in &cfg.listen {
         let socket = bind_listener(*addr).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
