@@ -12,12 +12,12 @@
 # `floor`, optionally followed by `:VAR=VALUE[,VAR=VALUE]` environment for the relay process;
 # the whole string is its label. Everything runs
 # on 127.0.0.1; every run is bounded by DURATION + WARMUP seconds. Knobs: MODE=channel|send,
-# SIZE=100, RATE=100000, ECHO=0, CLIENTS=64, DURATION=4, WARMUP=1, REPEAT=3, SERVER_CPUS=0,
+# SIZE=100, RATE=100000, ECHO=0, BURST=1 (datagrams per client turn), CLIENTS=64, DURATION=4, WARMUP=1, REPEAT=3, SERVER_CPUS=0,
 # GEN_CPU=1, BUILD=1 (0 to skip the release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODE=${MODE:-channel}; SIZE=${SIZE:-100}; RATE=${RATE:-100000}; ECHO=${ECHO:-0}
+MODE=${MODE:-channel}; SIZE=${SIZE:-100}; RATE=${RATE:-100000}; ECHO=${ECHO:-0}; BURST=${BURST:-1}
 CLIENTS=${CLIENTS:-64}; DURATION=${DURATION:-4}; WARMUP=${WARMUP:-1}; REPEAT=${REPEAT:-3}
 SERVER_CPUS=${SERVER_CPUS:-0}; GEN_CPU=${GEN_CPU:-1}
 [ $# -gt 0 ] || set -- uturn coturn floor
@@ -78,7 +78,7 @@ for round in $(seq 1 "$REPEAT"); do
     taskset -c "$GEN_CPU" $BIN/uturn-load --json --quiet --cpu "$GEN_CPU" --contestant "$spec" \
       --scenario "$MODE ${SIZE}B $([ "$ECHO" = 1 ] && echo echo || echo one-way) round $round" \
       --server-pid "$SERVER_PID" --clients "$CLIENTS" --duration "$DURATION" --warmup "$WARMUP" \
-      --server 127.0.0.1:"$port" --peer 127.0.0.1:"$peer" --mode "$m" --size "$SIZE" --rate "$RATE" \
+      --server 127.0.0.1:"$port" --peer 127.0.0.1:"$peer" --mode "$m" --size "$SIZE" --rate "$RATE" --burst "$BURST" \
       "${echo_flag[@]}" > "$OUT/ab-run.json" || { echo "  $spec round $round: uturn-load failed"; stop_server; continue; }
     python3 scripts/bench-line.py < "$OUT/ab-run.json"
     cat "$OUT/ab-run.json" >> "$AB"

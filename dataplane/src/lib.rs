@@ -16,6 +16,7 @@
 
 mod core;
 mod epoll;
+mod gso;
 mod messages;
 mod socket;
 mod sys;

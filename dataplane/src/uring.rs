@@ -9,6 +9,10 @@
 //!   straight from the receive buffer; the buffer goes back to the ring when the send completes.
 //!   Replies are copied into the send slot. `Send` rather than `SendMsg` spares the kernel a
 //!   msghdr and iovec copy per datagram.
+//! - Consecutive relayed datagrams for one destination from one socket (a video frame's
+//!   packets) are sent as one `SendMsg` with `UDP_SEGMENT` (see `gso.rs`). If the kernel
+//!   refuses GSO on this host, the worker logs it once and sends datagrams one by one;
+//!   `UTURN_GSO=0` in the environment turns it off from the start.
 //! - Listener and relay sockets are registered files (a fixed-file table), so no operation takes
 //!   a file reference per datagram. Sockets past the table's size fall back to plain fds.
 //! - Submissions are batched: one `io_uring_enter` per loop iteration submits every send queued
@@ -27,6 +31,7 @@ use tracing::warn;
 use uturn_proto::relay::{AllocationId, PEER_HEADROOM, PEER_TAILROOM};
 
 use crate::core::{ClientVerdict, Io, WorkerCore};
+use crate::gso::{Run, Segment};
 use crate::sys::{sockaddr_from_bytes, RawSockAddr, Waker};
 
 /// Provided buffers per worker (a power of two).
@@ -48,8 +53,13 @@ const SQ_ENTRIES: u32 = 4096;
 /// allocations beyond it use plain fds.
 const FIXED_RELAYS: u32 = 65_536;
 
+/// `UDP_SEGMENT` (linux/udp.h): the cmsg type that sets the GSO segment size.
+const UDP_SEGMENT: libc::c_int = 103;
+/// Control buffer for one `UDP_SEGMENT` cmsg, as u64s for alignment (CMSG_SPACE(2) = 24 bytes).
+const GSO_CMSG_WORDS: usize = 3;
+
 /// How an operation names its socket: a registered-file slot, or a plain fd.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FileRef {
     Fixed(u32),
     Raw(RawFd),
@@ -210,9 +220,18 @@ impl Drop for BufRing {
     }
 }
 
-/// One in-flight send: its destination address must stay put until the completion.
+/// One in-flight send: its destination address (and, for a GSO send, its msghdr, iovecs and
+/// control message) must stay put until the completion.
 struct SendSlot {
     addr: RawSockAddr,
+    /// GSO sends only: the header, one iovec per segment, the `UDP_SEGMENT` cmsg, and the
+    /// provided buffers to recycle on completion.
+    hdr: libc::msghdr,
+    iovs: Vec<libc::iovec>,
+    cmsg: [u64; GSO_CMSG_WORDS],
+    bids: Vec<u16>,
+    /// GSO sends only: the socket and destination, to resend one by one if GSO is refused.
+    gso_dest: Option<(FileRef, SocketAddr)>,
     /// Provided buffer to recycle when the send completes.
     bid: Option<u16>,
     /// Storage for replies (copied, they are small and rare).
@@ -243,6 +262,13 @@ struct UringIo {
     fixed_update_failures: u64,
     /// Receives and cancels to queue again next iteration.
     pending: Vec<squeue::Entry>,
+    /// Relayed datagrams waiting to go out as one GSO send.
+    run: Run<FileRef>,
+    /// False once the kernel refused a GSO send (then every datagram goes alone).
+    gso: bool,
+    /// GSO sends, and the datagrams they carried.
+    gso_sends: u64,
+    gso_segments: u64,
 }
 
 impl UringIo {
@@ -276,6 +302,16 @@ impl UringIo {
         self.push_or_retry(sqe);
     }
 
+    /// Issues every queued send before the registered-file table changes: a send resolves its
+    /// fixed slot when issued, and must not find the slot emptied or holding another
+    /// allocation's socket.
+    fn issue_queued(&mut self) {
+        self.flush_run();
+        if !self.ring.submission().is_empty() && self.ring.submit().is_err() {
+            self.submit_failures += 1;
+        }
+    }
+
     /// The registered slot of relay slab index `index`, if the table has one.
     fn relay_slot(&self, index: u32) -> Option<u32> {
         (self.fixed_files && index < FIXED_RELAYS).then(|| self.listener_files.len() as u32 + index)
@@ -300,10 +336,100 @@ impl UringIo {
         }
     }
 
-    /// Queues a send of `len` bytes at `data` to `to` from `fd`. `bid`, if any, is recycled when
-    /// the send completes; `data` must point into that buffer or into the slot's `owned`.
-    /// Returns false (and sends nothing) when no slot is free.
+    /// Queues a send of `len` bytes at `data` to `to` from `file`, after any waiting GSO run
+    /// (so datagrams leave in the order they were relayed). `bid`, if any, is recycled when the
+    /// send completes; `data` must point into that buffer or is copied into the slot's
+    /// `owned`. Returns false (and sends nothing) when no slot is free.
     fn send(
+        &mut self,
+        file: FileRef,
+        to: SocketAddr,
+        data: Result<*const u8, &[u8]>,
+        len: usize,
+        bid: Option<u16>,
+    ) -> bool {
+        self.flush_run();
+        self.send_now(file, to, data, len, bid)
+    }
+
+    /// Relays the datagram at `data` (`len` bytes in provided buffer `bid`) to `to` from
+    /// `file`: it joins the waiting GSO run when it can, or starts one. The buffer is always
+    /// taken care of (recycled on completion or on failure).
+    fn relay(&mut self, file: FileRef, to: SocketAddr, data: *const u8, len: usize, bid: u16) {
+        if !self.gso || !self.run.accepts(file, to, len) {
+            self.flush_run();
+        }
+        if self.gso && self.run.accepts(file, to, len) {
+            self.run.push(file, to, Segment { data, len, bid });
+        } else if !self.send_now(file, to, Ok(data), len, Some(bid)) {
+            self.bufs.recycle(bid);
+        }
+    }
+
+    /// Sends the waiting run: a single datagram as a plain send, more as one GSO `SendMsg`.
+    fn flush_run(&mut self) {
+        let Some((file, to, seg)) = self.run.key() else { return };
+        if let [one] = self.run.segments() {
+            let one = *one;
+            self.run.clear();
+            if !self.send_now(file, to, Ok(one.data), one.len, Some(one.bid)) {
+                self.bufs.recycle(one.bid);
+            }
+            return;
+        }
+        let Some(i) = self.free_slots.pop() else {
+            self.send_slots_exhausted += self.run.segments().len() as u64;
+            for s in self.run.segments() {
+                self.bufs.recycle(s.bid);
+            }
+            self.run.clear();
+            return;
+        };
+        let slot = &mut self.slots[i as usize];
+        slot.bid = None;
+        slot.bids.clear();
+        slot.iovs.clear();
+        for s in self.run.segments() {
+            slot.bids.push(s.bid);
+            slot.iovs.push(libc::iovec { iov_base: s.data as *mut libc::c_void, iov_len: s.len });
+        }
+        let segments = self.run.segments().len() as u64;
+        self.run.clear();
+        slot.gso_dest = Some((file, to));
+        let addr_len = slot.addr.set(&to);
+        slot.hdr.msg_name = slot.addr.as_ptr();
+        slot.hdr.msg_namelen = addr_len;
+        slot.hdr.msg_iov = slot.iovs.as_mut_ptr();
+        slot.hdr.msg_iovlen = slot.iovs.len() as _;
+        slot.hdr.msg_control = slot.cmsg.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        slot.hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
+        // SAFETY: msg_control points at the slot's `cmsg`, 24 bytes, 8-aligned, which holds
+        // CMSG_SPACE(2) bytes, so the first header and its 2 data bytes lie inside it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&slot.hdr);
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+            libc::CMSG_DATA(c).cast::<u16>().write_unaligned(seg as u16);
+        }
+        let hdr = &slot.hdr as *const libc::msghdr;
+        let sqe = with_file!(file, |t| opcode::SendMsg::new(t, hdr).build().user_data(tag(KIND_SEND, i as u64)));
+        if self.push(&sqe) {
+            self.gso_sends += 1;
+            self.gso_segments += segments;
+        } else {
+            let slot = &mut self.slots[i as usize];
+            for &bid in &slot.bids {
+                self.bufs.recycle(bid);
+            }
+            slot.bids.clear();
+            self.free_slots.push(i);
+        }
+    }
+
+    /// Queues one send now (see [`send`](Self::send), which flushes the GSO run first).
+    fn send_now(
         &mut self,
         file: FileRef,
         to: SocketAddr,
@@ -344,6 +470,7 @@ impl UringIo {
 
 impl Io for UringIo {
     fn register_relay(&mut self, id: AllocationId, socket: &UdpSocket) {
+        self.issue_queued();
         let mut file = FileRef::Raw(socket.as_raw_fd());
         if let Some(slot) = self.relay_slot(id.index) {
             match self.ring.submitter().register_files_update(slot, &[socket.as_raw_fd()]) {
@@ -357,6 +484,7 @@ impl Io for UringIo {
         self.arm_recv(file, relay_tag(id));
     }
     fn deregister_relay(&mut self, id: AllocationId, _socket: &UdpSocket) {
+        self.issue_queued();
         // Empty the registered slot so the table no longer keeps the socket open; requests
         // still using it hold the old table node until they complete.
         if let Some(slot) = self.relay_slot(id.index) {
@@ -418,6 +546,12 @@ pub(crate) fn run(
     let slots: Box<[SendSlot]> = (0..SEND_SLOTS)
         .map(|_| SendSlot {
             addr: RawSockAddr::zeroed(),
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            hdr: unsafe { std::mem::zeroed() },
+            iovs: Vec::new(),
+            cmsg: [0; GSO_CMSG_WORDS],
+            bids: Vec::new(),
+            gso_dest: None,
             bid: None,
             owned: Vec::new(),
         })
@@ -437,6 +571,11 @@ pub(crate) fn run(
         truncated: 0,
         submit_failures: 0,
         pending: Vec::new(),
+        run: Run::new(),
+        // UTURN_GSO=0 turns GSO off (to compare, or where a NIC driver mishandles it).
+        gso: std::env::var("UTURN_GSO").map_or(true, |v| v != "0"),
+        gso_sends: 0,
+        gso_segments: 0,
     };
     for i in 0..io.listener_files.len() {
         io.arm_recv(io.listener_files[i], tag(KIND_LISTENER, i as u64));
@@ -471,11 +610,21 @@ pub(crate) fn run(
         for &(ud, res, flags) in &cqes {
             dispatch(&mut core, &mut io, now, ud, res, flags, waker);
         }
+        io.flush_run();
         core.drain_commands(now, &mut io);
         core.expire(now, &mut io);
     }
     core.close_all(&mut io);
     finish(&core);
+    if io.gso_sends > 0 {
+        tracing::info!(
+            worker = core.index,
+            gso_sends = io.gso_sends,
+            gso_datagrams = io.gso_segments,
+            gso = io.gso,
+            "relayed datagrams sent in UDP GSO runs"
+        );
+    }
     if io.send_slots_exhausted > 0
         || io.send_errors > 0
         || io.truncated > 0
@@ -503,6 +652,34 @@ fn dispatch(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res:
             if let Some(bid) = slot.bid.take() {
                 io.bufs.recycle(bid);
             }
+            let refused = res < 0 && !slot.bids.is_empty() && matches!(-res, libc::EIO | libc::EINVAL | libc::EOPNOTSUPP);
+            if refused {
+                // GSO is not available on this path (no checksum offload, an MTU below the
+                // segment, an old kernel): turn it off and send the run's datagrams one by one.
+                let (file, to) = slot.gso_dest.take().expect("a GSO send records its destination");
+                let parts: Vec<(*const u8, usize, u16)> =
+                    slot.iovs.iter().zip(&slot.bids).map(|(v, &b)| (v.iov_base as *const u8, v.iov_len, b)).collect();
+                slot.bids.clear();
+                io.free_slots.push(low as u32);
+                if io.gso {
+                    io.gso = false;
+                    warn!(
+                        worker = core.index,
+                        error = %io::Error::from_raw_os_error(-res),
+                        "the kernel refused a UDP GSO send; this worker now sends datagrams one by one"
+                    );
+                }
+                for (data, len, bid) in parts {
+                    if !io.send_now(file, to, Ok(data), len, Some(bid)) {
+                        io.bufs.recycle(bid);
+                    }
+                }
+                return;
+            }
+            for &bid in &slot.bids {
+                io.bufs.recycle(bid);
+            }
+            slot.bids.clear();
             io.free_slots.push(low as u32);
             if res < 0 {
                 io.send_errors += 1;
@@ -572,9 +749,7 @@ fn on_listener(core: &mut WorkerCore, io: &mut UringIo, now: Instant, listener: 
             };
             // SAFETY: `payload` lies within the datagram, which lies within buffer `bid`.
             let data = unsafe { base.add(PAYLOAD_AT + payload.start) };
-            if !io.send(file, peer, Ok(data), payload.len(), Some(bid)) {
-                io.bufs.recycle(bid);
-            }
+            io.relay(file, peer, data, payload.len(), bid);
         }
         ClientVerdict::Reply(n) => {
             io.bufs.recycle(bid);
@@ -609,9 +784,7 @@ fn on_relay(core: &mut WorkerCore, io: &mut UringIo, now: Instant, index: usize,
             let file = io.listener_files[listener];
             // SAFETY: `msg` lies within buffer `bid` (it was framed in place there).
             let data = unsafe { base.add(msg.start) };
-            if !io.send(file, client, Ok(data), msg.len(), Some(bid)) {
-                io.bufs.recycle(bid);
-            }
+            io.relay(file, client, data, msg.len(), bid);
         }
         None => io.bufs.recycle(bid),
     }

@@ -66,6 +66,10 @@ struct Args {
     /// Total offered packets per second.
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
+    /// Datagrams each client sends back to back per turn, like the packets of one video frame
+    /// (1: clients take turns packet by packet, the default).
+    #[arg(long, default_value_t = 1)]
+    burst: u64,
     /// Payload size, bytes (at least 24).
     #[arg(long, default_value_t = 160)]
     size: usize,
@@ -118,6 +122,7 @@ struct TrafficReport {
     mode: String,
     echo: bool,
     clients: usize,
+    burst: u64,
     offered_pps: u64,
     size: usize,
     duration_s: f64,
@@ -317,7 +322,8 @@ fn traffic(args: &Args) -> Result<(), String> {
             // Round-robin: up to one batch per client per pass.
             let i = next_client;
             next_client = (next_client + 1) % sessions.len();
-            let k = todo.min(((todo + sessions.len() as u64 - 1) / sessions.len() as u64).max(1)).min(64);
+            let fair = todo.div_ceil(sessions.len() as u64).max(1);
+            let k = todo.min(fair.max(args.burst)).min(64);
             let s = &sessions[i];
             for _ in 0..k {
                 let stamp = Stamp { client: i as u32, seq: seqs[i], sent_ns: now_ns(shared.start) };
@@ -366,6 +372,7 @@ fn traffic(args: &Args) -> Result<(), String> {
         mode: format!("{:?}", args.mode).to_lowercase(),
         echo: args.echo,
         clients: args.clients,
+        burst: args.burst,
         offered_pps: args.rate,
         size: args.size,
         duration_s: args.duration,
