@@ -7,6 +7,7 @@
 # with the defaults. Environment knobs:
 #   RATES="25000 50000 100000 200000"  SIZES="100 1200"  MODES="channel send"
 #   DURATION=5 WARMUP=1 CLIENTS=64 SERVER_CPUS=0 GEN_CPU=1 QUICK=1 (one rate, one size)
+#   BURST=8 BURST_SIZE=1200 (the video-like runs: datagrams per client turn, and their size)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,8 @@ MODES=${MODES:-"channel send"}
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
 CLIENTS=${CLIENTS:-64}
+BURST=${BURST:-8}
+BURST_SIZE=${BURST_SIZE:-1200}
 SERVER_CPUS=${SERVER_CPUS:-0}
 GEN_CPU=${GEN_CPU:-1}
 if [ "${QUICK:-0}" = 1 ]; then RATES="50000"; SIZES="100"; DURATION=2; fi
@@ -97,6 +100,13 @@ for who in uturn coturn floor; do
       load "$who" "$mode ${size}B echo" --server 127.0.0.1:"$port" --peer 127.0.0.1:"$peer" --mode "$m" --size "$size" --rate 50000 --echo
     done
   done
+  # Video-like traffic: each client sends BURST datagrams back to back (a frame's packets).
+  for mode in $MODES; do
+    [ "$who" = floor ] && [ "$mode" = send ] && continue
+    m=$mode; [ "$who" = floor ] && m=raw
+    load "$who" "$mode ${BURST_SIZE}B burst$BURST one-way" --server 127.0.0.1:"$port" --peer 127.0.0.1:"$peer" \
+      --mode "$m" --size "$BURST_SIZE" --rate 100000 --burst "$BURST"
+  done
   # The highest rate with loss under 0.1% (channel, smallest size), by bisection.
   lo=0; hi=400000
   for _ in 1 2 3 4 5; do
@@ -111,7 +121,7 @@ for who in uturn coturn floor; do
   echo "  $who: highest rate with loss < 0.1%: ~$lo packets/s"
   if [ "$who" != floor ]; then
     taskset -c "$GEN_CPU" $BIN/uturn-load --json --quiet --contestant "$who" --mode allocs --server 127.0.0.1:"$port" \
-      --server-pid "$SERVER_PID" --clients 4 --count 2000 --delete | tee -a "$RESULTS" || echo "  allocs run failed"
+      --server-pid "$SERVER_PID" --clients 4 --count 10000 --delete | tee -a "$RESULTS" || echo "  allocs run failed"
   fi
   stop_server
   if [ "$who" != floor ]; then
@@ -127,5 +137,5 @@ done
 
 echo "==> charts and docs/benchmarks.md"
 $BIN/uturn-plot "$RESULTS" --out docs/img
-python3 scripts/bench-report.py "$RESULTS" "$0 (RATES='$RATES' SIZES='$SIZES' MODES='$MODES' DURATION=$DURATION WARMUP=$WARMUP CLIENTS=$CLIENTS SERVER_CPUS=$SERVER_CPUS GEN_CPU=$GEN_CPU)" > docs/benchmarks.md
+python3 scripts/bench-report.py "$RESULTS" "$0 (RATES='$RATES' SIZES='$SIZES' MODES='$MODES' DURATION=$DURATION WARMUP=$WARMUP CLIENTS=$CLIENTS BURST=$BURST BURST_SIZE=$BURST_SIZE SERVER_CPUS=$SERVER_CPUS GEN_CPU=$GEN_CPU)" > docs/benchmarks.md
 echo "wrote docs/benchmarks.md"

@@ -45,14 +45,39 @@ p("`floor` is `udp-forwarder`: one thread, recvmmsg/sendmmsg, no TURN logic - th
   "Generator CPU is shown because on a 2-core machine it can run out before the relay does. "
   "The machine is shared and noisy: compare ratios within one run.")
 p("")
+
+
+def floor_of(scen, rate):
+    f = by_scen[scen].get(rate, {}).get("floor")
+    return f or by_scen.get(scen.replace("send", "channel"), {}).get(rate, {}).get("floor")
+
+
+p("## Summary: the targets at 100 kpps relayed")
+p("")
+p("One-way runs at 100,000 packets/s offered, echo runs at 50,000/s offered (100,000/s relayed). "
+  "Targets: server CPU per packet at or below the floor and at most 0.75x coturn; p99 no worse "
+  "than coturn's.")
+p("")
+p("| scenario | uturn µs/pkt | coturn µs/pkt | floor µs/pkt | uturn/coturn | uturn/floor | uturn p99 µs | coturn p99 µs |")
+p("|---|---:|---:|---:|---:|---:|---:|---:|")
+for scen in sorted(by_scen):
+    rate = 50000 if "echo" in scen else 100000
+    cs = by_scen[scen].get(rate, {})
+    u, c, f = cs.get("uturn"), cs.get("coturn"), floor_of(scen, rate)
+    if not (u and c):
+        continue
+    fc = f"{cpu(f):.2f}" if f else "-"
+    p(f"| {scen} | {cpu(u):.2f} | {cpu(c):.2f} | {fc} | {ratio(cpu(u), cpu(c))} | "
+      f"{ratio(cpu(u), cpu(f)) if f else '-'} | {u['latency']['p99_us']} | {c['latency']['p99_us']} |")
+p("")
 for scen in sorted(by_scen):
     p(f"## {scen}")
     p("")
-    p("| offered pkt/s | relay | delivered pkt/s | loss % | p50 µs | p99 µs | server CPU µs/pkt | generator CPU % | uturn/coturn CPU | uturn/floor CPU |")
-    p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    p("| offered pkt/s | relay | delivered pkt/s | loss % | p50 µs | p99 µs | server CPU µs/pkt | server switches/kpkt | generator CPU % | uturn/coturn CPU | uturn/floor CPU |")
+    p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rate in sorted(by_scen[scen]):
         cs = by_scen[scen][rate]
-        u, c, f = cs.get("uturn"), cs.get("coturn"), cs.get("floor") or by_scen.get(scen.replace("send", "channel"), {}).get(rate, {}).get("floor")
+        u, c, f = cs.get("uturn"), cs.get("coturn"), floor_of(scen, rate)
         for name in ("uturn", "coturn", "floor"):
             r = cs.get(name)
             if not r:
@@ -60,8 +85,10 @@ for scen in sorted(by_scen):
             rc = ratio(cpu(u), cpu(c)) if name == "uturn" and u and c else ""
             rf = ratio(cpu(u), cpu(f)) if name == "uturn" and u and f else ""
             l = r["latency"]
+            sw = r.get("server_switches_per_kpkt")
+            sw = f"{sw:.0f}" if sw is not None else "-"
             p(f"| {rate} | {name} | {r['delivered_pps']:.0f} | {r['loss_pct']:.3f} | {l['p50_us']} | {l['p99_us']} | "
-              f"{cpu(r):.2f} | {r['generator_cpu_pct']:.0f} | {rc} | {rf} |")
+              f"{cpu(r):.2f} | {sw} | {r['generator_cpu_pct']:.0f} | {rc} | {rf} |")
     slug = "".join(ch if ch.isalnum() else "-" for ch in scen)
     p("")
     p(f"![CPU per packet](img/cpu-{slug}.png) ![p99 latency](img/p99-{slug}.png)")
