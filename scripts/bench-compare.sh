@@ -3,7 +3,7 @@
 # the same cores, and writes docs/benchmarks.md with tables and charts (docs/img/*.png).
 #
 # Each relay is pinned to SERVER_CPUS, the generator to GEN_CPU. Everything runs on 127.0.0.1.
-# Every run is bounded by DURATION seconds (+ WARMUP); the whole sweep takes about 10 minutes
+# Every run is bounded by DURATION seconds (+ WARMUP); the whole sweep takes about 20 minutes
 # with the defaults. Environment knobs:
 #   RATES="25000 50000 100000 200000"  SIZES="100 1200"  MODES="channel send"
 #   DURATION=5 WARMUP=1 CLIENTS=64 SERVER_CPUS=0 GEN_CPU=1 QUICK=1 (one rate, one size)
@@ -136,6 +136,7 @@ for who in uturn coturn floor; do
 done
 
 echo "==> charts and docs/benchmarks.md"
+cp "$RESULTS" docs/benchmarks-results.jsonl
 $BIN/uturn-plot "$RESULTS" --out docs/img
 python3 scripts/bench-report.py "$RESULTS" "$0 (RATES='$RATES' SIZES='$SIZES' MODES='$MODES' DURATION=$DURATION WARMUP=$WARMUP CLIENTS=$CLIENTS BURST=$BURST BURST_SIZE=$BURST_SIZE SERVER_CPUS=$SERVER_CPUS GEN_CPU=$GEN_CPU)" > docs/benchmarks.md
 echo "wrote docs/benchmarks.md"
