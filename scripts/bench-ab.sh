@@ -29,45 +29,8 @@ if [ "${BUILD:-1}" = 1 ]; then cargo build --release --workspace --bins >/dev/nu
 BIN=target/release
 ulimit -n "$(ulimit -Hn)" || true
 
-free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-SERVER_PID=""
-stop_server() {
-  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-  SERVER_PID=""
-}
+. scripts/bench-lib.sh
 trap stop_server EXIT
-
-start_server() {
-  local spec=$1 port=$2 peer=$3 name envs workers
-  name=${spec%%:*}; envs=""; [ "$spec" != "$name" ] && envs=${spec#*:}
-  local bin=$BIN/uturn
-  if [ "${name#*@}" != "$name" ]; then bin=${name#*@}; name=${name%%@*}; fi
-  workers=$(echo "$SERVER_CPUS" | tr ',' '\n' | wc -l)
-  local -a env_args=()
-  IFS=',' read -r -a env_args <<< "$envs"
-  case $name in
-    uturn)
-      printf 'unauth-rate = 0\n' > "$OUT/uturn-ab.toml"
-      env "${env_args[@]}" taskset -c "$SERVER_CPUS" "$bin" --config "$OUT/uturn-ab.toml" \
-        --listen 127.0.0.1:"$port" --workers "$workers" --log-level warn --port-range 20000-30000 \
-        >/dev/null 2>>"$OUT/uturn-ab.log" &
-      ;;
-    coturn)
-      env "${env_args[@]}" taskset -c "$SERVER_CPUS" turnserver -n --listening-ip=127.0.0.1 --listening-port="$port" \
-        --relay-ip=127.0.0.1 --lt-cred-mech --user=demo:demo --realm=uturn.local --no-tls --no-dtls --no-cli \
-        --no-tcp-relay --relay-threads="$workers" --min-port=30001 --max-port=60000 --allow-loopback-peers \
-        --pidfile="$OUT/coturn-ab.pid" --log-file="$OUT/coturn-ab.log" --simple-log >/dev/null 2>&1 &
-      ;;
-    floor)
-      env "${env_args[@]}" taskset -c "$SERVER_CPUS" $BIN/udp-forwarder --listen 127.0.0.1:"$port" \
-        --forward-to 127.0.0.1:"$peer" >/dev/null 2>&1 &
-      ;;
-    *) echo "unknown contestant $name" >&2; exit 2 ;;
-  esac
-  SERVER_PID=$!
-  sleep 1
-}
 
 echo_flag=(); [ "$ECHO" = 1 ] && echo_flag=(--echo)
 for round in $(seq 1 "$REPEAT"); do

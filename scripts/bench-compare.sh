@@ -41,40 +41,8 @@ cargo build --release --workspace --bins >/dev/null
 BIN=target/release
 ulimit -n "$(ulimit -Hn)" || true
 
-free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-SERVER_PID=""
-stop_server() {
-  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-  SERVER_PID=""
-}
+. scripts/bench-lib.sh
 trap stop_server EXIT
-
-# start_server NAME PORT PEER_PORT: starts a contestant pinned to SERVER_CPUS.
-start_server() {
-  local name=$1 port=$2 peer=$3 workers
-  workers=$(echo "$SERVER_CPUS" | tr ',' '\n' | wc -l)
-  case $name in
-    uturn)
-      # One generator IP makes thousands of allocations per second: lift the per-IP limit on
-      # unauthenticated requests (coturn has none by default).
-      printf 'unauth-rate = 0\n' > "$OUT/uturn.toml"
-      taskset -c "$SERVER_CPUS" $BIN/uturn --config "$OUT/uturn.toml" --listen 127.0.0.1:"$port" --workers "$workers" --log-level warn \
-        --port-range 20000-30000 >/dev/null 2>>"$OUT/uturn.log" &
-      ;;
-    coturn)
-      taskset -c "$SERVER_CPUS" turnserver -n --listening-ip=127.0.0.1 --listening-port="$port" --relay-ip=127.0.0.1 \
-        --lt-cred-mech --user=demo:demo --realm=uturn.local --no-tls --no-dtls --no-cli --no-tcp-relay \
-        --relay-threads="$workers" --min-port=30001 --max-port=60000 --allow-loopback-peers \
-        --pidfile="$OUT/coturn.pid" --log-file="$OUT/coturn.log" --simple-log >/dev/null 2>&1 &
-      ;;
-    floor)
-      taskset -c "$SERVER_CPUS" $BIN/udp-forwarder --listen 127.0.0.1:"$port" --forward-to 127.0.0.1:"$peer" >/dev/null 2>&1 &
-      ;;
-  esac
-  SERVER_PID=$!
-  sleep 1
-}
 
 # load CONTESTANT SCENARIO ARGS...: one generator run, its JSON appended to RESULTS.
 load() {

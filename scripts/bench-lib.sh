@@ -1,0 +1,45 @@
+# Shared by bench-compare.sh and bench-ab.sh (sourced, not run): starting and stopping one
+# contestant pinned to SERVER_CPUS. Needs BIN (the release build folder) and OUT (scratch
+# folder) set; sets SERVER_PID. Everything listens on 127.0.0.1.
+
+free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+SERVER_PID=""
+stop_server() {
+  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+  SERVER_PID=""
+}
+
+# start_server SPEC PORT PEER_PORT: SPEC is `uturn` (or `uturn@PATH` for another build of the
+# binary), `coturn` or `floor` (forwarding to PEER_PORT), optionally followed by
+# `:VAR=VALUE[,VAR=VALUE]` environment for the relay process.
+start_server() {
+  local spec=$1 port=$2 peer=$3 name envs workers bin=$BIN/uturn
+  name=${spec%%:*}; envs=""; [ "$spec" != "$name" ] && envs=${spec#*:}
+  if [ "${name#*@}" != "$name" ]; then bin=${name#*@}; name=${name%%@*}; fi
+  local -a env_args=()
+  [ -n "$envs" ] && IFS=',' read -r -a env_args <<< "$envs"
+  workers=$(echo "$SERVER_CPUS" | tr ',' '\n' | wc -l)
+  case $name in
+    uturn)
+      # One generator IP makes thousands of allocations per second: lift the per-IP limit on
+      # unauthenticated requests (coturn has none by default).
+      printf 'unauth-rate = 0\n' > "$OUT/uturn.toml"
+      env "${env_args[@]}" taskset -c "$SERVER_CPUS" "$bin" --config "$OUT/uturn.toml" --listen 127.0.0.1:"$port" \
+        --workers "$workers" --log-level warn --port-range 20000-30000 >/dev/null 2>>"$OUT/uturn.log" &
+      ;;
+    coturn)
+      env "${env_args[@]}" taskset -c "$SERVER_CPUS" turnserver -n --listening-ip=127.0.0.1 --listening-port="$port" \
+        --relay-ip=127.0.0.1 --lt-cred-mech --user=demo:demo --realm=uturn.local --no-tls --no-dtls --no-cli \
+        --no-tcp-relay --relay-threads="$workers" --min-port=30001 --max-port=60000 --allow-loopback-peers \
+        --pidfile="$OUT/coturn.pid" --log-file="$OUT/coturn.log" --simple-log >/dev/null 2>&1 &
+      ;;
+    floor)
+      env "${env_args[@]}" taskset -c "$SERVER_CPUS" "$BIN"/udp-forwarder --listen 127.0.0.1:"$port" \
+        --forward-to 127.0.0.1:"$peer" >/dev/null 2>&1 &
+      ;;
+    *) echo "unknown contestant $name" >&2; return 2 ;;
+  esac
+  SERVER_PID=$!
+  sleep 1
+}
