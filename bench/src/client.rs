@@ -1,6 +1,13 @@
 //! A small blocking TURN client (RFC 8656 over UDP) on one socket: long-term credentials,
 //! Allocate, CreatePermission, ChannelBind, Refresh, ChannelData and Send indications. Used by
 //! `uturn-load` for session setup and by the end-to-end tests.
+//!
+//! The long-term key is derived from the REALM the server names in its 401 (RFC 8489 §9.2.3),
+//! never from a locally configured realm; a 438 Stale Nonce teaches a fresh nonce and the
+//! request is retried once ([`Client::transact_authenticated`]). [`refresh`] keeps
+//! allocations, permissions and channel bindings alive without blocking a traffic loop.
+
+pub mod refresh;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -40,12 +47,18 @@ pub struct Client {
     server: SocketAddr,
     /// Username used for requests.
     pub user: String,
-    /// Long-term key.
+    /// Long-term key, MD5(username:realm:password), re-derived whenever a 401 or 438 names a
+    /// realm.
     pub key: IntegrityKey,
-    /// Realm learned from the server's 401.
+    /// Realm learned from the server's 401 (before that, the one given to [`Client::new`]).
     pub realm: String,
     /// Nonce learned from the server's 401/438.
     pub nonce: Vec<u8>,
+    /// The LIFETIME (seconds) the server granted in the last Allocate or Refresh success
+    /// answered to [`try_allocate`](Self::try_allocate) or [`try_refresh`](Self::try_refresh).
+    pub lifetime: Option<u32>,
+    password: String,
+    expected_realm: Option<String>,
 }
 
 /// A response as owned bytes with convenience accessors.
@@ -63,7 +76,9 @@ impl Response {
 }
 
 impl Client {
-    /// A client of `server` with credentials `user`/`password` in realm `realm`.
+    /// A client of `server` with credentials `user`/`password`. `realm` is only the initial
+    /// guess (used for requests signed before any 401): the first 401 or 438 replaces it with
+    /// the server's realm and re-derives the key. Binds 127.0.0.1:0 (panics if it cannot).
     pub fn new(server: SocketAddr, user: &str, password: &str, realm: &str) -> Client {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
@@ -74,7 +89,43 @@ impl Client {
             key: IntegrityKey::long_term(user, realm, password),
             realm: realm.into(),
             nonce: Vec::new(),
+            lifetime: None,
+            password: password.into(),
+            expected_realm: None,
         }
+    }
+
+    /// With `Some(realm)`, a 401 or 438 naming another realm is an error (see
+    /// [`learn_challenge`](Self::learn_challenge)) instead of being adopted.
+    pub fn with_expected_realm(mut self, realm: Option<&str>) -> Client {
+        self.expected_realm = realm.map(str::to_owned);
+        self
+    }
+
+    /// The relay this client talks to.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// Learns REALM and NONCE from a 401 or 438 challenge and re-derives the long-term key
+    /// from the server's realm. Errors: the challenge lacks REALM or NONCE, or names a realm
+    /// other than the one set with [`with_expected_realm`](Self::with_expected_realm) (the
+    /// message names both).
+    pub fn learn_challenge(&mut self, m: &Message<'_>) -> Result<(), String> {
+        let realm = m.realm().ok_or("challenge without REALM")?;
+        let nonce = m.nonce().ok_or("challenge without NONCE")?;
+        let realm = String::from_utf8_lossy(realm).into_owned();
+        if let Some(want) = &self.expected_realm {
+            if *want != realm {
+                return Err(format!("realm mismatch: the server's realm is {realm:?}, but {want:?} was expected"));
+            }
+        }
+        if realm != self.realm {
+            self.key = IntegrityKey::long_term(&self.user, &realm, &self.password);
+            self.realm = realm;
+        }
+        self.nonce = nonce.to_vec();
+        Ok(())
     }
 
     /// Sends raw bytes to the server.
@@ -157,10 +208,70 @@ impl Client {
         if r.code() != Some(401) {
             return Err(format!("expected 401, got {:?}", r.code()));
         }
-        let m = r.msg();
-        self.realm = String::from_utf8_lossy(m.realm().unwrap_or_default()).into_owned();
-        self.nonce = m.nonce().unwrap_or_default().to_vec();
-        Ok(())
+        let m = Message::parse(&r.0).map_err(|e| format!("unparseable 401: {e:?}"))?;
+        self.learn_challenge(&m)
+    }
+
+    /// Sends a signed request (attributes added by `f`, then USERNAME, REALM, NONCE,
+    /// MESSAGE-INTEGRITY) and waits for its response; on 438 Stale Nonce learns the fresh
+    /// nonce and retries once with a new transaction. Returns the last response, which may be
+    /// an error response. Errors: no answer (after retransmissions), or a 438 that cannot be
+    /// learned from.
+    pub fn transact_authenticated(
+        &mut self,
+        method: Method,
+        f: impl Fn(&mut MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>,
+    ) -> Result<Response, String> {
+        let req = self.signed_request(method, TransactionId(rand::random()), &f);
+        let r = self.transact(&req).ok_or_else(|| format!("no answer to {}", method.name()))?;
+        if r.code() != Some(438) {
+            return Ok(r);
+        }
+        let m = Message::parse(&r.0).map_err(|e| format!("unparseable 438: {e:?}"))?;
+        self.learn_challenge(&m)?;
+        let req = self.signed_request(method, TransactionId(rand::random()), &f);
+        self.transact(&req).ok_or_else(|| format!("no answer to {} after 438", method.name()))
+    }
+
+    /// Refresh asking for `lifetime` seconds (0 deletes the allocation), retrying once on 438.
+    /// Returns the LIFETIME granted (also kept in [`lifetime`](Self::lifetime)). Errors: no
+    /// answer, or an error response (its code in the message).
+    pub fn try_refresh(&mut self, lifetime: u32) -> Result<u32, String> {
+        let r = self.transact_authenticated(Method::REFRESH, |w| w.u32(attr::LIFETIME, lifetime).map(drop))?;
+        if let Some(code) = r.code() {
+            return Err(format!("Refresh failed with {code}"));
+        }
+        let granted = r.msg().u32_attr(attr::LIFETIME).and_then(Result::ok).unwrap_or(lifetime);
+        self.lifetime = Some(granted);
+        Ok(granted)
+    }
+
+    /// CreatePermission for `peers`, retrying once on 438. Errors: no answer or an error
+    /// response.
+    pub fn try_create_permission(&mut self, peers: &[SocketAddr]) -> Result<(), String> {
+        let r = self.transact_authenticated(Method::CREATE_PERMISSION, |w| {
+            for p in peers {
+                w.xor_address(attr::XOR_PEER_ADDRESS, p)?;
+            }
+            Ok(())
+        })?;
+        match r.code() {
+            None => Ok(()),
+            Some(code) => Err(format!("CreatePermission failed with {code}")),
+        }
+    }
+
+    /// ChannelBind `channel` to `peer`, retrying once on 438. Errors: no answer or an error
+    /// response.
+    pub fn try_channel_bind(&mut self, channel: u16, peer: SocketAddr) -> Result<(), String> {
+        let r = self.transact_authenticated(Method::CHANNEL_BIND, |w| {
+            w.u32(attr::CHANNEL_NUMBER, (channel as u32) << 16)?;
+            w.xor_address(attr::XOR_PEER_ADDRESS, &peer).map(drop)
+        })?;
+        match r.code() {
+            None => Ok(()),
+            Some(code) => Err(format!("ChannelBind failed with {code}")),
+        }
     }
 
     /// [`try_learn_nonce`](Self::try_learn_nonce), panicking on failure (tests).
@@ -168,13 +279,15 @@ impl Client {
         self.try_learn_nonce().unwrap();
     }
 
-    /// Full Allocate (401 round, then authenticated); returns the relayed transport address.
+    /// Full Allocate (401 round, then authenticated, retried once on 438); returns the relayed
+    /// transport address and keeps the granted LIFETIME in [`lifetime`](Self::lifetime).
+    /// Errors: no answer, an error response, a response whose MESSAGE-INTEGRITY does not
+    /// verify, or a realm mismatch (see [`learn_challenge`](Self::learn_challenge)).
     pub fn try_allocate(&mut self) -> Result<SocketAddr, String> {
         self.try_learn_nonce()?;
-        let req = self.signed_request(Method::ALLOCATE, TransactionId(rand::random()), |w| {
-            w.u32(attr::REQUESTED_TRANSPORT, 17 << 24).map(drop)
-        });
-        let r = self.transact(&req).ok_or("no answer to authenticated Allocate")?;
+        let r = self
+            .transact_authenticated(Method::ALLOCATE, |w| w.u32(attr::REQUESTED_TRANSPORT, 17 << 24).map(drop))
+            .map_err(|e| format!("authenticated Allocate: {e}"))?;
         if let Some(code) = r.code() {
             return Err(format!("Allocate failed with {code}"));
         }
@@ -182,6 +295,7 @@ impl Client {
         if !m.integrity_parts().is_some_and(|p| uturn_proto::wire::integrity::verify(&self.key.0, &p)) {
             return Err("Allocate response MESSAGE-INTEGRITY does not verify".into());
         }
+        self.lifetime = m.u32_attr(attr::LIFETIME).and_then(Result::ok);
         match m.xor_address(attr::XOR_RELAYED_ADDRESS) {
             Some(Ok(a)) => Ok(a),
             _ => Err("no XOR-RELAYED-ADDRESS".into()),

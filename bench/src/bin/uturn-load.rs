@@ -8,6 +8,16 @@
 //! `--mode raw` sends bare payloads to a plain UDP forwarder (the benchmark floor);
 //! `--mode allocs` measures authenticated allocations per second; `--mode hold` measures the
 //! server's memory per idle allocation.
+//!
+//! Like a real client, the generator takes the realm from the server's 401 and derives the key
+//! MD5(username:realm:password) from it (`--realm`, when given, must match), and in the
+//! channel and send modes keeps its state alive for runs of any length: each allocation is
+//! refreshed at half the LIFETIME the server granted (`--allocation-refresh` to override), the
+//! permission every `--permission-refresh` seconds (240) and the channel binding every
+//! `--channel-refresh` seconds (480). Refreshes go out from the sending loop without blocking
+//! it; their answers are picked out of the client sockets by the receive loop, so relayed data
+//! is never mistaken for them. A 438 Stale Nonce is learned from and retried once; the report
+//! counts refreshes and `refresh_failures`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -19,6 +29,7 @@ use clap::{Parser, ValueEnum};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
+use uturn_bench::client::refresh::{self, Intervals, Plan, RefreshStats, Refresher};
 use uturn_bench::client::Client;
 use uturn_bench::mmsg::{RecvBatch, SendBatch};
 use uturn_bench::payload::{self, Stamp};
@@ -57,9 +68,22 @@ struct Args {
     /// Password.
     #[arg(long, default_value = "demo")]
     password: String,
-    /// Realm the server uses (the key is derived from it).
-    #[arg(long, default_value = "uturn.local")]
-    realm: String,
+    /// Realm the server must use. By default the realm is taken from the server's 401 (the key
+    /// is always derived from that one); given, a server naming another realm is an error.
+    #[arg(long)]
+    realm: Option<String>,
+    /// Channel and send modes: seconds between CreatePermission refreshes (a permission lives
+    /// 300 s on a standard relay; real clients refresh at 240 s).
+    #[arg(long, default_value_t = 240.0, value_name = "SECS")]
+    permission_refresh: f64,
+    /// Channel mode: seconds between ChannelBind refreshes (a binding lives 600 s on a
+    /// standard relay; real clients refresh at 480 s).
+    #[arg(long, default_value_t = 480.0, value_name = "SECS")]
+    channel_refresh: f64,
+    /// Channel, send and hold modes: seconds between allocation refreshes (default: half the
+    /// LIFETIME the server granted).
+    #[arg(long, value_name = "SECS")]
+    allocation_refresh: Option<f64>,
     /// Clients (each its own socket and allocation); threads in allocs/hold mode.
     #[arg(long, default_value_t = 64)]
     clients: usize,
@@ -142,6 +166,33 @@ struct TrafficReport {
     server_switches_per_kpkt: Option<f64>,
     generator_cpu_us_per_packet: f64,
     generator_cpu_pct: f64,
+    /// Successful refreshes during the run, by kind.
+    refreshes: RefreshCounts,
+    /// Refresh transactions that failed (error response, timeout, bad integrity).
+    refresh_failures: u64,
+    /// `refresh_failures` by kind and reason.
+    refresh_failure_reasons: std::collections::BTreeMap<String, u64>,
+    /// 438 Stale Nonce answers to refreshes (each retried once with the fresh nonce).
+    stale_nonces: u64,
+    /// Retransmitted refresh requests.
+    refresh_retransmits: u64,
+}
+
+#[derive(Serialize, Default)]
+struct RefreshCounts {
+    allocation: u64,
+    permission: u64,
+    channel: u64,
+}
+
+impl TrafficReport {
+    fn set_refresh(&mut self, st: &RefreshStats) {
+        self.refreshes = RefreshCounts { allocation: st.allocation, permission: st.permission, channel: st.channel };
+        self.refresh_failures = st.failures;
+        self.refresh_failure_reasons = st.failure_reasons.clone();
+        self.stale_nonces = st.stale_nonces;
+        self.refresh_retransmits = st.retransmits;
+    }
 }
 
 fn main() {
@@ -150,15 +201,51 @@ fn main() {
     if let Some(c) = args.cpu {
         core_affinity::set_for_current(core_affinity::CoreId { id: c });
     }
-    let result = match args.mode {
+    let result = check_args(&args).and_then(|()| match args.mode {
         Mode::Allocs => allocs(&args),
         Mode::Hold => hold(&args),
         Mode::Garbage => garbage(&args),
         _ => traffic(&args),
-    };
+    });
     if let Err(e) = result {
         eprintln!("uturn-load: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Validates the refresh intervals and, with `--realm`, checks it against the realm of the
+/// server's 401 (one unauthenticated Allocate) so a mismatch fails at once with both names.
+fn check_args(args: &Args) -> Result<(), String> {
+    let ok = |v: f64| v.is_finite() && v > 0.0;
+    if !ok(args.permission_refresh) || !ok(args.channel_refresh) || !args.allocation_refresh.is_none_or(ok) {
+        return Err("--permission-refresh, --channel-refresh and --allocation-refresh must be positive seconds".into());
+    }
+    let (Some(want), Mode::Channel | Mode::Send | Mode::Allocs | Mode::Hold) = (&args.realm, args.mode) else {
+        return Ok(());
+    };
+    let mut probe = Client::new(args.server, &args.user, &args.password, want);
+    probe.try_learn_nonce().map_err(|e| format!("{}: {e}", args.server))?;
+    if probe.realm != *want {
+        return Err(format!(
+            "--realm {want:?} does not match the server's realm {:?} (from its 401); omit --realm to use the server's",
+            probe.realm
+        ));
+    }
+    Ok(())
+}
+
+/// A TURN client with `--user`/`--password` that takes the realm from the server's 401 (and
+/// insists on `--realm` when given).
+fn new_client(server: SocketAddr, user: &str, password: &str, realm: Option<&str>) -> Client {
+    Client::new(server, user, password, realm.unwrap_or_default()).with_expected_realm(realm)
+}
+
+/// The refresh intervals from the flags.
+fn intervals(args: &Args) -> Intervals {
+    Intervals {
+        allocation: args.allocation_refresh.map(Duration::from_secs_f64),
+        permission: Duration::from_secs_f64(args.permission_refresh),
+        channel: Duration::from_secs_f64(args.channel_refresh),
     }
 }
 
@@ -171,6 +258,8 @@ struct Session {
     relayed: SocketAddr,
     peer_addr: SocketAddr,
     channel: u16,
+    /// What the TURN session holds and since when (absent in raw mode).
+    plan: Option<Plan>,
 }
 
 fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
@@ -186,6 +275,7 @@ fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
                 relayed: args.server,
                 peer_addr: args.peer,
                 channel: 0,
+                plan: None,
             });
         }
         return Ok((sessions, Some(peer)));
@@ -194,8 +284,8 @@ fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
         // A fresh socket may reuse the port of a previous run's client whose allocation the
         // server still keeps (coturn holds deleted allocations for a second): try another.
         let mut attempt = 0;
-        let (c, relayed) = loop {
-            let mut c = Client::new(args.server, &args.user, &args.password, &args.realm);
+        let (mut c, relayed) = loop {
+            let mut c = new_client(args.server, &args.user, &args.password, args.realm.as_deref());
             match c.try_allocate() {
                 Ok(r) => break (c, r),
                 Err(e) if attempt < 5 => {
@@ -207,24 +297,27 @@ fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
         };
         let peer = UdpSocket::bind(SocketAddr::new(relayed.ip(), 0)).map_err(|e| e.to_string())?;
         let peer_addr = peer.local_addr().map_err(|e| e.to_string())?;
+        let allocated_at = Instant::now();
+        let lifetime = c.lifetime.ok_or_else(|| format!("client {i}: Allocate success without LIFETIME"))?;
         let channel = 0x4000 + (i % 0x1000) as u16;
-        let r = c.transact(&c.signed_request(Method::CREATE_PERMISSION, TransactionId(rand::random()), |w| {
-            w.xor_address(attr::XOR_PEER_ADDRESS, &peer_addr).map(drop)
-        }));
-        if r.as_ref().and_then(|r| r.code()).is_some() || r.is_none() {
-            return Err(format!("client {i}: CreatePermission failed"));
-        }
+        c.try_create_permission(&[peer_addr]).map_err(|e| format!("client {i}: {e}"))?;
+        let permitted_at = Some(Instant::now());
+        let mut bound = None;
         if args.mode == Mode::Channel {
-            let r = c.transact(&c.signed_request(Method::CHANNEL_BIND, TransactionId(rand::random()), |w| {
-                w.u32(attr::CHANNEL_NUMBER, (channel as u32) << 16)?;
-                w.xor_address(attr::XOR_PEER_ADDRESS, &peer_addr).map(drop)
-            }));
-            if r.as_ref().and_then(|r| r.code()).is_some() || r.is_none() {
-                return Err(format!("client {i}: ChannelBind failed"));
-            }
+            c.try_channel_bind(channel, peer_addr).map_err(|e| format!("client {i}: {e}"))?;
+            bound = Some((channel, Instant::now()));
         }
         let client = c.sock.try_clone().map_err(|e| e.to_string())?;
-        sessions.push(Session { turn: Some(c), client, peer: Some(peer), relayed, peer_addr, channel });
+        let plan = Plan { lifetime, allocated_at, peer: peer_addr, permitted_at, channel: bound };
+        sessions.push(Session {
+            turn: Some(c),
+            client,
+            peer: Some(peer),
+            relayed,
+            peer_addr,
+            channel,
+            plan: Some(plan),
+        });
     }
     Ok((sessions, None))
 }
@@ -244,7 +337,15 @@ fn traffic(args: &Args) -> Result<(), String> {
     if args.size < payload::MIN_SIZE || args.size > 1400 {
         return Err(format!("--size must be in {}..=1400", payload::MIN_SIZE));
     }
-    let (sessions, raw_peer) = setup(args)?;
+    let (mut sessions, raw_peer) = setup(args)?;
+    // Refreshes for every TURN session; session i is refresher session i.
+    let mut refresher = Refresher::new(intervals(args));
+    for s in &sessions {
+        if let (Some(c), Some(plan)) = (&s.turn, s.plan) {
+            refresher.add(c, plan);
+        }
+    }
+    let (control_tx, control_rx) = std::sync::mpsc::channel::<(usize, Vec<u8>)>();
     for s in &sessions {
         s.client.set_nonblocking(true).map_err(|e| e.to_string())?;
         if let Some(p) = &s.peer {
@@ -260,14 +361,15 @@ fn traffic(args: &Args) -> Result<(), String> {
     let warmup_ns = (args.warmup * 1e9) as u64;
     let end_ns = (total * 1e9) as u64;
 
-    // The receiver: peer sockets (and client sockets when echoing).
+    // The receiver: peer sockets, and client sockets when echoing or when refresh answers come
+    // back on them (every TURN session).
     let recv_fds: Vec<(Token, i32)> = {
         let mut v = Vec::new();
         for (i, s) in sessions.iter().enumerate() {
             if let Some(p) = &s.peer {
                 v.push((Token(2 * i), p.as_raw_fd()));
             }
-            if args.echo {
+            if args.echo || s.turn.is_some() {
                 v.push((Token(2 * i + 1), s.client.as_raw_fd()));
             }
         }
@@ -282,7 +384,7 @@ fn traffic(args: &Args) -> Result<(), String> {
         if let Some(c) = cpu {
             core_affinity::set_for_current(core_affinity::CoreId { id: c });
         }
-        receive(&sh, &recv_fds, echo, mode, clients, per_client_capacity, warmup_ns, end_ns)
+        receive(&sh, &recv_fds, &control_tx, echo, mode, clients, per_client_capacity, warmup_ns, end_ns)
     });
 
     // The sender (this thread), paced in 200 µs ticks.
@@ -339,6 +441,16 @@ fn traffic(args: &Args) -> Result<(), String> {
             sent += k;
             todo -= k;
         }
+        // Refreshes: answers the receiver picked out of the client sockets, then whatever is
+        // due (a bounded number of sends per tick, none of them waiting for an answer).
+        let now = Instant::now();
+        while let Ok((i, d)) = control_rx.try_recv() {
+            refresher.on_response(now, i, &d);
+        }
+        refresher.poll(now, 32, |i, d| {
+            // Non-blocking; a datagram the kernel refuses is retransmitted later.
+            let _ = sessions[i].client.send_to(d, args.server);
+        });
         if let Some(pb) = &progress {
             if last_progress.elapsed() > Duration::from_millis(250) {
                 last_progress = Instant::now();
@@ -363,7 +475,16 @@ fn traffic(args: &Args) -> Result<(), String> {
     std::thread::sleep(Duration::from_millis(500));
     shared.stop.store(true, Ordering::Relaxed);
     let (stats, hist) = receiver.join().map_err(|_| "receiver panicked".to_string())?;
-    delete_allocations(&sessions);
+    let now = Instant::now();
+    while let Ok((i, d)) = control_rx.try_recv() {
+        refresher.on_response(now, i, &d);
+    }
+    for (i, s) in sessions.iter_mut().enumerate() {
+        if let Some(c) = &mut s.turn {
+            c.nonce = refresher.nonce(i).to_vec();
+        }
+    }
+    delete_allocations(&mut sessions);
 
     let mut report = TrafficReport {
         contestant: args.contestant.clone(),
@@ -378,6 +499,7 @@ fn traffic(args: &Args) -> Result<(), String> {
         duration_s: args.duration,
         ..Default::default()
     };
+    report.set_refresh(refresher.stats());
     for (i, st) in stats.iter().enumerate() {
         let lo = measured_from[i].unwrap_or(0);
         let hi = seqs[i];
@@ -418,13 +540,11 @@ fn traffic(args: &Args) -> Result<(), String> {
 
 /// Deletes every allocation (Refresh LIFETIME 0), so the next run's clients, which may get the
 /// same ephemeral ports, do not meet a 437.
-fn delete_allocations(sessions: &[Session]) {
+fn delete_allocations(sessions: &mut [Session]) {
     for s in sessions {
-        if let Some(c) = &s.turn {
+        if let Some(c) = &mut s.turn {
             let _ = s.client.set_nonblocking(false);
-            let _ = c.transact(&c.signed_request(Method::REFRESH, TransactionId(rand::random()), |w| {
-                w.u32(attr::LIFETIME, 0).map(drop)
-            }));
+            let _ = c.transact_authenticated(Method::REFRESH, |w| w.u32(attr::LIFETIME, 0).map(drop));
         }
     }
 }
@@ -477,6 +597,7 @@ fn unframe(d: &[u8]) -> Option<&[u8]> {
 fn receive(
     shared: &Shared,
     fds: &[(Token, i32)],
+    control: &std::sync::mpsc::Sender<(usize, Vec<u8>)>,
     echo: bool,
     mode: Mode,
     clients: usize,
@@ -513,6 +634,11 @@ fn receive(
                                 d.len()
                             });
                         }
+                        continue;
+                    }
+                    if !is_peer && !raw && refresh::is_response(d) {
+                        // A refresh answer on client socket t / 2: the sender handles it.
+                        let _ = control.send((t / 2, d.to_vec()));
                         continue;
                     }
                     let p = if is_peer || raw { Some(d) } else { unframe(d) };
@@ -568,6 +694,18 @@ fn print_traffic(r: &TrafficReport) {
         "generator CPU     {:.2} µs per sent packet ({:.0}% of a core)",
         r.generator_cpu_us_per_packet, r.generator_cpu_pct
     );
+    if r.mode != "raw" {
+        let f = &r.refreshes;
+        println!(
+            "refreshes         allocation {}  permission {}  channel {}  failures {}{}  stale nonces {}",
+            f.allocation,
+            f.permission,
+            f.channel,
+            r.refresh_failures,
+            if r.refresh_failures > 0 { format!(" {:?}", r.refresh_failure_reasons) } else { String::new() },
+            r.stale_nonces
+        );
+    }
 }
 
 #[derive(Serialize)]
@@ -599,7 +737,7 @@ fn allocs(args: &Args) -> Result<(), String> {
                 let mut failures = std::collections::BTreeMap::<String, usize>::new();
                 let mut ok = 0usize;
                 for _ in 0..per {
-                    let mut c = Client::new(server, &user, &pass, &realm);
+                    let mut c = new_client(server, &user, &pass, realm.as_deref());
                     if c.try_learn_nonce().is_err() {
                         *failures.entry("no 401".into()).or_default() += 1;
                         continue;
@@ -614,11 +752,9 @@ fn allocs(args: &Args) -> Result<(), String> {
                                 let _ = hist.record((t.elapsed().as_micros() as u64).max(1));
                                 ok += 1;
                                 if delete {
-                                    let _ = c.transact(&c.signed_request(
-                                        Method::REFRESH,
-                                        TransactionId(rand::random()),
-                                        |w| w.u32(attr::LIFETIME, 0).map(drop),
-                                    ));
+                                    let _ = c.transact_authenticated(Method::REFRESH, |w| {
+                                        w.u32(attr::LIFETIME, 0).map(drop)
+                                    });
                                 }
                             }
                             Some(code) => *failures.entry(code.to_string()).or_default() += 1,
@@ -690,19 +826,46 @@ struct HoldReport {
     rss_after: u64,
     user_bytes_per_allocation: f64,
     kernel_bytes_per_allocation: f64,
+    /// Allocation refreshes made while allocating (a long --count outlives half a LIFETIME).
+    refreshes: u64,
+    /// Of those, the ones that failed.
+    refresh_failures: u64,
 }
 
 /// Makes `--count` allocations, keeps them idle, and reports the server's resident memory and
-/// the kernel's UDP socket memory per allocation.
+/// the kernel's UDP socket memory per allocation. Allocations made early are refreshed (at half
+/// their granted LIFETIME, or every `--allocation-refresh` seconds) while later ones are still
+/// being made; no data flows, so the blocking Refresh cannot miss anything.
 fn hold(args: &Args) -> Result<(), String> {
+    use std::cmp::Reverse;
     let pid = args.server_pid.ok_or("--mode hold needs --server-pid")?;
     let rss0 = procstat::rss_bytes(pid).map_err(|e| e.to_string())?;
     let k0 = procstat::kernel_udp_bytes().unwrap_or(0);
-    let mut held = Vec::with_capacity(args.count);
+    let interval = |lifetime: Option<u32>| match args.allocation_refresh {
+        Some(s) => Duration::from_secs_f64(s),
+        None => Duration::from_millis(u64::from(lifetime.unwrap_or(600)) * 500).max(Duration::from_millis(100)),
+    };
+    let mut held: Vec<Client> = Vec::with_capacity(args.count);
+    let mut due = std::collections::BinaryHeap::<Reverse<(Instant, usize)>>::new();
+    let (mut refreshes, mut refresh_failures) = (0u64, 0u64);
     for i in 0..args.count {
-        let mut c = Client::new(args.server, &args.user, &args.password, &args.realm);
+        let mut c = new_client(args.server, &args.user, &args.password, args.realm.as_deref());
         c.try_allocate().map_err(|e| format!("allocation {i}: {e}"))?;
+        due.push(Reverse((Instant::now() + interval(c.lifetime), i)));
         held.push(c);
+        while let Some(&Reverse((at, j))) = due.peek() {
+            if at > Instant::now() {
+                break;
+            }
+            due.pop();
+            let c = &mut held[j];
+            let ask = c.lifetime.unwrap_or(600);
+            refreshes += 1;
+            if c.try_refresh(ask).is_err() {
+                refresh_failures += 1;
+            }
+            due.push(Reverse((Instant::now() + interval(c.lifetime), j)));
+        }
     }
     std::thread::sleep(Duration::from_millis(500));
     let rss1 = procstat::rss_bytes(pid).map_err(|e| e.to_string())?;
@@ -717,6 +880,8 @@ fn hold(args: &Args) -> Result<(), String> {
         rss_after: rss1,
         user_bytes_per_allocation: (rss1 as f64 - rss0 as f64) / n,
         kernel_bytes_per_allocation: (k1 as f64 - k0 as f64) / n / 2.0,
+        refreshes,
+        refresh_failures,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
