@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Tunes a Linux host for uturn (run as root; prints what it changes). Safe to run repeatedly.
 # - larger socket buffers, so bursts to one worker's listener are not dropped by the kernel;
-# - a wider ephemeral/relay port picture: uturn's relay range (default 49152-65535) overlaps
-#   Linux's ephemeral range; narrowing ip_local_port_range keeps other programs out of it.
+# - a narrower ephemeral port range (32768-49151, from Linux's default 32768-60999): uturn's
+#   relay range (default 49152-65535) overlaps the default ephemeral range; ending
+#   ip_local_port_range below 49152 keeps other programs' ephemeral ports out of the relay range
+#   (UTURN_TUNE_PORTS=0 leaves it alone).
 set -euo pipefail
 apply() { echo "sysctl -w $1=$2"; sysctl -qw "$1=$2"; }
 apply net.core.rmem_max 8388608

@@ -21,7 +21,9 @@ use crate::sys::Waker;
 /// Which I/O backend a worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoBackend {
-    /// io_uring: multishot receive into provided buffers, batched zero-copy sends.
+    /// io_uring: multishot receive into provided buffers, relayed datagrams sent in place from
+    /// the receive buffer as batched `Send` ops (the kernel still copies the payload; these are
+    /// not `SendZc` zero-copy sends).
     Uring,
     /// epoll through mio: one system call per datagram.
     Epoll,

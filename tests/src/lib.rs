@@ -144,11 +144,6 @@ impl Relay {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Waits (at most `limit`) for the process to exit on its own; returns the exit status.
     pub fn terminate_after(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;

@@ -129,26 +129,80 @@ fn forbidden_peers_in_every_spelling() {
     }
 }
 
+/// The sum of `field=N` over the log lines that contain `message` (one per worker).
+fn logged_total(log: &str, message: &str, field: &str) -> u64 {
+    let key = format!("{field}=");
+    log.lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| l.split(key.as_str()).nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 #[test]
 fn oversized_datagrams_are_dropped_and_the_session_continues() {
     for backend in BACKENDS {
-        let relay = Relay::start(backend, "", &[]);
+        let mut relay = Relay::start(backend, "", &[]);
         let mut c = client(&relay);
         let relayed = c.allocate();
         let peer = peer_socket();
-        assert_eq!(c.channel_bind(0x4001, peer.local_addr().unwrap()).code(), None);
+        let peer_addr = peer.local_addr().unwrap();
+        assert_eq!(c.channel_bind(0x4001, peer_addr).code(), None, "{backend}");
+        let mut buf = vec![0u8; 65_536];
+
+        // Too big on both backends: the largest IPv4 UDP payload (65,507 bytes) from the bound
+        // peer would be 65,511 bytes as ChannelData, which no IPv4 datagram carries. io_uring
+        // drops it on receipt (past its 2048-byte buffers), epoll when the kernel refuses the
+        // send; either way nothing, and nothing cut short, reaches the client.
+        peer.send_to(&vec![1u8; 65_507], relayed).unwrap();
+        let got = c.recv();
+        assert_eq!(got.map(|d| d.len()), None, "{backend}: a 65,507-byte peer datagram reached the client");
+        // 9,000 bytes that are not a STUN message (length field 0): never answered.
+        c.send_raw(&vec![0u8; 9000]);
+        let got = c.recv();
+        assert_eq!(got.map(|d| d.len()), None, "{backend}: a 9,000-byte non-message was answered");
+
+        // Past the io_uring backend's 2048-byte buffers but a fine UDP datagram: a 4,004-byte
+        // ChannelData message from the client and an 8,000-byte datagram from the peer. io_uring
+        // drops both (MSG_TRUNC: never a truncated prefix relayed); epoll's 64 KiB buffers hold
+        // them, and it relays them whole.
         let mut big = vec![0x40, 0x01, 0x0F, 0xA0];
         big.extend(vec![7u8; 4000]);
         c.send_raw(&big);
-        c.send_raw(&vec![0u8; 9000]);
         peer.send_to(&vec![1u8; 8000], relayed).unwrap();
-        let mut buf = [0u8; 9000];
-        // The io_uring backend drops datagrams beyond its 2048-byte buffers; epoll relays them.
-        let _ = peer.recv_from(&mut buf);
-        let _ = c.recv();
+        let to_peer = peer.recv_from(&mut buf).ok().map(|(n, from)| (buf[..n].to_vec(), from));
+        let to_client = c.recv();
+        if backend == "uring" {
+            assert_eq!(to_peer.map(|(d, _)| d.len()), None, "{backend}: 4,004-byte ChannelData relayed to the peer");
+            assert_eq!(to_client.map(|d| d.len()), None, "{backend}: 8,000-byte peer datagram relayed to the client");
+        } else {
+            assert_eq!(to_peer, Some((vec![7u8; 4000], relayed)), "{backend}: ChannelData payload to the peer");
+            let d = to_client.unwrap_or_else(|| panic!("{backend}: 8,000-byte peer datagram not relayed"));
+            assert_eq!(d.len(), 8004, "{backend}");
+            assert_eq!(d[..4], [0x40, 0x01, 0x1F, 0x40], "{backend}: ChannelData header");
+            assert!(d[4..].iter().all(|&b| b == 1), "{backend}: payload to the client");
+        }
+        // Nothing else came of any of it.
+        assert!(peer.recv_from(&mut buf).is_err(), "{backend}: stray datagram to the peer");
+        assert!(c.recv().is_none(), "{backend}: stray datagram to the client");
+
+        // The session continues, both ways, and the relay still answers requests.
         c.send_channel_data(0x4001, b"after the big ones");
-        let (n, _) = peer.recv_from(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"after the big ones", "{backend}");
+        let (n, from) = peer.recv_from(&mut buf).unwrap_or_else(|e| panic!("{backend}: client -> peer: {e}"));
+        assert_eq!((&buf[..n], from), (&b"after the big ones"[..], relayed), "{backend}");
+        peer.send_to(b"and back", relayed).unwrap();
+        let back = c.recv().unwrap_or_else(|| panic!("{backend}: peer -> client lost"));
+        assert_eq!(back, b"\x40\x01\x00\x08and back", "{backend}");
+        assert_eq!(c.refresh(600).code(), None, "{backend}: Refresh after the big ones");
+
+        let status = relay.terminate(Duration::from_secs(2)).expect("stops");
+        assert!(status.success(), "{backend}");
+        let log = relay.log();
+        assert!(!log.contains("panicked"), "{log}");
+        if backend == "uring" {
+            // The four datagrams past its buffers were dropped as truncated, and counted.
+            let truncated = logged_total(&log, "datagrams dropped by the io_uring backend", "truncated");
+            assert_eq!(truncated, 4, "{backend}: datagrams dropped as truncated\n{log}");
+        }
     }
 }
 

@@ -46,23 +46,6 @@ pub fn decode_xor_address(value: &[u8], tid: &TransactionId) -> Result<SocketAdd
     }
 }
 
-/// Decodes a plain MAPPED-ADDRESS value.
-pub fn decode_address(value: &[u8]) -> Result<SocketAddr, AddressError> {
-    let (family, port, raw) = split(value)?;
-    Ok(match family {
-        0x01 => {
-            let mut a = [0u8; 4];
-            a.copy_from_slice(raw);
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a)), port)
-        }
-        _ => {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(raw);
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(a)), port)
-        }
-    })
-}
-
 /// Writes the XOR-encoded value of `addr` into `out`, which must be exactly
 /// [`encoded_len`]`(addr)` bytes long.
 pub fn encode_xor_address(addr: &SocketAddr, tid: &TransactionId, out: &mut [u8]) {

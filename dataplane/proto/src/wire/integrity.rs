@@ -5,8 +5,6 @@ use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
 use sha1::Sha1;
 
-use super::message::IntegrityParts;
-
 type HmacSha1 = Hmac<Sha1>;
 
 /// The XOR constant FINGERPRINT applies to the CRC-32 (RFC 8489 §14.7).
@@ -43,6 +41,21 @@ impl AsRef<[u8]> for IntegrityKey {
     fn as_ref(&self) -> &[u8] {
         &self.0
     }
+}
+
+/// What MESSAGE-INTEGRITY covers (RFC 8489 §14.5): the message type, the length field as the
+/// HMAC sees it, and the bytes after the length field up to the attribute; with the received
+/// HMAC when it comes from [`Message::integrity_parts`](super::Message::integrity_parts).
+#[derive(Debug, Clone, Copy)]
+pub struct IntegrityParts<'a> {
+    /// The 2-byte message type.
+    pub type_bytes: &'a [u8],
+    /// The length field value the HMAC is computed with.
+    pub adjusted_length: u16,
+    /// Bytes 4.. up to the MESSAGE-INTEGRITY attribute (cookie, transaction ID, attributes).
+    pub rest: &'a [u8],
+    /// The received HMAC-SHA1 (20 bytes); empty when computing one.
+    pub mac: &'a [u8],
 }
 
 fn hmac_over(key: &[u8], parts: &IntegrityParts<'_>) -> HmacSha1 {

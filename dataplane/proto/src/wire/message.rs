@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use super::address::{decode_xor_address, AddressError};
 use super::attr;
-use super::integrity;
+use super::integrity::{self, IntegrityParts};
 use super::MAGIC_COOKIE;
 
 /// Length of the STUN header in bytes (RFC 8489 §5).
@@ -218,10 +218,6 @@ impl<'a> Message<'a> {
         }
     }
 
-    /// The whole message, header included.
-    pub fn as_bytes(&self) -> &'a [u8] {
-        self.bytes
-    }
     /// The method.
     pub fn method(&self) -> Method {
         self.method
@@ -300,19 +296,6 @@ impl<'a> Message<'a> {
     pub fn has_integrity(&self) -> bool {
         self.integrity_at.is_some()
     }
-}
-
-/// What MESSAGE-INTEGRITY covers; see [`Message::integrity_parts`].
-#[derive(Debug, Clone, Copy)]
-pub struct IntegrityParts<'a> {
-    /// The 2-byte message type.
-    pub type_bytes: &'a [u8],
-    /// The length field value the HMAC is computed with.
-    pub adjusted_length: u16,
-    /// Bytes 4.. up to the MESSAGE-INTEGRITY attribute (cookie, transaction ID, attributes).
-    pub rest: &'a [u8],
-    /// The received HMAC-SHA1 (20 bytes).
-    pub mac: &'a [u8],
 }
 
 /// Iterator over attributes of a checked message; never fails.

@@ -12,7 +12,7 @@ pub mod writer;
 
 pub use address::{decode_xor_address, AddressError};
 pub use channel_data::{ChannelData, ChannelNumber};
-pub use integrity::{fingerprint, IntegrityKey};
+pub use integrity::{fingerprint, IntegrityKey, IntegrityParts};
 pub use message::{Class, Message, Method, ParseError, TransactionId};
 pub use writer::{MessageWriter, WriteError};
 

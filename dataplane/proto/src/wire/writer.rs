@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 
 use super::address::{encode_xor_address, encoded_len};
 use super::attr;
-use super::integrity::{self, FINGERPRINT_XOR};
-use super::message::{message_type, Class, IntegrityParts, Method, RawAttribute, TransactionId, HEADER_LEN};
+use super::integrity::{self, IntegrityParts, FINGERPRINT_XOR};
+use super::message::{message_type, Class, Method, RawAttribute, TransactionId, HEADER_LEN};
 use super::MAGIC_COOKIE;
 
 /// The buffer given to [`MessageWriter`] is too small for the message being built.
@@ -79,7 +79,8 @@ impl<'b> MessageWriter<'b> {
         self.bytes(typ, &v.to_be_bytes())
     }
 
-    /// Appends an XOR-encoded address attribute (XOR-MAPPED/RELAYED/PEER-ADDRESS).
+    /// Appends an XOR-encoded address attribute: XOR-MAPPED-ADDRESS (RFC 8489 §14.2),
+    /// XOR-PEER-ADDRESS (RFC 8656 §18.3) or XOR-RELAYED-ADDRESS (RFC 8656 §18.5).
     pub fn xor_address(&mut self, typ: u16, addr: &SocketAddr) -> Result<&mut Self, WriteError> {
         let tid = self.transaction_id();
         let v = self.reserve(typ, encoded_len(addr))?;
@@ -98,7 +99,7 @@ impl<'b> MessageWriter<'b> {
         Ok(self)
     }
 
-    /// Appends UNKNOWN-ATTRIBUTES listing `types` (RFC 8489 §14.9).
+    /// Appends UNKNOWN-ATTRIBUTES listing `types` (RFC 8489 §14.13).
     pub fn unknown_attributes(&mut self, types: &[u16]) -> Result<&mut Self, WriteError> {
         let v = self.reserve(attr::UNKNOWN_ATTRIBUTES, types.len() * 2)?;
         for (chunk, t) in v.chunks_exact_mut(2).zip(types) {
