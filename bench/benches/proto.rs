@@ -4,10 +4,11 @@
 //! (5-tuple, channel and permission lookups) in tables of 1 and 100,000 allocations.
 
 use std::hint::black_box;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use uturn_proto::ratelimit::SourceLimiter;
 use uturn_proto::relay::{Command, Effect, Install, RelayConfig, PEER_HEADROOM, PEER_TAILROOM};
 use uturn_proto::response;
 use uturn_proto::wire::{
@@ -50,6 +51,7 @@ fn state_with(n: u32) -> WorkerState {
             relayed: SocketAddr::from(([127, 0, 0, 1], 50000)),
             lifetime: Duration::from_secs(3600),
             response: vec![0u8; 100].into(),
+            key: uturn_proto::wire::IntegrityKey([1; 16]),
         };
         let Effect::Installed(_) = s.handle_command(now, Command::Install(install), &mut out).effect else { panic!() };
         let peer = SocketAddr::from(([192, 0, 2, 1], 6000));
@@ -105,5 +107,32 @@ fn benches(c: &mut Criterion) {
     }
 }
 
-criterion_group!(proto, benches);
+/// The per-source budget with its table full of spoofed sources: every datagram from a new
+/// source costs one keyed hash and one set of four entries, never a scan.
+fn limiter(c: &mut Criterion) {
+    let t0 = Instant::now();
+    let mut l = SourceLimiter::new(1000, t0);
+    let sources: Vec<IpAddr> = (0..1u32 << 20).map(|i| IpAddr::from((0x0a00_0000 | i).to_be_bytes())).collect();
+    for ip in &sources[..65_536] {
+        l.allow(t0, *ip);
+    }
+    let mut i = 0usize;
+    c.bench_function("per-source budget, table full, new spoofed source each datagram", |b| {
+        b.iter(|| {
+            i = (i + 1) & (sources.len() - 1);
+            l.allow(t0, black_box(sources[i]))
+        })
+    });
+    let known: IpAddr = "198.51.100.7".parse().unwrap();
+    c.bench_function("per-source budget, table full, known source", |b| b.iter(|| l.allow(t0, black_box(known))));
+    let v6: Vec<IpAddr> = (0..4096u16).map(|i| IpAddr::from([0x2001, 0xdb8, i, 0, 0, 0, 0, i])).collect();
+    c.bench_function("per-source budget, IPv6 /64 key", |b| {
+        b.iter(|| {
+            i = (i + 1) & 4095;
+            l.allow(t0, black_box(v6[i]))
+        })
+    });
+}
+
+criterion_group!(proto, benches, limiter);
 criterion_main!(proto);

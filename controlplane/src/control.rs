@@ -49,10 +49,13 @@ pub struct Policy {
 }
 
 /// Who holds an allocation: its user (shared with the credential table, no copy per
-/// allocation) and the Allocate transaction that made it.
+/// allocation), the Allocate transaction that made it, and when it expires unless refreshed (as
+/// the control plane last granted; the worker's clock decides, this one lets a new Allocate on a
+/// lapsed 5-tuple through without waiting for the worker's report).
 struct Owner {
     user: Arc<str>,
     tid: TransactionId,
+    expires: Instant,
 }
 
 /// Control-plane counters.
@@ -116,8 +119,16 @@ impl ControlPlane {
         self.owners.len()
     }
 
-    /// A worker reported that `ft`'s allocation is gone: release its quota.
-    pub fn released(&mut self, ft: &FiveTuple) {
+    /// A worker reported that `ft`'s allocation made by Allocate `tid` is gone: release its quota.
+    /// A report about an older allocation on a 5-tuple that has a newer one changes nothing.
+    pub fn released(&mut self, ft: &FiveTuple, tid: TransactionId) {
+        if self.owners.get(ft).is_some_and(|o| o.tid == tid) {
+            self.forget(ft);
+        }
+    }
+
+    /// Drops `ft`'s owner record and its quota.
+    fn forget(&mut self, ft: &FiveTuple) {
         if let Some(o) = self.owners.remove(ft) {
             if let Some(n) = self.per_user.get_mut(&o.user) {
                 *n = n.saturating_sub(1);
@@ -132,7 +143,7 @@ impl ControlPlane {
     /// An Install could not be queued to its worker: forget the allocation, so the client's
     /// retransmission is handled afresh.
     pub fn install_dropped(&mut self, install: &Install) {
-        self.released(&install.five_tuple);
+        self.released(&install.five_tuple, install.tid);
     }
 
     /// Handles one request a worker forwarded; returns what to push to worker `worker`.
@@ -150,10 +161,8 @@ impl ControlPlane {
             Auth::Ok { user, key } => (user, key),
             Auth::Reply(bytes) => return Some(reply(ft, bytes)),
         };
-        if !msg.unknown_required().is_empty() {
-            let r = self.error(&msg, ErrorCode::UnknownAttribute, Some(&key));
-            return Some(reply(ft, r));
-        }
+        // RFC 8656 §7.2 and §5: after authentication comes the 5-tuple check (437), and only then
+        // the request's own attributes, unknown comprehension-required ones (420) first.
         match msg.method() {
             Method::ALLOCATE => self.allocate(now, worker, ft, &msg, user, key),
             m => {
@@ -161,10 +170,11 @@ impl ControlPlane {
                 let owner = match self.owners.get(&ft) {
                     None => Err(ErrorCode::AllocationMismatch),
                     Some(o) if o.user != user => Err(ErrorCode::WrongCredentials),
+                    Some(_) if !msg.unknown_required().is_empty() => Err(ErrorCode::UnknownAttribute),
                     Some(_) => Ok(()),
                 };
                 let cmd = owner.and_then(|()| match m {
-                    Method::REFRESH => self.refresh(ft, &msg, key),
+                    Method::REFRESH => self.refresh(now, ft, &msg, key),
                     Method::CREATE_PERMISSION => self.create_permission(ft, &msg, key),
                     Method::CHANNEL_BIND => self.channel_bind(ft, &msg, key),
                     _ => Err(ErrorCode::BadRequest),
@@ -185,7 +195,7 @@ impl ControlPlane {
     /// user or wrong HMAC -> 401. Unknown user and wrong password give byte-identical answers.
     fn authenticate(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>) -> Auth {
         let Some(parts) = msg.integrity_parts() else {
-            return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthorized));
+            return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthenticated));
         };
         let (Some(username), Some(_realm), Some(nonce)) = (msg.username(), msg.realm(), msg.nonce()) else {
             return Auth::Reply(self.error(msg, ErrorCode::BadRequest, None));
@@ -202,7 +212,7 @@ impl ControlPlane {
             Some((user, key)) if verified => Auth::Ok { user, key },
             _ => {
                 debug!(client = %ft.client, method = msg.method().name(), "authentication failed");
-                Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthorized))
+                Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthenticated))
             }
         }
     }
@@ -243,6 +253,10 @@ impl ControlPlane {
         key: IntegrityKey,
     ) -> Option<ToWorker> {
         let tid = msg.transaction_id();
+        if self.owners.get(&ft).is_some_and(|o| o.expires <= now) {
+            // Lapsed: the worker ends it at the latest when it sees the Install below.
+            self.forget(&ft);
+        }
         let checked = if let Some(o) = self.owners.get(&ft) {
             if o.tid == tid {
                 // A retransmission racing its own Install: the worker answers the next one.
@@ -250,6 +264,8 @@ impl ControlPlane {
             }
             // RFC 8656 §7.2 step 2.
             Err(ErrorCode::AllocationMismatch)
+        } else if !msg.unknown_required().is_empty() {
+            Err(ErrorCode::UnknownAttribute)
         } else {
             self.check_allocate(msg, &user)
         };
@@ -274,13 +290,13 @@ impl ControlPlane {
                 };
                 let relayed = socket.local_addr().ok()?;
                 let bytes = self.allocate_success(msg, &ft, &relayed, lifetime, token, &key);
-                self.owners.insert(ft, Owner { user: user.clone(), tid });
+                self.owners.insert(ft, Owner { user: user.clone(), tid, expires: now + lifetime });
                 *self.per_user.entry(user.clone()).or_default() += 1;
                 self.stats.allocations += 1;
                 info!(client = %ft.client, %user, relayed = %relayed, lifetime_s = lifetime.as_secs(), "allocation granted");
                 // The worker keeps the response and answers retransmissions.
                 Some(ToWorker::Install(
-                    Install { five_tuple: ft, tid, relayed, lifetime, response: bytes.into() },
+                    Install { five_tuple: ft, tid, relayed, lifetime, response: bytes.into(), key },
                     socket,
                 ))
             }
@@ -303,10 +319,17 @@ impl ControlPlane {
             return Err(ErrorCode::BadRequest);
         }
         if let Some(t) = token {
-            // RFC 8656 §7.2 step 5: an unknown or expired token earns 508.
-            if !<[u8; 8]>::try_from(t).is_ok_and(|t| self.reservations.contains_key(&t)) {
+            // RFC 8656 §18.9: a token is 8 bytes; anything else is a malformed request (400).
+            // §7.2 step 5: a well-formed token that reserves nothing (unknown, expired) earns 508.
+            let Ok(t) = <[u8; 8]>::try_from(t) else { return Err(ErrorCode::BadRequest) };
+            if !self.reservations.contains_key(&t) {
                 return Err(ErrorCode::InsufficientCapacity);
             }
+        }
+        if family.is_some() && msg.get(attr::ADDITIONAL_ADDRESS_FAMILY).is_some() {
+            // RFC 8656 §7.2 item 6: REQUESTED-ADDRESS-FAMILY and ADDITIONAL-ADDRESS-FAMILY
+            // together are a 400.
+            return Err(ErrorCode::BadRequest);
         }
         if family.is_some_and(|f| f.len() != 4) || even.is_some_and(|e| e.len() != 1) {
             return Err(ErrorCode::BadRequest);
@@ -329,7 +352,7 @@ impl ControlPlane {
         }
         let lifetime = self.lifetime(msg)?;
         let port = match (token, even) {
-            (Some(t), _) => PortRequest::Reserved(t.try_into().map_err(|_| ErrorCode::InsufficientCapacity)?),
+            (Some(t), _) => PortRequest::Reserved(t.try_into().map_err(|_| ErrorCode::BadRequest)?),
             (None, Some(e)) if e.first().is_some_and(|b| b & 0x80 != 0) => PortRequest::EvenAndReserveNext,
             (None, Some(_)) => PortRequest::Even,
             (None, None) => PortRequest::Any,
@@ -359,20 +382,32 @@ impl ControlPlane {
         port: PortRequest,
     ) -> std::io::Result<Option<(UdpSocket, Option<[u8; 8]>)>> {
         let ip = self.policy.relay_ip;
-        let Some(slice) = self.ports.get_mut(worker) else { return Ok(None) };
-        Ok(match port {
-            PortRequest::Any => slice.bind(ip, false)?.map(|s| (s, None)),
-            PortRequest::Even => slice.bind(ip, true)?.map(|s| (s, None)),
-            PortRequest::EvenAndReserveNext => match slice.bind_pair(ip)? {
-                Some((s, reserved)) => {
-                    let token: [u8; 8] = rand::random();
-                    self.reservations.insert(token, (now + RESERVATION_TTL, reserved));
-                    Some((s, Some(token)))
-                }
-                None => None,
-            },
-            PortRequest::Reserved(t) => self.reservations.remove(&t).map(|(_, s)| (s, None)),
-        })
+        if let PortRequest::Reserved(t) = port {
+            return Ok(self.reservations.remove(&t).map(|(_, s)| (s, None)));
+        }
+        // The worker's own slice first, then the others in turn: 508 only when the whole range
+        // is taken.
+        let n = self.ports.len();
+        for k in 0..n {
+            let slice = &mut self.ports[(worker + k) % n];
+            let bound = match port {
+                PortRequest::Any => slice.bind(ip, false)?.map(|s| (s, None)),
+                PortRequest::Even => slice.bind(ip, true)?.map(|s| (s, None)),
+                PortRequest::EvenAndReserveNext => match slice.bind_pair(ip)? {
+                    Some((s, reserved)) => {
+                        let token: [u8; 8] = rand::random();
+                        self.reservations.insert(token, (now + RESERVATION_TTL, reserved));
+                        Some((s, Some(token)))
+                    }
+                    None => None,
+                },
+                PortRequest::Reserved(_) => None,
+            };
+            if bound.is_some() {
+                return Ok(bound);
+            }
+        }
+        Ok(None)
     }
 
     /// Drops reservations nobody claimed in time.
@@ -405,18 +440,27 @@ impl ControlPlane {
         self.buf[..n].to_vec()
     }
 
-    fn refresh(&self, ft: FiveTuple, msg: &Message<'_>, key: IntegrityKey) -> Result<Command, ErrorCode> {
-        // RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY other than the allocation's earns 443.
+    fn refresh(
+        &mut self,
+        now: Instant,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        key: IntegrityKey,
+    ) -> Result<Command, ErrorCode> {
+        // RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY whose value does not match the allocation's
+        // family earns 443; a malformed value (not 4 bytes, or an unknown family) does not
+        // match either, so it gets 443 too (docs/rfc-compliance.md).
         if let Some(f) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
             let want = if self.policy.relay_ip.is_ipv4() { attr::FAMILY_IPV4 } else { attr::FAMILY_IPV6 };
-            if f.len() != 4 {
-                return Err(ErrorCode::BadRequest);
-            }
-            if f[0] != want {
+            if f.len() != 4 || f[0] != want {
                 return Err(ErrorCode::PeerAddressFamilyMismatch);
             }
         }
         let lifetime = self.lifetime(msg)?;
+        if let Some(o) = self.owners.get_mut(&ft) {
+            // The worker refuses (437) and reports the end if the allocation has lapsed there.
+            o.expires = now + lifetime;
+        }
         Ok(Command::Refresh { five_tuple: ft, tid: msg.transaction_id(), lifetime, key })
     }
 

@@ -18,6 +18,10 @@ use crate::policy::PeerPolicy;
 
 /// Commands a worker's queue holds before the control plane drops more (clients retransmit).
 const COMMAND_QUEUE: usize = 16_384;
+/// Events taken from one worker's queue before the control thread turns to the next.
+const FAIR_SHARE: usize = 32;
+/// Events handled between checks for stopped workers and shutdown.
+const MAX_BATCH: usize = 4096;
 
 /// Picks the I/O backend, probing io_uring when asked for `auto`.
 pub fn choose_backend(choice: BackendChoice) -> Result<IoBackend> {
@@ -49,7 +53,12 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     // answer the first, unauthenticated request of an Allocate with 401 themselves.
     let nonce_key = NonceKey::new(rand::random(), config.nonce_lifetime.as_secs().max(1));
     let challenger = Challenger::new(&config.realm, nonce_key, Challenger::origin_for(Instant::now()));
-    let (events_tx, events_rx) = crossbeam_channel::unbounded::<FromWorker>();
+    // Each worker's share of a source's budget: a source's 5-tuples spread over the workers
+    // (SO_REUSEPORT hashing), so the relay as a whole answers a source about `unauth-rate`
+    // unverified requests per second (docs/security.md).
+    let unauth_share = config.unauth_rate.div_ceil(config.workers.max(1) as u32);
+    // One queue per worker to the control plane, taken from in turn (a fair share each).
+    let mut events_rx = Vec::with_capacity(config.workers);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut workers: Vec<WorkerHandle> = Vec::with_capacity(config.workers);
     for index in 0..config.workers {
@@ -64,12 +73,14 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
                 max_permissions: config.max_permissions,
                 max_channels: config.max_channels,
                 bandwidth: (config.max_bandwidth > 0).then_some(config.max_bandwidth),
-                unauthenticated_rate: config.unauth_rate,
+                unauthenticated_rate: unauth_share,
             },
             command_queue: COMMAND_QUEUE,
             challenger: Some(challenger.clone()),
         };
-        match uturn_dataplane::spawn(cfg, EventSender::new(events_tx.clone(), std::thread::current())) {
+        let (events_tx, rx) = crossbeam_channel::unbounded::<FromWorker>();
+        events_rx.push(rx);
+        match uturn_dataplane::spawn(cfg, EventSender::new(events_tx, std::thread::current())) {
             Ok(h) => workers.push(h),
             Err(e) => {
                 for w in &workers {
@@ -79,7 +90,6 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
             }
         }
     }
-    drop(events_tx);
     let policy = Policy {
         realm: config.realm.clone(),
         users: config.users.clone(),
@@ -96,24 +106,36 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
 
     let mut failed = false;
     while !shutdown.load(Ordering::Relaxed) {
-        // Drain what is queued (bounded, so a flood cannot delay the checks below), then sleep
-        // until a worker unparks this thread (no spinning: the core may be a worker's).
+        // Take up to FAIR_SHARE events from each worker's queue in turn, so one worker's flood
+        // cannot starve the clients of the others; stop after MAX_BATCH so the checks below
+        // run, then sleep until a worker unparks this thread (no spinning: the core may be a
+        // worker's).
         let mut handled = 0;
-        let mut disconnected = false;
-        while handled < 4096 {
-            match events_rx.try_recv() {
-                Ok(ev) => {
-                    handle_event(&mut control, &workers, ev);
-                    handled += 1;
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    disconnected = true;
-                    break;
+        let mut disconnected;
+        loop {
+            let mut round = 0;
+            disconnected = 0;
+            for rx in &events_rx {
+                for _ in 0..FAIR_SHARE {
+                    match rx.try_recv() {
+                        Ok(ev) => {
+                            handle_event(&mut control, &workers, ev);
+                            round += 1;
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            disconnected += 1;
+                            break;
+                        }
+                    }
                 }
             }
+            handled += round;
+            if round == 0 || handled >= MAX_BATCH {
+                break;
+            }
         }
-        if disconnected {
+        if disconnected == events_rx.len() {
             break;
         }
         if handled == 0 {
@@ -175,6 +197,6 @@ fn handle_event(control: &mut ControlPlane, workers: &[WorkerHandle], ev: FromWo
                 }
             }
         }
-        FromWorker::Released { five_tuple } => control.released(&five_tuple),
+        FromWorker::Released { five_tuple, tid } => control.released(&five_tuple, tid),
     }
 }

@@ -8,16 +8,23 @@ use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 use tracing::{debug, warn};
-use uturn_proto::relay::{AllocationId, ClientOutput, Command, Effect, PeerOutput};
+use uturn_proto::relay::{AllocationId, ClientOutput, Command, Effect, Ended, PeerOutput};
+use uturn_proto::wire::TransactionId;
 use uturn_proto::{FiveTuple, WorkerState};
 
 use crate::messages::{EventSender, FromWorker, ToWorker};
 
 /// Reply buffer size, bytes: every STUN response uturn builds fits.
 const REPLY_BUF: usize = 1500;
-/// Requests waiting for the control plane beyond which a worker drops new ones (the client
-/// retransmits). Release reports are never dropped, so quotas never leak.
-pub(crate) const MAX_PENDING_REQUESTS: usize = 4096;
+/// Requests admitted on their source's budget (not verified in the worker) that may wait in this
+/// worker's own queue to the control plane; beyond it new ones are dropped (the client
+/// retransmits). Each worker has its own queue and the control thread takes from them in turn, so
+/// a flood that fills one worker's queue cannot take the others' turns.
+pub(crate) const MAX_PENDING_REQUESTS: usize = 1024;
+/// Events in the queue beyond which even requests the worker verified (Refresh,
+/// CreatePermission, ChannelBind on a live allocation) are dropped. Release reports are never
+/// dropped, so quotas never leak.
+pub(crate) const MAX_PENDING_EVENTS: usize = 4 * MAX_PENDING_REQUESTS;
 
 /// What a backend does with I/O the core decides on.
 pub(crate) trait Io {
@@ -64,19 +71,18 @@ pub(crate) struct WorkerCore {
     /// Relay sockets indexed by allocation slab index.
     pub(crate) relays: Vec<Option<Relay>>,
     commands: Receiver<ToWorker>,
-    /// Unbounded; requests are capped by [`MAX_PENDING_REQUESTS`].
+    /// This worker's own queue to the control plane; unbounded, requests are capped by
+    /// [`MAX_PENDING_REQUESTS`] and [`MAX_PENDING_EVENTS`].
     events: EventSender,
     reply: Vec<u8>,
-    expired: Vec<(AllocationId, FiveTuple)>,
-    /// Requests dropped because the control-plane queue was full.
+    expired: Vec<Ended>,
+    /// Requests dropped because this worker's control-plane queue was full.
     pub(crate) control_queue_full: u64,
-    /// Test hook (`UTURN_FAULT_INJECTION=worker-panic`): panic on a datagram carrying
-    /// [`FAULT_MARKER`], to exercise what a worker failure does to the process.
-    pub(crate) fault_injection: bool,
+    /// Test hook, compiled only with the `fault-injection` feature (which only the end-to-end
+    /// tests enable): panic on a datagram carrying [`crate::fault::MARKER`].
+    #[cfg(feature = "fault-injection")]
+    fault_injection: bool,
 }
-
-/// The datagram content that makes a worker panic when fault injection is on.
-pub(crate) const FAULT_MARKER: &[u8] = b"uturn-fault-injection:worker-panic";
 
 impl WorkerCore {
     pub(crate) fn new(
@@ -96,7 +102,8 @@ impl WorkerCore {
             reply: vec![0; REPLY_BUF],
             expired: Vec::new(),
             control_queue_full: 0,
-            fault_injection: std::env::var("UTURN_FAULT_INJECTION").is_ok_and(|v| v == "worker-panic"),
+            #[cfg(feature = "fault-injection")]
+            fault_injection: crate::fault::enabled(),
         }
     }
 
@@ -114,9 +121,8 @@ impl WorkerCore {
         from: SocketAddr,
         datagram: &[u8],
     ) -> ClientVerdict {
-        if self.fault_injection && datagram.windows(FAULT_MARKER.len()).any(|w| w == FAULT_MARKER) {
-            panic!("fault injection: worker {} told to panic by {from}", self.index);
-        }
+        #[cfg(feature = "fault-injection")]
+        crate::fault::check(self.fault_injection, self.index, from, datagram);
         let five_tuple = FiveTuple { client: from, server: self.listeners[listener].addr };
         match self.state.handle_client_datagram(now, &five_tuple, datagram, &mut self.reply) {
             ClientOutput::Relay { alloc, peer, payload } => {
@@ -124,8 +130,9 @@ impl WorkerCore {
             }
             ClientOutput::Reply(n) => ClientVerdict::Reply(n),
             ClientOutput::Drop => ClientVerdict::Done,
-            ClientOutput::Authenticate => {
-                if self.events.len() >= MAX_PENDING_REQUESTS {
+            ClientOutput::Authenticate { verified } => {
+                let cap = if verified { MAX_PENDING_EVENTS } else { MAX_PENDING_REQUESTS };
+                if self.events.len() >= cap {
                     // Never block the data plane on the control plane; the client retransmits.
                     self.control_queue_full += 1;
                 } else {
@@ -137,22 +144,20 @@ impl WorkerCore {
         }
     }
 
-    /// A datagram from `peer` on relay slot `relay` (tagged with `generation`), its payload at
-    /// `buf[payload]`. Returns the listener, client address and framed message range.
+    /// A datagram from `peer` on relay slot `relay`, its payload at `buf[payload]`. Returns the
+    /// listener, client address and framed message range. The backend has checked that the
+    /// datagram came from the slot's current socket (io_uring tags each receive with the
+    /// allocation's generation; epoll reads the slot's socket itself).
     #[inline]
     pub(crate) fn on_peer(
         &mut self,
         now: Instant,
         relay: usize,
-        generation: u32,
         peer: SocketAddr,
         buf: &mut [u8],
         payload: Range<usize>,
     ) -> Option<(usize, SocketAddr, Range<usize>)> {
         let r = self.relays.get(relay)?.as_ref()?;
-        if r.id.generation != generation {
-            return None;
-        }
         let listener = r.listener;
         match self.state.handle_peer_datagram(now, r.id, peer, buf, payload) {
             PeerOutput::ToClient { five_tuple, message } => Some((listener, five_tuple.client, message)),
@@ -184,10 +189,10 @@ impl WorkerCore {
                     self.relays[slot] = Some(Relay { id, socket, listener });
                     debug!(worker = self.index, client = %out.five_tuple.client, "allocation installed");
                 }
-                (Effect::InstallRefused, _) => self.release(out.five_tuple),
-                (Effect::Removed(id), _) => {
-                    self.close_relay(id, io);
-                    self.release(out.five_tuple);
+                (Effect::InstallRefused { tid }, _) => self.release(out.five_tuple, tid),
+                (Effect::Removed(ended), _) => {
+                    self.close_relay(ended.id, io);
+                    self.release(ended.five_tuple, ended.tid);
                 }
                 _ => {}
             }
@@ -201,18 +206,18 @@ impl WorkerCore {
     pub(crate) fn expire(&mut self, now: Instant, io: &mut impl Io) {
         let mut expired = std::mem::take(&mut self.expired);
         self.state.handle_timeout(now, &mut expired);
-        for (id, ft) in expired.drain(..) {
-            debug!(worker = self.index, client = %ft.client, "allocation expired");
-            self.close_relay(id, io);
-            self.release(ft);
+        for e in expired.drain(..) {
+            debug!(worker = self.index, client = %e.five_tuple.client, "allocation expired");
+            self.close_relay(e.id, io);
+            self.release(e.five_tuple, e.tid);
         }
         self.expired = expired;
     }
 
     /// Removes every allocation (shutdown).
     pub(crate) fn close_all(&mut self, io: &mut impl Io) {
-        for (id, _) in self.state.drain() {
-            self.close_relay(id, io);
+        for e in self.state.drain() {
+            self.close_relay(e.id, io);
         }
     }
 
@@ -226,8 +231,8 @@ impl WorkerCore {
         }
     }
 
-    fn release(&mut self, five_tuple: FiveTuple) {
-        if self.events.send(FromWorker::Released { five_tuple }).is_err() {
+    fn release(&mut self, five_tuple: FiveTuple, tid: TransactionId) {
+        if self.events.send(FromWorker::Released { five_tuple, tid }).is_err() {
             warn!(worker = self.index, "control plane gone: allocation release not reported");
         }
     }

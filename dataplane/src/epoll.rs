@@ -132,10 +132,9 @@ fn drain_listener(core: &mut WorkerCore, io: &mut EpollIo, listener: usize, buf:
 }
 
 fn drain_relay(core: &mut WorkerCore, io: &mut EpollIo, slot: usize, buf: &mut [u8], now: Instant) {
-    let generation = match core.relays.get(slot) {
-        Some(Some(r)) => r.id.generation,
-        _ => return,
-    };
+    if !matches!(core.relays.get(slot), Some(Some(_))) {
+        return;
+    }
     let mut errors = 0;
     loop {
         let result = match core.relays.get(slot) {
@@ -147,9 +146,7 @@ fn drain_relay(core: &mut WorkerCore, io: &mut EpollIo, slot: usize, buf: &mut [
             Ok(None) => continue,
             Err(()) => return,
         };
-        if let Some((listener, client, msg)) =
-            core.on_peer(now, slot, generation, peer, buf, PEER_HEADROOM..PEER_HEADROOM + n)
-        {
+        if let Some((listener, client, msg)) = core.on_peer(now, slot, peer, buf, PEER_HEADROOM..PEER_HEADROOM + n) {
             let _ = io.listeners[listener].send_to(&buf[msg], client);
         }
     }

@@ -10,12 +10,15 @@
 //!   ring, batched sends, no copy of payloads) or epoll ([`IoBackend::Epoll`], through mio).
 //!
 //! The control plane talks to a worker only through queues ([`ToWorker`] in, bounded;
-//! [`FromWorker`] out, through an [`EventSender`] that unparks the control thread) and an
+//! [`FromWorker`] out, each worker through its own [`EventSender`] that unparks the control
+//! thread, which takes from the workers' queues in turn) and an
 //! eventfd to wake it, written only while the worker sleeps. This crate knows nothing of users, passwords or
 //! configuration files.
 
 mod core;
 mod epoll;
+#[cfg(feature = "fault-injection")]
+mod fault;
 mod gso;
 mod messages;
 mod socket;

@@ -6,6 +6,7 @@ use std::thread::Thread;
 use crossbeam_channel::Sender;
 
 use uturn_proto::relay::{Command, Install};
+use uturn_proto::wire::TransactionId;
 use uturn_proto::FiveTuple;
 
 /// What the control plane pushes into a worker.
@@ -18,7 +19,7 @@ pub enum ToWorker {
     Command(Command),
 }
 
-/// The workers' end of the queue to the control plane: an unbounded crossbeam sender plus the
+/// A worker's end of its own queue to the control plane: an unbounded crossbeam sender plus the
 /// control thread, which sleeps in `std::thread::park_timeout` (a futex) and is unparked after
 /// each event. A channel's blocking receive would spin and `sched_yield` before sleeping, which
 /// on a core shared with a worker burns the time the worker needs.
@@ -62,10 +63,13 @@ pub enum FromWorker {
         /// The STUN message bytes.
         bytes: Vec<u8>,
     },
-    /// The allocation of `five_tuple` no longer exists (expired, deleted, or its Install was
-    /// refused): release its quota.
+    /// The allocation of `five_tuple` made by Allocate `tid` no longer exists (expired, deleted,
+    /// or its Install was refused): release its quota. A newer allocation on the same 5-tuple
+    /// (another `tid`) is not affected.
     Released {
         /// The client's 5-tuple.
         five_tuple: FiveTuple,
+        /// Transaction ID of the Allocate that made the allocation.
+        tid: TransactionId,
     },
 }

@@ -103,11 +103,9 @@ pub fn probe() -> Result<(), String> {
     let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup: {e}"))?;
     let mut p = io_uring::Probe::new();
     ring.submitter().register_probe(&mut p).map_err(|e| format!("io_uring probe: {e}"))?;
-    for (op, name) in [
-        (opcode::RecvMsg::CODE, "RecvMsg"),
-        (opcode::Send::CODE, "Send"),
-        (opcode::AsyncCancel::CODE, "AsyncCancel"),
-    ] {
+    for (op, name) in
+        [(opcode::RecvMsg::CODE, "RecvMsg"), (opcode::Send::CODE, "Send"), (opcode::AsyncCancel::CODE, "AsyncCancel")]
+    {
         if !p.is_supported(op) {
             return Err(format!("io_uring opcode {name} unsupported"));
         }
@@ -652,7 +650,8 @@ fn dispatch(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res:
             if let Some(bid) = slot.bid.take() {
                 io.bufs.recycle(bid);
             }
-            let refused = res < 0 && !slot.bids.is_empty() && matches!(-res, libc::EIO | libc::EINVAL | libc::EOPNOTSUPP);
+            let refused =
+                res < 0 && !slot.bids.is_empty() && matches!(-res, libc::EIO | libc::EINVAL | libc::EOPNOTSUPP);
             if refused {
                 // GSO is not available on this path (no checksum offload, an MTU below the
                 // segment, an old kernel): turn it off and send the run's datagrams one by one.
@@ -774,12 +773,8 @@ fn on_relay(core: &mut WorkerCore, io: &mut UringIo, now: Instant, index: usize,
         io.bufs.recycle(bid);
         return;
     }
-    let generation = match core.relays.get(index) {
-        Some(Some(r)) => r.id.generation,
-        _ => 0,
-    };
     let base = buf.as_ptr();
-    match core.on_peer(now, index, generation, peer, buf, PAYLOAD_AT..PAYLOAD_AT + n) {
+    match core.on_peer(now, index, peer, buf, PAYLOAD_AT..PAYLOAD_AT + n) {
         Some((listener, client, msg)) => {
             let file = io.listener_files[listener];
             // SAFETY: `msg` lies within buffer `bid` (it was framed in place there).

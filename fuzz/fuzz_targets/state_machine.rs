@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
                     relayed: SocketAddr::from(([127, 0, 0, 1], 50000 + who as u16)),
                     lifetime: Duration::from_secs(1 + (d as u64 % 20)),
                     response: vec![d; 20].into(),
+                    key: uturn_proto::wire::IntegrityKey([1; 16]),
                 };
                 if let Effect::Installed(id) = s.handle_command(now, Command::Install(install), &mut out).effect {
                     ids.push(id);

@@ -133,7 +133,9 @@ fn quota_is_released_when_the_worker_reports_it() {
     assert!(matches!(installed[0], Some(ToWorker::Install(..))));
     assert!(matches!(installed[1], Some(ToWorker::Install(..))));
     assert_eq!(code(&reply_bytes(installed.pop().unwrap())), Some(486), "user-quota = 2");
-    h.cp.released(&ft(1000));
+    h.cp.released(&ft(1000), TransactionId([9; 12]));
+    assert_eq!(h.cp.allocations(), 2, "a report about another allocation (another Allocate) frees nothing");
+    h.cp.released(&ft(1000), TransactionId([2; 12]));
     let nonce = nonce_of(&reply_bytes(h.send(1, ft(1002), &request(Method::ALLOCATE, 3, None, udp))));
     let again = h.send(1, ft(1002), &request(Method::ALLOCATE, 4, Some(("demo", "demo", &nonce)), udp));
     assert!(matches!(again, Some(ToWorker::Install(..))));
@@ -187,4 +189,110 @@ fn even_port_with_reservation() {
     });
     let Some(ToWorker::Install(second, _s2)) = h.send(1, ft(1001), &claim) else { panic!() };
     assert_eq!(second.relayed.port(), first.relayed.port() + 1);
+}
+
+/// Allocates on `ft` for demo (the 401 round, then the signed request with `extra` attributes).
+fn allocate_with(
+    h: &mut H,
+    s: u64,
+    ft: FiveTuple,
+    tid: u8,
+    extra: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), WriteError>,
+) -> Option<ToWorker> {
+    let nonce = nonce_of(&reply_bytes(h.send(s, ft, &request(Method::ALLOCATE, tid, None, udp))));
+    h.send(
+        s,
+        ft,
+        &request(Method::ALLOCATE, tid + 1, Some(("demo", "demo", &nonce)), |w| {
+            udp(w)?;
+            extra(w)
+        }),
+    )
+}
+
+#[test]
+fn allocate_checks_follow_rfc_8656_section_7_2() {
+    let mut h = H::new();
+    // Step 6: REQUESTED-ADDRESS-FAMILY with ADDITIONAL-ADDRESS-FAMILY is a 400.
+    let both = allocate_with(&mut h, 0, ft(1000), 1, |w| {
+        w.u32(attr::REQUESTED_ADDRESS_FAMILY, (attr::FAMILY_IPV4 as u32) << 24)?;
+        w.u32(attr::ADDITIONAL_ADDRESS_FAMILY, (attr::FAMILY_IPV6 as u32) << 24).map(drop)
+    });
+    assert_eq!(code(&reply_bytes(both)), Some(400));
+    // A RESERVATION-TOKEN of the wrong length is malformed (400); a well-formed one that
+    // reserves nothing is a 508.
+    let short = allocate_with(&mut h, 0, ft(1001), 3, |w| w.bytes(attr::RESERVATION_TOKEN, &[1, 2, 3]).map(drop));
+    assert_eq!(code(&reply_bytes(short)), Some(400));
+    let unknown = allocate_with(&mut h, 0, ft(1002), 5, |w| w.bytes(attr::RESERVATION_TOKEN, &[7; 8]).map(drop));
+    assert_eq!(code(&reply_bytes(unknown)), Some(508));
+    // Step 2 before the attributes: on a 5-tuple in use, an unknown comprehension-required
+    // attribute still gets 437, not 420; on a free one it gets 420.
+    assert!(matches!(allocate_with(&mut h, 0, ft(1003), 7, |_| Ok(())), Some(ToWorker::Install(..))));
+    let taken = allocate_with(&mut h, 0, ft(1003), 9, |w| w.u32(0x0033, 1).map(drop));
+    let r = reply_bytes(taken);
+    assert_eq!(code(&r), Some(437));
+    assert!(integrity::verify(
+        &IntegrityKey::long_term("demo", REALM, "demo").0,
+        &Message::parse(&r).unwrap().integrity_parts().unwrap()
+    ));
+    let free = allocate_with(&mut h, 0, ft(1004), 11, |w| w.u32(0x0033, 1).map(drop));
+    assert_eq!(code(&reply_bytes(free)), Some(420));
+}
+
+#[test]
+fn refresh_with_a_malformed_family_gets_443_and_unknown_attributes_come_after_437() {
+    let mut h = H::new();
+    assert!(matches!(allocate_with(&mut h, 0, ft(1000), 1, |_| Ok(())), Some(ToWorker::Install(..))));
+    let nonce = nonce_of(&reply_bytes(h.send(0, ft(1000), &request(Method::REFRESH, 3, None, |_| Ok(())))));
+    let auth = Some(("demo", "demo", &nonce[..]));
+    for value in [&[attr::FAMILY_IPV6, 0, 0, 0][..], &[attr::FAMILY_IPV4, 0][..], &[9, 0, 0, 0][..]] {
+        let r = request(Method::REFRESH, 4, auth, |w| w.bytes(attr::REQUESTED_ADDRESS_FAMILY, value).map(drop));
+        assert_eq!(code(&reply_bytes(h.send(0, ft(1000), &r))), Some(443), "family {value:?}");
+    }
+    let r = request(Method::REFRESH, 5, auth, |w| w.u32(0x0033, 1).map(drop));
+    assert_eq!(code(&reply_bytes(h.send(0, ft(1000), &r))), Some(420));
+    let other = nonce_of(&reply_bytes(h.send(0, ft(1001), &request(Method::REFRESH, 7, None, |_| Ok(())))));
+    let r = request(Method::REFRESH, 8, Some(("demo", "demo", &other)), |w| w.u32(0x0033, 1).map(drop));
+    assert_eq!(code(&reply_bytes(h.send(0, ft(1001), &r))), Some(437), "no allocation comes first");
+}
+
+#[test]
+fn a_full_slice_borrows_from_the_others_before_508() {
+    let t0 = Instant::now();
+    let lo = loop {
+        // Two free adjacent ports, one slice each for two workers.
+        let p = 40000 + rand::random::<u16>() % 20000;
+        let a = std::net::UdpSocket::bind(("127.0.0.1", p));
+        let b = std::net::UdpSocket::bind(("127.0.0.1", p + 1));
+        if a.is_ok() && b.is_ok() {
+            break p;
+        }
+    };
+    let challenger = Challenger::new(REALM, NonceKey::new([3; 32], 10), Challenger::origin_for(t0));
+    let policy = Policy { user_quota: 0, ..policy() };
+    let mut h = H { cp: ControlPlane::new(policy, 2, (lo, lo + 1), challenger), t0 };
+    let Some(ToWorker::Install(first, _a)) = allocate_with(&mut h, 0, ft(1000), 1, |_| Ok(())) else { panic!() };
+    let Some(ToWorker::Install(second, _b)) = allocate_with(&mut h, 0, ft(1001), 3, |_| Ok(())) else {
+        panic!("worker 0's slice is full but worker 1's port is free")
+    };
+    let mut ports = [first.relayed.port(), second.relayed.port()];
+    ports.sort_unstable();
+    assert_eq!(ports, [lo, lo + 1]);
+    assert_eq!(code(&reply_bytes(allocate_with(&mut h, 0, ft(1002), 5, |_| Ok(())))), Some(508), "whole range taken");
+}
+
+#[test]
+fn a_lapsed_allocation_does_not_block_a_new_allocate() {
+    let mut h = H::new();
+    let Some(ToWorker::Install(old, _s)) = allocate_with(&mut h, 0, ft(1000), 1, |_| Ok(())) else { panic!() };
+    // 600 s later (no Refresh, and the worker has not reported yet) the 5-tuple is free again.
+    let Some(ToWorker::Install(new, _t)) = allocate_with(&mut h, 600, ft(1000), 3, |_| Ok(())) else {
+        panic!("lapsed allocation still blocks its 5-tuple")
+    };
+    assert_eq!(h.cp.allocations(), 1);
+    // The worker's late report about the old allocation leaves the new one alone.
+    h.cp.released(&ft(1000), old.tid);
+    assert_eq!(h.cp.allocations(), 1);
+    h.cp.released(&ft(1000), new.tid);
+    assert_eq!(h.cp.allocations(), 0);
 }

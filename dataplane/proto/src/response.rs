@@ -12,7 +12,7 @@ pub enum ErrorCode {
     /// 400: malformed or missing attributes.
     BadRequest,
     /// 401: missing or wrong credentials.
-    Unauthorized,
+    Unauthenticated,
     /// 403: the peer address is not allowed.
     Forbidden,
     /// 420: unknown comprehension-required attribute.
@@ -42,7 +42,7 @@ impl ErrorCode {
     pub const fn code(self) -> u16 {
         match self {
             ErrorCode::BadRequest => 400,
-            ErrorCode::Unauthorized => 401,
+            ErrorCode::Unauthenticated => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::UnknownAttribute => 420,
             ErrorCode::AllocationMismatch => 437,
@@ -61,7 +61,7 @@ impl ErrorCode {
     pub const fn reason(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "Bad Request",
-            ErrorCode::Unauthorized => "Unauthorized",
+            ErrorCode::Unauthenticated => "Unauthenticated",
             ErrorCode::Forbidden => "Forbidden",
             ErrorCode::UnknownAttribute => "Unknown Attribute",
             ErrorCode::AllocationMismatch => "Allocation Mismatch",

@@ -92,6 +92,11 @@ impl<T: Copy> TimerWheel<T> {
         self.slots.iter().map(Vec::capacity).sum()
     }
 
+    /// The instant of tick 0 (never after any instant the wheel has seen).
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
     /// Number of filed entries.
     pub fn len(&self) -> usize {
         self.len

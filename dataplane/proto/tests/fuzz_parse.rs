@@ -209,6 +209,7 @@ fn state_with_allocation(now: Instant) -> (WorkerState, uturn_proto::relay::Allo
         relayed: "127.0.0.1:50000".parse().unwrap(),
         lifetime: Duration::from_secs(600),
         response: vec![0u8; 20].into(),
+        key: uturn_proto::wire::IntegrityKey([1; 16]),
     };
     let r = s.handle_command(now, Command::Install(install), &mut out);
     let uturn_proto::relay::Effect::Installed(id) = r.effect else { panic!() };

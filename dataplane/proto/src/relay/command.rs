@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::wire::{ChannelNumber, IntegrityKey, TransactionId};
 
-use super::{AllocationId, FiveTuple};
+use super::{AllocationId, Ended, FiveTuple};
 
 /// An authenticated Allocate that the control plane granted (RFC 8656 §7.2): the relayed
 /// transport address is already bound and `response` is the complete, signed success response.
@@ -22,6 +22,9 @@ pub struct Install {
     pub lifetime: Duration,
     /// The signed Allocate success response, resent verbatim to retransmissions.
     pub response: Box<[u8]>,
+    /// The user's long-term key: signs the worker's own answers (a 437 when the 5-tuple is
+    /// taken) and verifies later requests on the allocation.
+    pub key: IntegrityKey,
 }
 
 /// An authenticated request on an existing allocation. The worker applies it to its tables and
@@ -81,9 +84,13 @@ pub enum Effect {
     None,
     /// An allocation was installed under this id: start receiving on its relay socket.
     Installed(AllocationId),
-    /// An Install was refused (the 5-tuple already has an allocation): close the offered relay
-    /// socket and tell the control plane the 5-tuple's new allocation was not made.
-    InstallRefused,
-    /// The allocation was deleted (Refresh with LIFETIME 0): close its relay socket.
-    Removed(AllocationId),
+    /// An Install was refused (the 5-tuple already has a live allocation): close the offered
+    /// relay socket and tell the control plane that the allocation of Allocate `tid` was not made.
+    InstallRefused {
+        /// Transaction ID of the refused Allocate.
+        tid: TransactionId,
+    },
+    /// The allocation was deleted (Refresh with LIFETIME 0): close its relay socket and tell the
+    /// control plane.
+    Removed(Ended),
 }

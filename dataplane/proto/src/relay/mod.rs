@@ -6,6 +6,7 @@
 //! [`WorkerState::handle_command`], and call [`WorkerState::handle_timeout`] once
 //! [`WorkerState::poll_timeout`] has passed. Each call takes `now` and returns what to send.
 
+mod apply;
 mod command;
 mod tables;
 
@@ -17,12 +18,11 @@ pub use command::{Command, Effect, Install};
 pub use tables::{Allocation, ChannelBinding, Tables};
 
 use crate::nonce::Challenger;
-use crate::ratelimit::PerIpLimiter;
+use crate::ratelimit::SourceLimiter;
 use crate::response::{self, ErrorCode};
 use crate::timer::TimerWheel;
 use crate::wire::{
-    self, address, attr, channel_data, ChannelData, ChannelNumber, Class, DatagramKind, Message, MessageWriter, Method,
-    TransactionId,
+    self, address, attr, channel_data, ChannelData, ChannelNumber, Class, DatagramKind, Message, Method, TransactionId,
 };
 
 /// A client's 5-tuple on UDP (RFC 8656 §2): its address and the server address it sent to.
@@ -42,6 +42,20 @@ pub struct AllocationId {
     pub index: u32,
     /// Generation of the slot when the allocation was made.
     pub generation: u32,
+}
+
+/// An allocation that ended (expired, deleted by a Refresh with LIFETIME 0, or removed at
+/// shutdown): the shell closes its relay socket and tells the control plane, which matches it to
+/// its own record by the Allocate transaction ID (a newer allocation on the same 5-tuple is not
+/// mistaken for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// The allocation's id in this worker.
+    pub id: AllocationId,
+    /// Its client's 5-tuple.
+    pub five_tuple: FiveTuple,
+    /// Transaction ID of the Allocate that made it.
+    pub tid: TransactionId,
 }
 
 /// Bytes a peer datagram needs in front of its payload so it can be framed in place: a 20-byte
@@ -64,8 +78,11 @@ pub struct RelayConfig {
     /// Relayed payload bytes per second per allocation, both directions together; `None` is
     /// unlimited. The burst allowance is one second's worth.
     pub bandwidth: Option<u64>,
-    /// Requests without MESSAGE-INTEGRITY (Binding, the first Allocate) accepted per second per
-    /// source IP by this worker (0: unlimited); more are dropped silently.
+    /// Requests whose MESSAGE-INTEGRITY this worker has not verified (Binding, the 401 round,
+    /// unknown methods, a first authenticated Allocate, anything with a forged or unknown key)
+    /// accepted per second per source (IPv4 address or IPv6 /64) by this worker, with a burst of
+    /// the same size (0: unlimited); more are dropped silently and counted in
+    /// [`Counters::rate_limited`]. The server gives each worker its share of `unauth-rate`.
     pub unauthenticated_rate: u32,
 }
 
@@ -77,7 +94,7 @@ impl Default for RelayConfig {
             max_permissions: 128,
             max_channels: 128,
             bandwidth: None,
-            unauthenticated_rate: 50,
+            unauthenticated_rate: 1000,
         }
     }
 }
@@ -107,6 +124,9 @@ pub struct Counters {
     pub dropped_responses: u64,
     /// Requests handed to the control plane.
     pub requests_forwarded: u64,
+    /// Requests whose MESSAGE-INTEGRITY verified with their allocation's key in the worker, and
+    /// that therefore bypassed the per-source budget.
+    pub requests_verified: u64,
     /// Requests answered by the worker itself (Binding, retransmitted Allocate, errors).
     pub requests_answered: u64,
     /// Allocations that expired.
@@ -115,7 +135,8 @@ pub struct Counters {
     pub bandwidth_drops: u64,
     /// CreatePermission / ChannelBind refused with 508 by the per-allocation caps.
     pub capacity_refusals: u64,
-    /// Unauthenticated requests dropped by the per-source-IP rate limit.
+    /// Requests dropped by the per-source budget (none of them had a MESSAGE-INTEGRITY the worker
+    /// could verify).
     pub rate_limited: u64,
 }
 
@@ -135,9 +156,13 @@ pub enum ClientOutput {
         /// The application data within the datagram.
         payload: Range<usize>,
     },
-    /// An authenticated request (Allocate, Refresh, CreatePermission, ChannelBind): hand the
-    /// datagram to the control plane, which answers with a [`Command`].
-    Authenticate,
+    /// A request with MESSAGE-INTEGRITY (Allocate, Refresh, CreatePermission, ChannelBind): hand
+    /// the datagram to the control plane, which authenticates it and answers with a [`Command`].
+    Authenticate {
+        /// True when the worker verified MESSAGE-INTEGRITY with the key of the 5-tuple's
+        /// allocation; false when the request was admitted on its source's budget instead.
+        verified: bool,
+    },
 }
 
 /// What to do with a peer datagram.
@@ -166,7 +191,7 @@ pub struct CommandOutput {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Timer {
+pub(super) enum Timer {
     Allocation(AllocationId),
     Permission(AllocationId, IpAddr),
     Channel(AllocationId, ChannelNumber),
@@ -180,8 +205,11 @@ pub struct WorkerState {
     timers: TimerWheel<Timer>,
     fired: Vec<Timer>,
     counters: Counters,
-    /// Requests without MESSAGE-INTEGRITY per source IP (Binding, and the 401 round).
-    unauthenticated: PerIpLimiter,
+    /// The per-source budget of requests not verified in the worker.
+    unauthenticated: SourceLimiter,
+    /// Allocations found expired by a request before the timer wheel swept them, reported by the
+    /// next [`handle_timeout`](Self::handle_timeout).
+    reaped: Vec<Ended>,
     /// Answers the unauthenticated first request of an Allocate (401) without the control plane.
     challenger: Option<Challenger>,
     /// xorshift64 state for Data indication transaction IDs (seeded by the caller from a CSPRNG).
@@ -198,7 +226,8 @@ impl WorkerState {
             timers: TimerWheel::new(now, Duration::from_secs(1)),
             fired: Vec::new(),
             counters: Counters::default(),
-            unauthenticated: PerIpLimiter::new(config.unauthenticated_rate),
+            unauthenticated: SourceLimiter::new(config.unauthenticated_rate, now),
+            reaped: Vec::new(),
             challenger: None,
             rng: seed | 1,
         }
@@ -222,6 +251,10 @@ impl WorkerState {
 
     /// When [`handle_timeout`](Self::handle_timeout) should next run; `None` with nothing to expire.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.reaped.is_empty() {
+            // Due at once: any instant not after now will do.
+            return Some(self.timers.origin());
+        }
         self.timers.next_deadline()
     }
 
@@ -263,6 +296,11 @@ impl WorkerState {
             self.counters.no_allocation += 1;
             return ClientOutput::Drop;
         };
+        if !self.tables.get(alloc).is_some_and(|a| a.expires > now) {
+            // RFC 8656 §7: an expired allocation relays nothing, swept or not.
+            self.counters.no_allocation += 1;
+            return ClientOutput::Drop;
+        }
         match self.tables.channels.get(&(alloc.index, cd.channel())) {
             Some(b) if b.expires > now => {
                 let peer = b.peer;
@@ -304,14 +342,44 @@ impl WorkerState {
                 self.counters.dropped_responses += 1;
                 ClientOutput::Drop
             }
-            (Class::Request, _) if !msg.has_integrity() && !self.unauthenticated.allow(now, ft.client.ip()) => {
-                // Binding and 401 answers go to an address nobody has proven: cap them per
-                // source IP so the relay cannot be aimed at a spoofed victim.
-                self.counters.rate_limited += 1;
-                ClientOutput::Drop
+            (Class::Request, method) => {
+                // No request draws an answer or reaches the control plane outside its source's
+                // budget unless its MESSAGE-INTEGRITY verified here, with the key of the
+                // allocation on this 5-tuple: the answers go to an address nobody has proven,
+                // and the control thread's time is shared by every client.
+                let verified = self.verify_on_allocation(ft, msg);
+                if verified {
+                    self.counters.requests_verified += 1;
+                } else if !self.unauthenticated.allow(now, ft.client.ip()) {
+                    self.counters.rate_limited += 1;
+                    return ClientOutput::Drop;
+                }
+                self.client_request(now, ft, msg, method, verified, out)
             }
-            (Class::Request, Method::BINDING) => self.answer(binding_response(ft, msg, out)),
-            (Class::Request, Method::ALLOCATE) => {
+        }
+    }
+
+    /// True when `msg` carries a MESSAGE-INTEGRITY that verifies with the key of `ft`'s allocation
+    /// (RFC 8489 §14.5). Costs one HMAC-SHA1, only for requests on an allocation.
+    fn verify_on_allocation(&self, ft: &FiveTuple, msg: &Message<'_>) -> bool {
+        let Some(parts) = msg.integrity_parts() else { return false };
+        let Some(a) = self.tables.lookup(ft).and_then(|id| self.tables.get(id)) else { return false };
+        wire::integrity::verify(&a.key.0, &parts)
+    }
+
+    /// A request admitted by [`client_stun`](Self::client_stun).
+    fn client_request(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message<'_>,
+        method: Method,
+        verified: bool,
+        out: &mut [u8],
+    ) -> ClientOutput {
+        match method {
+            Method::BINDING => self.answer(binding_response(ft, msg, out)),
+            Method::ALLOCATE => {
                 // RFC 8656 §7.2: a retransmitted Allocate gets the original success response.
                 if let Some(a) = self.tables.lookup(ft).and_then(|id| self.tables.get(id)) {
                     if a.alloc_tid == msg.transaction_id() && a.alloc_response.len() <= out.len() {
@@ -324,18 +392,16 @@ impl WorkerState {
                     return reply;
                 }
                 self.counters.requests_forwarded += 1;
-                ClientOutput::Authenticate
+                ClientOutput::Authenticate { verified }
             }
-            (Class::Request, Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND) => {
+            Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND => {
                 if let Some(reply) = self.challenge(now, ft, msg, out) {
                     return reply;
                 }
                 self.counters.requests_forwarded += 1;
-                ClientOutput::Authenticate
+                ClientOutput::Authenticate { verified }
             }
-            (Class::Request, m) => {
-                self.answer(response::error(out, m, msg.transaction_id(), ErrorCode::BadRequest, &[], None))
-            }
+            m => self.answer(response::error(out, m, msg.transaction_id(), ErrorCode::BadRequest, &[], None)),
         }
     }
 
@@ -345,7 +411,7 @@ impl WorkerState {
             return None;
         }
         let c = self.challenger.as_ref()?;
-        let written = c.write(out, msg.method(), msg.transaction_id(), ErrorCode::Unauthorized, now, &ft.client);
+        let written = c.write(out, msg.method(), msg.transaction_id(), ErrorCode::Unauthenticated, now, &ft.client);
         Some(self.answer(written))
     }
 
@@ -367,9 +433,12 @@ impl WorkerState {
             self.counters.dropped_indications += 1;
             return ClientOutput::Drop;
         };
-        let Some(alloc) = self.tables.lookup(ft) else {
-            self.counters.no_allocation += 1;
-            return ClientOutput::Drop;
+        let alloc = match self.tables.lookup(ft) {
+            Some(id) if self.tables.get(id).is_some_and(|a| a.expires > now) => id,
+            _ => {
+                self.counters.no_allocation += 1;
+                return ClientOutput::Drop;
+            }
         };
         if !self.has_permission(now, alloc, peer.ip()) {
             self.counters.no_permission += 1;
@@ -410,7 +479,7 @@ impl WorkerState {
     }
 
     #[inline]
-    fn has_permission(&self, now: Instant, alloc: AllocationId, ip: IpAddr) -> bool {
+    pub(super) fn has_permission(&self, now: Instant, alloc: AllocationId, ip: IpAddr) -> bool {
         matches!(self.tables.permissions.get(&(alloc.index, ip)), Some(&exp) if exp > now)
     }
 
@@ -489,159 +558,11 @@ impl WorkerState {
         t
     }
 
-    /// Applies a control-plane [`Command`]; any reply for the client is written to `out`
-    /// (at least 512 bytes).
-    pub fn handle_command(&mut self, now: Instant, cmd: Command, out: &mut [u8]) -> CommandOutput {
-        match cmd {
-            Command::Install(i) => self.install(now, i, out),
-            Command::Reply { five_tuple, bytes } => {
-                let reply_len = if bytes.len() <= out.len() {
-                    out[..bytes.len()].copy_from_slice(&bytes);
-                    bytes.len()
-                } else {
-                    0
-                };
-                CommandOutput { five_tuple, reply_len, effect: Effect::None }
-            }
-            Command::Refresh { five_tuple, tid, lifetime, key } => {
-                let method = Method::REFRESH;
-                let Some(id) = self.tables.lookup(&five_tuple) else {
-                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
-                };
-                let effect = if lifetime.is_zero() {
-                    self.tables.remove(id);
-                    self.compact_timers();
-                    Effect::Removed(id)
-                } else {
-                    if let Some(a) = self.tables.get_mut(id) {
-                        // The pending timer sees the later deadline and files itself again.
-                        a.expires = now + lifetime;
-                    }
-                    Effect::None
-                };
-                let reply_len = success(out, method, tid, &key.0, |w| {
-                    w.u32(attr::LIFETIME, lifetime.as_secs() as u32)?;
-                    Ok(())
-                });
-                CommandOutput { five_tuple, reply_len, effect }
-            }
-            Command::CreatePermission { five_tuple, tid, peers, key } => {
-                let method = Method::CREATE_PERMISSION;
-                let Some(id) = self.tables.lookup(&five_tuple) else {
-                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
-                };
-                let held = self.tables.get(id).map_or(0, |a| a.permissions.len());
-                let mut new: Vec<IpAddr> = peers
-                    .iter()
-                    .copied()
-                    .filter(|ip| !self.tables.permissions.contains_key(&(id.index, *ip)))
-                    .collect();
-                new.sort_unstable();
-                new.dedup();
-                if held + new.len() > self.config.max_permissions {
-                    return self.refuse(ErrorCode::InsufficientCapacity, five_tuple, method, tid, &key.0, out);
-                }
-                for ip in peers {
-                    self.permit(now, id, ip);
-                }
-                let reply_len = success(out, method, tid, &key.0, |_| Ok(()));
-                CommandOutput { five_tuple, reply_len, effect: Effect::None }
-            }
-            Command::ChannelBind { five_tuple, tid, channel, peer, key } => {
-                let method = Method::CHANNEL_BIND;
-                let Some(id) = self.tables.lookup(&five_tuple) else {
-                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
-                };
-                // RFC 8656 §12.2: a channel and a peer bind one to one.
-                let channel_taken = matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.peer != peer);
-                let peer_taken = matches!(self.tables.peer_channels.get(&(id.index, peer)), Some(c) if *c != channel);
-                if channel_taken || peer_taken {
-                    let reply_len =
-                        response::error(out, method, tid, ErrorCode::BadRequest, &[], Some(&key.0)).unwrap_or(0);
-                    return CommandOutput { five_tuple, reply_len, effect: Effect::None };
-                }
-                let (channels, permissions) =
-                    self.tables.get(id).map_or((0, 0), |a| (a.channels.len(), a.permissions.len()));
-                let new_channel = !self.tables.channels.contains_key(&(id.index, channel));
-                let new_permission = !self.tables.permissions.contains_key(&(id.index, peer.ip()));
-                if (new_channel && channels >= self.config.max_channels)
-                    || (new_permission && permissions >= self.config.max_permissions)
-                {
-                    return self.refuse(ErrorCode::InsufficientCapacity, five_tuple, method, tid, &key.0, out);
-                }
-                let expires = now + self.config.channel_lifetime;
-                if self.tables.set_channel(id, channel, peer, expires) {
-                    self.timers.schedule(expires, Timer::Channel(id, channel));
-                }
-                self.permit(now, id, peer.ip());
-                let reply_len = success(out, method, tid, &key.0, |_| Ok(()));
-                CommandOutput { five_tuple, reply_len, effect: Effect::None }
-            }
-        }
-    }
-
-    fn install(&mut self, now: Instant, i: Install, out: &mut [u8]) -> CommandOutput {
-        let five_tuple = i.five_tuple;
-        if let Some(existing) = self.tables.lookup(&five_tuple).and_then(|id| self.tables.get(id)) {
-            // A second Allocate on a 5-tuple that already has an allocation (RFC 8656 §7.2 step 2).
-            let reply_len = if existing.alloc_tid == i.tid && existing.alloc_response.len() <= out.len() {
-                out[..existing.alloc_response.len()].copy_from_slice(&existing.alloc_response);
-                existing.alloc_response.len()
-            } else {
-                response::error(out, Method::ALLOCATE, i.tid, ErrorCode::AllocationMismatch, &[], None).unwrap_or(0)
-            };
-            return CommandOutput { five_tuple, reply_len, effect: Effect::InstallRefused };
-        }
-        let reply_len = if i.response.len() <= out.len() {
-            out[..i.response.len()].copy_from_slice(&i.response);
-            i.response.len()
-        } else {
-            0
-        };
-        let expires = now + i.lifetime;
-        let id = self.tables.insert(Allocation {
-            five_tuple,
-            relayed: i.relayed,
-            expires,
-            alloc_tid: i.tid,
-            alloc_response: i.response,
-            permissions: Vec::new(),
-            channels: Vec::new(),
-            tokens: self.config.bandwidth.unwrap_or(0),
-            refilled: now,
-        });
-        self.timers.schedule(expires, Timer::Allocation(id));
-        CommandOutput { five_tuple, reply_len, effect: Effect::Installed(id) }
-    }
-
-    fn permit(&mut self, now: Instant, id: AllocationId, ip: IpAddr) {
-        let expires = now + self.config.permission_lifetime;
-        if self.tables.set_permission(id, ip, expires) {
-            self.timers.schedule(expires, Timer::Permission(id, ip));
-        }
-    }
-
-    /// A signed error response to a command (437 without an allocation, 508 over a cap).
-    fn refuse(
-        &mut self,
-        code: ErrorCode,
-        five_tuple: FiveTuple,
-        method: Method,
-        tid: TransactionId,
-        key: &[u8],
-        out: &mut [u8],
-    ) -> CommandOutput {
-        if code == ErrorCode::InsufficientCapacity {
-            self.counters.capacity_refusals += 1;
-        }
-        let reply_len = response::error(out, method, tid, code, &[], Some(key)).unwrap_or(0);
-        CommandOutput { five_tuple, reply_len, effect: Effect::None }
-    }
-
-    /// Expires what is due at `now`: permissions, channel bindings and allocations. Each expired
+    /// Expires what is due at `now`: permissions, channel bindings and allocations. Each ended
     /// allocation is appended to `expired` (its relay socket must be closed and the control plane
-    /// told).
-    pub fn handle_timeout(&mut self, now: Instant, expired: &mut Vec<(AllocationId, FiveTuple)>) {
+    /// told), including those a request found expired before the sweep.
+    pub fn handle_timeout(&mut self, now: Instant, expired: &mut Vec<Ended>) {
+        expired.append(&mut self.reaped);
         let mut fired = std::mem::take(&mut self.fired);
         self.timers.advance(now, &mut fired);
         for t in fired.drain(..) {
@@ -649,10 +570,10 @@ impl WorkerState {
                 Timer::Allocation(id) => {
                     let Some(a) = self.tables.get(id) else { continue };
                     if a.expires <= now {
-                        let ft = a.five_tuple;
+                        let ended = Ended { id, five_tuple: a.five_tuple, tid: a.alloc_tid };
                         self.tables.remove(id);
                         self.counters.allocations_expired += 1;
-                        expired.push((id, ft));
+                        expired.push(ended);
                     } else {
                         self.timers.schedule(a.expires, t);
                     }
@@ -694,7 +615,7 @@ impl WorkerState {
     /// the live ones: deleting an allocation leaves its timers filed until their deadline (up to
     /// the maximum lifetime), which under churn would grow without this. Amortised O(1) per
     /// deletion: it runs only after as many deletions as there are live timers.
-    fn compact_timers(&mut self) {
+    pub(super) fn compact_timers(&mut self) {
         let t = &self.tables;
         let live = t.allocation_count() + t.permissions.len() + t.channels.len();
         if self.timers.len() <= 2 * live + 1024 {
@@ -707,31 +628,17 @@ impl WorkerState {
         });
     }
 
-    /// Removes every allocation (shutdown), returning their ids.
-    pub fn drain(&mut self) -> Vec<(AllocationId, FiveTuple)> {
-        let all: Vec<_> = self.tables.by_five_tuple.iter().map(|(ft, id)| (*id, *ft)).collect();
-        for (id, _) in &all {
-            self.tables.remove(*id);
+    /// Removes every allocation (shutdown), returning them.
+    pub fn drain(&mut self) -> Vec<Ended> {
+        let ids: Vec<AllocationId> = self.tables.by_five_tuple.values().copied().collect();
+        let mut all: Vec<Ended> = std::mem::take(&mut self.reaped);
+        for id in ids {
+            if let Some(a) = self.tables.remove(id) {
+                all.push(Ended { id, five_tuple: a.five_tuple, tid: a.alloc_tid });
+            }
         }
         all
     }
-}
-
-/// Writes a signed success response with `body` attributes; returns its length (0 if `out` is
-/// too small).
-fn success(
-    out: &mut [u8],
-    method: Method,
-    tid: TransactionId,
-    key: &[u8],
-    body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), wire::WriteError>,
-) -> usize {
-    let build = |out: &mut [u8]| {
-        let mut w = response::start(out, method, Class::Success, tid)?;
-        body(&mut w)?;
-        response::seal(w, Some(key))
-    };
-    build(out).unwrap_or(0)
 }
 
 /// RFC 8489 §18.2: Binding success with XOR-MAPPED-ADDRESS, or 420 for unknown attributes.

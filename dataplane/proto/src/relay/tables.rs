@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use hashbrown::HashMap;
 
-use crate::wire::{ChannelNumber, TransactionId};
+use crate::wire::{ChannelNumber, IntegrityKey, TransactionId};
 
 use super::{AllocationId, FiveTuple};
 
@@ -24,6 +24,10 @@ pub struct Allocation {
     pub alloc_tid: TransactionId,
     /// The Allocate success response, for retransmissions.
     pub alloc_response: Box<[u8]>,
+    /// The long-term key (RFC 8489 §9.2.2) of the user who made it: the worker verifies the
+    /// MESSAGE-INTEGRITY of requests on this allocation with it, so they skip the per-source
+    /// budget.
+    pub key: IntegrityKey,
     /// Peer IPs with a permission (keys of [`Tables::permissions`]).
     pub permissions: Vec<IpAddr>,
     /// Bound channels (keys of [`Tables::channels`]).

@@ -2,7 +2,7 @@
 //! by sleeping.
 
 use super::*;
-use crate::wire::IntegrityKey;
+use crate::wire::{IntegrityKey, MessageWriter};
 
 const KEY: IntegrityKey = IntegrityKey([7; 16]);
 
@@ -59,6 +59,7 @@ impl Harness {
                 relayed: "198.51.100.1:50000".parse().unwrap(),
                 lifetime: Duration::from_secs(lifetime),
                 response: vec![9u8; 40].into_boxed_slice(),
+                key: KEY,
             }),
         );
         match out.effect {
@@ -86,7 +87,7 @@ impl Harness {
             PeerOutput::Drop => None,
         }
     }
-    fn tick(&mut self, secs: u64) -> Vec<(AllocationId, FiveTuple)> {
+    fn tick(&mut self, secs: u64) -> Vec<Ended> {
         let mut expired = Vec::new();
         let now = self.at(secs);
         self.state.handle_timeout(now, &mut expired);
@@ -122,7 +123,7 @@ fn binding_with_unknown_required_attribute_gets_420() {
 fn authenticated_methods_go_to_the_control_plane() {
     let mut h = Harness::new();
     for m in [Method::ALLOCATE, Method::REFRESH, Method::CREATE_PERMISSION, Method::CHANNEL_BIND] {
-        assert_eq!(h.client(0, &request(m, tid(2))), ClientOutput::Authenticate);
+        assert_eq!(h.client(0, &request(m, tid(2))), ClientOutput::Authenticate { verified: false });
     }
     assert_eq!(h.state.counters().requests_forwarded, 4);
 }
@@ -134,7 +135,7 @@ fn retransmitted_allocate_gets_the_same_response_and_a_new_one_gets_437() {
     assert_eq!(h.client(1, &request(Method::ALLOCATE, tid(1))), ClientOutput::Reply(40));
     assert_eq!(&h.out[..40], &[9u8; 40][..]);
     // A different transaction reaches the control plane, whose Install the worker refuses.
-    assert_eq!(h.client(1, &request(Method::ALLOCATE, tid(2))), ClientOutput::Authenticate);
+    assert_eq!(h.client(1, &request(Method::ALLOCATE, tid(2))), ClientOutput::Authenticate { verified: false });
     let out = h.command(
         1,
         Command::Install(Install {
@@ -143,9 +144,10 @@ fn retransmitted_allocate_gets_the_same_response_and_a_new_one_gets_437() {
             relayed: "198.51.100.1:50002".parse().unwrap(),
             lifetime: Duration::from_secs(600),
             response: vec![1u8; 40].into_boxed_slice(),
+            key: KEY,
         }),
     );
-    assert_eq!(out.effect, Effect::InstallRefused);
+    assert_eq!(out.effect, Effect::InstallRefused { tid: tid(2) });
     assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(437));
     assert_eq!(h.state.tables().allocation_count(), 1);
 }
@@ -246,7 +248,7 @@ fn allocation_expires_and_refresh_extends_it() {
     let m = Message::parse(&h.out[..out.reply_len]).unwrap();
     assert_eq!(m.u32_attr(attr::LIFETIME), Some(Ok(600)));
     assert!(h.tick(601).is_empty(), "refreshed at 500 s: lives to 1100 s");
-    assert_eq!(h.tick(1101), vec![(id, ft())]);
+    assert_eq!(h.tick(1101), vec![Ended { id, five_tuple: ft(), tid: tid(1) }]);
     assert_eq!(h.state.tables().allocation_count(), 0);
     assert!(h.state.tables().channels.is_empty() && h.state.tables().permissions.is_empty());
     assert_eq!(h.state.counters().allocations_expired, 1);
@@ -258,7 +260,7 @@ fn refresh_zero_deletes_and_requests_without_allocation_get_437() {
     let mut h = Harness::new();
     let id = h.install(0, 600);
     let out = h.command(10, Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::ZERO, key: KEY });
-    assert_eq!(out.effect, Effect::Removed(id));
+    assert_eq!(out.effect, Effect::Removed(Ended { id, five_tuple: ft(), tid: tid(1) }));
     assert_eq!(Message::parse(&h.out[..out.reply_len]).unwrap().u32_attr(attr::LIFETIME), Some(Ok(0)));
     for cmd in [
         Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::ZERO, key: KEY },
@@ -311,26 +313,61 @@ fn garbage_is_counted_never_answered() {
     assert_eq!((c.not_turn, c.malformed_channel_data, c.malformed_stun, c.dropped_responses), (2, 2, 1, 1));
 }
 
-#[test]
-fn unauthenticated_requests_are_rate_limited_per_source_ip() {
-    let mut h = Harness::new();
-    let replies = (0..60)
-        .filter(|i| matches!(h.client(0, &request(Method::BINDING, tid(*i as u8))), ClientOutput::Reply(_)))
-        .count();
-    assert_eq!(replies, 50, "a burst of 50 per second by default");
-    assert_eq!(h.state.counters().rate_limited, 10);
-    // One second later the bucket has refilled.
-    assert!(matches!(h.client(1, &request(Method::BINDING, tid(99))), ClientOutput::Reply(_)));
-    // Requests with MESSAGE-INTEGRITY are not counted against the limit.
+fn signed(method: Method, t: TransactionId, key: &IntegrityKey) -> Vec<u8> {
     let mut buf = vec![0u8; 256];
-    let mut w = MessageWriter::new(&mut buf, Method::REFRESH, Class::Request, tid(7)).unwrap();
-    w.integrity(&KEY.0).unwrap();
+    let mut w = MessageWriter::new(&mut buf, method, Class::Request, t).unwrap();
+    w.integrity(&key.0).unwrap();
     let n = w.finish();
-    let limited = h.state.counters().rate_limited;
-    for _ in 0..100 {
-        assert_eq!(h.client(1, &buf[..n]), ClientOutput::Authenticate);
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn unverified_requests_of_every_kind_share_their_sources_budget() {
+    let t0 = Instant::now();
+    let config = RelayConfig { unauthenticated_rate: 10, ..RelayConfig::default() };
+    let mut h = Harness { state: WorkerState::new(config, t0, 1), t0, out: vec![0; 1500] };
+    // A forged MESSAGE-INTEGRITY (20 random-looking bytes) proves nothing: plain and forged
+    // Bindings, forged Allocates and Refreshes and unknown methods all draw on one budget.
+    let forged = IntegrityKey([0xA5; 16]);
+    let kinds = [
+        request(Method::BINDING, tid(1)),
+        signed(Method::BINDING, tid(2), &forged),
+        signed(Method::ALLOCATE, tid(3), &forged),
+        signed(Method::REFRESH, tid(4), &forged),
+        request(Method(0x0123), tid(5)),
+    ];
+    let admitted = (0..50).filter(|i| h.client(0, &kinds[i % kinds.len()]) != ClientOutput::Drop).count();
+    assert_eq!(admitted, 10, "a burst of the configured rate, whatever the request");
+    assert_eq!(h.state.counters().rate_limited, 40);
+    assert_eq!(
+        h.state.counters().requests_forwarded,
+        4,
+        "two forged Allocates and two Refreshes reached the control plane"
+    );
+    // A tenth of a second later one more token has come back.
+    let t = Duration::from_millis(100);
+    assert_ne!(h.state.handle_client_datagram(t0 + t, &ft(), &kinds[2], &mut h.out), ClientOutput::Drop);
+    assert_eq!(h.state.handle_client_datagram(t0 + t, &ft(), &kinds[2], &mut h.out), ClientOutput::Drop);
+}
+
+#[test]
+fn requests_verified_with_the_allocations_key_skip_the_budget() {
+    let t0 = Instant::now();
+    let config = RelayConfig { unauthenticated_rate: 5, ..RelayConfig::default() };
+    let mut h = Harness { state: WorkerState::new(config, t0, 1), t0, out: vec![0; 1500] };
+    h.install(0, 600);
+    while h.client(0, &request(Method::BINDING, tid(9))) != ClientOutput::Drop {}
+    // The budget is spent; the allocation's own client still refreshes, binds and permits.
+    for m in [Method::REFRESH, Method::CREATE_PERMISSION, Method::CHANNEL_BIND] {
+        assert_eq!(h.client(0, &signed(m, tid(4), &KEY)), ClientOutput::Authenticate { verified: true });
     }
-    assert_eq!(h.state.counters().rate_limited, limited);
+    assert_eq!(h.state.counters().requests_verified, 3);
+    // The same requests under another key, or from another 5-tuple, are not verified.
+    assert_eq!(h.client(0, &signed(Method::REFRESH, tid(4), &IntegrityKey([1; 16]))), ClientOutput::Drop);
+    let other = FiveTuple { client: "192.0.2.10:5001".parse().unwrap(), server: ft().server };
+    let r = h.state.handle_client_datagram(t0, &other, &signed(Method::REFRESH, tid(4), &KEY), &mut h.out);
+    assert_eq!(r, ClientOutput::Drop, "same source IP, no allocation: on the spent budget");
 }
 
 #[test]
@@ -407,5 +444,78 @@ fn with_a_challenger_the_worker_answers_the_first_allocate_with_401() {
     let mut w = MessageWriter::new(&mut buf, Method::ALLOCATE, Class::Request, tid(2)).unwrap();
     w.integrity(&KEY.0).unwrap();
     let len = w.finish();
-    assert_eq!(h.client(0, &buf[..len]), ClientOutput::Authenticate);
+    assert_eq!(h.client(0, &buf[..len]), ClientOutput::Authenticate { verified: false });
+}
+
+fn signed_with(reply: &[u8], key: &IntegrityKey) -> bool {
+    let m = Message::parse(reply).unwrap();
+    m.integrity_parts().is_some_and(|p| wire::integrity::verify(&key.0, &p))
+}
+
+#[test]
+fn expiry_is_exact_before_the_sweep() {
+    let mut h = Harness::new();
+    let id = h.install(0, 10);
+    h.bind(0, 0x4001, peer());
+    let cd = [0x40, 0x01, 0x00, 0x01, b'x', 0, 0, 0];
+    assert!(matches!(h.client(9, &cd), ClientOutput::Relay { .. }));
+    // No tick has run: the wheel has not swept, yet at its deadline the allocation relays nothing.
+    assert_eq!(h.client(10, &cd), ClientOutput::Drop);
+    assert_eq!(h.peer(10, id, peer(), b"y"), None);
+    // A Refresh cannot revive it: a signed 437, and the allocation is reported ended.
+    let refresh = Command::Refresh { five_tuple: ft(), tid: tid(4), lifetime: Duration::from_secs(600), key: KEY };
+    let out = h.command(10, refresh);
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(437));
+    assert!(signed_with(&h.out[..out.reply_len], &KEY));
+    assert!(h.state.poll_timeout().is_some_and(|t| t <= h.at(10)), "the ended allocation is due at once");
+    assert_eq!(h.tick(10), vec![Ended { id, five_tuple: ft(), tid: tid(1) }]);
+    assert_eq!(h.tick(11), vec![], "reported once");
+    // A new Allocate on the 5-tuple installs; one over a live allocation gets a signed 437.
+    h.install(11, 600);
+    let again = Install {
+        five_tuple: ft(),
+        tid: tid(2),
+        relayed: "198.51.100.1:50002".parse().unwrap(),
+        lifetime: Duration::from_secs(600),
+        response: vec![1u8; 40].into_boxed_slice(),
+        key: KEY,
+    };
+    let out = h.command(12, Command::Install(again));
+    assert_eq!(out.effect, Effect::InstallRefused { tid: tid(2) });
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(437));
+    assert!(signed_with(&h.out[..out.reply_len], &KEY), "the worker's 437 carries MESSAGE-INTEGRITY");
+}
+
+#[test]
+fn an_allocate_over_an_expired_unswept_allocation_replaces_it() {
+    let mut h = Harness::new();
+    let old = h.install(0, 10);
+    let new = Install {
+        five_tuple: ft(),
+        tid: tid(2),
+        relayed: "198.51.100.1:50002".parse().unwrap(),
+        lifetime: Duration::from_secs(600),
+        response: vec![1u8; 40].into_boxed_slice(),
+        key: KEY,
+    };
+    let out = h.command(10, Command::Install(new));
+    assert!(matches!(out.effect, Effect::Installed(_)));
+    assert_eq!(h.tick(10), vec![Ended { id: old, five_tuple: ft(), tid: tid(1) }], "the old one is reported");
+    assert_eq!(h.state.tables().allocation_count(), 1);
+}
+
+#[test]
+fn an_expired_binding_does_not_block_a_new_one() {
+    let mut h = Harness::new();
+    h.install(0, 3600);
+    h.bind(0, 0x4001, peer());
+    let other: SocketAddr = "203.0.113.6:6000".parse().unwrap();
+    let out = h.bind(599, 0x4001, other);
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(400), "bound to another peer for 600 s");
+    // At its deadline the binding is gone, swept or not (no tick has run).
+    let out = h.bind(600, 0x4001, other);
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), None);
+    let out = h.bind(600, 0x4002, peer());
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), None, "the old peer is free for another channel");
+    h.state.tables().check_consistency().unwrap();
 }

@@ -1,0 +1,219 @@
+//! Applying the control plane's [`Command`]s to a worker's tables (RFC 8656 §7.2 install, §8
+//! Refresh, §10 CreatePermission, §12.2 ChannelBind). Expiry is exact at every decision: an
+//! allocation, permission or channel binding whose deadline has passed is treated as gone even
+//! when the timer wheel has not swept it yet.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use crate::response::{self, ErrorCode};
+use crate::wire::{self, attr, Class, MessageWriter, Method, TransactionId};
+
+use super::{Allocation, AllocationId, Command, CommandOutput, Effect, Ended, FiveTuple, Install, Timer, WorkerState};
+
+impl WorkerState {
+    /// Applies a control-plane [`Command`]; any reply for the client is written to `out`
+    /// (at least 512 bytes). Every error answer to an authenticated request is signed with its
+    /// key (RFC 8489 §9.2.4).
+    pub fn handle_command(&mut self, now: Instant, cmd: Command, out: &mut [u8]) -> CommandOutput {
+        match cmd {
+            Command::Install(i) => self.install(now, i, out),
+            Command::Reply { five_tuple, bytes } => {
+                let reply_len = if bytes.len() <= out.len() {
+                    out[..bytes.len()].copy_from_slice(&bytes);
+                    bytes.len()
+                } else {
+                    0
+                };
+                CommandOutput { five_tuple, reply_len, effect: Effect::None }
+            }
+            Command::Refresh { five_tuple, tid, lifetime, key } => {
+                let method = Method::REFRESH;
+                let Some(id) = self.live_allocation(now, &five_tuple) else {
+                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
+                };
+                let effect = if lifetime.is_zero() {
+                    match self.end(id) {
+                        Some(ended) => Effect::Removed(ended),
+                        None => Effect::None,
+                    }
+                } else {
+                    if let Some(a) = self.tables.get_mut(id) {
+                        // The pending timer sees the later deadline and files itself again.
+                        a.expires = now + lifetime;
+                    }
+                    Effect::None
+                };
+                let reply_len = success(out, method, tid, &key.0, |w| {
+                    w.u32(attr::LIFETIME, lifetime.as_secs() as u32)?;
+                    Ok(())
+                });
+                CommandOutput { five_tuple, reply_len, effect }
+            }
+            Command::CreatePermission { five_tuple, tid, peers, key } => {
+                let method = Method::CREATE_PERMISSION;
+                let Some(id) = self.live_allocation(now, &five_tuple) else {
+                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
+                };
+                let live = |ip: &IpAddr| self.has_permission(now, id, *ip);
+                let held = self.tables.get(id).map_or(0, |a| a.permissions.iter().filter(|ip| live(ip)).count());
+                let mut new: Vec<IpAddr> = peers.iter().copied().filter(|ip| !live(ip)).collect();
+                new.sort_unstable();
+                new.dedup();
+                if held + new.len() > self.config.max_permissions {
+                    return self.refuse(ErrorCode::InsufficientCapacity, five_tuple, method, tid, &key.0, out);
+                }
+                for ip in peers {
+                    self.permit(now, id, ip);
+                }
+                let reply_len = success(out, method, tid, &key.0, |_| Ok(()));
+                CommandOutput { five_tuple, reply_len, effect: Effect::None }
+            }
+            Command::ChannelBind { five_tuple, tid, channel, peer, key } => {
+                let method = Method::CHANNEL_BIND;
+                let Some(id) = self.live_allocation(now, &five_tuple) else {
+                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
+                };
+                // A binding past its deadline is unbound (RFC 8656 §12), swept or not: it neither
+                // conflicts nor counts against the cap.
+                let expired_channel =
+                    matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.expires <= now);
+                if expired_channel {
+                    self.tables.remove_channel(id, channel);
+                }
+                if let Some(&other) = self.tables.peer_channels.get(&(id.index, peer)) {
+                    if matches!(self.tables.channels.get(&(id.index, other)), Some(b) if b.expires <= now) {
+                        self.tables.remove_channel(id, other);
+                    }
+                }
+                // RFC 8656 §12.2: a channel and a peer bind one to one.
+                let channel_taken = matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.peer != peer);
+                let peer_taken = matches!(self.tables.peer_channels.get(&(id.index, peer)), Some(c) if *c != channel);
+                if channel_taken || peer_taken {
+                    return self.refuse(ErrorCode::BadRequest, five_tuple, method, tid, &key.0, out);
+                }
+                let channels = self.tables.get(id).map_or(0, |a| a.channels.len());
+                let permissions = self
+                    .tables
+                    .get(id)
+                    .map_or(0, |a| a.permissions.iter().filter(|ip| self.has_permission(now, id, **ip)).count());
+                let new_channel = !self.tables.channels.contains_key(&(id.index, channel));
+                let new_permission = !self.has_permission(now, id, peer.ip());
+                if (new_channel && channels >= self.config.max_channels)
+                    || (new_permission && permissions >= self.config.max_permissions)
+                {
+                    return self.refuse(ErrorCode::InsufficientCapacity, five_tuple, method, tid, &key.0, out);
+                }
+                let expires = now + self.config.channel_lifetime;
+                if self.tables.set_channel(id, channel, peer, expires) {
+                    self.timers.schedule(expires, Timer::Channel(id, channel));
+                }
+                self.permit(now, id, peer.ip());
+                let reply_len = success(out, method, tid, &key.0, |_| Ok(()));
+                CommandOutput { five_tuple, reply_len, effect: Effect::None }
+            }
+        }
+    }
+
+    /// The allocation of `ft` if it is live at `now`. One whose lifetime has run out but that the
+    /// timer wheel has not swept yet is ended here (reported by the next
+    /// [`handle_timeout`](Self::handle_timeout)), so no request can revive it.
+    pub(super) fn live_allocation(&mut self, now: Instant, ft: &FiveTuple) -> Option<AllocationId> {
+        let id = self.tables.lookup(ft)?;
+        let expires = self.tables.get(id)?.expires;
+        if expires > now {
+            return Some(id);
+        }
+        if let Some(ended) = self.end(id) {
+            self.counters.allocations_expired += 1;
+            self.reaped.push(ended);
+        }
+        None
+    }
+
+    /// Removes allocation `id` with everything it owns.
+    fn end(&mut self, id: AllocationId) -> Option<Ended> {
+        let a = self.tables.remove(id)?;
+        self.compact_timers();
+        Some(Ended { id, five_tuple: a.five_tuple, tid: a.alloc_tid })
+    }
+
+    fn install(&mut self, now: Instant, i: Install, out: &mut [u8]) -> CommandOutput {
+        let five_tuple = i.five_tuple;
+        if let Some(existing) = self.live_allocation(now, &five_tuple).and_then(|id| self.tables.get(id)) {
+            // A second Allocate on a 5-tuple that already has an allocation (RFC 8656 §7.2 step 2):
+            // the original success to its retransmission, a signed 437 to anything else.
+            let reply_len = if existing.alloc_tid == i.tid && existing.alloc_response.len() <= out.len() {
+                out[..existing.alloc_response.len()].copy_from_slice(&existing.alloc_response);
+                existing.alloc_response.len()
+            } else {
+                response::error(out, Method::ALLOCATE, i.tid, ErrorCode::AllocationMismatch, &[], Some(&i.key.0))
+                    .unwrap_or(0)
+            };
+            return CommandOutput { five_tuple, reply_len, effect: Effect::InstallRefused { tid: i.tid } };
+        }
+        let reply_len = if i.response.len() <= out.len() {
+            out[..i.response.len()].copy_from_slice(&i.response);
+            i.response.len()
+        } else {
+            0
+        };
+        let expires = now + i.lifetime;
+        let id = self.tables.insert(Allocation {
+            five_tuple,
+            relayed: i.relayed,
+            expires,
+            alloc_tid: i.tid,
+            alloc_response: i.response,
+            key: i.key,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            tokens: self.config.bandwidth.unwrap_or(0),
+            refilled: now,
+        });
+        self.timers.schedule(expires, Timer::Allocation(id));
+        CommandOutput { five_tuple, reply_len, effect: Effect::Installed(id) }
+    }
+
+    fn permit(&mut self, now: Instant, id: AllocationId, ip: IpAddr) {
+        let expires = now + self.config.permission_lifetime;
+        if self.tables.set_permission(id, ip, expires) {
+            self.timers.schedule(expires, Timer::Permission(id, ip));
+        }
+    }
+
+    /// A signed error response to a command (437 without a live allocation, 400 for a binding
+    /// conflict, 508 over a cap).
+    fn refuse(
+        &mut self,
+        code: ErrorCode,
+        five_tuple: FiveTuple,
+        method: Method,
+        tid: TransactionId,
+        key: &[u8],
+        out: &mut [u8],
+    ) -> CommandOutput {
+        if code == ErrorCode::InsufficientCapacity {
+            self.counters.capacity_refusals += 1;
+        }
+        let reply_len = response::error(out, method, tid, code, &[], Some(key)).unwrap_or(0);
+        CommandOutput { five_tuple, reply_len, effect: Effect::None }
+    }
+}
+
+/// Writes a signed success response with `body` attributes; returns its length (0 if `out` is
+/// too small).
+fn success(
+    out: &mut [u8],
+    method: Method,
+    tid: TransactionId,
+    key: &[u8],
+    body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), wire::WriteError>,
+) -> usize {
+    let build = |out: &mut [u8]| {
+        let mut w = response::start(out, method, Class::Success, tid)?;
+        body(&mut w)?;
+        response::seal(w, Some(key))
+    };
+    build(out).unwrap_or(0)
+}

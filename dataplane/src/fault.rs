@@ -1,0 +1,23 @@
+//! Fault injection for the end-to-end tests, compiled only with the `fault-injection` cargo
+//! feature (the `uturn-tests` crate enables it; `cargo build --release` leaves it out, so a
+//! production binary holds neither the hook nor its environment variable's name).
+//! `UTURN_FAULT_INJECTION=worker-panic` makes a worker panic on a datagram carrying [`MARKER`],
+//! to exercise what a worker failure does to the process.
+
+use std::net::SocketAddr;
+
+/// The datagram content that makes a worker panic when fault injection is on.
+pub(crate) const MARKER: &[u8] = b"uturn-fault-injection:worker-panic";
+
+/// True when the environment asks for worker panics.
+pub(crate) fn enabled() -> bool {
+    std::env::var("UTURN_FAULT_INJECTION").is_ok_and(|v| v == "worker-panic")
+}
+
+/// Panics when `on` and `datagram` carries [`MARKER`].
+#[inline]
+pub(crate) fn check(on: bool, worker: usize, from: SocketAddr, datagram: &[u8]) {
+    if on && datagram.windows(MARKER.len()).any(|w| w == MARKER) {
+        panic!("fault injection: worker {worker} told to panic by {from}");
+    }
+}
