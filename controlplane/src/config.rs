@@ -138,11 +138,19 @@ pub struct Config {
     pub max_channels: usize,
     /// Relayed payload bytes/s per allocation, both directions (0: unlimited, the default).
     pub max_bandwidth: u64,
-    /// Requests without MESSAGE-INTEGRITY (Binding, the first Allocate) accepted per second from
-    /// one source IP by each worker (burst of the same size); more are dropped silently.
-    /// 0: unlimited. Default 50.
+    /// Requests per second the relay answers or forwards for one source (IPv4 address or IPv6
+    /// /64) without having verified their MESSAGE-INTEGRITY: Binding, the 401 round, a first
+    /// Allocate, anything with a forged key. Each worker enforces its share
+    /// (`unauth_rate / workers`, rounded up) with a burst of the same size; more are dropped
+    /// silently. 0: unlimited. Default [`DEFAULT_UNAUTH_RATE`].
     pub unauth_rate: u32,
 }
+
+/// Default `unauth-rate`, requests/s per source: 500 clients behind one NAT address that each
+/// send a Binding, a 401-round Allocate and the signed Allocate within one second (1,500
+/// requests) stay inside it with room for uneven spreading over the workers, while a spoofed
+/// victim gets at most this many answers a second (docs/security.md).
+pub const DEFAULT_UNAUTH_RATE: u32 = 2000;
 
 /// The embedded default's demo credential.
 pub const DEMO_USER: (&str, &str) = ("demo", "demo");
@@ -213,10 +221,17 @@ impl Config {
             max_permissions: f.max_permissions.unwrap_or(128),
             max_channels: f.max_channels.unwrap_or(128),
             max_bandwidth: f.max_bandwidth.unwrap_or(0),
-            unauth_rate: f.unauth_rate.unwrap_or(50),
+            unauth_rate: f.unauth_rate.unwrap_or(DEFAULT_UNAUTH_RATE),
         };
         c.validate()?;
         Ok(c)
+    }
+
+    /// True when the only user is the publicly known demo credential and everything listens on
+    /// loopback: the one case where printing a password reveals nothing.
+    pub fn is_loopback_demo(&self) -> bool {
+        let only_demo = self.users.len() == 1 && self.users.get(DEMO_USER.0).is_some_and(|p| p == DEMO_USER.1);
+        only_demo && self.listen.iter().map(|a| a.ip()).chain([self.relay_ip]).all(|ip| ip.is_loopback())
     }
 
     fn validate(&self) -> Result<()> {
@@ -267,6 +282,8 @@ mod tests {
         assert_eq!(c.users.get("demo").map(String::as_str), Some("demo"));
         assert_eq!(c.port_range, (49152, 65535));
         assert!(c.workers >= 1);
+        assert!(c.is_loopback_demo());
+        assert_eq!(c.unauth_rate, DEFAULT_UNAUTH_RATE);
     }
 
     #[test]
@@ -278,7 +295,7 @@ mod tests {
         };
         assert!(Config::load(&cli).unwrap_err().to_string().contains("demo"));
         let cli = Cli { user: vec!["alice:secret".into()], ..cli };
-        assert!(Config::load(&cli).is_ok());
+        assert!(!Config::load(&cli).unwrap().is_loopback_demo());
     }
 
     #[test]

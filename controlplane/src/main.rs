@@ -48,7 +48,16 @@ fn print_banner(c: &Config) {
     println!("  relay       {} ports {}-{}", c.relay_ip, c.port_range.0, c.port_range.1);
     println!("  realm       {}", c.realm);
     println!("  workers     {}", c.workers);
-    let (user, pass) = c.users.iter().next().map(|(u, p)| (u.as_str(), p.as_str())).unwrap_or(("", ""));
+    let snippet = ice_servers(c);
+    println!("WebRTC RTCPeerConnection configuration:\n{snippet:#}");
+}
+
+/// The `iceServers` snippet for the banner. It shows a password only for the loopback demo
+/// credential, which is public anyway; for real users it shows the first username and a
+/// placeholder, so no secret reaches a terminal, a log file or journald.
+fn ice_servers(c: &Config) -> serde_json::Value {
+    let user = c.users.keys().next().map(String::as_str).unwrap_or("");
+    let pass = if c.is_loopback_demo() { c.users.get(user).map(String::as_str).unwrap_or("") } else { "<password>" };
     let urls: Vec<String> = c
         .listen
         .iter()
@@ -57,6 +66,5 @@ fn print_banner(c: &Config) {
             std::net::SocketAddr::V6(v6) => format!("turn:[{}]:{}?transport=udp", v6.ip(), v6.port()),
         })
         .collect();
-    let snippet = serde_json::json!({ "iceServers": [{ "urls": urls, "username": user, "credential": pass }] });
-    println!("WebRTC RTCPeerConnection configuration:\n{snippet:#}");
+    serde_json::json!({ "iceServers": [{ "urls": urls, "username": user, "credential": pass }] })
 }

@@ -80,6 +80,13 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur as u64)
 }
 
+/// The current soft limit on open files (RLIMIT_NOFILE), or `None` if it cannot be read.
+pub(crate) fn fd_limit() -> Option<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only the local struct.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur as u64)
+}
+
 /// A sockaddr for IPv4 or IPv6, with a stable address while it lives in a send slot.
 #[derive(Clone, Copy)]
 #[repr(C)]

@@ -247,6 +247,8 @@ struct UringIo {
     listener_files: Vec<FileRef>,
     /// Registered-file slots exist (`register_files_sparse` succeeded).
     fixed_files: bool,
+    /// Registered slots reserved for relay sockets (slab indexes `0..relay_slots`).
+    relay_slots: u32,
     waker_buf: Box<u64>,
     /// Sends dropped for lack of a free slot.
     send_slots_exhausted: u64,
@@ -258,6 +260,13 @@ struct UringIo {
     submit_failures: u64,
     /// Registered-file table updates that failed (the socket ran on its plain fd).
     fixed_update_failures: u64,
+    /// Per relay slab index: its current socket sits in its registered slot. Only then do
+    /// operations name the slot; otherwise they use the socket's fd, so a failed update never
+    /// leaves sends or receives on an empty slot or on another allocation's socket.
+    relay_registered: Vec<bool>,
+    /// Test hook (`UTURN_FAULT_INJECTION=register-files-fail`): every relay registration fails.
+    #[cfg(feature = "fault-injection")]
+    fail_registration: bool,
     /// Receives and cancels to queue again next iteration.
     pending: Vec<squeue::Entry>,
     /// Relayed datagrams waiting to go out as one GSO send.
@@ -310,9 +319,35 @@ impl UringIo {
         }
     }
 
-    /// The registered slot of relay slab index `index`, if the table has one.
+    /// The registered slot reserved for relay slab index `index`, if the table has one.
+    fn reserved_slot(&self, index: u32) -> Option<u32> {
+        (self.fixed_files && index < self.relay_slots).then(|| self.listener_files.len() as u32 + index)
+    }
+
+    /// The registered slot holding relay slab index `index`'s current socket, if it is there.
     fn relay_slot(&self, index: u32) -> Option<u32> {
-        (self.fixed_files && index < FIXED_RELAYS).then(|| self.listener_files.len() as u32 + index)
+        if self.relay_registered.get(index as usize).copied().unwrap_or(false) {
+            self.reserved_slot(index)
+        } else {
+            None
+        }
+    }
+
+    fn set_registered(&mut self, index: u32, registered: bool) {
+        let i = index as usize;
+        if self.relay_registered.len() <= i {
+            self.relay_registered.resize(i + 1, false);
+        }
+        self.relay_registered[i] = registered;
+    }
+
+    /// Puts `fd` into registered slot `slot` (-1 empties it).
+    fn update_slot(&mut self, slot: u32, fd: RawFd) -> io::Result<()> {
+        #[cfg(feature = "fault-injection")]
+        if self.fail_registration && fd >= 0 {
+            return Err(io::Error::other("fault injection: register-files-fail"));
+        }
+        self.ring.submitter().register_files_update(slot, &[fd]).map(drop)
     }
 
     /// How operations name the relay socket `fd` of slab index `index`.
@@ -469,16 +504,22 @@ impl UringIo {
 impl Io for UringIo {
     fn register_relay(&mut self, id: AllocationId, socket: &UdpSocket) {
         self.issue_queued();
-        let mut file = FileRef::Raw(socket.as_raw_fd());
-        if let Some(slot) = self.relay_slot(id.index) {
-            match self.ring.submitter().register_files_update(slot, &[socket.as_raw_fd()]) {
-                Ok(_) => file = FileRef::Fixed(slot),
+        let mut registered = false;
+        if let Some(slot) = self.reserved_slot(id.index) {
+            match self.update_slot(slot, socket.as_raw_fd()) {
+                Ok(()) => registered = true,
                 Err(e) => {
                     self.fixed_update_failures += 1;
-                    warn!(error = %e, "registering a relay socket failed; it runs on a plain fd");
+                    // Every later operation on this allocation (receives, re-arms, sends) names
+                    // the socket by its fd: `relay_file` sees the slot is not its own.
+                    if self.fixed_update_failures == 1 {
+                        warn!(error = %e, slot, "registering a relay socket failed; it runs on its plain fd (later failures are counted, see the shutdown log)");
+                    }
                 }
             }
         }
+        self.set_registered(id.index, registered);
+        let file = self.relay_file(id.index, socket.as_raw_fd());
         self.arm_recv(file, relay_tag(id));
     }
     fn deregister_relay(&mut self, id: AllocationId, _socket: &UdpSocket) {
@@ -486,10 +527,11 @@ impl Io for UringIo {
         // Empty the registered slot so the table no longer keeps the socket open; requests
         // still using it hold the old table node until they complete.
         if let Some(slot) = self.relay_slot(id.index) {
-            if self.ring.submitter().register_files_update(slot, &[-1]).is_err() {
+            if self.update_slot(slot, -1).is_err() {
                 self.fixed_update_failures += 1;
             }
         }
+        self.set_registered(id.index, false);
         // The caller closes the socket next; the cancel drops the ring's reference to it.
         // A receive still waiting in `pending` must not be armed on a closed (or reused) fd.
         let ud = relay_tag(id);
@@ -526,11 +568,17 @@ pub(crate) fn run(
     let listener_fds: Vec<RawFd> = core.listeners.iter().map(|l| l.socket.as_raw_fd()).collect();
     // A sparse table of listener slots, then one slot per relay slab index (5.19+); without it
     // every socket is named by its fd.
+    // The kernel refuses a table larger than the open-file limit (EMFILE).
+    let limit = crate::sys::fd_limit().unwrap_or(1024).saturating_sub(listener_fds.len() as u64 + 64);
+    let relay_slots = (FIXED_RELAYS as u64).min(limit) as u32;
     let fixed_files = ring
         .submitter()
-        .register_files_sparse(listener_fds.len() as u32 + FIXED_RELAYS)
+        .register_files_sparse(listener_fds.len() as u32 + relay_slots)
         .and_then(|_| ring.submitter().register_files_update(0, &listener_fds))
         .is_ok();
+    if !fixed_files {
+        tracing::info!(worker = core.index, "io_uring registered files unavailable; sockets are named by their fds");
+    }
     let listener_files = listener_fds
         .iter()
         .enumerate()
@@ -562,7 +610,11 @@ pub(crate) fn run(
         recv_hdr,
         listener_files,
         fixed_files,
+        relay_slots,
         fixed_update_failures: 0,
+        relay_registered: Vec::new(),
+        #[cfg(feature = "fault-injection")]
+        fail_registration: crate::fault::fails_file_registration(),
         waker_buf: Box::new(0),
         send_slots_exhausted: 0,
         send_errors: 0,
