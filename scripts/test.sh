@@ -34,6 +34,15 @@ echo "==> tests"
 mkdir -p target
 cargo nextest run --workspace --no-fail-fast "$@" 2>&1 | tee target/nextest.log
 
+# The release binary carries no test hook: fault injection is a cargo feature that only the
+# test build enables (docs/security.md).
+echo "==> release binary without test hooks"
+cargo build --release --bin uturn -q
+if grep -q -a -e UTURN_FAULT_INJECTION -e register-files-fail target/release/uturn; then
+  echo "target/release/uturn contains the fault-injection hook" >&2
+  exit 1
+fi
+
 # A short soak (debug binaries, so a modest rate) and a fuzz smoke run; the long versions are
 # `./scripts/soak.sh` (10 minutes) and `FUZZ_SECONDS=3600 ./scripts/fuzz.sh`.
 echo "==> soak (20 s)"
