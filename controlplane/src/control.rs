@@ -319,7 +319,7 @@ impl ControlPlane {
             return Err(ErrorCode::BadRequest);
         }
         if let Some(t) = token {
-            // RFC 8656 §18.9: a token is 8 bytes; anything else is a malformed request (400).
+            // RFC 8656 §18.10: a token is 8 bytes; anything else is a malformed request (400).
             // §7.2 step 5: a well-formed token that reserves nothing (unknown, expired) earns 508.
             let Ok(t) = <[u8; 8]>::try_from(t) else { return Err(ErrorCode::BadRequest) };
             if !self.reservations.contains_key(&t) {
