@@ -136,17 +136,7 @@ fn retransmitted_allocate_gets_the_same_response_and_a_new_one_gets_437() {
     assert_eq!(&h.out[..40], &[9u8; 40][..]);
     // A different transaction reaches the control plane, whose Install the worker refuses.
     assert_eq!(h.client(1, &request(Method::ALLOCATE, tid(2))), ClientOutput::Authenticate { verified: false });
-    let out = h.command(
-        1,
-        Command::Install(Install {
-            five_tuple: ft(),
-            tid: tid(2),
-            relayed: "198.51.100.1:50002".parse().unwrap(),
-            lifetime: Duration::from_secs(600),
-            response: vec![1u8; 40].into_boxed_slice(),
-            key: KEY,
-        }),
-    );
+    let out = h.command(1, Command::Install(second_install()));
     assert_eq!(out.effect, Effect::InstallRefused { tid: tid(2) });
     assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(437));
     assert_eq!(h.state.tables().allocation_count(), 1);
@@ -447,6 +437,18 @@ fn with_a_challenger_the_worker_answers_the_first_allocate_with_401() {
     assert_eq!(h.client(0, &buf[..len]), ClientOutput::Authenticate { verified: false });
 }
 
+/// A second Allocate's Install on `ft()` (transaction 2, another relay port).
+fn second_install() -> Install {
+    Install {
+        five_tuple: ft(),
+        tid: tid(2),
+        relayed: "198.51.100.1:50002".parse().unwrap(),
+        lifetime: Duration::from_secs(600),
+        response: vec![1u8; 40].into_boxed_slice(),
+        key: KEY,
+    }
+}
+
 fn signed_with(reply: &[u8], key: &IntegrityKey) -> bool {
     let m = Message::parse(reply).unwrap();
     m.integrity_parts().is_some_and(|p| wire::integrity::verify(&key.0, &p))
@@ -472,15 +474,7 @@ fn expiry_is_exact_before_the_sweep() {
     assert_eq!(h.tick(11), vec![], "reported once");
     // A new Allocate on the 5-tuple installs; one over a live allocation gets a signed 437.
     h.install(11, 600);
-    let again = Install {
-        five_tuple: ft(),
-        tid: tid(2),
-        relayed: "198.51.100.1:50002".parse().unwrap(),
-        lifetime: Duration::from_secs(600),
-        response: vec![1u8; 40].into_boxed_slice(),
-        key: KEY,
-    };
-    let out = h.command(12, Command::Install(again));
+    let out = h.command(12, Command::Install(second_install()));
     assert_eq!(out.effect, Effect::InstallRefused { tid: tid(2) });
     assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(437));
     assert!(signed_with(&h.out[..out.reply_len], &KEY), "the worker's 437 carries MESSAGE-INTEGRITY");
@@ -490,15 +484,7 @@ fn expiry_is_exact_before_the_sweep() {
 fn an_allocate_over_an_expired_unswept_allocation_replaces_it() {
     let mut h = Harness::new();
     let old = h.install(0, 10);
-    let new = Install {
-        five_tuple: ft(),
-        tid: tid(2),
-        relayed: "198.51.100.1:50002".parse().unwrap(),
-        lifetime: Duration::from_secs(600),
-        response: vec![1u8; 40].into_boxed_slice(),
-        key: KEY,
-    };
-    let out = h.command(10, Command::Install(new));
+    let out = h.command(10, Command::Install(second_install()));
     assert!(matches!(out.effect, Effect::Installed(_)));
     assert_eq!(h.tick(10), vec![Ended { id: old, five_tuple: ft(), tid: tid(1) }], "the old one is reported");
     assert_eq!(h.state.tables().allocation_count(), 1);
