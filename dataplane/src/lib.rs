@@ -15,6 +15,7 @@
 //! eventfd to wake it, written only while the worker sleeps. This crate knows nothing of users, passwords or
 //! configuration files.
 
+mod bufring;
 mod core;
 mod epoll;
 #[cfg(feature = "fault-injection")]
