@@ -46,7 +46,7 @@ fi
 # A short soak (debug binaries, so a modest rate) and a fuzz smoke run; the long versions are
 # `./scripts/soak.sh` (10 minutes) and `FUZZ_SECONDS=3600 ./scripts/fuzz.sh`.
 echo "==> soak (20 s)"
-SOAK_SECONDS=20 SOAK_RATE=5000 SOAK_GARBAGE_RATE=2000 BIN=target/debug SOAK_BUILD=0 ./scripts/soak.sh
+SOAK_SECONDS=20 SOAK_SAMPLE=2 SOAK_RATE=5000 SOAK_GARBAGE_RATE=2000 BIN=target/debug SOAK_BUILD=0 ./scripts/soak.sh
 echo "==> fuzz (${FUZZ_SECONDS:-60} s per target)"
 ./scripts/fuzz.sh
 # The closing line CI reads: the nextest totals (every step above exits non-zero on failure).

@@ -181,11 +181,17 @@ impl WorkerCore {
             let listener = self.listener_of(&out.five_tuple);
             match (out.effect, socket) {
                 (Effect::Installed(id), Some(socket)) => {
-                    io.register_relay(id, &socket);
                     let slot = id.index as usize;
                     if self.relays.len() <= slot {
                         self.relays.resize_with(slot + 1, || None);
                     }
+                    // An Install over an allocation that had expired unswept ends it and may
+                    // reuse its slab slot: that relay socket is deregistered before the new one
+                    // takes the slot (its end is reported by the next `expire`).
+                    if let Some(old) = self.relays[slot].take() {
+                        io.deregister_relay(old.id, &old.socket);
+                    }
+                    io.register_relay(id, &socket);
                     self.relays[slot] = Some(Relay { id, socket, listener });
                     debug!(worker = self.index, client = %out.five_tuple.client, "allocation installed");
                 }
