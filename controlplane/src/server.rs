@@ -79,8 +79,9 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
             challenger: Some(challenger.clone()),
         };
         let (events_tx, rx) = crossbeam_channel::unbounded::<FromWorker>();
-        events_rx.push(rx);
-        match uturn_dataplane::spawn(cfg, EventSender::new(events_tx, std::thread::current())) {
+        let sender = EventSender::new(events_tx, std::thread::current());
+        events_rx.push((rx, sender.unverified_gauge()));
+        match uturn_dataplane::spawn(cfg, sender) {
             Ok(h) => workers.push(h),
             Err(e) => {
                 for w in &workers {
@@ -115,10 +116,13 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         loop {
             let mut round = 0;
             disconnected = 0;
-            for rx in &events_rx {
+            for (rx, unverified) in &events_rx {
                 for _ in 0..FAIR_SHARE {
                     match rx.try_recv() {
                         Ok(ev) => {
+                            if matches!(ev, FromWorker::Request { verified: false, .. }) {
+                                unverified.taken();
+                            }
                             handle_event(&mut control, &workers, ev);
                             round += 1;
                         }
@@ -187,7 +191,7 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
 
 fn handle_event(control: &mut ControlPlane, workers: &[WorkerHandle], ev: FromWorker) {
     match ev {
-        FromWorker::Request { worker, five_tuple, bytes } => {
+        FromWorker::Request { worker, five_tuple, bytes, .. } => {
             let Some(msg) = control.handle_request(Instant::now(), worker, five_tuple, &bytes) else { return };
             if let Err(rejected) = workers[worker].send(msg) {
                 control.stats.queue_full += 1;

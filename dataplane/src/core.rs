@@ -17,12 +17,13 @@ use crate::messages::{EventSender, FromWorker, ToWorker};
 /// Reply buffer size, bytes: every STUN response uturn builds fits.
 const REPLY_BUF: usize = 1500;
 /// Requests admitted on their source's budget (not verified in the worker) that may wait in this
-/// worker's own queue to the control plane; beyond it new ones are dropped (the client
+/// worker's own queue to the control plane (counted apart from the other events); beyond it new
+/// ones are dropped (the client
 /// retransmits). Each worker has its own queue and the control thread takes from them in turn, so
 /// a flood that fills one worker's queue cannot take the others' turns.
 pub(crate) const MAX_PENDING_REQUESTS: usize = 1024;
-/// Events in the queue beyond which even requests the worker verified (Refresh,
-/// CreatePermission, ChannelBind on a live allocation) are dropped. Release reports are never
+/// Events in the queue beyond which any request, even one the worker verified (Refresh,
+/// CreatePermission, ChannelBind on a live allocation), is dropped. Release reports are never
 /// dropped, so quotas never leak.
 pub(crate) const MAX_PENDING_EVENTS: usize = 4 * MAX_PENDING_REQUESTS;
 
@@ -131,12 +132,14 @@ impl WorkerCore {
             ClientOutput::Reply(n) => ClientVerdict::Reply(n),
             ClientOutput::Drop => ClientVerdict::Done,
             ClientOutput::Authenticate { verified } => {
-                let cap = if verified { MAX_PENDING_EVENTS } else { MAX_PENDING_REQUESTS };
-                if self.events.len() >= cap {
+                let full = self.events.len() >= MAX_PENDING_EVENTS
+                    || (!verified && self.events.unverified() >= MAX_PENDING_REQUESTS);
+                if full {
                     // Never block the data plane on the control plane; the client retransmits.
                     self.control_queue_full += 1;
                 } else {
-                    let req = FromWorker::Request { worker: self.index, five_tuple, bytes: datagram.to_vec() };
+                    let req =
+                        FromWorker::Request { worker: self.index, five_tuple, bytes: datagram.to_vec(), verified };
                     let _ = self.events.send(req);
                 }
                 ClientVerdict::Done

@@ -27,7 +27,7 @@ mod sys;
 mod uring;
 mod worker;
 
-pub use messages::{EventSender, FromWorker, ToWorker};
+pub use messages::{EventSender, FromWorker, ToWorker, UnverifiedGauge};
 pub use socket::{bind_listener, bind_relay};
 pub use sys::raise_fd_limit;
 pub use uring::probe as probe_uring;

@@ -1,6 +1,8 @@
 //! The queue messages between the control plane and a worker.
 
 use std::net::UdpSocket;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::Thread;
 
 use crossbeam_channel::Sender;
@@ -27,19 +29,53 @@ pub enum ToWorker {
 pub struct EventSender {
     tx: Sender<FromWorker>,
     control: Thread,
+    /// Requests admitted on their source's budget (`verified: false`) queued and not yet taken.
+    unverified: Arc<AtomicUsize>,
+}
+
+/// The control plane's handle on one worker's count of queued unverified requests: it calls
+/// [`taken`](Self::taken) for each [`FromWorker::Request`] with `verified: false` it receives.
+#[derive(Debug, Clone)]
+pub struct UnverifiedGauge(Arc<AtomicUsize>);
+
+impl UnverifiedGauge {
+    /// One unverified request has left the queue.
+    pub fn taken(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl EventSender {
     /// Events go into `tx`; `control` is the thread that drains its receiver and parks when
     /// it is empty.
     pub fn new(tx: Sender<FromWorker>, control: Thread) -> Self {
-        EventSender { tx, control }
+        EventSender { tx, control, unverified: Arc::new(AtomicUsize::new(0)) }
+    }
+
+    /// The gauge the control plane decrements as it takes this queue's unverified requests.
+    pub fn unverified_gauge(&self) -> UnverifiedGauge {
+        UnverifiedGauge(self.unverified.clone())
+    }
+
+    /// Unverified requests queued and not yet taken (an upper bound while the control plane
+    /// is taking one).
+    pub(crate) fn unverified(&self) -> usize {
+        self.unverified.load(Ordering::Relaxed)
     }
 
     /// Queues `ev` and unparks the control thread (an atomic swap when it is awake, one futex
     /// wake when it is parked). Errors only when the control plane is gone.
     pub(crate) fn send(&self, ev: FromWorker) -> Result<(), FromWorker> {
-        self.tx.send(ev).map_err(|e| e.0)?;
+        let unverified = matches!(ev, FromWorker::Request { verified: false, .. });
+        if unverified {
+            self.unverified.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = self.tx.send(ev) {
+            if unverified {
+                self.unverified.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(e.0);
+        }
         self.control.unpark();
         Ok(())
     }
@@ -62,6 +98,10 @@ pub enum FromWorker {
         five_tuple: FiveTuple,
         /// The STUN message bytes.
         bytes: Vec<u8>,
+        /// True when the worker verified its MESSAGE-INTEGRITY with the allocation's key; false
+        /// when it was admitted on its source's budget (the control plane then calls
+        /// [`UnverifiedGauge::taken`]).
+        verified: bool,
     },
     /// The allocation of `five_tuple` made by Allocate `tid` no longer exists (expired, deleted,
     /// or its Install was refused): release its quota. A newer allocation on the same 5-tuple

@@ -81,7 +81,8 @@ impl SourceLimiter {
         let now_us = now.saturating_duration_since(self.origin).as_micros() as u64;
         let (rate, full) = (self.rate, self.rate * MICRO);
         let set = &mut self.sets[self.hasher.hash_one(key) as usize & (SETS - 1)];
-        let refilled = |e: &Entry| (e.tokens + now_us.saturating_sub(e.stamp_us) * rate).min(full);
+        let refilled =
+            |e: &Entry| e.tokens.saturating_add(now_us.saturating_sub(e.stamp_us).saturating_mul(rate)).min(full);
         let entry = match set.iter().position(|e| e.used && e.key == key) {
             Some(i) => {
                 let e = &mut set[i];

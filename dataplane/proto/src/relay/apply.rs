@@ -4,12 +4,17 @@
 //! when the timer wheel has not swept it yet.
 
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::response::{self, ErrorCode};
-use crate::wire::{self, attr, Class, MessageWriter, Method, TransactionId};
+use crate::wire::{self, attr, ChannelNumber, Class, MessageWriter, Method, TransactionId};
 
 use super::{Allocation, AllocationId, Command, CommandOutput, Effect, Ended, FiveTuple, Install, Timer, WorkerState};
+
+/// How far ahead of its deadline an allocation may be ended by an Install for a new Allocate on
+/// its 5-tuple (the control plane's view of the deadline trails the worker's by the queueing
+/// delay of the original Install; 1 s is far beyond that and far below any lifetime).
+const LAPSE_MARGIN: Duration = Duration::from_secs(1);
 
 impl WorkerState {
     /// Applies a control-plane [`Command`]; any reply for the client is written to `out`
@@ -92,12 +97,14 @@ impl WorkerState {
                 if channel_taken || peer_taken {
                     return self.refuse(ErrorCode::BadRequest, five_tuple, method, tid, &key.0, out);
                 }
-                let channels = self.tables.get(id).map_or(0, |a| a.channels.len());
+                let live_channel =
+                    |c: &ChannelNumber| matches!(self.tables.channels.get(&(id.index, *c)), Some(b) if b.expires > now);
+                let channels = self.tables.get(id).map_or(0, |a| a.channels.iter().filter(|c| live_channel(c)).count());
                 let permissions = self
                     .tables
                     .get(id)
                     .map_or(0, |a| a.permissions.iter().filter(|ip| self.has_permission(now, id, **ip)).count());
-                let new_channel = !self.tables.channels.contains_key(&(id.index, channel));
+                let new_channel = !live_channel(&channel);
                 let new_permission = !self.has_permission(now, id, peer.ip());
                 if (new_channel && channels >= self.config.max_channels)
                     || (new_permission && permissions >= self.config.max_permissions)
@@ -140,16 +147,34 @@ impl WorkerState {
 
     fn install(&mut self, now: Instant, i: Install, out: &mut [u8]) -> CommandOutput {
         let five_tuple = i.five_tuple;
+        if let Some(id) = self.live_allocation(now, &five_tuple) {
+            // The control plane sends an Install for another transaction only once it has seen
+            // the allocation lapse by its own clock, which runs behind the worker's deadline by
+            // the Install's queueing delay: within that margin the old allocation ends here.
+            let lapsing = self.tables.get(id).is_some_and(|a| a.alloc_tid != i.tid && a.expires <= now + LAPSE_MARGIN);
+            if lapsing {
+                if let Some(ended) = self.end(id) {
+                    self.counters.allocations_expired += 1;
+                    self.reaped.push(ended);
+                }
+            }
+        }
         if let Some(existing) = self.live_allocation(now, &five_tuple).and_then(|id| self.tables.get(id)) {
             // A second Allocate on a 5-tuple that already has an allocation (RFC 8656 §7.2 step 2):
             // the original success to its retransmission, a signed 437 to anything else.
-            let reply_len = if existing.alloc_tid == i.tid && existing.alloc_response.len() <= out.len() {
-                out[..existing.alloc_response.len()].copy_from_slice(&existing.alloc_response);
-                existing.alloc_response.len()
-            } else {
+            if existing.alloc_tid == i.tid {
+                let n = existing.alloc_response.len();
+                let reply_len = if n <= out.len() {
+                    out[..n].copy_from_slice(&existing.alloc_response);
+                    n
+                } else {
+                    0
+                };
+                return CommandOutput { five_tuple, reply_len, effect: Effect::DuplicateInstall };
+            }
+            let reply_len =
                 response::error(out, Method::ALLOCATE, i.tid, ErrorCode::AllocationMismatch, &[], Some(&i.key.0))
-                    .unwrap_or(0)
-            };
+                    .unwrap_or(0);
             return CommandOutput { five_tuple, reply_len, effect: Effect::InstallRefused { tid: i.tid } };
         }
         let reply_len = if i.response.len() <= out.len() {

@@ -90,6 +90,10 @@ pub enum Effect {
         /// Transaction ID of the refused Allocate.
         tid: TransactionId,
     },
+    /// An Install repeated the Allocate of the live allocation on its 5-tuple (same transaction
+    /// ID): the original success was resent; close the offered relay socket and report nothing
+    /// (the allocation lives on).
+    DuplicateInstall,
     /// The allocation was deleted (Refresh with LIFETIME 0): close its relay socket and tell the
     /// control plane.
     Removed(Ended),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 pub use command::{Command, Effect, Install};
 pub use tables::{Allocation, ChannelBinding, Tables};
 
-use crate::nonce::Challenger;
+use crate::nonce::{Challenger, NonceCheck};
 use crate::ratelimit::SourceLimiter;
 use crate::response::{self, ErrorCode};
 use crate::timer::TimerWheel;
@@ -347,7 +347,7 @@ impl WorkerState {
                 // budget unless its MESSAGE-INTEGRITY verified here, with the key of the
                 // allocation on this 5-tuple: the answers go to an address nobody has proven,
                 // and the control thread's time is shared by every client.
-                let verified = self.verify_on_allocation(ft, msg);
+                let verified = self.verify_on_allocation(now, ft, msg);
                 if verified {
                     self.counters.requests_verified += 1;
                 } else if !self.unauthenticated.allow(now, ft.client.ip()) {
@@ -361,9 +361,16 @@ impl WorkerState {
 
     /// True when `msg` carries a MESSAGE-INTEGRITY that verifies with the key of `ft`'s allocation
     /// (RFC 8489 §14.5). Costs one HMAC-SHA1, only for requests on an allocation.
-    fn verify_on_allocation(&self, ft: &FiveTuple, msg: &Message<'_>) -> bool {
+    /// The NONCE must be one the relay minted for this client and still valid, so a captured
+    /// request replayed after the nonce lifetime goes back on the budget.
+    fn verify_on_allocation(&self, now: Instant, ft: &FiveTuple, msg: &Message<'_>) -> bool {
         let Some(parts) = msg.integrity_parts() else { return false };
         let Some(a) = self.tables.lookup(ft).and_then(|id| self.tables.get(id)) else { return false };
+        if let Some(c) = &self.challenger {
+            if !msg.nonce().is_some_and(|n| c.check(n, now, &ft.client) == NonceCheck::Valid) {
+                return false;
+            }
+        }
         wire::integrity::verify(&a.key.0, &parts)
     }
 
@@ -382,7 +389,9 @@ impl WorkerState {
             Method::ALLOCATE => {
                 // RFC 8656 §7.2: a retransmitted Allocate gets the original success response.
                 if let Some(a) = self.tables.lookup(ft).and_then(|id| self.tables.get(id)) {
-                    if a.alloc_tid == msg.transaction_id() && a.alloc_response.len() <= out.len() {
+                    // Only while the allocation lives: after its deadline the client must not
+                    // be told it holds one.
+                    if a.expires > now && a.alloc_tid == msg.transaction_id() && a.alloc_response.len() <= out.len() {
                         out[..a.alloc_response.len()].copy_from_slice(&a.alloc_response);
                         self.counters.requests_answered += 1;
                         return ClientOutput::Reply(a.alloc_response.len());

@@ -505,3 +505,72 @@ fn an_expired_binding_does_not_block_a_new_one() {
     assert_eq!(parse_error_code(&h.out[..out.reply_len]), None, "the old peer is free for another channel");
     h.state.tables().check_consistency().unwrap();
 }
+
+#[test]
+fn only_a_live_nonce_makes_a_request_verified() {
+    use crate::nonce::NonceKey;
+    let t0 = Instant::now();
+    let mut h = Harness { state: WorkerState::new(RelayConfig::default(), t0, 1), t0, out: vec![0; 1500] };
+    let challenger = Challenger::new("uturn.local", NonceKey::new([5; 32], 60), Challenger::origin_for(t0));
+    h.state.set_challenger(challenger.clone());
+    h.install(0, 3600);
+    let mut buf = vec![0u8; 512];
+    let n = challenger.write(&mut buf, Method::REFRESH, tid(1), ErrorCode::Unauthenticated, t0, &ft().client).unwrap();
+    let nonce = Message::parse(&buf[..n]).unwrap().nonce().unwrap().to_vec();
+    let refresh = |nonce: &[u8]| {
+        let mut buf = vec![0u8; 256];
+        let mut w = MessageWriter::new(&mut buf, Method::REFRESH, Class::Request, tid(4)).unwrap();
+        w.bytes(attr::NONCE, nonce).unwrap();
+        w.integrity(&KEY.0).unwrap();
+        let n = w.finish();
+        buf.truncate(n);
+        buf
+    };
+    assert_eq!(h.client(10, &refresh(&nonce)), ClientOutput::Authenticate { verified: true });
+    // The same request replayed after the nonce lifetime goes back on the source's budget.
+    assert_eq!(h.client(120, &refresh(&nonce)), ClientOutput::Authenticate { verified: false });
+    assert_eq!(h.client(10, &refresh(b"forged-nonce-0000000000")), ClientOutput::Authenticate { verified: false });
+}
+
+#[test]
+fn expired_unswept_bindings_do_not_count_against_the_cap() {
+    let t0 = Instant::now();
+    let config = RelayConfig { max_channels: 1, ..RelayConfig::default() };
+    let mut h = Harness { state: WorkerState::new(config, t0, 1), t0, out: vec![0; 1500] };
+    h.install(0, 3600);
+    h.bind(0, 0x4001, peer());
+    let other: SocketAddr = "203.0.113.6:6000".parse().unwrap();
+    let out = h.bind(599, 0x4002, other);
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(508), "one live binding is the cap");
+    let out = h.bind(600, 0x4002, other);
+    assert_eq!(parse_error_code(&h.out[..out.reply_len]), None, "the expired one is not counted");
+}
+
+#[test]
+fn no_stored_success_after_the_deadline_and_a_repeated_install_releases_nothing() {
+    let mut h = Harness::new();
+    h.install(0, 10);
+    let again = Install {
+        five_tuple: ft(),
+        tid: tid(1),
+        relayed: "198.51.100.1:50003".parse().unwrap(),
+        lifetime: Duration::from_secs(600),
+        response: vec![2u8; 40].into_boxed_slice(),
+        key: KEY,
+    };
+    let out = h.command(5, Command::Install(again));
+    assert_eq!(out.effect, Effect::DuplicateInstall, "the live allocation's owner must not be released");
+    assert_eq!(&h.out[..out.reply_len], &[9u8; 40][..], "the original success");
+    assert_eq!(h.client(9, &request(Method::ALLOCATE, tid(1))), ClientOutput::Reply(40));
+    assert_eq!(h.client(10, &request(Method::ALLOCATE, tid(1))), ClientOutput::Authenticate { verified: false });
+}
+
+#[test]
+fn an_install_for_a_new_allocate_ends_one_within_a_second_of_its_deadline() {
+    let mut h = Harness::new();
+    let old = h.install(0, 10);
+    // The control plane saw the lapse a little earlier than the worker's deadline.
+    let out = h.command(9, Command::Install(second_install()));
+    assert!(matches!(out.effect, Effect::Installed(_)));
+    assert_eq!(h.tick(9), vec![Ended { id: old, five_tuple: ft(), tid: tid(1) }]);
+}
