@@ -230,8 +230,16 @@ impl Config {
     /// True when the only user is the publicly known demo credential and everything listens on
     /// loopback: the one case where printing a password reveals nothing.
     pub fn is_loopback_demo(&self) -> bool {
-        let only_demo = self.users.len() == 1 && self.users.get(DEMO_USER.0).is_some_and(|p| p == DEMO_USER.1);
-        only_demo && self.listen.iter().map(|a| a.ip()).chain([self.relay_ip]).all(|ip| ip.is_loopback())
+        self.users.len() == 1 && self.has_demo_user() && !self.serves_beyond_loopback()
+    }
+
+    fn has_demo_user(&self) -> bool {
+        self.users.get(DEMO_USER.0).is_some_and(|p| p == DEMO_USER.1)
+    }
+
+    /// True when a listen address or the relay address is not loopback.
+    fn serves_beyond_loopback(&self) -> bool {
+        self.listen.iter().map(|a| a.ip()).chain([self.relay_ip]).any(|ip| !ip.is_loopback())
     }
 
     fn validate(&self) -> Result<()> {
@@ -251,9 +259,7 @@ impl Config {
             bail!("permission-lifetime, channel-lifetime and nonce-lifetime must be positive");
         }
         // Refuse the publicly known demo credential anywhere but loopback.
-        let demo = self.users.get(DEMO_USER.0).is_some_and(|p| p == DEMO_USER.1);
-        let public = self.listen.iter().map(|a| a.ip()).chain([self.relay_ip]).any(|ip| !ip.is_loopback());
-        if demo && public {
+        if self.has_demo_user() && self.serves_beyond_loopback() {
             bail!("refusing to serve the demo credential (demo:demo) on a non-loopback address: set users with --user or [users]");
         }
         Ok(())

@@ -60,9 +60,9 @@ impl WorkerState {
                 let Some(id) = self.live_allocation(now, &five_tuple) else {
                     return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
                 };
-                let live = |ip: &IpAddr| self.has_permission(now, id, *ip);
-                let held = self.tables.get(id).map_or(0, |a| a.permissions.iter().filter(|ip| live(ip)).count());
-                let mut new: Vec<IpAddr> = peers.iter().copied().filter(|ip| !live(ip)).collect();
+                let held = self.live_permissions(now, id);
+                let mut new: Vec<IpAddr> =
+                    peers.iter().copied().filter(|ip| !self.has_permission(now, id, *ip)).collect();
                 new.sort_unstable();
                 new.dedup();
                 if held + new.len() > self.config.max_permissions {
@@ -81,15 +81,9 @@ impl WorkerState {
                 };
                 // A binding past its deadline is unbound (RFC 8656 §12), swept or not: it neither
                 // conflicts nor counts against the cap.
-                let expired_channel =
-                    matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.expires <= now);
-                if expired_channel {
-                    self.tables.remove_channel(id, channel);
-                }
+                self.unbind_if_expired(now, id, channel);
                 if let Some(&other) = self.tables.peer_channels.get(&(id.index, peer)) {
-                    if matches!(self.tables.channels.get(&(id.index, other)), Some(b) if b.expires <= now) {
-                        self.tables.remove_channel(id, other);
-                    }
+                    self.unbind_if_expired(now, id, other);
                 }
                 // RFC 8656 §12.2: a channel and a peer bind one to one.
                 let channel_taken = matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.peer != peer);
@@ -97,14 +91,12 @@ impl WorkerState {
                 if channel_taken || peer_taken {
                     return self.refuse(ErrorCode::BadRequest, five_tuple, method, tid, &key.0, out);
                 }
-                let live_channel =
-                    |c: &ChannelNumber| matches!(self.tables.channels.get(&(id.index, *c)), Some(b) if b.expires > now);
-                let channels = self.tables.get(id).map_or(0, |a| a.channels.iter().filter(|c| live_channel(c)).count());
-                let permissions = self
+                let channels = self
                     .tables
                     .get(id)
-                    .map_or(0, |a| a.permissions.iter().filter(|ip| self.has_permission(now, id, **ip)).count());
-                let new_channel = !live_channel(&channel);
+                    .map_or(0, |a| a.channels.iter().filter(|c| self.channel_live(now, id, **c)).count());
+                let permissions = self.live_permissions(now, id);
+                let new_channel = !self.channel_live(now, id, channel);
                 let new_permission = !self.has_permission(now, id, peer.ip());
                 if (new_channel && channels >= self.config.max_channels)
                     || (new_permission && permissions >= self.config.max_permissions)
@@ -131,11 +123,35 @@ impl WorkerState {
         if expires > now {
             return Some(id);
         }
+        self.reap(id);
+        None
+    }
+
+    /// Ends allocation `id` because its lifetime ran out; reported by the next
+    /// [`handle_timeout`](Self::handle_timeout).
+    fn reap(&mut self, id: AllocationId) {
         if let Some(ended) = self.end(id) {
             self.counters.allocations_expired += 1;
             self.reaped.push(ended);
         }
-        None
+    }
+
+    /// Permissions of `id` live at `now` (swept or not, expired ones do not count).
+    fn live_permissions(&self, now: Instant, id: AllocationId) -> usize {
+        self.tables.get(id).map_or(0, |a| a.permissions.iter().filter(|ip| self.has_permission(now, id, **ip)).count())
+    }
+
+    /// True when `channel` of `id` is bound and its binding is live at `now`.
+    fn channel_live(&self, now: Instant, id: AllocationId, channel: ChannelNumber) -> bool {
+        matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.expires > now)
+    }
+
+    /// Removes `channel`'s binding if it has expired but not been swept (RFC 8656 §12: it is
+    /// unbound).
+    fn unbind_if_expired(&mut self, now: Instant, id: AllocationId, channel: ChannelNumber) {
+        if matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.expires <= now) {
+            self.tables.remove_channel(id, channel);
+        }
     }
 
     /// Removes allocation `id` with everything it owns.
@@ -153,10 +169,7 @@ impl WorkerState {
             // the Install's queueing delay: within that margin the old allocation ends here.
             let lapsing = self.tables.get(id).is_some_and(|a| a.alloc_tid != i.tid && a.expires <= now + LAPSE_MARGIN);
             if lapsing {
-                if let Some(ended) = self.end(id) {
-                    self.counters.allocations_expired += 1;
-                    self.reaped.push(ended);
-                }
+                self.reap(id);
             }
         }
         if let Some(existing) = self.live_allocation(now, &five_tuple).and_then(|id| self.tables.get(id)) {

@@ -40,8 +40,11 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Harness::with(RelayConfig::default())
+    }
+    fn with(config: RelayConfig) -> Self {
         let t0 = Instant::now();
-        Harness { state: WorkerState::new(RelayConfig::default(), t0, 42), t0, out: vec![0; 1500] }
+        Harness { state: WorkerState::new(config, t0, 42), t0, out: vec![0; 1500] }
     }
     fn at(&self, secs: u64) -> Instant {
         self.t0 + Duration::from_secs(secs)
@@ -314,9 +317,9 @@ fn signed(method: Method, t: TransactionId, key: &IntegrityKey) -> Vec<u8> {
 
 #[test]
 fn unverified_requests_of_every_kind_share_their_sources_budget() {
-    let t0 = Instant::now();
     let config = RelayConfig { unauthenticated_rate: 10, ..RelayConfig::default() };
-    let mut h = Harness { state: WorkerState::new(config, t0, 1), t0, out: vec![0; 1500] };
+    let mut h = Harness::with(config);
+    let t0 = h.t0;
     // A forged MESSAGE-INTEGRITY (20 random-looking bytes) proves nothing: plain and forged
     // Bindings, forged Allocates and Refreshes and unknown methods all draw on one budget.
     let forged = IntegrityKey([0xA5; 16]);
@@ -343,9 +346,9 @@ fn unverified_requests_of_every_kind_share_their_sources_budget() {
 
 #[test]
 fn requests_verified_with_the_allocations_key_skip_the_budget() {
-    let t0 = Instant::now();
     let config = RelayConfig { unauthenticated_rate: 5, ..RelayConfig::default() };
-    let mut h = Harness { state: WorkerState::new(config, t0, 1), t0, out: vec![0; 1500] };
+    let mut h = Harness::with(config);
+    let t0 = h.t0;
     h.install(0, 600);
     while h.client(0, &request(Method::BINDING, tid(9))) != ClientOutput::Drop {}
     // The budget is spent; the allocation's own client still refreshes, binds and permits.
@@ -362,9 +365,8 @@ fn requests_verified_with_the_allocations_key_skip_the_budget() {
 
 #[test]
 fn per_allocation_caps_and_bandwidth() {
-    let t0 = Instant::now();
     let config = RelayConfig { max_permissions: 2, max_channels: 1, bandwidth: Some(1000), ..RelayConfig::default() };
-    let mut h = Harness { state: WorkerState::new(config, t0, 1), t0, out: vec![0; 1500] };
+    let mut h = Harness::with(config);
     let id = h.install(0, 600);
     let ips = |n: u8| (1..=n).map(|i| IpAddr::from([203, 0, 113, i])).collect::<Vec<_>>();
     let out = h.command(0, Command::CreatePermission { five_tuple: ft(), tid: tid(4), peers: ips(3), key: KEY });
@@ -509,8 +511,8 @@ fn an_expired_binding_does_not_block_a_new_one() {
 #[test]
 fn only_a_live_nonce_makes_a_request_verified() {
     use crate::nonce::NonceKey;
-    let t0 = Instant::now();
-    let mut h = Harness { state: WorkerState::new(RelayConfig::default(), t0, 1), t0, out: vec![0; 1500] };
+    let mut h = Harness::new();
+    let t0 = h.t0;
     let challenger = Challenger::new("uturn.local", NonceKey::new([5; 32], 60), Challenger::origin_for(t0));
     h.state.set_challenger(challenger.clone());
     h.install(0, 3600);
@@ -534,9 +536,8 @@ fn only_a_live_nonce_makes_a_request_verified() {
 
 #[test]
 fn expired_unswept_bindings_do_not_count_against_the_cap() {
-    let t0 = Instant::now();
     let config = RelayConfig { max_channels: 1, ..RelayConfig::default() };
-    let mut h = Harness { state: WorkerState::new(config, t0, 1), t0, out: vec![0; 1500] };
+    let mut h = Harness::with(config);
     h.install(0, 3600);
     h.bind(0, 0x4001, peer());
     let other: SocketAddr = "203.0.113.6:6000".parse().unwrap();
