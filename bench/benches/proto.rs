@@ -23,7 +23,7 @@ fn refresh_request(key: &IntegrityKey) -> Vec<u8> {
     w.bytes(attr::USERNAME, b"demo").unwrap();
     w.bytes(attr::REALM, b"uturn.local").unwrap();
     w.bytes(attr::NONCE, &[b'a'; 40]).unwrap();
-    w.integrity(&key.0).unwrap();
+    w.integrity(key.as_bytes()).unwrap();
     w.fingerprint().unwrap();
     let n = w.finish();
     buf.truncate(n);
@@ -42,7 +42,7 @@ fn state_with(n: u32) -> WorkerState {
     let now = Instant::now();
     let mut s = WorkerState::new(RelayConfig::default(), now, 1);
     let mut out = vec![0u8; 1500];
-    let key = IntegrityKey([1; 16]);
+    let key = IntegrityKey::from_md5([1; 16]);
     for i in 0..n {
         let ft = five_tuple(i);
         let install = Install {
@@ -51,7 +51,7 @@ fn state_with(n: u32) -> WorkerState {
             relayed: SocketAddr::from(([127, 0, 0, 1], 50000)),
             lifetime: Duration::from_secs(3600),
             response: vec![0u8; 100].into(),
-            key: uturn_proto::wire::IntegrityKey([1; 16]),
+            key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),
         };
         let Effect::Installed(_) = s.handle_command(now, Command::Install(install), &mut out).effect else { panic!() };
         let peer = SocketAddr::from(([192, 0, 2, 1], 6000));
@@ -73,7 +73,7 @@ fn benches(c: &mut Criterion) {
     });
     let msg = Message::parse(&req).unwrap();
     c.bench_function("verify MESSAGE-INTEGRITY (HMAC-SHA1)", |b| {
-        b.iter(|| integrity::verify(black_box(&key.0), &msg.integrity_parts().unwrap()))
+        b.iter(|| integrity::verify(black_box(key.as_bytes()), &msg.integrity_parts().unwrap()))
     });
     let mut out = vec![0u8; 1500];
     c.bench_function("build Allocate success (XOR addresses, LIFETIME, MI, FINGERPRINT)", |b| {
@@ -82,7 +82,7 @@ fn benches(c: &mut Criterion) {
             w.xor_address(attr::XOR_RELAYED_ADDRESS, &"127.0.0.1:50000".parse().unwrap()).unwrap();
             w.xor_address(attr::XOR_MAPPED_ADDRESS, &"127.0.0.1:40000".parse().unwrap()).unwrap();
             w.u32(attr::LIFETIME, 600).unwrap();
-            response::seal(w, Some(&key.0)).unwrap()
+            response::seal(w, Some(&key)).unwrap()
         })
     });
     let mut cd = vec![0x40, 0x01, 0x00, 160];

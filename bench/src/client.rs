@@ -187,7 +187,7 @@ impl Client {
         f: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>,
     ) -> Vec<u8> {
         let (user, realm, nonce, key) = (self.user.clone(), self.realm.clone(), self.nonce.clone(), self.key);
-        build(method, Class::Request, tid, Some(&key.0), |w| {
+        build(method, Class::Request, tid, Some(key.as_bytes()), |w| {
             f(w)?;
             w.bytes(attr::USERNAME, user.as_bytes())?;
             w.bytes(attr::REALM, realm.as_bytes())?;
@@ -292,7 +292,7 @@ impl Client {
             return Err(format!("Allocate failed with {code}"));
         }
         let m = r.msg();
-        if !m.integrity_parts().is_some_and(|p| uturn_proto::wire::integrity::verify(&self.key.0, &p)) {
+        if !m.integrity_parts().is_some_and(|p| uturn_proto::wire::integrity::verify(self.key.as_bytes(), &p)) {
             return Err("Allocate response MESSAGE-INTEGRITY does not verify".into());
         }
         self.lifetime = m.u32_attr(attr::LIFETIME).and_then(Result::ok);

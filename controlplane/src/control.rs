@@ -206,8 +206,8 @@ impl ControlPlane {
         let found =
             std::str::from_utf8(username).ok().and_then(|u| self.keys.get_key_value(u).map(|(u, k)| (u.clone(), *k)));
         // An unknown user costs the same HMAC as a known one, so timing does not tell them apart.
-        let key = found.as_ref().map(|(_, k)| *k).unwrap_or(IntegrityKey([0; 16]));
-        let verified = uturn_proto::wire::integrity::verify(&key.0, &parts);
+        let key = found.as_ref().map(|(_, k)| *k).unwrap_or(IntegrityKey::from_md5([0; 16]));
+        let verified = uturn_proto::wire::integrity::verify(key.as_bytes(), &parts);
         match found {
             Some((user, key)) if verified => Auth::Ok { user, key },
             _ => {
@@ -236,7 +236,7 @@ impl ControlPlane {
             msg.transaction_id(),
             code,
             msg.unknown_required(),
-            key.map(|k| &k.0[..]),
+            key,
         )
         .unwrap_or(0);
         self.buf[..n].to_vec()
@@ -434,7 +434,7 @@ impl ControlPlane {
             if let Some(t) = token {
                 w.bytes(attr::RESERVATION_TOKEN, &t)?;
             }
-            response::seal(w, Some(&key.0))
+            response::seal(w, Some(&key))
         })()
         .unwrap_or(0);
         self.buf[..n].to_vec()

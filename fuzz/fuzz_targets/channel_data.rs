@@ -25,11 +25,11 @@ fuzz_target!(|data: &[u8]| {
         relayed: "127.0.0.1:50000".parse().unwrap(),
         lifetime: Duration::from_secs(600),
         response: vec![0u8; 20].into(),
-        key: uturn_proto::wire::IntegrityKey([1; 16]),
+        key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),
     };
     let Effect::Installed(id) = s.handle_command(now, Command::Install(install), &mut out).effect else { panic!() };
     let channel = ChannelNumber::new(0x4001).unwrap();
-    let key = IntegrityKey([1; 16]);
+    let key = IntegrityKey::from_md5([1; 16]);
     s.handle_command(
         now,
         Command::ChannelBind { five_tuple: ft, tid: TransactionId([2; 12]), channel, peer, key },

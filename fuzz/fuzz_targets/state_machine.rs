@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let mut s = WorkerState::new(config, t0, 7);
     let mut out = vec![0u8; 1500];
     let mut ids: Vec<AllocationId> = Vec::new();
-    let key = IntegrityKey([3; 16]);
+    let key = IntegrityKey::from_md5([3; 16]);
     let mut ops = data.chunks(6);
     while let Some(op) = ops.next() {
         let [kind, who, a, b, c, d] = [op.first(), op.get(1), op.get(2), op.get(3), op.get(4), op.get(5)].map(|x| x.copied().unwrap_or(0));
@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
                     relayed: SocketAddr::from(([127, 0, 0, 1], 50000 + who as u16)),
                     lifetime: Duration::from_secs(1 + (d as u64 % 20)),
                     response: vec![d; 20].into(),
-                    key: uturn_proto::wire::IntegrityKey([1; 16]),
+                    key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),
                 };
                 if let Effect::Installed(id) = s.handle_command(now, Command::Install(install), &mut out).effect {
                     ids.push(id);

@@ -23,7 +23,7 @@ fn allocate_with_trailer(c: &Client, after: impl FnOnce(&mut MessageWriter<'_>))
     w.bytes(attr::USERNAME, c.user.as_bytes()).unwrap();
     w.bytes(attr::REALM, c.realm.as_bytes()).unwrap();
     w.bytes(attr::NONCE, &c.nonce).unwrap();
-    w.integrity(&c.key.0).unwrap();
+    w.integrity(c.key.as_bytes()).unwrap();
     after(&mut w);
     w.fingerprint().unwrap();
     let n = w.finish();

@@ -91,7 +91,7 @@ fn wrong_password_and_unknown_user_get_the_same_401() {
 fn integrity_without_nonce_is_400() {
     each_backend("", &[], |relay| {
         let c = client(relay);
-        let req = build(Method::ALLOCATE, Class::Request, TransactionId([1; 12]), Some(&c.key.0), |w| {
+        let req = build(Method::ALLOCATE, Class::Request, TransactionId([1; 12]), Some(c.key.as_bytes()), |w| {
             w.u32(attr::REQUESTED_TRANSPORT, TRANSPORT_UDP)?;
             w.bytes(attr::USERNAME, b"demo")?;
             w.bytes(attr::REALM, b"uturn.local").map(drop)

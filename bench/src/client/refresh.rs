@@ -280,7 +280,7 @@ impl Refresher {
         match m.class() {
             Class::Success => {
                 let key = self.sessions[i].key;
-                if !m.integrity_parts().is_some_and(|parts| integrity::verify(&key.0, &parts)) {
+                if !m.integrity_parts().is_some_and(|parts| integrity::verify(key.as_bytes(), &parts)) {
                     return self.fail(now, i, kind, "bad MESSAGE-INTEGRITY".into());
                 }
                 match kind {
@@ -335,7 +335,7 @@ impl Refresher {
         let s = &self.sessions[i];
         let tid = TransactionId(rand::random());
         let (peer, channel, lifetime) = (s.peer, s.channel, s.lifetime);
-        let bytes = build(kind.method(), Class::Request, tid, Some(&s.key.0), |w| {
+        let bytes = build(kind.method(), Class::Request, tid, Some(s.key.as_bytes()), |w| {
             match kind {
                 Kind::Allocation => {
                     w.u32(attr::LIFETIME, lifetime)?;
@@ -405,7 +405,7 @@ mod tests {
         assert_eq!(sent.len(), 1);
         assert_eq!(Message::parse(&sent[0]).unwrap().method(), Method::CREATE_PERMISSION);
         let t = t0 + Duration::from_secs(2);
-        r.on_response(t, 0, &answer(&sent[0], Class::Success, Some(&c.key.0), |_| {}));
+        r.on_response(t, 0, &answer(&sent[0], Class::Success, Some(c.key.as_bytes()), |_| {}));
         assert_eq!((r.stats().permission, r.in_flight()), (1, 0));
         // Channel at 3 s, allocation at half of LIFETIME 10 = 5 s, permission again at 4 s.
         let sent = collect(&mut r, t0 + Duration::from_secs(5));
@@ -416,7 +416,7 @@ mod tests {
         r.on_response(
             t,
             0,
-            &answer(&sent[2], Class::Success, Some(&c.key.0), |w| {
+            &answer(&sent[2], Class::Success, Some(c.key.as_bytes()), |w| {
                 w.u32(attr::LIFETIME, 4).unwrap();
             }),
         );

@@ -100,7 +100,7 @@ fn challenge_then_allocate_installs_a_signed_allocation() {
     assert_eq!(socket.local_addr().unwrap(), install.relayed);
     let m = Message::parse(&install.response).unwrap();
     let key = IntegrityKey::long_term("demo", REALM, "demo");
-    assert!(integrity::verify(&key.0, &m.integrity_parts().unwrap()));
+    assert!(integrity::verify(key.as_bytes(), &m.integrity_parts().unwrap()));
     assert_eq!(m.xor_address(attr::XOR_RELAYED_ADDRESS), Some(Ok(install.relayed)));
     assert_eq!(m.xor_address(attr::XOR_MAPPED_ADDRESS), Some(Ok(ft(1000).client)));
     assert_eq!(m.u32_attr(attr::LIFETIME), Some(Ok(3600)));

@@ -2,9 +2,12 @@
 //! any thread can verify one without shared mutable state, and a nonce minted for one client is
 //! worthless from another address.
 //!
-//! Format (24 ASCII characters, short because every byte of a 401 counts towards the relay's
-//! amplification ratio): 8 hex digits of the issue time in seconds, then 16 hex digits of
-//! HMAC-SHA1(secret, time || client IP || client port) truncated to 64 bits.
+//! Format (ASCII, short because every byte of a 401 counts towards the relay's amplification
+//! ratio): when the relay offers RFC 8489's security features, the nonce cookie `obMatJos2`
+//! and 4 base64 characters of the 24 security-feature bits (§9.2: bit 0 "password algorithms",
+//! bit 1 "username anonymity"); then 8 hex digits of the issue time in seconds and 16 hex digits
+//! of HMAC-SHA1(secret, time || client IP || client port) truncated to 64 bits. 37 characters
+//! with the cookie, 24 without.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -14,10 +17,16 @@ use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
 use crate::response::{self, ErrorCode};
-use crate::wire::{attr, Class, Method, TransactionId, WriteError};
+use crate::wire::integrity::PasswordAlgorithm;
+use crate::wire::{attr, Class, Message, Method, TransactionId, WriteError};
 
-/// Length of a nonce in bytes.
+/// Length of the time-and-MAC part of a nonce, bytes.
 pub const NONCE_LEN: usize = 24;
+/// The nonce cookie that announces RFC 8489's security features (§9.2).
+pub const NONCE_COOKIE: &str = "obMatJos2";
+/// The cookie followed by the feature bits this relay sets: password algorithms and username
+/// anonymity (bits 0 and 1: 0xC00000, base64 `wAAA`).
+const COOKIE_WITH_FEATURES: &str = "obMatJos2wAAA";
 
 /// The outcome of checking a nonce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,20 +117,44 @@ impl NonceKey {
 }
 
 /// Everything needed to challenge a client with 401 or 438 (RFC 8489 §9.2.4): the realm, the
-/// nonce key and the clock origin. Immutable and cheap to clone, so every worker answers the
-/// unauthenticated first request of an Allocate itself, byte for byte as the control plane
-/// would, and the control plane checks the nonces it sees.
+/// nonce key, the clock origin and the password algorithms offered. Immutable and cheap to
+/// clone, so every worker answers the unauthenticated first request of an Allocate itself, byte
+/// for byte as the control plane would, and the control plane checks the nonces it sees.
 #[derive(Debug, Clone)]
 pub struct Challenger {
     realm: Arc<str>,
     key: NonceKey,
     origin: Instant,
+    /// PASSWORD-ALGORITHMS' value as sent, in order of preference; empty when only MD5 is
+    /// offered (an RFC 5389 challenge: no cookie, no PASSWORD-ALGORITHMS, no USERHASH).
+    algorithms: Arc<[u8]>,
 }
 
 impl Challenger {
-    /// A challenger for `realm`; nonce times count seconds from `origin`.
+    /// A challenger for `realm` offering only MD5, as RFC 5389 servers do; nonce times count
+    /// seconds from `origin`.
     pub fn new(realm: &str, key: NonceKey, origin: Instant) -> Self {
-        Challenger { realm: realm.into(), key, origin }
+        Challenger { realm: realm.into(), key, origin, algorithms: Arc::from(&[][..]) }
+    }
+
+    /// The same challenger offering `algorithms` in order of preference (RFC 8489 §9.2.4): with
+    /// anything beyond MD5 alone, nonces carry the cookie with the password-algorithms and
+    /// username-anonymity bits and 401/438 carry PASSWORD-ALGORITHMS.
+    pub fn offering(mut self, algorithms: &[PasswordAlgorithm]) -> Self {
+        let mut value = Vec::with_capacity(algorithms.len() * 4);
+        if algorithms != [PasswordAlgorithm::Md5] {
+            for a in algorithms {
+                value.extend_from_slice(&a.number().to_be_bytes());
+                value.extend_from_slice(&[0, 0]);
+            }
+        }
+        self.algorithms = value.into();
+        self
+    }
+
+    /// True when RFC 8489's security features are offered (the nonce cookie is sent).
+    pub fn security_features(&self) -> bool {
+        !self.algorithms.is_empty()
     }
 
     /// The clock origin for a process starting at `now` (one second before, so the first nonce
@@ -139,13 +172,44 @@ impl Challenger {
         now.saturating_duration_since(self.origin).as_secs()
     }
 
-    /// Checks a received nonce for `client` at `now`.
-    pub fn check(&self, nonce: &[u8], now: Instant, client: &SocketAddr) -> NonceCheck {
-        self.key.check(nonce, self.secs(now), client)
+    fn prefix(&self) -> &'static str {
+        if self.security_features() {
+            COOKIE_WITH_FEATURES
+        } else {
+            ""
+        }
     }
 
-    /// Writes a `code` (401 or 438) error response with REALM and a fresh NONCE for `client`,
-    /// unsigned and without SOFTWARE (an answer to a stranger stays small). Returns its length.
+    /// Checks a received nonce for `client` at `now`.
+    pub fn check(&self, nonce: &[u8], now: Instant, client: &SocketAddr) -> NonceCheck {
+        match nonce.strip_prefix(self.prefix().as_bytes()) {
+            Some(rest) => self.key.check(rest, self.secs(now), client),
+            None => NonceCheck::Invalid,
+        }
+    }
+
+    /// The password algorithm an authenticated request uses (RFC 8489 §9.2.4): MD5 when it
+    /// carries neither PASSWORD-ALGORITHM nor PASSWORD-ALGORITHMS, or when no features are
+    /// offered; else both must be present, PASSWORD-ALGORITHMS must be the list this relay sent
+    /// and PASSWORD-ALGORITHM one of its entries, or the answer is 400.
+    pub fn password_algorithm(&self, msg: &Message<'_>) -> Result<PasswordAlgorithm, ErrorCode> {
+        if !self.security_features() {
+            return Ok(PasswordAlgorithm::Md5);
+        }
+        match (msg.password_algorithm(), msg.get(attr::PASSWORD_ALGORITHMS)) {
+            (None, None) => Ok(PasswordAlgorithm::Md5),
+            (Some(Ok(alg)), Some(list)) if list == &self.algorithms[..] && self.offers(alg) => Ok(alg),
+            _ => Err(ErrorCode::BadRequest),
+        }
+    }
+
+    fn offers(&self, alg: PasswordAlgorithm) -> bool {
+        self.algorithms.chunks_exact(4).any(|c| u16::from_be_bytes([c[0], c[1]]) == alg.number())
+    }
+
+    /// Writes a `code` (401 or 438) error response with REALM, a fresh NONCE for `client` and,
+    /// with security features, PASSWORD-ALGORITHMS; unsigned and without SOFTWARE (an answer to
+    /// a stranger stays small). Returns its length.
     pub fn write(
         &self,
         out: &mut [u8],
@@ -155,11 +219,16 @@ impl Challenger {
         now: Instant,
         client: &SocketAddr,
     ) -> Result<usize, WriteError> {
-        let nonce = self.key.mint(self.secs(now), client);
+        let mut nonce = String::with_capacity(COOKIE_WITH_FEATURES.len() + NONCE_LEN);
+        nonce.push_str(self.prefix());
+        nonce.push_str(&self.key.mint(self.secs(now), client));
         let mut w = response::start_unauthenticated(out, method, Class::Error, tid)?;
         w.error_code(code.code(), code.reason())?;
         w.bytes(attr::REALM, self.realm.as_bytes())?;
         w.bytes(attr::NONCE, nonce.as_bytes())?;
+        if self.security_features() {
+            w.bytes(attr::PASSWORD_ALGORITHMS, &self.algorithms)?;
+        }
         response::seal(w, None)
     }
 }
@@ -183,5 +252,29 @@ mod tests {
         forged[23] = if forged[23] == b'0' { b'1' } else { b'0' };
         assert_eq!(k.check(&forged, 1000, &c), NonceCheck::Invalid);
         assert_eq!(k.check(b"short", 1000, &c), NonceCheck::Invalid);
+    }
+
+    #[test]
+    fn cookie_and_password_algorithms() {
+        let c = Challenger::new("r", NonceKey::new([1; 32], 600), Instant::now())
+            .offering(&[PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]);
+        let client: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let mut out = [0u8; 256];
+        let now = Instant::now();
+        let n = c.write(&mut out, Method::ALLOCATE, TransactionId([3; 12]), ErrorCode::Unauthenticated, now, &client).unwrap();
+        let m = Message::parse(&out[..n]).unwrap();
+        let nonce = m.nonce().unwrap();
+        assert!(nonce.starts_with(b"obMatJos2wAAA"));
+        assert_eq!(nonce.len(), 13 + NONCE_LEN);
+        assert_eq!(c.check(nonce, now, &client), NonceCheck::Valid);
+        // The same time-and-MAC part without the cookie is not ours.
+        assert_eq!(c.check(&nonce[13..], now, &client), NonceCheck::Invalid);
+        assert_eq!(m.get(attr::PASSWORD_ALGORITHMS), Some(&[0, 2, 0, 0, 0, 1, 0, 0][..]));
+        // An RFC 5389 challenger sends neither.
+        let plain = Challenger::new("r", NonceKey::new([1; 32], 600), Instant::now());
+        let n = plain.write(&mut out, Method::ALLOCATE, TransactionId([3; 12]), ErrorCode::Unauthenticated, now, &client).unwrap();
+        let m = Message::parse(&out[..n]).unwrap();
+        assert_eq!(m.nonce().unwrap().len(), NONCE_LEN);
+        assert!(m.get(attr::PASSWORD_ALGORITHMS).is_none());
     }
 }

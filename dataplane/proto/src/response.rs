@@ -1,7 +1,7 @@
 //! Building STUN responses the way uturn answers every request: SOFTWARE, then the method's
 //! attributes, then MESSAGE-INTEGRITY when a key is known, then FINGERPRINT (RFC 8489 §6.3, §14).
 
-use crate::wire::{attr, Class, MessageWriter, Method, TransactionId, WriteError};
+use crate::wire::{attr, Class, IntegrityKey, MessageWriter, Method, TransactionId, WriteError};
 
 /// The SOFTWARE attribute value uturn sends: `uturn/<version>`.
 pub const SOFTWARE: &str = concat!("uturn/", env!("CARGO_PKG_VERSION"));
@@ -100,10 +100,11 @@ pub fn start_unauthenticated(
     MessageWriter::new(out, method, class, tid)
 }
 
-/// Adds MESSAGE-INTEGRITY (when `key` is given) and FINGERPRINT, returning the length in bytes.
-pub fn seal(mut w: MessageWriter<'_>, key: Option<&[u8]>) -> Result<usize, WriteError> {
+/// Adds the integrity attribute `key` signs with (MESSAGE-INTEGRITY or
+/// MESSAGE-INTEGRITY-SHA256, when a key is given) and FINGERPRINT, returning the length in bytes.
+pub fn seal(mut w: MessageWriter<'_>, key: Option<&IntegrityKey>) -> Result<usize, WriteError> {
     if let Some(k) = key {
-        w.integrity(k)?;
+        w.sign(k)?;
     }
     w.fingerprint()?;
     Ok(w.finish())
@@ -118,7 +119,7 @@ pub fn error(
     tid: TransactionId,
     code: ErrorCode,
     unknown: &[u16],
-    key: Option<&[u8]>,
+    key: Option<&IntegrityKey>,
 ) -> Result<usize, WriteError> {
     let mut w = if key.is_some() {
         start(out, method, Class::Error, tid)?

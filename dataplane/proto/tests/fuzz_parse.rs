@@ -209,7 +209,7 @@ fn state_with_allocation(now: Instant) -> (WorkerState, uturn_proto::relay::Allo
         relayed: "127.0.0.1:50000".parse().unwrap(),
         lifetime: Duration::from_secs(600),
         response: vec![0u8; 20].into(),
-        key: uturn_proto::wire::IntegrityKey([1; 16]),
+        key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),
     };
     let r = s.handle_command(now, Command::Install(install), &mut out);
     let uturn_proto::relay::Effect::Installed(id) = r.effect else { panic!() };
@@ -220,7 +220,7 @@ fn state_with_allocation(now: Instant) -> (WorkerState, uturn_proto::relay::Allo
             tid: TransactionId([2; 12]),
             channel: uturn_proto::wire::ChannelNumber::new(0x4001).unwrap(),
             peer: "127.0.0.1:9".parse().unwrap(),
-            key: IntegrityKey([1; 16]),
+            key: IntegrityKey::from_md5([1; 16]),
         },
         &mut out,
     );

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::response::{self, ErrorCode};
-use crate::wire::{self, attr, ChannelNumber, Class, MessageWriter, Method, TransactionId};
+use crate::wire::{self, attr, ChannelNumber, Class, IntegrityKey, MessageWriter, Method, TransactionId};
 
 use super::{Allocation, AllocationId, Command, CommandOutput, Effect, Ended, FiveTuple, Install, Timer, WorkerState};
 
@@ -35,7 +35,7 @@ impl WorkerState {
             Command::Refresh { five_tuple, tid, lifetime, key } => {
                 let method = Method::REFRESH;
                 let Some(id) = self.live_allocation(now, &five_tuple) else {
-                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key, out);
                 };
                 let effect = if lifetime.is_zero() {
                     match self.end(id) {
@@ -49,7 +49,7 @@ impl WorkerState {
                     }
                     Effect::None
                 };
-                let reply_len = success(out, method, tid, &key.0, |w| {
+                let reply_len = success(out, method, tid, &key, |w| {
                     w.u32(attr::LIFETIME, lifetime.as_secs() as u32)?;
                     Ok(())
                 });
@@ -58,7 +58,7 @@ impl WorkerState {
             Command::CreatePermission { five_tuple, tid, peers, key } => {
                 let method = Method::CREATE_PERMISSION;
                 let Some(id) = self.live_allocation(now, &five_tuple) else {
-                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key, out);
                 };
                 let held = self.live_permissions(now, id);
                 let mut new: Vec<IpAddr> =
@@ -66,18 +66,18 @@ impl WorkerState {
                 new.sort_unstable();
                 new.dedup();
                 if held + new.len() > self.config.max_permissions {
-                    return self.refuse(ErrorCode::InsufficientCapacity, five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::InsufficientCapacity, five_tuple, method, tid, &key, out);
                 }
                 for ip in peers {
                     self.permit(now, id, ip);
                 }
-                let reply_len = success(out, method, tid, &key.0, |_| Ok(()));
+                let reply_len = success(out, method, tid, &key, |_| Ok(()));
                 CommandOutput { five_tuple, reply_len, effect: Effect::None }
             }
             Command::ChannelBind { five_tuple, tid, channel, peer, key } => {
                 let method = Method::CHANNEL_BIND;
                 let Some(id) = self.live_allocation(now, &five_tuple) else {
-                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key, out);
                 };
                 // A binding past its deadline is unbound (RFC 8656 §12), swept or not: it neither
                 // conflicts nor counts against the cap.
@@ -89,7 +89,7 @@ impl WorkerState {
                 let channel_taken = matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.peer != peer);
                 let peer_taken = matches!(self.tables.peer_channels.get(&(id.index, peer)), Some(c) if *c != channel);
                 if channel_taken || peer_taken {
-                    return self.refuse(ErrorCode::BadRequest, five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::BadRequest, five_tuple, method, tid, &key, out);
                 }
                 let channels = self
                     .tables
@@ -101,14 +101,14 @@ impl WorkerState {
                 if (new_channel && channels >= self.config.max_channels)
                     || (new_permission && permissions >= self.config.max_permissions)
                 {
-                    return self.refuse(ErrorCode::InsufficientCapacity, five_tuple, method, tid, &key.0, out);
+                    return self.refuse(ErrorCode::InsufficientCapacity, five_tuple, method, tid, &key, out);
                 }
                 let expires = now + self.config.channel_lifetime;
                 if self.tables.set_channel(id, channel, peer, expires) {
                     self.timers.schedule(expires, Timer::Channel(id, channel));
                 }
                 self.permit(now, id, peer.ip());
-                let reply_len = success(out, method, tid, &key.0, |_| Ok(()));
+                let reply_len = success(out, method, tid, &key, |_| Ok(()));
                 CommandOutput { five_tuple, reply_len, effect: Effect::None }
             }
         }
@@ -186,7 +186,7 @@ impl WorkerState {
                 return CommandOutput { five_tuple, reply_len, effect: Effect::DuplicateInstall };
             }
             let reply_len =
-                response::error(out, Method::ALLOCATE, i.tid, ErrorCode::AllocationMismatch, &[], Some(&i.key.0))
+                response::error(out, Method::ALLOCATE, i.tid, ErrorCode::AllocationMismatch, &[], Some(&i.key))
                     .unwrap_or(0);
             return CommandOutput { five_tuple, reply_len, effect: Effect::InstallRefused { tid: i.tid } };
         }
@@ -228,7 +228,7 @@ impl WorkerState {
         five_tuple: FiveTuple,
         method: Method,
         tid: TransactionId,
-        key: &[u8],
+        key: &IntegrityKey,
         out: &mut [u8],
     ) -> CommandOutput {
         if code == ErrorCode::InsufficientCapacity {
@@ -245,7 +245,7 @@ fn success(
     out: &mut [u8],
     method: Method,
     tid: TransactionId,
-    key: &[u8],
+    key: &IntegrityKey,
     body: impl FnOnce(&mut MessageWriter<'_>) -> Result<(), wire::WriteError>,
 ) -> usize {
     let build = |out: &mut [u8]| {

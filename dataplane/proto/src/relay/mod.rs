@@ -359,8 +359,9 @@ impl WorkerState {
         }
     }
 
-    /// True when `msg` carries a MESSAGE-INTEGRITY that verifies with the key of `ft`'s allocation
-    /// (RFC 8489 §14.5). Costs one HMAC-SHA1, only for requests on an allocation.
+    /// True when `msg` carries a MESSAGE-INTEGRITY (or -SHA256) that verifies with the key of
+    /// `ft`'s allocation (RFC 8489 §14.5, §14.6). Costs one HMAC, only for requests on an
+    /// allocation.
     /// The NONCE must be one the relay minted for this client and still valid, so a captured
     /// request replayed after the nonce lifetime goes back on the budget.
     fn verify_on_allocation(&self, now: Instant, ft: &FiveTuple, msg: &Message<'_>) -> bool {
@@ -371,7 +372,7 @@ impl WorkerState {
                 return false;
             }
         }
-        wire::integrity::verify(&a.key.0, &parts)
+        a.key.verify(&parts)
     }
 
     /// A request admitted by [`client_stun`](Self::client_stun).

@@ -4,7 +4,7 @@
 use super::*;
 use crate::wire::{IntegrityKey, MessageWriter};
 
-const KEY: IntegrityKey = IntegrityKey([7; 16]);
+const KEY: IntegrityKey = IntegrityKey::from_md5([7; 16]);
 
 fn ft() -> FiveTuple {
     FiveTuple { client: "192.0.2.10:5000".parse().unwrap(), server: "198.51.100.1:3478".parse().unwrap() }
@@ -155,7 +155,7 @@ fn channel_data_flows_both_ways_once_bound() {
     let out = h.bind(0, 0x4001, peer());
     let m = Message::parse(&h.out[..out.reply_len]).unwrap();
     assert_eq!((m.method(), m.class()), (Method::CHANNEL_BIND, Class::Success));
-    assert!(crate::wire::integrity::verify(&KEY.0, &m.integrity_parts().unwrap()));
+    assert!(crate::wire::integrity::verify(KEY.as_bytes(), &m.integrity_parts().unwrap()));
     assert_eq!(h.client(1, &cd), ClientOutput::Relay { alloc: id, peer: peer(), payload: 4..7 });
     assert_eq!(h.peer(1, id, peer(), b"xyz").unwrap(), vec![0x40, 0x01, 0x00, 0x03, b'x', b'y', b'z']);
     assert_eq!(h.state.counters().relayed_to_client, 1);
@@ -309,7 +309,7 @@ fn garbage_is_counted_never_answered() {
 fn signed(method: Method, t: TransactionId, key: &IntegrityKey) -> Vec<u8> {
     let mut buf = vec![0u8; 256];
     let mut w = MessageWriter::new(&mut buf, method, Class::Request, t).unwrap();
-    w.integrity(&key.0).unwrap();
+    w.integrity(key.as_bytes()).unwrap();
     let n = w.finish();
     buf.truncate(n);
     buf
@@ -322,7 +322,7 @@ fn unverified_requests_of_every_kind_share_their_sources_budget() {
     let t0 = h.t0;
     // A forged MESSAGE-INTEGRITY (20 random-looking bytes) proves nothing: plain and forged
     // Bindings, forged Allocates and Refreshes and unknown methods all draw on one budget.
-    let forged = IntegrityKey([0xA5; 16]);
+    let forged = IntegrityKey::from_md5([0xA5; 16]);
     let kinds = [
         request(Method::BINDING, tid(1)),
         signed(Method::BINDING, tid(2), &forged),
@@ -357,7 +357,7 @@ fn requests_verified_with_the_allocations_key_skip_the_budget() {
     }
     assert_eq!(h.state.counters().requests_verified, 3);
     // The same requests under another key, or from another 5-tuple, are not verified.
-    assert_eq!(h.client(0, &signed(Method::REFRESH, tid(4), &IntegrityKey([1; 16]))), ClientOutput::Drop);
+    assert_eq!(h.client(0, &signed(Method::REFRESH, tid(4), &IntegrityKey::from_md5([1; 16]))), ClientOutput::Drop);
     let other = FiveTuple { client: "192.0.2.10:5001".parse().unwrap(), server: ft().server };
     let r = h.state.handle_client_datagram(t0, &other, &signed(Method::REFRESH, tid(4), &KEY), &mut h.out);
     assert_eq!(r, ClientOutput::Drop, "same source IP, no allocation: on the spent budget");
@@ -434,7 +434,7 @@ fn with_a_challenger_the_worker_answers_the_first_allocate_with_401() {
     // Requests carrying MESSAGE-INTEGRITY still go to the control plane.
     let mut buf = vec![0u8; 256];
     let mut w = MessageWriter::new(&mut buf, Method::ALLOCATE, Class::Request, tid(2)).unwrap();
-    w.integrity(&KEY.0).unwrap();
+    w.integrity(KEY.as_bytes()).unwrap();
     let len = w.finish();
     assert_eq!(h.client(0, &buf[..len]), ClientOutput::Authenticate { verified: false });
 }
@@ -453,7 +453,7 @@ fn second_install() -> Install {
 
 fn signed_with(reply: &[u8], key: &IntegrityKey) -> bool {
     let m = Message::parse(reply).unwrap();
-    m.integrity_parts().is_some_and(|p| wire::integrity::verify(&key.0, &p))
+    m.integrity_parts().is_some_and(|p| wire::integrity::verify(key.as_bytes(), &p))
 }
 
 #[test]
@@ -523,7 +523,7 @@ fn only_a_live_nonce_makes_a_request_verified() {
         let mut buf = vec![0u8; 256];
         let mut w = MessageWriter::new(&mut buf, Method::REFRESH, Class::Request, tid(4)).unwrap();
         w.bytes(attr::NONCE, nonce).unwrap();
-        w.integrity(&KEY.0).unwrap();
+        w.integrity(KEY.as_bytes()).unwrap();
         let n = w.finish();
         buf.truncate(n);
         buf

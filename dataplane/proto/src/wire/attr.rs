@@ -34,12 +34,21 @@ pub const REQUESTED_TRANSPORT: u16 = 0x0019;
 pub const DONT_FRAGMENT: u16 = 0x001A;
 /// MESSAGE-INTEGRITY-SHA256 (RFC 8489 §14.6).
 pub const MESSAGE_INTEGRITY_SHA256: u16 = 0x001C;
+/// PASSWORD-ALGORITHM (RFC 8489 §14.12): the algorithm the client chose.
+pub const PASSWORD_ALGORITHM: u16 = 0x001D;
+/// USERHASH (RFC 8489 §14.4): SHA-256(username ":" realm), in place of USERNAME.
+pub const USERHASH: u16 = 0x001E;
 /// XOR-MAPPED-ADDRESS (RFC 8489 §14.2).
 pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
 /// RESERVATION-TOKEN (RFC 8656 §18.10).
 pub const RESERVATION_TOKEN: u16 = 0x0022;
 /// ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §18.11), comprehension-optional.
 pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
+/// PASSWORD-ALGORITHMS (RFC 8489 §14.11), comprehension-optional: the algorithms a server
+/// offers, and the list a client echoes.
+pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
+/// ALTERNATE-SERVER (RFC 8489 §14.15).
+pub const ALTERNATE_SERVER: u16 = 0x8023;
 /// SOFTWARE (RFC 8489 §14.14).
 pub const SOFTWARE: u16 = 0x8022;
 /// FINGERPRINT (RFC 8489 §14.7).
@@ -69,6 +78,9 @@ pub const fn is_understood(typ: u16) -> bool {
         MAPPED_ADDRESS
             | USERNAME
             | MESSAGE_INTEGRITY
+            | MESSAGE_INTEGRITY_SHA256
+            | PASSWORD_ALGORITHM
+            | USERHASH
             | ERROR_CODE
             | UNKNOWN_ATTRIBUTES
             | CHANNEL_NUMBER

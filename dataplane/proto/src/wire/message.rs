@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use super::address::{decode_xor_address, AddressError};
 use super::attr;
-use super::integrity::{self, IntegrityParts};
+use super::integrity::{self, IntegrityParts, MacAlgorithm, PasswordAlgorithm};
 use super::MAGIC_COOKIE;
 
 /// Length of the STUN header in bytes (RFC 8489 §5).
@@ -104,7 +104,8 @@ pub enum ParseError {
     BadLength,
     /// An attribute's length runs past the end of the message.
     AttributeOverflow,
-    /// MESSAGE-INTEGRITY is not 20 bytes or FINGERPRINT is not 4 bytes.
+    /// MESSAGE-INTEGRITY is not 20 bytes, MESSAGE-INTEGRITY-SHA256 is not 16-32 bytes in steps
+    /// of 4 (RFC 8489 §14.6), or FINGERPRINT is not 4 bytes.
     BadAttributeLength,
     /// FINGERPRINT is not the last attribute.
     FingerprintNotLast,
@@ -124,17 +125,23 @@ pub struct RawAttribute<'a> {
     pub padding: &'a [u8],
 }
 
-/// A checked view of one STUN message. Only attributes before MESSAGE-INTEGRITY count (RFC 8489
-/// §14.5: later ones other than FINGERPRINT are ignored); of duplicates, the first counts.
+/// A checked view of one STUN message. Only attributes before the first integrity attribute
+/// count (RFC 8489 §14.5, §14.6: after MESSAGE-INTEGRITY only MESSAGE-INTEGRITY-SHA256 and
+/// FINGERPRINT may follow, after MESSAGE-INTEGRITY-SHA256 only FINGERPRINT; anything else is
+/// ignored); of duplicates, the first counts.
 #[derive(Debug, Clone, Copy)]
 pub struct Message<'a> {
     bytes: &'a [u8],
     method: Method,
     class: Class,
     tid: TransactionId,
-    /// End offset of the attributes that count (start of MESSAGE-INTEGRITY, or FINGERPRINT, or end).
+    /// End offset of the attributes that count (start of the first integrity attribute, or
+    /// FINGERPRINT, or end).
     counted_end: u16,
+    /// Offset of MESSAGE-INTEGRITY.
     integrity_at: Option<u16>,
+    /// Offset and value length of MESSAGE-INTEGRITY-SHA256.
+    integrity_sha256_at: Option<(u16, u8)>,
     unknown: [u16; MAX_UNKNOWN],
     unknown_len: u8,
 }
@@ -167,6 +174,7 @@ impl<'a> Message<'a> {
             tid,
             counted_end: datagram.len() as u16,
             integrity_at: None,
+            integrity_sha256_at: None,
             unknown: [0; MAX_UNKNOWN],
             unknown_len: 0,
         };
@@ -191,6 +199,16 @@ impl<'a> Message<'a> {
                 if integrity::fingerprint(&datagram[..pos]) != be32(datagram, pos + 4) {
                     return Err(ParseError::BadFingerprint);
                 }
+                if !msg.has_integrity() {
+                    msg.counted_end = pos as u16;
+                }
+            } else if msg.integrity_sha256_at.is_some() {
+                // Ignored (§14.6).
+            } else if typ == attr::MESSAGE_INTEGRITY_SHA256 {
+                if !(16..=32).contains(&len) || len % 4 != 0 {
+                    return Err(ParseError::BadAttributeLength);
+                }
+                msg.integrity_sha256_at = Some((pos as u16, len as u8));
                 if msg.integrity_at.is_none() {
                     msg.counted_end = pos as u16;
                 }
@@ -280,21 +298,45 @@ impl<'a> Message<'a> {
         self.attributes().filter(|a| a.typ == attr::XOR_PEER_ADDRESS).map(move |a| decode_xor_address(a.value, &tid))
     }
 
-    /// The parts MESSAGE-INTEGRITY covers (RFC 8489 §14.5): the length to put in the header, the
-    /// bytes after the length field up to the attribute, and the received 20-byte HMAC.
+    /// The parts the integrity attribute covers (RFC 8489 §14.5, §14.6): the length to put in
+    /// the header, the bytes after the length field up to the attribute, and the received HMAC.
+    /// MESSAGE-INTEGRITY-SHA256 is preferred when both are present (§9.2.4: a server that
+    /// supports it checks it).
     pub fn integrity_parts(&self) -> Option<IntegrityParts<'a>> {
-        let at = self.integrity_at? as usize;
+        let (at, len, algorithm) = match (self.integrity_sha256_at, self.integrity_at) {
+            (Some((at, len)), _) => (at as usize, len as usize, MacAlgorithm::HmacSha256),
+            (None, Some(at)) => (at as usize, 20, MacAlgorithm::HmacSha1),
+            (None, None) => return None,
+        };
         Some(IntegrityParts {
             type_bytes: &self.bytes[0..2],
-            adjusted_length: (at + 24 - HEADER_LEN) as u16,
+            adjusted_length: (at + 4 + len - HEADER_LEN) as u16,
             rest: &self.bytes[4..at],
-            mac: &self.bytes[at + 4..at + 24],
+            mac: &self.bytes[at + 4..at + 4 + len],
+            algorithm,
         })
     }
 
-    /// True when MESSAGE-INTEGRITY is present.
+    /// True when MESSAGE-INTEGRITY or MESSAGE-INTEGRITY-SHA256 is present.
     pub fn has_integrity(&self) -> bool {
-        self.integrity_at.is_some()
+        self.integrity_at.is_some() || self.integrity_sha256_at.is_some()
+    }
+
+    /// USERHASH (RFC 8489 §14.4) when present and 32 bytes; `Some(Err(()))` when malformed.
+    pub fn userhash(&self) -> Option<Result<&'a [u8; 32], ()>> {
+        self.get(attr::USERHASH).map(|v| <&[u8; 32]>::try_from(v).map_err(|_| ()))
+    }
+
+    /// PASSWORD-ALGORITHM (RFC 8489 §14.12): `None` when absent, `Some(Err(()))` when malformed
+    /// or naming an algorithm uturn does not implement. Parameters are ignored (neither MD5 nor
+    /// SHA-256 has any).
+    pub fn password_algorithm(&self) -> Option<Result<PasswordAlgorithm, ()>> {
+        self.get(attr::PASSWORD_ALGORITHM).map(|v| {
+            if v.len() < 4 || 4 + be16(v, 2) as usize > v.len() {
+                return Err(());
+            }
+            PasswordAlgorithm::from_number(be16(v, 0)).ok_or(())
+        })
     }
 }
 
@@ -372,5 +414,53 @@ mod tests {
         m.extend_from_slice(&[0; 12]);
         m.extend_from_slice(&[0x00, 0x06, 0x00, 0x09, b'a', b'b', b'c', b'd']);
         assert_eq!(Message::parse(&m).unwrap_err(), ParseError::AttributeOverflow);
+    }
+
+    #[test]
+    fn message_integrity_sha256_signs_verifies_and_ends_the_counted_attributes() {
+        use crate::wire::{IntegrityKey, MessageWriter};
+        let key = IntegrityKey::derive(PasswordAlgorithm::Sha256, "u", "r", "p");
+        let mut buf = [0u8; 256];
+        let mut w = MessageWriter::new(&mut buf, Method::REFRESH, Class::Request, TransactionId([9; 12])).unwrap();
+        w.bytes(attr::USERNAME, b"u").unwrap();
+        w.integrity(key.as_bytes()).unwrap();
+        w.sign(&key).unwrap();
+        w.bytes(attr::LIFETIME, &[0, 0, 0, 0]).unwrap();
+        let n = w.finish();
+        let m = Message::parse(&buf[..n]).unwrap();
+        let parts = m.integrity_parts().unwrap();
+        assert_eq!(parts.algorithm, MacAlgorithm::HmacSha256);
+        assert_eq!(parts.mac.len(), 32);
+        assert!(key.verify(&parts));
+        assert!(!IntegrityKey::derive(PasswordAlgorithm::Sha256, "u", "r", "q").verify(&parts));
+        // LIFETIME after the integrity attributes does not count; USERNAME before them does.
+        assert!(m.get(attr::LIFETIME).is_none());
+        assert_eq!(m.username(), Some(&b"u"[..]));
+        // A MESSAGE-INTEGRITY-SHA256 of 12 bytes is malformed.
+        let mut w = MessageWriter::new(&mut buf, Method::REFRESH, Class::Request, TransactionId([9; 12])).unwrap();
+        w.bytes(attr::MESSAGE_INTEGRITY_SHA256, &[0; 12]).unwrap();
+        let n = w.finish();
+        assert_eq!(Message::parse(&buf[..n]).unwrap_err(), ParseError::BadAttributeLength);
+    }
+
+    #[test]
+    fn password_algorithm_and_userhash_accessors() {
+        use crate::wire::MessageWriter;
+        let mut buf = [0u8; 128];
+        let mut w = MessageWriter::new(&mut buf, Method::ALLOCATE, Class::Request, TransactionId([1; 12])).unwrap();
+        w.bytes(attr::PASSWORD_ALGORITHM, &[0, 2, 0, 0]).unwrap();
+        w.bytes(attr::USERHASH, &[5; 32]).unwrap();
+        let n = w.finish();
+        let m = Message::parse(&buf[..n]).unwrap();
+        assert_eq!(m.password_algorithm(), Some(Ok(PasswordAlgorithm::Sha256)));
+        assert_eq!(m.userhash(), Some(Ok(&[5u8; 32])));
+        assert!(m.unknown_required().is_empty());
+        let mut w = MessageWriter::new(&mut buf, Method::ALLOCATE, Class::Request, TransactionId([1; 12])).unwrap();
+        w.bytes(attr::PASSWORD_ALGORITHM, &[0, 9, 0, 0]).unwrap();
+        w.bytes(attr::USERHASH, &[5; 31]).unwrap();
+        let n = w.finish();
+        let m = Message::parse(&buf[..n]).unwrap();
+        assert_eq!(m.password_algorithm(), Some(Err(())));
+        assert_eq!(m.userhash(), Some(Err(())));
     }
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use super::address::{encode_xor_address, encoded_len};
 use super::attr;
-use super::integrity::{self, IntegrityParts, FINGERPRINT_XOR};
+use super::integrity::{self, IntegrityKey, IntegrityParts, MacAlgorithm, FINGERPRINT_XOR};
 use super::message::{message_type, Class, Method, RawAttribute, TransactionId, HEADER_LEN};
 use super::MAGIC_COOKIE;
 
@@ -108,17 +108,38 @@ impl<'b> MessageWriter<'b> {
         Ok(self)
     }
 
-    /// Appends MESSAGE-INTEGRITY computed with `key` over everything written so far.
+    /// Appends MESSAGE-INTEGRITY (HMAC-SHA1, RFC 8489 §14.5) computed with the raw `key` over
+    /// everything written so far.
     pub fn integrity(&mut self, key: &[u8]) -> Result<&mut Self, WriteError> {
-        let at = self.len;
-        let adjusted_length = (at + 24 - HEADER_LEN) as u16;
-        let mut type_bytes = [0u8; 2];
-        type_bytes.copy_from_slice(&self.buf[0..2]);
-        let mac = integrity::compute(
-            key,
-            &IntegrityParts { type_bytes: &type_bytes, adjusted_length, rest: &self.buf[4..at], mac: &[] },
-        );
+        let mac = integrity::compute(key, &self.covered(20));
         self.bytes(attr::MESSAGE_INTEGRITY, &mac)
+    }
+
+    /// Appends MESSAGE-INTEGRITY-SHA256 (HMAC-SHA256, 32 bytes, RFC 8489 §14.6) computed with
+    /// the raw `key` over everything written so far.
+    pub fn integrity_sha256(&mut self, key: &[u8]) -> Result<&mut Self, WriteError> {
+        let mac = integrity::compute_sha256(key, &self.covered(32));
+        self.bytes(attr::MESSAGE_INTEGRITY_SHA256, &mac)
+    }
+
+    /// Appends the integrity attribute `key` signs with (see [`IntegrityKey::mac`]).
+    pub fn sign(&mut self, key: &IntegrityKey) -> Result<&mut Self, WriteError> {
+        match key.mac() {
+            MacAlgorithm::HmacSha1 => self.integrity(key.as_bytes()),
+            MacAlgorithm::HmacSha256 => self.integrity_sha256(key.as_bytes()),
+        }
+    }
+
+    /// What an integrity attribute of `mac_len` bytes appended now covers.
+    fn covered(&self, mac_len: usize) -> IntegrityParts<'_> {
+        let at = self.len;
+        IntegrityParts {
+            type_bytes: &self.buf[0..2],
+            adjusted_length: (at + 4 + mac_len - HEADER_LEN) as u16,
+            rest: &self.buf[4..at],
+            mac: &[],
+            algorithm: if mac_len == 20 { MacAlgorithm::HmacSha1 } else { MacAlgorithm::HmacSha256 },
+        }
     }
 
     /// Appends FINGERPRINT; it must be the last attribute.
