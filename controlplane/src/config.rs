@@ -10,6 +10,10 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ipnet::IpNet;
 use serde::Deserialize;
+use uturn_proto::wire::integrity::PasswordAlgorithm;
+
+use crate::credentials::CredentialConfig;
+use crate::store::StoreUrl;
 
 /// Command-line flags; every one overrides the matching config-file key.
 #[derive(Debug, Parser, Default)]
@@ -51,6 +55,18 @@ pub struct Cli {
     /// Accept channel numbers 0x5000-0x7FFF (RFC 5766 clients such as turnutils_uclient).
     #[arg(long)]
     pub rfc5766_channels: bool,
+    /// TURN REST API shared secret (repeatable: any verifies, the first mints).
+    #[arg(long)]
+    pub static_auth_secret: Vec<String>,
+    /// Separator between expiry and user id in REST usernames (default ':').
+    #[arg(long)]
+    pub rest_separator: Option<char>,
+    /// End an allocation made with a REST credential when the credential expires.
+    #[arg(long)]
+    pub strict_expiry: bool,
+    /// User store: sqlite:///path/users.db or redis://host:port/db.
+    #[arg(long)]
+    pub user_store: Option<String>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -79,6 +95,33 @@ pub struct FileConfig {
     max_channels: Option<usize>,
     max_bandwidth: Option<u64>,
     unauth_rate: Option<u32>,
+    realms: Option<Vec<String>>,
+    static_auth_secret: Option<OneOrMany>,
+    rest_separator: Option<char>,
+    strict_expiry: Option<bool>,
+    user_store: Option<String>,
+    user_cache_ttl: Option<u64>,
+    user_cache_negative_ttl: Option<u64>,
+    user_cache_size: Option<usize>,
+    store_threads: Option<usize>,
+    password_algorithms: Option<Vec<String>>,
+}
+
+/// A key that takes one string or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 /// Which I/O backend to run.
@@ -99,10 +142,31 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Relayed transport addresses' IP.
     pub relay_ip: IpAddr,
-    /// Realm (RFC 8489 §14.9).
+    /// Realm offered in 401s (RFC 8489 §14.9); static users belong to it.
     pub realm: String,
-    /// Users and passwords.
+    /// Further realms served (their users live in the user store).
+    pub realms: Vec<String>,
+    /// Static users and passwords, in the default realm.
     pub users: BTreeMap<String, String>,
+    /// TURN REST API shared secrets (docs/credentials.md): any verifies, the first mints.
+    pub static_auth_secrets: Vec<String>,
+    /// Separator between expiry and user id in REST usernames.
+    pub rest_separator: char,
+    /// An allocation made with a REST credential ends when the credential expires.
+    pub strict_expiry: bool,
+    /// The user store.
+    pub user_store: Option<StoreUrl>,
+    /// How long a store answer is fresh, default 60 s.
+    pub user_cache_ttl: Duration,
+    /// How long a "no such user" answer is fresh, default 5 s.
+    pub user_cache_negative_ttl: Duration,
+    /// Most cached store answers, default 100,000.
+    pub user_cache_size: usize,
+    /// Store threads, default 2.
+    pub store_threads: usize,
+    /// Password algorithms offered in 401s, in order of preference (RFC 8489 §9.2.4):
+    /// default SHA-256 then MD5; MD5 alone gives an RFC 5389 challenge.
+    pub password_algorithms: Vec<PasswordAlgorithm>,
     /// Worker threads (resolved: at least 1).
     pub workers: usize,
     /// Relay port range, inclusive.
@@ -174,7 +238,23 @@ impl Config {
         } else {
             f.listen.unwrap_or_else(|| vec!["127.0.0.1:3478".parse().unwrap()])
         };
-        let mut users = f.users.unwrap_or_else(|| BTreeMap::from([(DEMO_USER.0.into(), DEMO_USER.1.into())]));
+        let mut secrets = cli.static_auth_secret.clone();
+        if secrets.is_empty() {
+            secrets = f.static_auth_secret.map(OneOrMany::into_vec).unwrap_or_default();
+        }
+        let user_store = match cli.user_store.clone().or(f.user_store) {
+            Some(u) => Some(u.parse::<StoreUrl>().map_err(|e| anyhow::anyhow!("user-store: {e}"))?),
+            None => None,
+        };
+        // The demo credential only when nothing else authenticates anyone.
+        let demo = secrets.is_empty() && user_store.is_none();
+        let mut users = f.users.unwrap_or_else(|| {
+            if demo {
+                BTreeMap::from([(DEMO_USER.0.into(), DEMO_USER.1.into())])
+            } else {
+                BTreeMap::new()
+            }
+        });
         if !cli.user.is_empty() {
             users.clear();
             for u in &cli.user {
@@ -203,7 +283,17 @@ impl Config {
             relay_ip: cli.relay_ip.or(f.relay_ip).unwrap_or_else(|| listen[0].ip()),
             listen,
             realm: cli.realm.clone().or(f.realm).unwrap_or_else(|| "uturn.local".into()),
+            realms: f.realms.unwrap_or_default(),
             users,
+            static_auth_secrets: secrets,
+            rest_separator: cli.rest_separator.or(f.rest_separator).unwrap_or(':'),
+            strict_expiry: cli.strict_expiry || f.strict_expiry.unwrap_or(false),
+            user_store,
+            user_cache_ttl: secs(f.user_cache_ttl, 60),
+            user_cache_negative_ttl: secs(f.user_cache_negative_ttl, 5),
+            user_cache_size: f.user_cache_size.unwrap_or(100_000),
+            store_threads: f.store_threads.unwrap_or(2).max(1),
+            password_algorithms: parse_algorithms(f.password_algorithms.as_deref())?,
             workers,
             port_range,
             io_backend,
@@ -246,8 +336,14 @@ impl Config {
         if self.listen.is_empty() {
             bail!("no listen address");
         }
-        if self.users.is_empty() {
-            bail!("no users: add --user NAME:PASSWORD or a [users] table");
+        if self.users.is_empty() && self.static_auth_secrets.is_empty() && self.user_store.is_none() {
+            bail!("no credentials: add --user NAME:PASSWORD, a [users] table, --static-auth-secret or --user-store");
+        }
+        if self.static_auth_secrets.iter().any(String::is_empty) {
+            bail!("static-auth-secret must not be empty");
+        }
+        if self.rest_separator.is_ascii_digit() {
+            bail!("rest-separator must not be a digit");
         }
         if self.relay_ip.is_unspecified() {
             bail!("relay-ip must be a concrete address clients can reach, not {}", self.relay_ip);
@@ -264,6 +360,59 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// Keys SIGHUP does not reload, each with whether `new` differs from `self` in it.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<(&'static str, bool)> {
+        vec![
+            ("listen", self.listen != new.listen),
+            ("relay-ip", self.relay_ip != new.relay_ip),
+            ("realm", self.realm != new.realm),
+            ("workers", self.workers != new.workers),
+            ("port-range", self.port_range != new.port_range),
+            ("user-store", self.user_store != new.user_store),
+            ("password-algorithms", self.password_algorithms != new.password_algorithms),
+            ("nonce-lifetime", self.nonce_lifetime != new.nonce_lifetime),
+            ("unauth-rate", self.unauth_rate != new.unauth_rate),
+        ]
+    }
+
+    /// The credential part of the configuration (what SIGHUP reloads).
+    pub fn credential_config(&self) -> CredentialConfig {
+        CredentialConfig {
+            realm: self.realm.clone(),
+            realms: self.realms.clone(),
+            users: self.users.clone(),
+            secrets: self.static_auth_secrets.clone(),
+            separator: self.rest_separator,
+            strict_expiry: self.strict_expiry,
+            store: self.user_store.clone(),
+            cache_ttl: self.user_cache_ttl,
+            negative_ttl: self.user_cache_negative_ttl,
+            cache_size: self.user_cache_size,
+            store_threads: self.store_threads,
+        }
+    }
+}
+
+fn parse_algorithms(names: Option<&[String]>) -> Result<Vec<PasswordAlgorithm>> {
+    let Some(names) = names else { return Ok(vec![PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]) };
+    let mut out = Vec::new();
+    for n in names {
+        let a = match n.to_ascii_lowercase().as_str() {
+            "md5" => PasswordAlgorithm::Md5,
+            "sha256" | "sha-256" => PasswordAlgorithm::Sha256,
+            other => bail!("password-algorithms: {other:?} is not md5 or sha256"),
+        };
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    if out.is_empty() {
+        bail!("password-algorithms must name at least one algorithm");
+    }
+    Ok(out)
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16)> {

@@ -3,7 +3,7 @@
 //! the checks of Refresh, CreatePermission and ChannelBind that need no data-plane state
 //! (§8, §10, §12). What passes becomes a command for the worker that owns the 5-tuple.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,23 +15,27 @@ use uturn_proto::response::{self, ErrorCode};
 use uturn_proto::wire::{attr, ChannelNumber, Class, IntegrityKey, Message, Method, TransactionId};
 use uturn_proto::FiveTuple;
 
+use crate::credentials::cache::LookupKey;
+use crate::credentials::{Candidate, Credentials, Identity, Resolved};
 use crate::policy::PeerPolicy;
 use crate::ports::PortSlice;
 use uturn_proto::nonce::{Challenger, NonceCheck};
+use uturn_proto::wire::integrity::PasswordAlgorithm;
 
 /// Largest response the control plane builds, bytes.
 const RESPONSE_BUF: usize = 1024;
 /// How long a port reserved by EVEN-PORT's R bit waits for its RESERVATION-TOKEN (RFC 8656
 /// §7.2 suggests about 30 s).
 const RESERVATION_TTL: Duration = Duration::from_secs(30);
+/// Requests that may wait for a user-store lookup at once; more are dropped (clients
+/// retransmit).
+pub const MAX_PARKED: usize = 4096;
+/// How long a parked request waits for its lookup before it is dropped.
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The policy and credentials the control plane applies.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// Realm.
-    pub realm: String,
-    /// Users and passwords (keys are derived once at start).
-    pub users: BTreeMap<String, String>,
     /// IP of relayed transport addresses.
     pub relay_ip: IpAddr,
     /// Lifetime granted when the client asks for less or nothing.
@@ -58,6 +62,14 @@ struct Owner {
     expires: Instant,
 }
 
+/// A request waiting for a user-store lookup.
+struct Parked {
+    worker: usize,
+    five_tuple: FiveTuple,
+    bytes: Box<[u8]>,
+    since: Instant,
+}
+
 /// Control-plane counters.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ControlStats {
@@ -69,19 +81,31 @@ pub struct ControlStats {
     pub errors: u64,
     /// Commands dropped because a worker's queue was full.
     pub queue_full: u64,
+    /// Requests parked for a user-store lookup.
+    pub parked: u64,
+    /// Requests dropped because the parking table or the lookup queue was full, or their
+    /// lookup took longer than 5 s.
+    pub parked_dropped: u64,
 }
 
 /// Outcome of authentication.
 enum Auth {
-    Ok { user: Arc<str>, key: IntegrityKey },
+    Ok { user: Arc<str>, key: IntegrityKey, expires_unix: Option<u64> },
     Reply(Vec<u8>),
+    /// Waiting for the user store: park the request under this key.
+    Pending(LookupKey),
+    /// Drop the request (overload); the client retransmits.
+    Drop,
 }
 
 /// The control plane's state. Single-threaded: one control thread owns it.
 pub struct ControlPlane {
     policy: Policy,
-    keys: HashMap<Arc<str>, IntegrityKey>,
+    credentials: Credentials,
     challenger: Challenger,
+    /// Requests waiting for a store lookup, by what they wait for.
+    parked: HashMap<LookupKey, Vec<Parked>>,
+    parked_count: usize,
     ports: Vec<PortSlice>,
     owners: HashMap<FiveTuple, Owner>,
     per_user: HashMap<Arc<str>, u32>,
@@ -95,15 +119,18 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// A control plane for `workers` workers sharing `port_range`; `challenger` mints and checks
     /// nonces (the workers hold clones of it).
-    pub fn new(policy: Policy, workers: usize, port_range: (u16, u16), challenger: Challenger) -> Self {
-        let keys = policy
-            .users
-            .iter()
-            .map(|(u, p)| (Arc::from(u.as_str()), IntegrityKey::long_term(u, &policy.realm, p)))
-            .collect();
+    pub fn new(
+        policy: Policy,
+        credentials: Credentials,
+        workers: usize,
+        port_range: (u16, u16),
+        challenger: Challenger,
+    ) -> Self {
         ControlPlane {
-            keys,
+            credentials,
             challenger,
+            parked: HashMap::new(),
+            parked_count: 0,
             ports: PortSlice::split(port_range.0, port_range.1, workers),
             owners: HashMap::new(),
             per_user: HashMap::new(),
@@ -157,14 +184,23 @@ impl ControlPlane {
         // (for nonces) a time window, so a retransmission gets the same bytes; the one answer
         // that is not (Allocate success) is kept and resent by the worker.
         self.expire_reservations(now);
-        let (user, key) = match self.authenticate(now, &ft, &msg) {
-            Auth::Ok { user, key } => (user, key),
+        let (user, key, expires_unix) = match self.authenticate(now, &ft, &msg) {
+            Auth::Ok { user, key, expires_unix } => (user, key, expires_unix),
             Auth::Reply(bytes) => return Some(reply(ft, bytes)),
+            Auth::Pending(lookup) => {
+                self.park(now, lookup, worker, ft, bytes);
+                return None;
+            }
+            Auth::Drop => {
+                self.stats.parked_dropped += 1;
+                return None;
+            }
         };
+        let cap = self.credential_cap(expires_unix);
         // RFC 8656 §7.2 and §5: after authentication comes the 5-tuple check (437), and only then
         // the request's own attributes, unknown comprehension-required ones (420) first.
         match msg.method() {
-            Method::ALLOCATE => self.allocate(now, worker, ft, &msg, user, key),
+            Method::ALLOCATE => self.allocate(now, worker, ft, &msg, user, key, cap),
             m => {
                 // RFC 8656 §5: requests on an allocation need its 5-tuple and its credentials.
                 let owner = match self.owners.get(&ft) {
@@ -174,7 +210,7 @@ impl ControlPlane {
                     Some(_) => Ok(()),
                 };
                 let cmd = owner.and_then(|()| match m {
-                    Method::REFRESH => self.refresh(now, ft, &msg, key),
+                    Method::REFRESH => self.refresh(now, ft, &msg, key, cap),
                     Method::CREATE_PERMISSION => self.create_permission(ft, &msg, key),
                     Method::CHANNEL_BIND => self.channel_bind(ft, &msg, key),
                     _ => Err(ErrorCode::BadRequest),
@@ -190,31 +226,154 @@ impl ControlPlane {
         }
     }
 
-    /// RFC 8489 §9.2.4, in its order: no MESSAGE-INTEGRITY -> 401 with REALM and NONCE; missing
-    /// USERNAME, REALM or NONCE -> 400; bad or expired nonce -> 438 with a fresh one; unknown
-    /// user or wrong HMAC -> 401. Unknown user and wrong password give byte-identical answers.
+    /// RFC 8489 §9.2.4, in its order: no integrity attribute -> 401 with REALM, NONCE and
+    /// PASSWORD-ALGORITHMS; missing USERNAME (or USERHASH), REALM or NONCE -> 400; a
+    /// PASSWORD-ALGORITHM(S) that does not match the offer -> 400; bad or expired nonce -> 438
+    /// with a fresh one; unknown user, realm not served, expired REST credential or wrong HMAC
+    /// -> 401. Unknown user and wrong password give byte-identical answers. A user the store
+    /// has not answered for yet parks the request.
     fn authenticate(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>) -> Auth {
         let Some(parts) = msg.integrity_parts() else {
             return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthenticated));
         };
-        let (Some(username), Some(_realm), Some(nonce)) = (msg.username(), msg.realm(), msg.nonce()) else {
+        let features = self.challenger.security_features();
+        let identity = match (msg.username(), msg.userhash()) {
+            (Some(u), _) => std::str::from_utf8(u).ok().map(Identity::Name),
+            (None, Some(Ok(h))) if features => Some(Identity::Hash(h)),
+            _ => None,
+        };
+        let (Some(identity), Some(realm), Some(nonce)) = (identity, msg.realm(), msg.nonce()) else {
+            // A USERNAME that is not UTF-8 is as good as none.
             return Auth::Reply(self.error(msg, ErrorCode::BadRequest, None));
+        };
+        let alg = match self.challenger.password_algorithm(msg) {
+            Ok(a) => a,
+            Err(code) => return Auth::Reply(self.error(msg, code, None)),
         };
         if self.challenger.check(nonce, now, &ft.client) != NonceCheck::Valid {
             return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::StaleNonce));
         }
-        let found =
-            std::str::from_utf8(username).ok().and_then(|u| self.keys.get_key_value(u).map(|(u, k)| (u.clone(), *k)));
-        // An unknown user costs the same HMAC as a known one, so timing does not tell them apart.
-        let key = found.as_ref().map(|(_, k)| *k).unwrap_or(IntegrityKey::from_md5([0; 16]));
-        let verified = uturn_proto::wire::integrity::verify(key.as_bytes(), &parts);
-        match found {
-            Some((user, key)) if verified => Auth::Ok { user, key },
+        let resolved = match std::str::from_utf8(realm) {
+            Ok(r) => self.credentials.resolve(now, r, identity),
+            Err(_) => Resolved::Unknown,
+        };
+        self.verify(now, ft, msg, &parts, alg, resolved)
+    }
+
+    /// The last step of [`authenticate`](Self::authenticate): the candidates' keys against the
+    /// request's integrity attribute.
+    fn verify(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &Message<'_>,
+        parts: &uturn_proto::wire::IntegrityParts<'_>,
+        alg: PasswordAlgorithm,
+        resolved: Resolved,
+    ) -> Auth {
+        let (candidates, expired) = match resolved {
+            Resolved::Found(c) => (c, false),
+            Resolved::Expired(c) => (c, true),
+            Resolved::Unknown => (Vec::new(), false),
+            Resolved::Pending(key) => return Auth::Pending(key),
+            Resolved::Busy => return Auth::Drop,
+            Resolved::Unavailable => return Auth::Reply(self.error(msg, ErrorCode::ServerError, None)),
+        };
+        let mac = parts.algorithm;
+        let hit = candidates.iter().find_map(|c: &Candidate| {
+            let key = c.key(alg)?;
+            key.verify(parts).then(|| (c.user.clone(), key.signing_with(mac), c.expires_unix))
+        });
+        if hit.is_none() && candidates.is_empty() {
+            // An unknown user costs the same HMAC as a known one, so timing does not tell them apart.
+            let _ = IntegrityKey::from_md5([0; 16]).verify(parts);
+        }
+        match hit {
+            // RFC-less REST rule (as eturnal): an expired credential still verifies requests on
+            // the allocation it made, unless strict expiry ends that allocation with it.
+            Some((user, key, expires_unix))
+                if !expired
+                    || (msg.method() != Method::ALLOCATE
+                        && !self.credentials.strict_expiry()
+                        && self.owners.get(ft).is_some_and(|o| o.user == user)) =>
+            {
+                Auth::Ok { user, key, expires_unix }
+            }
             _ => {
-                debug!(client = %ft.client, method = msg.method().name(), "authentication failed");
+                debug!(client = %ft.client, method = msg.method().name(), expired, "authentication failed");
                 Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthenticated))
             }
         }
+    }
+
+    /// The most lifetime an allocation may be granted under strict expiry: the time left on
+    /// its REST credential.
+    fn credential_cap(&self, expires_unix: Option<u64>) -> Option<Duration> {
+        let exp = expires_unix.filter(|_| self.credentials.strict_expiry())?;
+        Some(Duration::from_secs(exp.saturating_sub(crate::credentials::unix_now()).max(1)))
+    }
+
+    /// Parks a request until the store answers for `lookup`; drops it when the table is full.
+    fn park(&mut self, now: Instant, lookup: LookupKey, worker: usize, five_tuple: FiveTuple, bytes: &[u8]) {
+        if self.parked_count >= MAX_PARKED {
+            self.stats.parked_dropped += 1;
+            return;
+        }
+        self.stats.parked += 1;
+        self.parked_count += 1;
+        self.parked.entry(lookup).or_default().push(Parked { worker, five_tuple, bytes: bytes.into(), since: now });
+    }
+
+    /// Handles the requests whose store lookups were answered; returns what to push to which
+    /// worker. Parked requests older than 5 s are dropped.
+    pub fn poll_lookups(&mut self, now: Instant) -> Vec<(usize, ToWorker)> {
+        let mut out = Vec::new();
+        for (key, resolved) in self.credentials.poll(now) {
+            let Some(waiting) = self.parked.remove(&key) else { continue };
+            self.parked_count -= waiting.len();
+            let unavailable = matches!(resolved, Resolved::Unavailable);
+            for p in waiting {
+                let answer = if unavailable {
+                    // Nothing cached and the store is down: 500 Server Error, so the client
+                    // can try another relay; re-handling would only queue another lookup.
+                    Message::parse(&p.bytes).ok().map(|m| {
+                        let r = self.error(&m, ErrorCode::ServerError, None);
+                        reply(p.five_tuple, r)
+                    })
+                } else {
+                    self.handle_request(now, p.worker, p.five_tuple, &p.bytes)
+                };
+                if let Some(a) = answer {
+                    out.push((p.worker, a));
+                }
+            }
+        }
+        if self.parked_count > 0 {
+            let before = self.parked_count;
+            self.parked.retain(|_, v| {
+                v.retain(|p| now.saturating_duration_since(p.since) < PARK_TIMEOUT);
+                !v.is_empty()
+            });
+            self.parked_count = self.parked.values().map(Vec::len).sum();
+            self.stats.parked_dropped += (before - self.parked_count) as u64;
+        }
+        out
+    }
+
+    /// Requests waiting for the store.
+    pub fn parked(&self) -> usize {
+        self.parked_count
+    }
+
+    /// The credential sources (for reload and counters).
+    pub fn credentials_mut(&mut self) -> &mut Credentials {
+        &mut self.credentials
+    }
+
+    /// Ends every allocation of `user`; returns the commands for the workers that hold them.
+    pub fn revoke(&mut self, user: &str) -> Vec<(usize, FiveTuple)> {
+        let _ = user;
+        Vec::new()
     }
 
     /// A 401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4).
@@ -251,6 +410,7 @@ impl ControlPlane {
         msg: &Message<'_>,
         user: Arc<str>,
         key: IntegrityKey,
+        cap: Option<Duration>,
     ) -> Option<ToWorker> {
         let tid = msg.transaction_id();
         if self.owners.get(&ft).is_some_and(|o| o.expires <= now) {
@@ -275,6 +435,7 @@ impl ControlPlane {
                 Some(reply(ft, r))
             }
             Ok((lifetime, port)) => {
+                let lifetime = cap.map_or(lifetime, |c| lifetime.min(c));
                 let (socket, token) = match self.relay_socket(now, worker, port) {
                     Ok(Some(pair)) => pair,
                     Ok(None) => {
@@ -446,6 +607,7 @@ impl ControlPlane {
         ft: FiveTuple,
         msg: &Message<'_>,
         key: IntegrityKey,
+        cap: Option<Duration>,
     ) -> Result<Command, ErrorCode> {
         // RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY whose value does not match the allocation's
         // family earns 443; a malformed value (not 4 bytes, or an unknown family) does not
@@ -457,6 +619,7 @@ impl ControlPlane {
             }
         }
         let lifetime = self.lifetime(msg)?;
+        let lifetime = cap.map_or(lifetime, |c| lifetime.min(c));
         if let Some(o) = self.owners.get_mut(&ft) {
             // The worker refuses (437) and reports the end if the allocation has lapsed there.
             o.expires = now + lifetime;

@@ -3,7 +3,9 @@
 //! bindings into the data-plane workers over queues and never touches a packet on the fast path.
 
 pub mod config;
+pub mod credentials;
 pub mod control;
 pub mod policy;
 pub mod ports;
 pub mod server;
+pub mod store;

@@ -1,7 +1,6 @@
 //! The `uturn` binary: parse flags and config, print what is served, run until SIGINT/SIGTERM.
 
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use clap::Parser;
@@ -23,15 +22,22 @@ fn main() -> ExitCode {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 
-    let shutdown = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        if let Err(e) = signal_hook::flag::register(sig, shutdown.clone()) {
+    let signals = server::Signals::default();
+    let handlers = [
+        (signal_hook::consts::SIGINT, &signals.shutdown),
+        (signal_hook::consts::SIGTERM, &signals.shutdown),
+        (signal_hook::consts::SIGHUP, &signals.reload),
+    ];
+    for (sig, flag) in handlers {
+        if let Err(e) = signal_hook::flag::register(sig, Arc::clone(flag)) {
             eprintln!("uturn: cannot install signal handler: {e}");
             return ExitCode::FAILURE;
         }
     }
     print_banner(&config);
-    match server::run(&config, shutdown) {
+    // SIGHUP re-reads the same file and flags.
+    let reloader: server::Reloader = Box::new(move || Config::load(&cli));
+    match server::run(&config, signals, Some(reloader)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("uturn: {e:#}");

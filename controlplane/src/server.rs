@@ -14,6 +14,7 @@ use uturn_proto::relay::RelayConfig;
 
 use crate::config::{BackendChoice, Config};
 use crate::control::{ControlPlane, Policy};
+use crate::credentials::Credentials;
 use crate::policy::PeerPolicy;
 
 /// Commands a worker's queue holds before the control plane drops more (clients retransmit).
@@ -41,8 +42,22 @@ pub fn choose_backend(choice: BackendChoice) -> Result<IoBackend> {
     }
 }
 
-/// Runs uturn until `shutdown` is set; returns after every worker has stopped.
-pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
+/// What the signal handlers set: stop (SIGINT, SIGTERM) and reload (SIGHUP).
+#[derive(Debug, Clone, Default)]
+pub struct Signals {
+    /// Set to stop.
+    pub shutdown: Arc<AtomicBool>,
+    /// Set to re-read the configuration's credentials.
+    pub reload: Arc<AtomicBool>,
+}
+
+/// Re-reads the configuration (SIGHUP); `None` when there is nothing to re-read.
+pub type Reloader = Box<dyn Fn() -> Result<Config>>;
+
+/// Runs uturn until `signals.shutdown` is set; returns after every worker has stopped. On
+/// `signals.reload`, `reloader` re-reads the configuration and the credentials are replaced.
+pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Result<()> {
+    let shutdown = signals.shutdown.clone();
     let backend = choose_backend(config.io_backend)?;
     match uturn_dataplane::raise_fd_limit() {
         Ok(n) => info!(open_files = n, "file descriptor limit (one per allocation)"),
@@ -52,7 +67,13 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     // One nonce key (secret from the OS CSPRNG) for the control plane and every worker: workers
     // answer the first, unauthenticated request of an Allocate with 401 themselves.
     let nonce_key = NonceKey::new(rand::random(), config.nonce_lifetime.as_secs().max(1));
-    let challenger = Challenger::new(&config.realm, nonce_key, Challenger::origin_for(Instant::now()));
+    let challenger = Challenger::new(&config.realm, nonce_key, Challenger::origin_for(Instant::now()))
+        .offering(&config.password_algorithms);
+    // The credential sources (and the store threads) before any worker, so a store that cannot
+    // even start its threads stops uturn before it serves.
+    let sha256 = config.password_algorithms.contains(&uturn_proto::wire::integrity::PasswordAlgorithm::Sha256);
+    let credentials = Credentials::new(config.credential_config(), sha256, std::thread::current())
+        .context("starting the user-store threads")?;
     // Each worker's share of a source's budget: a source's 5-tuples spread over the workers
     // (SO_REUSEPORT hashing), so the relay as a whole answers a source about `unauth-rate`
     // unverified requests per second (docs/security.md).
@@ -92,8 +113,6 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         }
     }
     let policy = Policy {
-        realm: config.realm.clone(),
-        users: config.users.clone(),
         relay_ip: config.relay_ip,
         default_lifetime: config.default_lifetime,
         max_lifetime: config.max_lifetime,
@@ -103,7 +122,10 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         rfc5766_channels: config.rfc5766_channels,
     };
     info!("{}", policy.peers.describe());
-    let mut control = ControlPlane::new(policy, config.workers, config.port_range, challenger);
+    if let Some(url) = &config.user_store {
+        info!(store = %url, threads = config.store_threads, "user store");
+    }
+    let mut control = ControlPlane::new(policy, credentials, config.workers, config.port_range, challenger);
 
     let mut failed = false;
     while !shutdown.load(Ordering::Relaxed) {
@@ -141,6 +163,14 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         }
         if disconnected == events_rx.len() {
             break;
+        }
+        // Requests whose store lookups were answered.
+        for (worker, msg) in control.poll_lookups(Instant::now()) {
+            handled += 1;
+            push(&mut control, &workers, worker, msg);
+        }
+        if signals.reload.swap(false, Ordering::Relaxed) {
+            reload(&mut control, config, reloader.as_ref());
         }
         if handled == 0 {
             std::thread::park_timeout(Duration::from_millis(100));
@@ -193,14 +223,39 @@ fn handle_event(control: &mut ControlPlane, workers: &[WorkerHandle], ev: FromWo
     match ev {
         FromWorker::Request { worker, five_tuple, bytes, .. } => {
             let Some(msg) = control.handle_request(Instant::now(), worker, five_tuple, &bytes) else { return };
-            if let Err(rejected) = workers[worker].send(msg) {
-                control.stats.queue_full += 1;
-                if let ToWorker::Install(i, _socket) = rejected {
-                    // The socket closes here; forget the allocation the worker never saw.
-                    control.install_dropped(&i);
-                }
-            }
+            push(control, workers, worker, msg);
         }
         FromWorker::Released { five_tuple, tid } => control.released(&five_tuple, tid),
+    }
+}
+
+/// Queues `msg` to `worker`; a full queue drops it (and an Install's allocation is forgotten).
+fn push(control: &mut ControlPlane, workers: &[WorkerHandle], worker: usize, msg: ToWorker) {
+    if let Err(rejected) = workers[worker].send(msg) {
+        control.stats.queue_full += 1;
+        if let ToWorker::Install(i, _socket) = rejected {
+            // The socket closes here; forget the allocation the worker never saw.
+            control.install_dropped(&i);
+        }
+    }
+}
+
+/// SIGHUP: re-reads the configuration and replaces the credentials; keys that need a restart
+/// are logged when they changed. Existing allocations are untouched.
+fn reload(control: &mut ControlPlane, running: &Config, reloader: Option<&Reloader>) {
+    let Some(reloader) = reloader else {
+        info!("SIGHUP: no configuration file to re-read");
+        return;
+    };
+    match reloader() {
+        Ok(new) => {
+            for (key, changed) in running.restart_only_changes(&new) {
+                if changed {
+                    warn!(key, "SIGHUP: this key changed but needs a restart; the running value stays");
+                }
+            }
+            control.credentials_mut().reload(new.credential_config());
+        }
+        Err(e) => warn!("SIGHUP: configuration not reloaded, the running one stays: {e:#}"),
     }
 }

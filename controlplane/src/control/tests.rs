@@ -9,8 +9,6 @@ const REALM: &str = "uturn.local";
 
 fn policy() -> Policy {
     Policy {
-        realm: REALM.into(),
-        users: BTreeMap::from([("demo".into(), "demo".into()), ("eve".into(), "eve".into())]),
         relay_ip: "127.0.0.1".parse().unwrap(),
         default_lifetime: Duration::from_secs(600),
         max_lifetime: Duration::from_secs(3600),
@@ -19,6 +17,24 @@ fn policy() -> Policy {
         peers: PeerPolicy::new("127.0.0.1".parse().unwrap(), &[], &[], &[]),
         rfc5766_channels: false,
     }
+}
+
+/// Static users demo and eve, no store.
+fn credentials() -> Credentials {
+    let config = crate::credentials::CredentialConfig {
+        realm: REALM.into(),
+        realms: Vec::new(),
+        users: std::collections::BTreeMap::from([("demo".into(), "demo".into()), ("eve".into(), "eve".into())]),
+        secrets: Vec::new(),
+        separator: ':',
+        strict_expiry: false,
+        store: None,
+        cache_ttl: Duration::from_secs(60),
+        negative_ttl: Duration::from_secs(5),
+        cache_size: 100,
+        store_threads: 1,
+    };
+    Credentials::new(config, true, std::thread::current()).unwrap()
 }
 
 fn ft(port: u16) -> FiveTuple {
@@ -35,7 +51,7 @@ impl H {
         let t0 = Instant::now();
         let lo = 40000 + rand::random::<u16>() % 20000;
         let challenger = Challenger::new(REALM, NonceKey::new([3; 32], 10), Challenger::origin_for(t0));
-        H { cp: ControlPlane::new(policy(), 1, (lo, lo + 50), challenger), t0 }
+        H { cp: ControlPlane::new(policy(), credentials(), 1, (lo, lo + 50), challenger), t0 }
     }
     fn at(&self, s: u64) -> Instant {
         self.t0 + Duration::from_secs(s)
@@ -59,7 +75,7 @@ fn request(
         w.bytes(attr::USERNAME, user.as_bytes()).unwrap();
         w.bytes(attr::REALM, REALM.as_bytes()).unwrap();
         w.bytes(attr::NONCE, nonce).unwrap();
-        w.integrity(&IntegrityKey::long_term(user, REALM, pass).0).unwrap();
+        w.integrity(IntegrityKey::long_term(user, REALM, pass).as_bytes()).unwrap();
     }
     let n = w.finish();
     buf.truncate(n);
@@ -232,7 +248,7 @@ fn allocate_checks_follow_rfc_8656_section_7_2() {
     let r = reply_bytes(taken);
     assert_eq!(code(&r), Some(437));
     assert!(integrity::verify(
-        &IntegrityKey::long_term("demo", REALM, "demo").0,
+        IntegrityKey::long_term("demo", REALM, "demo").as_bytes(),
         &Message::parse(&r).unwrap().integrity_parts().unwrap()
     ));
     let free = allocate_with(&mut h, 0, ft(1004), 11, |w| w.u32(0x0033, 1).map(drop));
@@ -270,7 +286,7 @@ fn a_full_slice_borrows_from_the_others_before_508() {
     };
     let challenger = Challenger::new(REALM, NonceKey::new([3; 32], 10), Challenger::origin_for(t0));
     let policy = Policy { user_quota: 0, ..policy() };
-    let mut h = H { cp: ControlPlane::new(policy, 2, (lo, lo + 1), challenger), t0 };
+    let mut h = H { cp: ControlPlane::new(policy, credentials(), 2, (lo, lo + 1), challenger), t0 };
     let Some(ToWorker::Install(first, _a)) = allocate_with(&mut h, 0, ft(1000), 1, |_| Ok(())) else { panic!() };
     let Some(ToWorker::Install(second, _b)) = allocate_with(&mut h, 0, ft(1001), 3, |_| Ok(())) else {
         panic!("worker 0's slice is full but worker 1's port is free")
