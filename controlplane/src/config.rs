@@ -19,6 +19,9 @@ use crate::store::StoreUrl;
 #[derive(Debug, Parser, Default)]
 #[command(name = "uturn", version, about = "uturn: a TURN relay (RFC 8656) on a thread-per-core io_uring data plane")]
 pub struct Cli {
+    /// A subcommand; without one, uturn runs the relay.
+    #[command(subcommand)]
+    pub command: Option<crate::admin::Command>,
     /// TOML configuration file (see docs/uturn.example.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -67,6 +70,12 @@ pub struct Cli {
     /// User store: sqlite:///path/users.db or redis://host:port/db.
     #[arg(long)]
     pub user_store: Option<String>,
+    /// Admin endpoint IP:PORT (HTTP; loopback only unless --admin-token is set).
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token the admin endpoint requires.
+    #[arg(long)]
+    pub admin_token: Option<String>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -105,6 +114,8 @@ pub struct FileConfig {
     user_cache_size: Option<usize>,
     store_threads: Option<usize>,
     password_algorithms: Option<Vec<String>>,
+    admin_listen: Option<SocketAddr>,
+    admin_token: Option<String>,
 }
 
 /// A key that takes one string or a list of them.
@@ -167,6 +178,10 @@ pub struct Config {
     /// Password algorithms offered in 401s, in order of preference (RFC 8489 §9.2.4):
     /// default SHA-256 then MD5; MD5 alone gives an RFC 5389 challenge.
     pub password_algorithms: Vec<PasswordAlgorithm>,
+    /// Admin endpoint address (off by default).
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token the admin endpoint requires.
+    pub admin_token: Option<String>,
     /// Worker threads (resolved: at least 1).
     pub workers: usize,
     /// Relay port range, inclusive.
@@ -294,6 +309,8 @@ impl Config {
             user_cache_size: f.user_cache_size.unwrap_or(100_000),
             store_threads: f.store_threads.unwrap_or(2).max(1),
             password_algorithms: parse_algorithms(f.password_algorithms.as_deref())?,
+            admin_listen: cli.admin_listen.or(f.admin_listen),
+            admin_token: cli.admin_token.clone().or(f.admin_token),
             workers,
             port_range,
             io_backend,
@@ -341,6 +358,9 @@ impl Config {
         }
         if self.static_auth_secrets.iter().any(String::is_empty) {
             bail!("static-auth-secret must not be empty");
+        }
+        if self.admin_listen.is_some_and(|a| !a.ip().is_loopback()) && self.admin_token.is_none() {
+            bail!("admin-listen off loopback needs admin-token");
         }
         if self.rest_separator.is_ascii_digit() {
             bail!("rest-separator must not be a digit");

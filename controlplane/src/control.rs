@@ -60,6 +60,8 @@ struct Owner {
     user: Arc<str>,
     tid: TransactionId,
     expires: Instant,
+    /// The worker holding the allocation.
+    worker: usize,
 }
 
 /// A request waiting for a user-store lookup.
@@ -370,10 +372,24 @@ impl ControlPlane {
         &mut self.credentials
     }
 
-    /// Ends every allocation of `user`; returns the commands for the workers that hold them.
-    pub fn revoke(&mut self, user: &str) -> Vec<(usize, FiveTuple)> {
-        let _ = user;
-        Vec::new()
+    /// Ends every allocation of `user` (a username, or the user id of REST usernames
+    /// `<expiry><sep><user>`); returns the commands for the workers that hold them. The
+    /// workers report the ends, which release the quotas.
+    pub fn revoke(&mut self, user: &str) -> Vec<(usize, ToWorker)> {
+        let sep = self.credentials.separator();
+        let matches = |name: &str| {
+            name == user
+                || crate::credentials::rest::expiry(name, sep).is_some()
+                    && name.split_once(sep).is_some_and(|(_, id)| id == user)
+        };
+        let out: Vec<(usize, ToWorker)> = self
+            .owners
+            .iter()
+            .filter(|(_, o)| matches(&o.user))
+            .map(|(ft, o)| (o.worker, ToWorker::Command(Command::Revoke { five_tuple: *ft, tid: o.tid })))
+            .collect();
+        info!(user, allocations = out.len(), "user revoked");
+        out
     }
 
     /// A 401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4).
@@ -451,7 +467,7 @@ impl ControlPlane {
                 };
                 let relayed = socket.local_addr().ok()?;
                 let bytes = self.allocate_success(msg, &ft, &relayed, lifetime, token, &key);
-                self.owners.insert(ft, Owner { user: user.clone(), tid, expires: now + lifetime });
+                self.owners.insert(ft, Owner { user: user.clone(), tid, expires: now + lifetime, worker });
                 *self.per_user.entry(user.clone()).or_default() += 1;
                 self.stats.allocations += 1;
                 info!(client = %ft.client, %user, relayed = %relayed, lifetime_s = lifetime.as_secs(), "allocation granted");

@@ -2,6 +2,8 @@
 //! allocation policy for the uturn TURN relay. It pushes allocations, permissions and channel
 //! bindings into the data-plane workers over queues and never touches a packet on the fast path.
 
+pub mod admin;
+pub mod admin_api;
 pub mod config;
 pub mod credentials;
 pub mod control;

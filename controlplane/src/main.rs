@@ -8,7 +8,10 @@ use uturn_controlplane::config::{Cli, Config};
 use uturn_controlplane::server;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(cmd) = cli.command.take() {
+        return uturn_controlplane::admin::run(cmd);
+    }
     let config = match Config::load(&cli) {
         Ok(c) => c,
         Err(e) => {

@@ -12,6 +12,7 @@ use uturn_dataplane::{EventSender, FromWorker, IoBackend, ToWorker, WorkerConfig
 use uturn_proto::nonce::{Challenger, NonceKey};
 use uturn_proto::relay::RelayConfig;
 
+use crate::admin_api::{AdminAction, AdminApi};
 use crate::config::{BackendChoice, Config};
 use crate::control::{ControlPlane, Policy};
 use crate::credentials::Credentials;
@@ -126,6 +127,18 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
         info!(store = %url, threads = config.store_threads, "user store");
     }
     let mut control = ControlPlane::new(policy, credentials, config.workers, config.port_range, challenger);
+    let admin = match config.admin_listen {
+        Some(addr) => match AdminApi::start(addr, config.admin_token.clone(), std::thread::current()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                for w in &workers {
+                    w.stop();
+                }
+                return Err(e).with_context(|| format!("admin endpoint on {addr}"));
+            }
+        },
+        None => None,
+    };
 
     let mut failed = false;
     while !shutdown.load(Ordering::Relaxed) {
@@ -168,6 +181,21 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
         for (worker, msg) in control.poll_lookups(Instant::now()) {
             handled += 1;
             push(&mut control, &workers, worker, msg);
+        }
+        if let Some(api) = &admin {
+            while let Ok(req) = api.requests.try_recv() {
+                handled += 1;
+                match req.action {
+                    AdminAction::Revoke(user) => {
+                        let commands = control.revoke(&user);
+                        let revoked = commands.len();
+                        for (worker, msg) in commands {
+                            push(&mut control, &workers, worker, msg);
+                        }
+                        let _ = req.reply.send(serde_json::json!({ "user": user, "revoked": revoked }).to_string());
+                    }
+                }
+            }
         }
         if signals.reload.swap(false, Ordering::Relaxed) {
             reload(&mut control, config, reloader.as_ref());

@@ -216,6 +216,11 @@ impl Credentials {
         self.config.strict_expiry
     }
 
+    /// The REST username separator.
+    pub fn separator(&self) -> char {
+        self.config.separator
+    }
+
     /// True when `realm` is served.
     pub fn serves_realm(&self, realm: &str) -> bool {
         self.realms.contains(realm)
@@ -347,9 +352,9 @@ fn found(user: Option<&StoredUser>) -> Resolved {
     }
 }
 
-/// The keys of a user whose password is known (static and REST users), through the same
-/// SASLprep as the relay's own derivation.
-fn derive(name: &str, realm: &str, password: &str, sha256: bool) -> UserKeys {
+/// The keys of a user whose password is known (static, REST and `uturn admin` users), through
+/// the same SASLprep as the relay's own derivation (RFC 8489 §9.2.2).
+pub fn derive(name: &str, realm: &str, password: &str, sha256: bool) -> UserKeys {
     let md5 = IntegrityKey::long_term(name, realm, password);
     let mut m = [0u8; 16];
     m.copy_from_slice(md5.as_bytes());

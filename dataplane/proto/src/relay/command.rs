@@ -68,6 +68,14 @@ pub enum Command {
         /// Key to sign the response with.
         key: IntegrityKey,
     },
+    /// End the allocation that Allocate `tid` made on `five_tuple` (an operator revoked its
+    /// user), with no answer to the client; a newer allocation on the 5-tuple stays.
+    Revoke {
+        /// The client's 5-tuple.
+        five_tuple: FiveTuple,
+        /// Transaction ID of the Allocate that made the allocation.
+        tid: TransactionId,
+    },
     /// Send `bytes` (a response the control plane built, e.g. 401) to the client.
     Reply {
         /// The client's 5-tuple.

@@ -1,0 +1,273 @@
+//! `uturn credential` and `uturn admin`: mint TURN REST API credentials, manage the users of a
+//! store (like coturn's `turnadmin`), print long-term keys, and revoke a user's allocations on
+//! a running relay. Exit codes are documented in docs/credentials.md: 0 ok, 1 other error,
+//! 2 usage or bad store URL, 3 missing database, 4 duplicate user, 5 bad realm or name,
+//! 6 store or relay unreachable, 7 no such user.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use uturn_proto::wire::integrity::PasswordAlgorithm;
+use uturn_proto::wire::IntegrityKey;
+
+use crate::credentials::{self, rest};
+use crate::store::{self, StoreError, StoreUrl, UserRecord};
+
+/// The subcommands beside running the relay.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mint a TURN REST API credential and print it with a WebRTC iceServers snippet.
+    Credential(CredentialArgs),
+    /// Manage users in a store, print keys, revoke a user's allocations.
+    Admin(AdminArgs),
+}
+
+/// `uturn credential`.
+#[derive(Debug, Args)]
+pub struct CredentialArgs {
+    /// The shared secret (the relay's first static-auth-secret).
+    #[arg(long)]
+    pub secret: String,
+    /// How long the credential lives: 8h, 30m, 90s, 1d or seconds.
+    #[arg(long, default_value = "8h")]
+    pub ttl: String,
+    /// User id appended to the expiry.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Separator between expiry and user id.
+    #[arg(long, default_value_t = rest::DEFAULT_SEPARATOR)]
+    pub separator: char,
+    /// TURN server URL(s) for the iceServers snippet (repeatable).
+    #[arg(long, default_value = "turn:127.0.0.1:3478?transport=udp")]
+    pub url: Vec<String>,
+}
+
+/// `uturn admin`.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The user store: sqlite:///path/users.db or redis://host:port/db.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// The running relay's admin endpoint (for `revoke`).
+    #[arg(long, default_value = "http://127.0.0.1:3480")]
+    pub admin_url: String,
+    /// Bearer token of the admin endpoint.
+    #[arg(long)]
+    pub admin_token: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: AdminCommand,
+}
+
+/// `uturn admin` actions.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Users in the store.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Print the long-term key of a user in hex (like turnadmin -k).
+    Key {
+        /// Username.
+        #[arg(long)]
+        user: String,
+        /// Realm.
+        #[arg(long)]
+        realm: String,
+        /// Password.
+        #[arg(long)]
+        password: String,
+        /// Print the SHA-256 key instead of the MD5 one.
+        #[arg(long)]
+        sha256: bool,
+    },
+    /// End every allocation of a user on the running relay (needs its --admin-listen).
+    Revoke {
+        /// Username, or the user id of REST credentials.
+        user: String,
+    },
+}
+
+/// `uturn admin user` actions.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user (creates a SQLite file that does not exist yet).
+    Add {
+        /// Username.
+        name: String,
+        /// Realm.
+        #[arg(long)]
+        realm: String,
+        /// Password (only its keys are stored).
+        #[arg(long)]
+        password: String,
+        /// Store only the MD5 key (no SHA-256 key: PASSWORD-ALGORITHM SHA-256 then fails).
+        #[arg(long)]
+        md5_only: bool,
+    },
+    /// Delete a user.
+    Delete {
+        /// Username.
+        name: String,
+        /// Realm.
+        #[arg(long)]
+        realm: String,
+    },
+    /// List users as REALM<TAB>NAME.
+    List {
+        /// Only this realm.
+        #[arg(long)]
+        realm: Option<String>,
+    },
+    /// Change a user's password.
+    Passwd {
+        /// Username.
+        name: String,
+        /// Realm.
+        #[arg(long)]
+        realm: String,
+        /// New password.
+        #[arg(long)]
+        password: String,
+        /// Store only the MD5 key.
+        #[arg(long)]
+        md5_only: bool,
+    },
+}
+
+/// Runs a subcommand; returns the process exit code.
+pub fn run(cmd: Command) -> ExitCode {
+    let result = match cmd {
+        Command::Credential(a) => credential(&a),
+        Command::Admin(a) => admin(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("uturn: {e}");
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure { code: e.exit_code(), message: e.to_string() }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure { code: 2, message: message.into() }
+}
+
+fn credential(a: &CredentialArgs) -> Result<(), Failure> {
+    let ttl = rest::parse_ttl(&a.ttl).map_err(usage)?;
+    if a.secret.is_empty() {
+        return Err(usage("--secret must not be empty"));
+    }
+    let m = rest::mint(a.secret.as_bytes(), credentials::unix_now(), ttl, a.user.as_deref(), a.separator);
+    let snippet = serde_json::json!({
+        "iceServers": [{ "urls": a.url, "username": m.username, "credential": m.password }]
+    });
+    let mut out = std::io::stdout().lock();
+    let text = format!(
+        "username: {}\npassword: {}\nexpires:  {} (unix seconds)\n{snippet:#}\n",
+        m.username, m.password, m.expires_unix
+    );
+    out.write_all(text.as_bytes()).map_err(|e| Failure { code: 1, message: e.to_string() })
+}
+
+fn admin(a: AdminArgs) -> Result<(), Failure> {
+    match a.action {
+        AdminCommand::Key { user, realm, password, sha256 } => {
+            store::validate_realm(&realm)?;
+            let alg = if sha256 { PasswordAlgorithm::Sha256 } else { PasswordAlgorithm::Md5 };
+            println!("{}", hex(IntegrityKey::derive(alg, &user, &realm, &password).as_bytes()));
+            Ok(())
+        }
+        AdminCommand::Revoke { user } => revoke(&a.admin_url, a.admin_token.as_deref(), &user),
+        AdminCommand::User(cmd) => {
+            let url: StoreUrl = a.store.as_deref().ok_or_else(|| usage("--store URL is required"))?.parse()?;
+            let create = matches!(cmd, UserCommand::Add { .. });
+            let mut s = store::open(&url, create)?;
+            match cmd {
+                UserCommand::Add { name, realm, password, md5_only } => {
+                    let keys = checked_keys(&name, &realm, &password, md5_only)?;
+                    s.add(&UserRecord { realm: realm.clone(), name: name.clone(), keys })?;
+                    eprintln!("added {name:?} to realm {realm:?} in {url}");
+                }
+                UserCommand::Delete { name, realm } => {
+                    s.delete(&realm, &name)?;
+                    eprintln!("deleted {name:?} from realm {realm:?}");
+                }
+                UserCommand::List { realm } => {
+                    for (r, n) in s.list(realm.as_deref())? {
+                        println!("{r}\t{n}");
+                    }
+                }
+                UserCommand::Passwd { name, realm, password, md5_only } => {
+                    let keys = checked_keys(&name, &realm, &password, md5_only)?;
+                    s.set_keys(&realm, &name, &keys)?;
+                    eprintln!("changed the password of {name:?} in realm {realm:?}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn checked_keys(name: &str, realm: &str, password: &str, md5_only: bool) -> Result<store::UserKeys, Failure> {
+    store::validate_realm(realm)?;
+    store::validate_name(name)?;
+    Ok(credentials::derive(name, realm, password, !md5_only))
+}
+
+fn revoke(admin_url: &str, token: Option<&str>, user: &str) -> Result<(), Failure> {
+    let url = format!("{}/users/{}/sessions", admin_url.trim_end_matches('/'), crate::admin_api::percent_encode(user));
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+    let mut req = agent.delete(&url);
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    match req.call() {
+        Ok(r) => {
+            println!("{}", r.into_string().unwrap_or_default());
+            Ok(())
+        }
+        Err(ureq::Error::Status(code, r)) => {
+            Err(Failure { code: 1, message: format!("{url}: HTTP {code}: {}", r.into_string().unwrap_or_default()) })
+        }
+        Err(e) => Err(Failure { code: 6, message: format!("{url}: relay unreachable: {e}") }),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_matches_the_long_term_derivation() {
+        assert_eq!(
+            hex(IntegrityKey::long_term("1700000000:alice", "example.org", "Cd/49soE35ICqcJF/bCTn8Z4OyE=").as_bytes()),
+            "d9a6a3d964467baeffd2fce41704a913"
+        );
+    }
+}
