@@ -139,6 +139,35 @@ impl Relay {
         false
     }
 
+    /// The relay's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The config file the relay was started with (rewrite it, then [`signal`](Self::signal)
+    /// `HUP`).
+    pub fn config_path(&self) -> &std::path::Path {
+        &self._config.as_ref().expect("started with a config file").0
+    }
+
+    /// Sends signal `name` (e.g. `HUP`) to the relay, by PID.
+    pub fn signal(&self, name: &str) {
+        let st = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(st.success(), "kill -{name} {}", self.pid());
+    }
+
+    /// Waits (at most `limit`) until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     /// The relay's log so far (stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
@@ -181,6 +210,88 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Runs `uturn ARGS` (a subcommand such as `credential` or `admin`) with a 20 s limit;
+/// returns (exit code, stdout, stderr).
+pub fn uturn_cli(args: &[&str]) -> (i32, String, String) {
+    let mut child = Command::new(uturn_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn uturn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("uturn output");
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+}
+
+/// A `redis-server` the test starts on a free loopback port with persistence off; killed by
+/// PID on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Starts one and waits (at most 5 s) until it answers PING. Panics when `redis-server`
+    /// is missing (scripts/test.sh installs it).
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server) must be installed: scripts/test.sh installs it");
+        let r = RedisServer { child: Some(child), port };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if r.ping() {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server on port {port} did not answer PING");
+    }
+
+    /// The store URL of database 0.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    /// Kills the server now (an outage), by PID.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
