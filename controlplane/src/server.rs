@@ -72,6 +72,15 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
         .offering(&config.password_algorithms);
     // The credential sources (and the store threads) before any worker, so a store that cannot
     // even start its threads stops uturn before it serves.
+    if let Some(url) = &config.user_store {
+        // A missing SQLite file or a bad URL is a configuration error; an unreachable Redis is
+        // an outage the relay rides out (cached keys, 500 for the others).
+        match crate::store::open(url, false) {
+            Ok(_) => {}
+            Err(e @ crate::store::StoreError::Unavailable(_)) => warn!("user store: {e}; starting anyway"),
+            Err(e) => bail!("user store {url}: {e}"),
+        }
+    }
     let sha256 = config.password_algorithms.contains(&uturn_proto::wire::integrity::PasswordAlgorithm::Sha256);
     let credentials = Credentials::new(config.credential_config(), sha256, std::thread::current())
         .context("starting the user-store threads")?;
