@@ -487,4 +487,38 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
         assert!(parse_range("5-1").is_err());
     }
+
+    #[test]
+    fn example_config_parses_with_every_commented_key_enabled() {
+        let text = include_str!("../../docs/uturn.example.toml");
+        toml::from_str::<FileConfig>(text).unwrap();
+        // Uncomment `# key = value` lines: every documented key must exist and its example parse.
+        let enabled: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.split_once(" = ").is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '-')) => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let f: FileConfig = toml::from_str(&enabled).unwrap_or_else(|e| panic!("{e}\n{enabled}"));
+        let c = Config::merge(f, &Cli::default()).unwrap();
+        assert_eq!(c.static_auth_secrets, ["new-secret", "old-secret"]);
+        assert!(c.user_store.is_some() && c.admin_listen.is_some());
+        assert_eq!(c.password_algorithms, [PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]);
+    }
+
+    #[test]
+    fn credential_keys_and_the_demo_default() {
+        // A secret alone: no demo user.
+        let f: FileConfig = toml::from_str("static-auth-secret = \"s\"\n").unwrap();
+        let c = Config::merge(f, &Cli::default()).unwrap();
+        assert!(c.users.is_empty() && c.static_auth_secrets == ["s"]);
+        let f: FileConfig = toml::from_str("password-algorithms = [\"sha1\"]\n").unwrap();
+        assert!(Config::merge(f, &Cli::default()).is_err());
+        let f: FileConfig = toml::from_str("admin-listen = \"0.0.0.0:3480\"\n").unwrap();
+        assert!(Config::merge(f, &Cli::default()).unwrap_err().to_string().contains("admin-token"));
+        let cli = Cli { user_store: Some("mysql://x".into()), ..Cli::default() };
+        assert!(Config::load(&cli).is_err());
+    }
 }
