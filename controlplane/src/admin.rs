@@ -120,6 +120,17 @@ pub enum UserCommand {
         #[arg(long)]
         realm: Option<String>,
     },
+    /// Add many users from a file of NAME:PASSWORD lines (`-`: stdin), in batches of 10,000.
+    Import {
+        /// The file.
+        file: std::path::PathBuf,
+        /// Realm of every user.
+        #[arg(long)]
+        realm: String,
+        /// Store only the MD5 keys.
+        #[arg(long)]
+        md5_only: bool,
+    },
     /// Change a user's password.
     Passwd {
         /// Username.
@@ -202,7 +213,7 @@ fn admin(a: AdminArgs) -> Result<(), Failure> {
         AdminCommand::Revoke { user } => revoke(&a.admin_url, a.admin_token.as_deref(), &user),
         AdminCommand::User(cmd) => {
             let url: StoreUrl = a.store.as_deref().ok_or_else(|| usage("--store URL is required"))?.parse()?;
-            let create = matches!(cmd, UserCommand::Add { .. });
+            let create = matches!(cmd, UserCommand::Add { .. } | UserCommand::Import { .. });
             let mut s = store::open(&url, create)?;
             match cmd {
                 UserCommand::Add { name, realm, password, md5_only } => {
@@ -219,6 +230,10 @@ fn admin(a: AdminArgs) -> Result<(), Failure> {
                         println!("{r}\t{n}");
                     }
                 }
+                UserCommand::Import { file, realm, md5_only } => {
+                    let n = import(s.as_mut(), &file, &realm, md5_only)?;
+                    eprintln!("imported {n} users into realm {realm:?} in {url}");
+                }
                 UserCommand::Passwd { name, realm, password, md5_only } => {
                     let keys = checked_keys(&name, &realm, &password, md5_only)?;
                     s.set_keys(&realm, &name, &keys)?;
@@ -228,6 +243,36 @@ fn admin(a: AdminArgs) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn import(s: &mut dyn store::UserStore, file: &std::path::Path, realm: &str, md5_only: bool) -> Result<usize, Failure> {
+    use std::io::BufRead;
+    let io = |e: std::io::Error| Failure { code: 1, message: format!("{}: {e}", file.display()) };
+    let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(io)?))
+    };
+    let mut batch = Vec::with_capacity(10_000);
+    let mut total = 0;
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (name, password) = line
+            .split_once(':')
+            .ok_or_else(|| usage(format!("{}:{}: expected NAME:PASSWORD", file.display(), i + 1)))?;
+        let keys = checked_keys(name, realm, password, md5_only)?;
+        batch.push(UserRecord { realm: realm.into(), name: name.into(), keys });
+        if batch.len() == 10_000 {
+            s.add_many(&batch)?;
+            total += batch.len();
+            batch.clear();
+        }
+    }
+    s.add_many(&batch)?;
+    Ok(total + batch.len())
 }
 
 fn checked_keys(name: &str, realm: &str, password: &str, md5_only: bool) -> Result<store::UserKeys, Failure> {

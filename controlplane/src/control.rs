@@ -177,6 +177,19 @@ impl ControlPlane {
 
     /// Handles one request a worker forwarded; returns what to push to worker `worker`.
     pub fn handle_request(&mut self, now: Instant, worker: usize, ft: FiveTuple, bytes: &[u8]) -> Option<ToWorker> {
+        self.handle(now, worker, ft, bytes, None)
+    }
+
+    /// [`handle_request`](Self::handle_request); with `known`, the user's resolution comes from
+    /// a store answer instead of a new lookup (a parked request, handled again).
+    fn handle(
+        &mut self,
+        now: Instant,
+        worker: usize,
+        ft: FiveTuple,
+        bytes: &[u8],
+        known: Option<Resolved>,
+    ) -> Option<ToWorker> {
         self.stats.requests += 1;
         let msg = Message::parse(bytes).ok()?;
         if msg.class() != Class::Request {
@@ -186,7 +199,7 @@ impl ControlPlane {
         // (for nonces) a time window, so a retransmission gets the same bytes; the one answer
         // that is not (Allocate success) is kept and resent by the worker.
         self.expire_reservations(now);
-        let (user, key, expires_unix) = match self.authenticate(now, &ft, &msg) {
+        let (user, key, expires_unix) = match self.authenticate(now, &ft, &msg, known) {
             Auth::Ok { user, key, expires_unix } => (user, key, expires_unix),
             Auth::Reply(bytes) => return Some(reply(ft, bytes)),
             Auth::Pending(lookup) => {
@@ -234,7 +247,7 @@ impl ControlPlane {
     /// with a fresh one; unknown user, realm not served, expired REST credential or wrong HMAC
     /// -> 401. Unknown user and wrong password give byte-identical answers. A user the store
     /// has not answered for yet parks the request.
-    fn authenticate(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>) -> Auth {
+    fn authenticate(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, known: Option<Resolved>) -> Auth {
         let Some(parts) = msg.integrity_parts() else {
             return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthenticated));
         };
@@ -255,9 +268,10 @@ impl ControlPlane {
         if self.challenger.check(nonce, now, &ft.client) != NonceCheck::Valid {
             return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::StaleNonce));
         }
-        let resolved = match std::str::from_utf8(realm) {
-            Ok(r) => self.credentials.resolve(now, r, identity),
-            Err(_) => Resolved::Unknown,
+        let resolved = match (known, std::str::from_utf8(realm)) {
+            (Some(k), _) => k,
+            (None, Ok(r)) => self.credentials.resolve(now, r, identity),
+            (None, Err(_)) => Resolved::Unknown,
         };
         self.verify(now, ft, msg, &parts, alg, resolved)
     }
@@ -333,19 +347,10 @@ impl ControlPlane {
         for (key, resolved) in self.credentials.poll(now) {
             let Some(waiting) = self.parked.remove(&key) else { continue };
             self.parked_count -= waiting.len();
-            let unavailable = matches!(resolved, Resolved::Unavailable);
             for p in waiting {
-                let answer = if unavailable {
-                    // Nothing cached and the store is down: 500 Server Error, so the client
-                    // can try another relay; re-handling would only queue another lookup.
-                    Message::parse(&p.bytes).ok().map(|m| {
-                        let r = self.error(&m, ErrorCode::ServerError, None);
-                        reply(p.five_tuple, r)
-                    })
-                } else {
-                    self.handle_request(now, p.worker, p.five_tuple, &p.bytes)
-                };
-                if let Some(a) = answer {
+                // The answer itself decides (not a new lookup: with a zero cache TTL that would
+                // park the request again). Unavailable becomes 500 in `verify`.
+                if let Some(a) = self.handle(now, p.worker, p.five_tuple, &p.bytes, Some(resolved.clone())) {
                     out.push((p.worker, a));
                 }
             }

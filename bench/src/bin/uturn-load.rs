@@ -65,6 +65,11 @@ struct Args {
     /// Username.
     #[arg(long, default_value = "demo")]
     user: String,
+    /// Allocs mode: spread the allocations over N users named `<user>0` .. `<user>N-1` (picked
+    /// at random, all with `--password`), so a user store sees lookups that miss its cache.
+    /// 0 or 1: every allocation uses `--user` as given.
+    #[arg(long, default_value_t = 0)]
+    users: u64,
     /// Password.
     #[arg(long, default_value = "demo")]
     password: String,
@@ -730,14 +735,15 @@ fn allocs(args: &Args) -> Result<(), String> {
     let t0 = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (server, user, pass, realm, delete) =
-                (args.server, args.user.clone(), args.password.clone(), args.realm.clone(), args.delete);
+            let (server, user, pass, realm, delete, users) =
+                (args.server, args.user.clone(), args.password.clone(), args.realm.clone(), args.delete, args.users);
             std::thread::spawn(move || {
                 let mut hist = latency_histogram();
                 let mut failures = std::collections::BTreeMap::<String, usize>::new();
                 let mut ok = 0usize;
                 for _ in 0..per {
-                    let mut c = new_client(server, &user, &pass, realm.as_deref());
+                    let name = if users > 1 { format!("{user}{}", rand::random::<u64>() % users) } else { user.clone() };
+                    let mut c = new_client(server, &name, &pass, realm.as_deref());
                     if c.try_learn_nonce().is_err() {
                         *failures.entry("no 401".into()).or_default() += 1;
                         continue;

@@ -312,3 +312,80 @@ fn a_lapsed_allocation_does_not_block_a_new_allocate() {
     h.cp.released(&ft(1000), new.tid);
     assert_eq!(h.cp.allocations(), 0);
 }
+
+/// A control plane whose users live in a fresh SQLite file (user "sam", password "pw"), with a
+/// cache TTL of `ttl`.
+fn with_store(ttl: Duration) -> (H, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("uturn-cp-{}-{}.db", std::process::id(), rand::random::<u32>()));
+    let url = crate::store::StoreUrl::Sqlite(path.clone());
+    let mut s = crate::store::open(&url, true).unwrap();
+    let keys = crate::credentials::derive("sam", REALM, "pw", true);
+    s.add(&crate::store::UserRecord { realm: REALM.into(), name: "sam".into(), keys }).unwrap();
+    let config = crate::credentials::CredentialConfig {
+        realm: REALM.into(),
+        realms: Vec::new(),
+        users: Default::default(),
+        secrets: Vec::new(),
+        separator: ':',
+        strict_expiry: false,
+        store: Some(url),
+        cache_ttl: ttl,
+        negative_ttl: ttl,
+        cache_size: 100,
+        store_threads: 1,
+    };
+    let credentials = Credentials::new(config, true, std::thread::current()).unwrap();
+    let t0 = Instant::now();
+    let lo = 40000 + rand::random::<u16>() % 20000;
+    let challenger = Challenger::new(REALM, NonceKey::new([3; 32], 600), Challenger::origin_for(t0));
+    (H { cp: ControlPlane::new(policy(), credentials, 1, (lo, lo + 50), challenger), t0 }, path)
+}
+
+/// Polls the store answers for at most 2 s.
+fn answered(h: &mut H) -> Vec<(usize, ToWorker)> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let out = h.cp.poll_lookups(h.at(1));
+        if !out.is_empty() {
+            return out;
+        }
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+    Vec::new()
+}
+
+#[test]
+fn a_store_user_parks_the_request_then_is_served_from_the_cache() {
+    for ttl in [Duration::from_secs(60), Duration::ZERO] {
+        let (mut h, path) = with_store(ttl);
+        let nonce = nonce_of(&reply_bytes(h.send(0, ft(2000), &request(Method::ALLOCATE, 1, None, udp))));
+        let req = request(Method::ALLOCATE, 2, Some(("sam", "pw", &nonce)), udp);
+        assert!(h.send(1, ft(2000), &req).is_none(), "parked for the store");
+        assert_eq!(h.cp.parked(), 1);
+        // Another user is looked up too (no static users here): it waits on its own lookup
+        // and ends in a 401.
+        let wrong = request(Method::ALLOCATE, 3, Some(("demo", "demo", &nonce)), udp);
+        assert!(h.send(1, ft(2000), &wrong).is_none());
+        let out = answered(&mut h);
+        assert!(out.iter().any(|(_, m)| matches!(m, ToWorker::Install(..))), "ttl {ttl:?}: {out:?}");
+        let mut all = out;
+        if h.cp.parked() > 0 {
+            all.extend(answered(&mut h));
+        }
+        assert!(all.iter().any(|(_, m)| matches!(m, ToWorker::Command(Command::Reply { bytes, .. }) if code(bytes) == Some(401))));
+        assert_eq!(h.cp.parked(), 0);
+        // With a TTL, the next Allocate from the same user is answered at once.
+        let nonce = nonce_of(&reply_bytes(h.send(1, ft(2001), &request(Method::ALLOCATE, 5, None, udp))));
+        let again = request(Method::ALLOCATE, 4, Some(("sam", "pw", &nonce)), udp);
+        let out = h.send(1, ft(2001), &again);
+        if ttl.is_zero() {
+            assert!(out.is_none(), "no cache: parked again");
+            assert!(answered(&mut h).iter().any(|(_, m)| matches!(m, ToWorker::Install(..))));
+        } else {
+            assert!(matches!(out, Some(ToWorker::Install(..))), "{out:?}");
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+}

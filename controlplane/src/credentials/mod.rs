@@ -85,7 +85,7 @@ impl Candidate {
 }
 
 /// The outcome of [`Credentials::resolve`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Resolved {
     /// Users whose keys to try, in order (one, or one per REST secret).
     Found(Vec<Candidate>),

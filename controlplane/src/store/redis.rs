@@ -70,19 +70,39 @@ redis.call('SADD', KEYS[3], ARGV[4])
 return 1";
 
 /// KEYS users, userhash, realms; ARGV realm, then (name, keys, userhash) per user. Nil when
-/// added, else the first name that exists (or repeats), with nothing written.
+/// added, else the first name that exists (or repeats), with nothing written. Works in chunks
+/// of 1,000 users per HMGET / HSET (within Lua's limit on `unpack`): a call per user would cost
+/// more than the hash inserts themselves.
 const ADD_MANY: &str = "
+local n = (#ARGV - 1) / 3
+local chunk = 1000
 local seen = {}
-for i = 2, #ARGV, 3 do
-  local n = ARGV[i]
-  if seen[n] or redis.call('HEXISTS', KEYS[1], n) == 1 then return n end
-  seen[n] = true
+for s = 0, n - 1, chunk do
+  local names = {}
+  for j = s, math.min(s + chunk, n) - 1 do
+    local name = ARGV[2 + 3 * j]
+    if seen[name] then return name end
+    seen[name] = true
+    names[#names + 1] = name
+  end
+  local got = redis.call('HMGET', KEYS[1], unpack(names))
+  for k = 1, #names do
+    if got[k] then return names[k] end
+  end
 end
-for i = 2, #ARGV, 3 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  redis.call('HSET', KEYS[2], ARGV[i + 2], ARGV[i])
+for s = 0, n - 1, chunk do
+  local u, h = {}, {}
+  for j = s, math.min(s + chunk, n) - 1 do
+    local b = 2 + 3 * j
+    u[#u + 1] = ARGV[b]
+    u[#u + 1] = ARGV[b + 1]
+    h[#h + 1] = ARGV[b + 2]
+    h[#h + 1] = ARGV[b]
+  end
+  redis.call('HSET', KEYS[1], unpack(u))
+  redis.call('HSET', KEYS[2], unpack(h))
 end
-redis.call('SADD', KEYS[3], ARGV[1])
+if n > 0 then redis.call('SADD', KEYS[3], ARGV[1]) end
 return false";
 
 /// KEYS users; ARGV name, keys. 1 replaced, 0 no such user.
