@@ -143,8 +143,10 @@ fn suite(s: &mut dyn UserStore) {
     assert_eq!(s.list(Some("bulk.example")).expect("list").len(), 15_000);
     assert_eq!(s.list(Some("bulk2.example")).expect("list").len(), 5_000);
     // A batch holding an existing user is refused.
-    let e = s.add_many(&[user("bulk.example", "fresh", "p", false), user("bulk.example", "user00042", "p", false)]).err();
+    let e =
+        s.add_many(&[user("bulk.example", "fresh", "p", false), user("bulk.example", "user00042", "p", false)]).err();
     assert!(matches!(&e, Some(StoreError::Duplicate { name, .. }) if name == "user00042"), "{e:?}");
+    assert_eq!(s.lookup("bulk.example", "fresh").expect("lookup"), None, "a failed batch writes nothing");
     let e = s.add_many(&[user("bulk.example", "twice", "p", false), user("bulk.example", "twice", "q", false)]).err();
     assert!(matches!(&e, Some(StoreError::Duplicate { name, .. }) if name == "twice"), "{e:?}");
     assert!(matches!(s.add_many(&[user("bulk.example", "", "p", false)]), Err(StoreError::BadName(_))));
@@ -280,10 +282,8 @@ fn redis_suite() {
         hex.push_str(&format!("{b:02X}"));
     }
     let mut raw = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
-    let cmd = format!(
-        "*4\r\n$4\r\nHSET\r\n$23\r\nuturn:users:ops.example\r\n$4\r\nerin\r\n${}\r\n{hex}\r\n",
-        hex.len()
-    );
+    let cmd =
+        format!("*4\r\n$4\r\nHSET\r\n$23\r\nuturn:users:ops.example\r\n$4\r\nerin\r\n${}\r\n{hex}\r\n", hex.len());
     raw.write_all(cmd.as_bytes()).expect("write");
     let mut reply = [0; 4];
     raw.read_exact(&mut reply).expect("read");
@@ -316,9 +316,8 @@ fn redis_suite() {
 fn redis_silent_server_does_not_hang() {
     // A listener that accepts (in the kernel) but never answers, like a stopped redis-server.
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url: StoreUrl = format!("redis://:hunter2@127.0.0.1:{}/0", l.local_addr().expect("addr").port())
-        .parse()
-        .expect("url");
+    let url: StoreUrl =
+        format!("redis://:hunter2@127.0.0.1:{}/0", l.local_addr().expect("addr").port()).parse().expect("url");
     for _ in 0..2 {
         let t = Instant::now();
         let e = store::open(&url, false).err();
@@ -346,7 +345,11 @@ fn million_users() {
     let users: Vec<UserRecord> = (0..1_000_000)
         .map(|i| {
             let name = format!("user{i}");
-            UserRecord { realm: "bench.example".into(), keys: UserKeys::derive(&name, "bench.example", "pw", true), name }
+            UserRecord {
+                realm: "bench.example".into(),
+                keys: UserKeys::derive(&name, "bench.example", "pw", true),
+                name,
+            }
         })
         .collect();
     let db = TempDb::new("million");

@@ -391,7 +391,10 @@ mod tests {
     #[test]
     fn store_url_parse() {
         let p = |s: &str| s.parse::<StoreUrl>();
-        assert_eq!(p("sqlite:///var/lib/uturn/users.db").ok(), Some(StoreUrl::Sqlite("/var/lib/uturn/users.db".into())));
+        assert_eq!(
+            p("sqlite:///var/lib/uturn/users.db").ok(),
+            Some(StoreUrl::Sqlite("/var/lib/uturn/users.db".into()))
+        );
         assert_eq!(p("sqlite://users.db").ok(), Some(StoreUrl::Sqlite("users.db".into())));
         assert_eq!(p("sqlite:users.db").ok(), Some(StoreUrl::Sqlite("users.db".into())));
         assert_eq!(p("redis://127.0.0.1:6379/2").ok(), Some(StoreUrl::Redis("redis://127.0.0.1:6379/2".into())));

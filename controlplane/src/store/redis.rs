@@ -26,9 +26,11 @@
 //! SADD uturn:realms example.org
 //! ```
 //!
-//! Writes from this module run as Lua scripts (`EVAL`), so each `add`, `set_keys` and `delete`
-//! is atomic, and `add` fails on an existing user (HSETNX) without touching it. `add_many` sends
-//! one script per batch of [`BATCH`] users of one realm; each batch is all-or-nothing.
+//! `add`, `set_keys` and `delete` run as Lua scripts (`EVAL`), so each is atomic, and `add`
+//! fails on an existing user (HSETNX) without touching it. `add_many` writes batches of up to
+//! [`BATCH`] users of one realm, each all-or-nothing: WATCH the realm's user hash, HMGET to find
+//! an existing user, then MULTI / HSET / HSET / SADD / EXEC (again if another client wrote to
+//! the realm meanwhile). A failed `add_many` leaves the batches before the failing one written.
 //!
 //! # Failures
 //!
@@ -40,6 +42,7 @@
 //! After an I/O error on an established connection, a call reconnects once and retries; a
 //! write whose reply was lost may then report Duplicate or NotFound for its own first attempt.
 
+use std::collections::HashSet;
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::thread;
 use std::time::Duration;
@@ -53,8 +56,10 @@ use super::{StoreError, UserKeys, UserRecord, UserStore};
 pub const TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest a call waits for a connection (TCP connect plus the set-up commands).
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(2);
-/// Users per `add_many` script.
+/// Users per `add_many` transaction.
 pub const BATCH: usize = 10_000;
+/// How often an `add_many` batch is tried when other clients keep writing to its realm.
+const WATCH_TRIES: usize = 3;
 /// Prefix of the per-realm hash of users.
 pub const USERS_PREFIX: &str = "uturn:users:";
 /// Prefix of the per-realm hash USERHASH -> name.
@@ -68,42 +73,6 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[4])
 return 1";
-
-/// KEYS users, userhash, realms; ARGV realm, then (name, keys, userhash) per user. Nil when
-/// added, else the first name that exists (or repeats), with nothing written. Works in chunks
-/// of 1,000 users per HMGET / HSET (within Lua's limit on `unpack`): a call per user would cost
-/// more than the hash inserts themselves.
-const ADD_MANY: &str = "
-local n = (#ARGV - 1) / 3
-local chunk = 1000
-local seen = {}
-for s = 0, n - 1, chunk do
-  local names = {}
-  for j = s, math.min(s + chunk, n) - 1 do
-    local name = ARGV[2 + 3 * j]
-    if seen[name] then return name end
-    seen[name] = true
-    names[#names + 1] = name
-  end
-  local got = redis.call('HMGET', KEYS[1], unpack(names))
-  for k = 1, #names do
-    if got[k] then return names[k] end
-  end
-end
-for s = 0, n - 1, chunk do
-  local u, h = {}, {}
-  for j = s, math.min(s + chunk, n) - 1 do
-    local b = 2 + 3 * j
-    u[#u + 1] = ARGV[b]
-    u[#u + 1] = ARGV[b + 1]
-    h[#h + 1] = ARGV[b + 2]
-    h[#h + 1] = ARGV[b]
-  end
-  redis.call('HSET', KEYS[1], unpack(u))
-  redis.call('HSET', KEYS[2], unpack(h))
-end
-if n > 0 then redis.call('SADD', KEYS[3], ARGV[1]) end
-return false";
 
 /// KEYS users; ARGV name, keys. 1 replaced, 0 no such user.
 const SET_KEYS: &str = "
@@ -223,6 +192,49 @@ impl RedisStore {
         }
     }
 
+    /// Adds `batch`, users of `realm` with distinct names, all or none: WATCH the realm's hash,
+    /// HMGET for an existing user, then HSET both hashes in MULTI/EXEC, again if another client
+    /// wrote to the realm in between. Native commands rather than a script: a million users
+    /// load in about half the time, and the server is never busy for long.
+    fn add_batch(&mut self, realm: &str, batch: &[UserRecord]) -> Result<(), StoreError> {
+        let (ukey, hkey) = (users_key(realm), userhash_key(realm));
+        let mut hmget = ::redis::cmd("HMGET");
+        hmget.arg(&ukey);
+        let mut tx = ::redis::pipe();
+        tx.atomic().cmd("HSET").arg(&ukey);
+        for u in batch {
+            hmget.arg(&u.name);
+            tx.arg(&u.name).arg(keys_value(&u.keys));
+        }
+        tx.ignore().cmd("HSET").arg(&hkey);
+        for u in batch {
+            tx.arg(to_hex(&userhash(&u.name, realm))).arg(&u.name);
+        }
+        tx.ignore().cmd("SADD").arg(REALMS).arg(realm).ignore();
+        for _ in 0..WATCH_TRIES {
+            let outcome = self.call(|c| {
+                ::redis::cmd("WATCH").arg(&ukey).query::<()>(c)?;
+                let got: Vec<Option<Vec<u8>>> = hmget.query(c)?;
+                if let Some(i) = got.iter().position(Option::is_some) {
+                    ::redis::cmd("UNWATCH").query::<()>(c)?;
+                    return Ok(Some(i));
+                }
+                // Nil (None) when EXEC was aborted by a write to the watched hash.
+                let done: Option<()> = tx.query(c)?;
+                Ok(done.map(|()| batch.len()))
+            })?;
+            match outcome {
+                Some(i) if i == batch.len() => return Ok(()),
+                Some(i) => {
+                    let name = batch.get(i).map_or_else(String::new, |u| u.name.clone());
+                    return Err(StoreError::Duplicate { realm: realm.to_owned(), name });
+                }
+                None => continue,
+            }
+        }
+        Err(StoreError::Unavailable(format!("{}: {ukey} kept changing during add_many", self.shown)))
+    }
+
     /// The keys of `name` from a hash value, or Unavailable when the value is not keys.
     fn parse_keys(&self, realm: &str, name: &str, v: &[u8]) -> Result<UserKeys, StoreError> {
         let mut md5 = [0; 16];
@@ -299,7 +311,10 @@ impl UserStore for RedisStore {
         validate(&user.realm, &user.name)?;
         let (ukey, hkey) = (users_key(&user.realm), userhash_key(&user.realm));
         let mut cmd = eval(ADD, &[&ukey, &hkey, REALMS]);
-        cmd.arg(&user.name).arg(keys_value(&user.keys)).arg(to_hex(&userhash(&user.name, &user.realm))).arg(&user.realm);
+        cmd.arg(&user.name)
+            .arg(keys_value(&user.keys))
+            .arg(to_hex(&userhash(&user.name, &user.realm)))
+            .arg(&user.realm);
         let added: i64 = self.call(|c| cmd.query(c))?;
         if added == 1 {
             Ok(())
@@ -309,26 +324,21 @@ impl UserStore for RedisStore {
     }
 
     fn add_many(&mut self, users: &[UserRecord]) -> Result<(), StoreError> {
+        let mut seen = HashSet::with_capacity(users.len());
         for u in users {
             validate(&u.realm, &u.name)?;
+            if !seen.insert((&u.realm, &u.name)) {
+                return Err(StoreError::Duplicate { realm: u.realm.clone(), name: u.name.clone() });
+            }
         }
+        drop(seen);
         let mut rest = users;
         while let Some(first) = rest.first() {
             // The longest run of one realm, at most BATCH users.
             let n = rest.iter().take(BATCH).take_while(|u| u.realm == first.realm).count();
             let (batch, tail) = rest.split_at(n);
             rest = tail;
-            let realm = &first.realm;
-            let (ukey, hkey) = (users_key(realm), userhash_key(realm));
-            let mut cmd = eval(ADD_MANY, &[&ukey, &hkey, REALMS]);
-            cmd.arg(realm);
-            for u in batch {
-                cmd.arg(&u.name).arg(keys_value(&u.keys)).arg(to_hex(&userhash(&u.name, realm)));
-            }
-            let dup: Option<String> = self.call(|c| cmd.query(c))?;
-            if let Some(name) = dup {
-                return Err(StoreError::Duplicate { realm: realm.clone(), name });
-            }
+            self.add_batch(&first.realm, batch)?;
         }
         Ok(())
     }

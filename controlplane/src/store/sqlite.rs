@@ -28,6 +28,8 @@ use super::{storable, userhash, validate, validate_realm, StoreError, UserKeys, 
 pub const SCHEMA_VERSION: i64 = 1;
 /// How long a statement waits for another connection's write lock before it fails.
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(1000);
+/// The page cache of an `add_many` of more than 10,000 users, in KiB (allocated as used).
+const BULK_CACHE_KIB: u32 = 256 * 1024;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (
@@ -120,6 +122,25 @@ impl SqliteStore {
         tx.commit()
     }
 
+    /// `add_many` in one transaction: all users or (on any error, when `tx` drops) none.
+    fn add_all(&mut self, users: &[UserRecord], path: &str) -> Result<(), StoreError> {
+        let tx =
+            self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| unavailable(path, &e))?;
+        {
+            let mut stmt = tx.prepare_cached(INSERT).map_err(|e| unavailable(path, &e))?;
+            for u in users {
+                match insert(&mut stmt, u) {
+                    Ok(()) => {}
+                    Err(e) if is_duplicate(&e) => {
+                        return Err(StoreError::Duplicate { realm: u.realm.clone(), name: u.name.clone() })
+                    }
+                    Err(e) => return Err(unavailable(path, &e)),
+                }
+            }
+        }
+        tx.commit().map_err(|e| unavailable(path, &e))
+    }
+
     fn err(&self, e: &rusqlite::Error) -> StoreError {
         unavailable(&self.path.display().to_string(), e)
     }
@@ -184,21 +205,24 @@ impl UserStore for SqliteStore {
             validate(&u.realm, &u.name)?;
         }
         let path = self.path.display().to_string();
-        // One transaction: all users or (on any error, when `tx` drops) none.
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| unavailable(&path, &e))?;
-        {
-            let mut stmt = tx.prepare_cached(INSERT).map_err(|e| unavailable(&path, &e))?;
-            for u in users {
-                match insert(&mut stmt, u) {
-                    Ok(()) => {}
-                    Err(e) if is_duplicate(&e) => {
-                        return Err(StoreError::Duplicate { realm: u.realm.clone(), name: u.name.clone() })
-                    }
-                    Err(e) => return Err(unavailable(&path, &e)),
-                }
+        // The USERHASH index is written in random order: with the default 2 MiB page cache a
+        // million users spill pages to the WAL again and again. Grow it for the load only.
+        let cache: i64 =
+            self.conn.query_row("PRAGMA cache_size", [], |r| r.get(0)).map_err(|e| unavailable(&path, &e))?;
+        let big = users.len() > 10_000;
+        if big {
+            self.conn
+                .execute_batch(&format!("PRAGMA cache_size = -{BULK_CACHE_KIB}"))
+                .map_err(|e| unavailable(&path, &e))?;
+        }
+        let r = self.add_all(users, &path);
+        if big {
+            let restored = self.conn.execute_batch(&format!("PRAGMA cache_size = {cache}"));
+            if r.is_ok() {
+                restored.map_err(|e| unavailable(&path, &e))?;
             }
         }
-        tx.commit().map_err(|e| unavailable(&path, &e))
+        r
     }
 
     fn set_keys(&mut self, realm: &str, name: &str, keys: &UserKeys) -> Result<(), StoreError> {
