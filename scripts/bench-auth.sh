@@ -46,7 +46,7 @@ redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
 REDIS_PID=$!
 sleep 0.5
-for n in 10 "$USERS_BIG"; do
+for n in $(printf "%s\n" 10 "$USERS_BIG" | sort -un); do
   rm -f "$OUT/users-$n.db" "$OUT/users-$n.db-wal" "$OUT/users-$n.db-shm"
   seq 0 $((n - 1)) | sed 's/^/user/;s/$/:pw/' > "$OUT/users-$n.txt"
   db=1; [ "$n" != 10 ] && db=2

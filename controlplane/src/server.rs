@@ -238,6 +238,7 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
                 bandwidth_drops = c.bandwidth_drops,
                 capacity_refusals = c.capacity_refusals,
                 allocations_expired = c.allocations_expired,
+                deleted_in_worker = c.deleted_in_worker,
                 "worker stopped"
             );
         }

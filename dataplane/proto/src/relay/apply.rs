@@ -163,6 +163,41 @@ impl WorkerState {
     }
 
     /// Removes allocation `id` with everything it owns.
+    /// A Refresh with LIFETIME 0 whose MESSAGE-INTEGRITY this worker verified with the
+    /// allocation's key (RFC 8656 §8: delete the allocation): answered here, without the two
+    /// crossings to the control plane and back, because deleting needs no policy. The
+    /// allocation ends now; its socket closes and the control plane hears `Released` in the
+    /// same loop iteration. Returns the reply's length, or `None` when the request needs the
+    /// control plane (another lifetime, REQUESTED-ADDRESS-FAMILY, unknown attributes, no live
+    /// allocation).
+    pub(super) fn delete_verified(
+        &mut self,
+        now: Instant,
+        ft: &FiveTuple,
+        msg: &wire::Message<'_>,
+        out: &mut [u8],
+    ) -> Option<usize> {
+        if msg.u32_attr(attr::LIFETIME) != Some(Ok(0))
+            || !msg.unknown_required().is_empty()
+            || msg.get(attr::REQUESTED_ADDRESS_FAMILY).is_some()
+        {
+            return None;
+        }
+        let mac = msg.integrity_parts()?.algorithm;
+        let id = self.live_allocation(now, ft)?;
+        let key = self.tables.get(id)?.key.signing_with(mac);
+        let n = success(out, Method::REFRESH, msg.transaction_id(), &key, |w| {
+            w.u32(attr::LIFETIME, 0)?;
+            Ok(())
+        });
+        if n == 0 {
+            return None;
+        }
+        self.reap(id);
+        self.counters.deleted_in_worker += 1;
+        Some(n)
+    }
+
     fn end(&mut self, id: AllocationId) -> Option<Ended> {
         let a = self.tables.remove(id)?;
         self.compact_timers();

@@ -138,6 +138,9 @@ pub struct Counters {
     /// Requests dropped by the per-source budget (none of them had a MESSAGE-INTEGRITY the worker
     /// could verify).
     pub rate_limited: u64,
+    /// Allocations deleted by a Refresh with LIFETIME 0 that the worker verified and answered
+    /// itself.
+    pub deleted_in_worker: u64,
 }
 
 /// What to do with a client datagram.
@@ -405,6 +408,12 @@ impl WorkerState {
                 ClientOutput::Authenticate { verified }
             }
             Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND => {
+                if method == Method::REFRESH && verified {
+                    if let Some(n) = self.delete_verified(now, ft, msg, out) {
+                        self.counters.requests_answered += 1;
+                        return ClientOutput::Reply(n);
+                    }
+                }
                 if let Some(reply) = self.challenge(now, ft, msg, out) {
                     return reply;
                 }

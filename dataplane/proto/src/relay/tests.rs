@@ -575,3 +575,61 @@ fn an_install_for_a_new_allocate_ends_one_within_a_second_of_its_deadline() {
     assert!(matches!(out.effect, Effect::Installed(_)));
     assert_eq!(h.tick(9), vec![Ended { id: old, five_tuple: ft(), tid: tid(1) }]);
 }
+
+fn signed_refresh(t: TransactionId, lifetime: u32, key: &IntegrityKey) -> Vec<u8> {
+    let mut buf = vec![0u8; 256];
+    let mut w = MessageWriter::new(&mut buf, Method::REFRESH, Class::Request, t).unwrap();
+    w.u32(attr::LIFETIME, lifetime).unwrap();
+    w.sign(key).unwrap();
+    let n = w.finish();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn a_verified_refresh_to_zero_is_answered_and_deletes_in_the_worker() {
+    let mut h = Harness::new();
+    let id = h.install(0, 600);
+    // Another lifetime still goes to the control plane (policy clamps it).
+    assert_eq!(h.client(1, &signed_refresh(tid(6), 300, &KEY)), ClientOutput::Authenticate { verified: true });
+    let ClientOutput::Reply(n) = h.client(1, &signed_refresh(tid(7), 0, &KEY)) else { panic!("not answered") };
+    let m = Message::parse(&h.out[..n]).unwrap();
+    assert_eq!((m.method(), m.class(), m.transaction_id()), (Method::REFRESH, Class::Success, tid(7)));
+    assert_eq!(m.u32_attr(attr::LIFETIME), Some(Ok(0)));
+    assert!(signed_with(&h.out[..n], &KEY));
+    assert!(h.state.tables().get(id).is_none());
+    assert_eq!(h.state.counters().deleted_in_worker, 1);
+    // The shell hears of the end at its next tick (closes the socket, tells the control plane).
+    let ended = h.tick(1);
+    assert_eq!(ended.iter().map(|e| (e.id, e.tid)).collect::<Vec<_>>(), vec![(id, tid(1))]);
+    // A retransmission finds no allocation: it is not verified and goes on the budget.
+    assert_eq!(h.client(1, &signed_refresh(tid(7), 0, &KEY)), ClientOutput::Authenticate { verified: false });
+    // A key the allocation does not have deletes nothing.
+    let id = h.install(2, 600);
+    let forged = IntegrityKey::from_md5([1; 16]);
+    assert_eq!(h.client(2, &signed_refresh(tid(8), 0, &forged)), ClientOutput::Authenticate { verified: false });
+    assert!(h.state.tables().get(id).is_some());
+}
+
+#[test]
+fn a_sha256_allocation_answers_with_message_integrity_sha256() {
+    let mut h = Harness::new();
+    let key = IntegrityKey::derive(crate::wire::integrity::PasswordAlgorithm::Sha256, "u", "r", "p");
+    let out = h.command(
+        0,
+        Command::Install(Install {
+            five_tuple: ft(),
+            tid: tid(1),
+            relayed: "198.51.100.1:50000".parse().unwrap(),
+            lifetime: Duration::from_secs(600),
+            response: vec![9u8; 40].into_boxed_slice(),
+            key,
+        }),
+    );
+    assert!(matches!(out.effect, Effect::Installed(_)));
+    let ClientOutput::Reply(n) = h.client(1, &signed_refresh(tid(7), 0, &key)) else { panic!("not answered") };
+    let m = Message::parse(&h.out[..n]).unwrap();
+    let parts = m.integrity_parts().unwrap();
+    assert_eq!(parts.algorithm, crate::wire::integrity::MacAlgorithm::HmacSha256);
+    assert!(key.verify(&parts));
+}
