@@ -78,7 +78,12 @@ fn serve(server: &tiny_http::Server, token: Option<&str>, tx: &Sender<AdminReque
     }
 }
 
-fn route(request: &tiny_http::Request, token: Option<&str>, tx: &Sender<AdminRequest>, control: &Thread) -> (u16, String) {
+fn route(
+    request: &tiny_http::Request,
+    token: Option<&str>,
+    tx: &Sender<AdminRequest>,
+    control: &Thread,
+) -> (u16, String) {
     if let Some(t) = token {
         let want = format!("Bearer {t}");
         let ok = request
@@ -138,7 +143,13 @@ fn percent_decode(s: &str) -> Option<String> {
 /// Percent-encodes a user name for a URL path segment.
 pub fn percent_encode(s: &str) -> String {
     s.bytes()
-        .map(|c| if c.is_ascii_alphanumeric() || b"-._~".contains(&c) { (c as char).to_string() } else { format!("%{c:02X}") })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                (c as char).to_string()
+            } else {
+                format!("%{c:02X}")
+            }
+        })
         .collect()
 }
 

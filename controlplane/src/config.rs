@@ -496,7 +496,13 @@ mod tests {
         let enabled: String = text
             .lines()
             .map(|l| match l.strip_prefix("# ") {
-                Some(rest) if rest.split_once(" = ").is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '-')) => rest,
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '-')) =>
+                {
+                    rest
+                }
                 _ => l,
             })
             .map(|l| format!("{l}\n"))

@@ -64,6 +64,14 @@ struct Owner {
     worker: usize,
 }
 
+/// Who an authenticated Allocate is from: the user, the key to sign with, and the most lifetime
+/// its credential allows (strict expiry).
+struct Granted {
+    user: Arc<str>,
+    key: IntegrityKey,
+    cap: Option<Duration>,
+}
+
 /// A request waiting for a user-store lookup.
 struct Parked {
     worker: usize,
@@ -92,7 +100,11 @@ pub struct ControlStats {
 
 /// Outcome of authentication.
 enum Auth {
-    Ok { user: Arc<str>, key: IntegrityKey, expires_unix: Option<u64> },
+    Ok {
+        user: Arc<str>,
+        key: IntegrityKey,
+        expires_unix: Option<u64>,
+    },
     Reply(Vec<u8>),
     /// Waiting for the user store: park the request under this key.
     Pending(LookupKey),
@@ -215,7 +227,7 @@ impl ControlPlane {
         // RFC 8656 §7.2 and §5: after authentication comes the 5-tuple check (437), and only then
         // the request's own attributes, unknown comprehension-required ones (420) first.
         match msg.method() {
-            Method::ALLOCATE => self.allocate(now, worker, ft, &msg, user, key, cap),
+            Method::ALLOCATE => self.allocate(now, worker, ft, &msg, Granted { user, key, cap }),
             m => {
                 // RFC 8656 §5: requests on an allocation need its 5-tuple and its credentials.
                 let owner = match self.owners.get(&ft) {
@@ -410,15 +422,8 @@ impl ControlPlane {
     fn error(&mut self, msg: &Message<'_>, code: ErrorCode, key: Option<&IntegrityKey>) -> Vec<u8> {
         self.stats.errors += 1;
         debug!(method = msg.method().name(), code = code.code(), "error response");
-        let n = response::error(
-            &mut self.buf,
-            msg.method(),
-            msg.transaction_id(),
-            code,
-            msg.unknown_required(),
-            key,
-        )
-        .unwrap_or(0);
+        let n = response::error(&mut self.buf, msg.method(), msg.transaction_id(), code, msg.unknown_required(), key)
+            .unwrap_or(0);
         self.buf[..n].to_vec()
     }
 
@@ -429,10 +434,9 @@ impl ControlPlane {
         worker: usize,
         ft: FiveTuple,
         msg: &Message<'_>,
-        user: Arc<str>,
-        key: IntegrityKey,
-        cap: Option<Duration>,
+        granted: Granted,
     ) -> Option<ToWorker> {
+        let Granted { user, key, cap } = granted;
         let tid = msg.transaction_id();
         if self.owners.get(&ft).is_some_and(|o| o.expires <= now) {
             // Lapsed: the worker ends it at the latest when it sees the Install below.
@@ -616,7 +620,7 @@ impl ControlPlane {
             if let Some(t) = token {
                 w.bytes(attr::RESERVATION_TOKEN, &t)?;
             }
-            response::seal(w, Some(&key))
+            response::seal(w, Some(key))
         })()
         .unwrap_or(0);
         self.buf[..n].to_vec()

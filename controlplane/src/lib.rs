@@ -5,8 +5,8 @@
 pub mod admin;
 pub mod admin_api;
 pub mod config;
-pub mod credentials;
 pub mod control;
+pub mod credentials;
 pub mod policy;
 pub mod ports;
 pub mod server;

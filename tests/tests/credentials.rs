@@ -26,7 +26,10 @@ fn mint(secret: &str, ttl: &str, user: &str) -> (String, String) {
     // The iceServers snippet carries the same pair.
     let snippet = &out[out.find('{').unwrap()..];
     assert!(snippet.contains("\"iceServers\""), "{out}");
-    assert!(snippet.contains(&format!("\"username\": \"{u}\"")) && snippet.contains(&format!("\"credential\": \"{p}\"")), "{out}");
+    assert!(
+        snippet.contains(&format!("\"username\": \"{u}\"")) && snippet.contains(&format!("\"credential\": \"{p}\"")),
+        "{out}"
+    );
     (u, p)
 }
 
@@ -233,12 +236,18 @@ fn sha256_and_userhash_exchanges() {
         assert_eq!(uturn_tests::error_code(&Message::parse(&r).unwrap()), Some(400));
         // A wrong password: 401.
         let bad = IntegrityKey::derive(PasswordAlgorithm::Sha256, "alice", &realm, "looking-glass");
-        let r =
-            transact(&sock, relay.addr, &sha256_request(Method::ALLOCATE, &name, &realm, &nonce, Some(&algs), &bad, udp));
+        let r = transact(
+            &sock,
+            relay.addr,
+            &sha256_request(Method::ALLOCATE, &name, &realm, &nonce, Some(&algs), &bad, udp),
+        );
         assert_eq!(uturn_tests::error_code(&Message::parse(&r).unwrap()), Some(401));
         // The real thing: success, signed with MESSAGE-INTEGRITY-SHA256 only.
-        let r =
-            transact(&sock, relay.addr, &sha256_request(Method::ALLOCATE, &name, &realm, &nonce, Some(&algs), &key, udp));
+        let r = transact(
+            &sock,
+            relay.addr,
+            &sha256_request(Method::ALLOCATE, &name, &realm, &nonce, Some(&algs), &key, udp),
+        );
         let m = Message::parse(&r).unwrap();
         assert_eq!(uturn_tests::error_code(&m), None, "Allocate by_hash={by_hash}: {:?}", m.get(attr::ERROR_CODE));
         let parts = m.integrity_parts().unwrap();

@@ -742,7 +742,8 @@ fn allocs(args: &Args) -> Result<(), String> {
                 let mut failures = std::collections::BTreeMap::<String, usize>::new();
                 let mut ok = 0usize;
                 for _ in 0..per {
-                    let name = if users > 1 { format!("{user}{}", rand::random::<u64>() % users) } else { user.clone() };
+                    let name =
+                        if users > 1 { format!("{user}{}", rand::random::<u64>() % users) } else { user.clone() };
                     let mut c = new_client(server, &name, &pass, realm.as_deref());
                     if c.try_learn_nonce().is_err() {
                         *failures.entry("no 401".into()).or_default() += 1;

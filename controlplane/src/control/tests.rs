@@ -372,7 +372,9 @@ fn a_store_user_parks_the_request_then_is_served_from_the_cache() {
         if h.cp.parked() > 0 {
             all.extend(answered(&mut h));
         }
-        assert!(all.iter().any(|(_, m)| matches!(m, ToWorker::Command(Command::Reply { bytes, .. }) if code(bytes) == Some(401))));
+        assert!(all
+            .iter()
+            .any(|(_, m)| matches!(m, ToWorker::Command(Command::Reply { bytes, .. }) if code(bytes) == Some(401))));
         assert_eq!(h.cp.parked(), 0);
         // With a TTL, the next Allocate from the same user is answered at once.
         let nonce = nonce_of(&reply_bytes(h.send(1, ft(2001), &request(Method::ALLOCATE, 5, None, udp))));

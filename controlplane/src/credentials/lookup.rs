@@ -110,6 +110,8 @@ fn lookup(
     let Some(s) = store.as_mut() else { return Err(StoreError::Unavailable("no store".into())) };
     match &key.who {
         Who::Name(name) => Ok(s.lookup(&key.realm, name)?.map(|keys| StoredUser { name: name.clone(), keys })),
-        Who::Hash(h) => Ok(s.lookup_userhash(&key.realm, h)?.map(|(name, keys)| StoredUser { name: name.into(), keys })),
+        Who::Hash(h) => {
+            Ok(s.lookup_userhash(&key.realm, h)?.map(|(name, keys)| StoredUser { name: name.into(), keys }))
+        }
     }
 }

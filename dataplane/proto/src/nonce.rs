@@ -261,7 +261,9 @@ mod tests {
         let client: SocketAddr = "192.0.2.1:4000".parse().unwrap();
         let mut out = [0u8; 256];
         let now = Instant::now();
-        let n = c.write(&mut out, Method::ALLOCATE, TransactionId([3; 12]), ErrorCode::Unauthenticated, now, &client).unwrap();
+        let n = c
+            .write(&mut out, Method::ALLOCATE, TransactionId([3; 12]), ErrorCode::Unauthenticated, now, &client)
+            .unwrap();
         let m = Message::parse(&out[..n]).unwrap();
         let nonce = m.nonce().unwrap();
         assert!(nonce.starts_with(b"obMatJos2wAAA"));
@@ -272,7 +274,9 @@ mod tests {
         assert_eq!(m.get(attr::PASSWORD_ALGORITHMS), Some(&[0, 2, 0, 0, 0, 1, 0, 0][..]));
         // An RFC 5389 challenger sends neither.
         let plain = Challenger::new("r", NonceKey::new([1; 32], 600), Instant::now());
-        let n = plain.write(&mut out, Method::ALLOCATE, TransactionId([3; 12]), ErrorCode::Unauthenticated, now, &client).unwrap();
+        let n = plain
+            .write(&mut out, Method::ALLOCATE, TransactionId([3; 12]), ErrorCode::Unauthenticated, now, &client)
+            .unwrap();
         let m = Message::parse(&out[..n]).unwrap();
         assert_eq!(m.nonce().unwrap().len(), NONCE_LEN);
         assert!(m.get(attr::PASSWORD_ALGORITHMS).is_none());

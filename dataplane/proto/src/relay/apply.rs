@@ -33,7 +33,10 @@ impl WorkerState {
                 CommandOutput { five_tuple, reply_len, effect: Effect::None }
             }
             Command::Revoke { five_tuple, tid } => {
-                let id = self.tables.lookup(&five_tuple).filter(|id| self.tables.get(*id).is_some_and(|a| a.alloc_tid == tid));
+                let id = self
+                    .tables
+                    .lookup(&five_tuple)
+                    .filter(|id| self.tables.get(*id).is_some_and(|a| a.alloc_tid == tid));
                 let effect = match id.and_then(|id| self.end(id)) {
                     Some(ended) => Effect::Removed(ended),
                     None => Effect::None,

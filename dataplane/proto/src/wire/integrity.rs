@@ -223,7 +223,8 @@ mod tests {
     #[test]
     fn keys_of_both_algorithms() {
         // RFC 5769 §2.4's user (the MD5 key is checked against the vector in tests/rfc5769.rs).
-        let md5 = IntegrityKey::long_term("\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}", "example.org", "TheMatrIX");
+        let md5 =
+            IntegrityKey::long_term("\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}", "example.org", "TheMatrIX");
         assert_eq!(md5.as_bytes().len(), 16);
         assert_eq!(md5.mac(), MacAlgorithm::HmacSha1);
         let sha = IntegrityKey::derive(PasswordAlgorithm::Sha256, "alice", "example.org", "pw");
@@ -239,8 +240,13 @@ mod tests {
     #[test]
     fn truncated_sha256_mac_verifies_on_its_length_only_from_16_bytes() {
         let key = [7u8; 32];
-        let mut parts =
-            IntegrityParts { type_bytes: &[0, 1], adjusted_length: 36, rest: b"abcd", mac: &[], algorithm: MacAlgorithm::HmacSha256 };
+        let mut parts = IntegrityParts {
+            type_bytes: &[0, 1],
+            adjusted_length: 36,
+            rest: b"abcd",
+            mac: &[],
+            algorithm: MacAlgorithm::HmacSha256,
+        };
         let full = compute_sha256(&key, &parts);
         parts.mac = &full[..16];
         assert!(verify(&key, &parts));
