@@ -43,7 +43,11 @@ fn unauthenticated_allocate_gets_401_with_realm_and_nonce() {
         assert_eq!(r.code(), Some(401));
         let m = r.msg();
         assert_eq!(m.realm(), Some(&b"uturn.local"[..]));
-        assert_eq!(m.nonce().map(<[u8]>::len), Some(24));
+        // RFC 8489 §9.2: the nonce cookie with the security-feature bits, then 24 characters.
+        let nonce = m.nonce().unwrap();
+        assert!(nonce.starts_with(b"obMatJos2wAAA"), "{:?}", String::from_utf8_lossy(nonce));
+        assert_eq!(nonce.len(), 13 + 24);
+        assert_eq!(m.get(attr::PASSWORD_ALGORITHMS), Some(&[0, 2, 0, 0, 0, 1, 0, 0][..]));
         assert!(!m.has_integrity());
     });
 }
