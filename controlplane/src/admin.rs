@@ -278,7 +278,7 @@ fn import(s: &mut dyn store::UserStore, file: &std::path::Path, realm: &str, md5
 fn checked_keys(name: &str, realm: &str, password: &str, md5_only: bool) -> Result<store::UserKeys, Failure> {
     store::validate_realm(realm)?;
     store::validate_name(name)?;
-    Ok(credentials::derive(name, realm, password, !md5_only))
+    Ok(store::UserKeys::derive(name, realm, password, !md5_only))
 }
 
 fn revoke(admin_url: &str, token: Option<&str>, user: &str) -> Result<(), Failure> {

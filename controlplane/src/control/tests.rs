@@ -319,7 +319,7 @@ fn with_store(ttl: Duration) -> (H, std::path::PathBuf) {
     let path = std::env::temp_dir().join(format!("uturn-cp-{}-{}.db", std::process::id(), rand::random::<u32>()));
     let url = crate::store::StoreUrl::Sqlite(path.clone());
     let mut s = crate::store::open(&url, true).unwrap();
-    let keys = crate::credentials::derive("sam", REALM, "pw", true);
+    let keys = crate::store::UserKeys::derive("sam", REALM, "pw", true);
     s.add(&crate::store::UserRecord { realm: REALM.into(), name: "sam".into(), keys }).unwrap();
     let config = crate::credentials::CredentialConfig {
         realm: REALM.into(),

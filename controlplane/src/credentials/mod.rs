@@ -164,7 +164,7 @@ impl Credentials {
         self.statics = config
             .users
             .iter()
-            .map(|(u, p)| (Arc::from(u.as_str()), derive(u, &config.realm, p, self.sha256)))
+            .map(|(u, p)| (Arc::from(u.as_str()), UserKeys::derive(u, &config.realm, p, self.sha256)))
             .collect();
         self.static_hashes = self.statics.keys().map(|u| (userhash(u, &config.realm), u.clone())).collect();
         self.secrets = config.secrets.iter().map(|s| s.as_bytes().to_vec()).collect();
@@ -291,7 +291,7 @@ impl Credentials {
             .iter()
             .map(|s| Candidate {
                 user: user.clone(),
-                keys: derive(name, realm, &rest::password(s, name), self.sha256),
+                keys: UserKeys::derive(name, realm, &rest::password(s, name), self.sha256),
                 expires_unix: Some(expiry),
             })
             .collect();
@@ -350,21 +350,6 @@ fn found(user: Option<&StoredUser>) -> Resolved {
         Some(u) => Resolved::Found(vec![Candidate { user: u.name.clone(), keys: u.keys, expires_unix: None }]),
         None => Resolved::Unknown,
     }
-}
-
-/// The keys of a user whose password is known (static, REST and `uturn admin` users), through
-/// the same SASLprep as the relay's own derivation (RFC 8489 §9.2.2).
-pub fn derive(name: &str, realm: &str, password: &str, sha256: bool) -> UserKeys {
-    let md5 = IntegrityKey::long_term(name, realm, password);
-    let mut m = [0u8; 16];
-    m.copy_from_slice(md5.as_bytes());
-    let sha256 = sha256.then(|| {
-        let k = IntegrityKey::derive(PasswordAlgorithm::Sha256, name, realm, password);
-        let mut s = [0u8; 32];
-        s.copy_from_slice(k.as_bytes());
-        s
-    });
-    UserKeys { md5: m, sha256 }
 }
 
 /// Seconds since the Unix epoch.

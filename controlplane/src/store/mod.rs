@@ -18,8 +18,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use md5::{Digest, Md5};
-use sha2::Sha256;
+use uturn_proto::wire::integrity::PasswordAlgorithm;
+use uturn_proto::wire::IntegrityKey;
 
 pub mod redis;
 pub mod sqlite;
@@ -45,25 +45,17 @@ pub struct UserKeys {
 
 impl UserKeys {
     /// MD5(name ":" realm ":" password), and with `sha256` also SHA-256(name ":" realm ":" password)
-    /// (RFC 8489 §9.2.2).
-    ///
-    /// The strings are used as given: the caller passes the password (and realm) already
-    /// processed with OpaqueString (RFC 8265) / SASLprep (RFC 4013); this function does no
-    /// preparation of its own.
+    /// (RFC 8489 §9.2.2), the password prepared with SASLprep exactly as the relay derives the
+    /// keys of static and REST users ([`IntegrityKey::derive`]).
     pub fn derive(name: &str, realm: &str, password: &str, sha256: bool) -> UserKeys {
-        let parts = [name.as_bytes(), b":", realm.as_bytes(), b":", password.as_bytes()];
-        let mut m = Md5::new();
-        for p in parts {
-            m.update(p);
-        }
-        let sha = sha256.then(|| {
-            let mut s = Sha256::new();
-            for p in parts {
-                s.update(p);
-            }
-            s.finalize().into()
+        let mut md5 = [0u8; 16];
+        md5.copy_from_slice(IntegrityKey::derive(PasswordAlgorithm::Md5, name, realm, password).as_bytes());
+        let sha256 = sha256.then(|| {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(IntegrityKey::derive(PasswordAlgorithm::Sha256, name, realm, password).as_bytes());
+            k
         });
-        UserKeys { md5: m.finalize().into(), sha256: sha }
+        UserKeys { md5, sha256 }
     }
 }
 
@@ -77,13 +69,7 @@ impl fmt::Debug for UserKeys {
 }
 
 /// USERHASH (RFC 8489 §14.4): SHA-256(name ":" realm), 32 bytes.
-pub fn userhash(name: &str, realm: &str) -> [u8; 32] {
-    let mut s = Sha256::new();
-    s.update(name.as_bytes());
-    s.update(b":");
-    s.update(realm.as_bytes());
-    s.finalize().into()
-}
+pub use uturn_proto::wire::integrity::userhash;
 
 /// One stored user.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -54,6 +54,9 @@ impl Harness {
         self.state.handle_command(now, cmd, &mut self.out)
     }
     fn install(&mut self, secs: u64, lifetime: u64) -> AllocationId {
+        self.install_with(secs, lifetime, KEY)
+    }
+    fn install_with(&mut self, secs: u64, lifetime: u64, key: IntegrityKey) -> AllocationId {
         let out = self.command(
             secs,
             Command::Install(Install {
@@ -62,7 +65,7 @@ impl Harness {
                 relayed: "198.51.100.1:50000".parse().unwrap(),
                 lifetime: Duration::from_secs(lifetime),
                 response: vec![9u8; 40].into_boxed_slice(),
-                key: KEY,
+                key,
             }),
         );
         match out.effect {
@@ -615,18 +618,7 @@ fn a_verified_refresh_to_zero_is_answered_and_deletes_in_the_worker() {
 fn a_sha256_allocation_answers_with_message_integrity_sha256() {
     let mut h = Harness::new();
     let key = IntegrityKey::derive(crate::wire::integrity::PasswordAlgorithm::Sha256, "u", "r", "p");
-    let out = h.command(
-        0,
-        Command::Install(Install {
-            five_tuple: ft(),
-            tid: tid(1),
-            relayed: "198.51.100.1:50000".parse().unwrap(),
-            lifetime: Duration::from_secs(600),
-            response: vec![9u8; 40].into_boxed_slice(),
-            key,
-        }),
-    );
-    assert!(matches!(out.effect, Effect::Installed(_)));
+    h.install_with(0, 600, key);
     let ClientOutput::Reply(n) = h.client(1, &signed_refresh(tid(7), 0, &key)) else { panic!("not answered") };
     let m = Message::parse(&h.out[..n]).unwrap();
     let parts = m.integrity_parts().unwrap();
