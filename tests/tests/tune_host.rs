@@ -77,7 +77,8 @@ fn real_run_in_a_network_namespace_and_revert() {
     }
     let _ns = Ns(ns.clone());
     let veth = format!("vt{}", rand::random::<u16>());
-    let link = privileged(&["ip", "-n", &ns, "link", "add", &veth, "type", "veth", "peer", "name", &format!("{veth}p")]);
+    let link =
+        privileged(&["ip", "-n", &ns, "link", "add", &veth, "type", "veth", "peer", "name", &format!("{veth}p")]);
     assert!(link.status.success(), "{}", text(&link));
     let host_reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap();
     let read_ns = |key: &str| {
