@@ -93,19 +93,7 @@ pub enum AdminCommand {
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
     /// Add a user (creates a SQLite file that does not exist yet).
-    Add {
-        /// Username.
-        name: String,
-        /// Realm.
-        #[arg(long)]
-        realm: String,
-        /// Password (only its keys are stored).
-        #[arg(long)]
-        password: String,
-        /// Store only the MD5 key (no SHA-256 key: PASSWORD-ALGORITHM SHA-256 then fails).
-        #[arg(long)]
-        md5_only: bool,
-    },
+    Add(UserPassword),
     /// Delete a user.
     Delete {
         /// Username.
@@ -132,19 +120,23 @@ pub enum UserCommand {
         md5_only: bool,
     },
     /// Change a user's password.
-    Passwd {
-        /// Username.
-        name: String,
-        /// Realm.
-        #[arg(long)]
-        realm: String,
-        /// New password.
-        #[arg(long)]
-        password: String,
-        /// Store only the MD5 key.
-        #[arg(long)]
-        md5_only: bool,
-    },
+    Passwd(UserPassword),
+}
+
+/// A user and the password to store keys of (`user add`, `user passwd`).
+#[derive(Debug, Args)]
+pub struct UserPassword {
+    /// Username.
+    pub name: String,
+    /// Realm.
+    #[arg(long)]
+    pub realm: String,
+    /// Password (only its keys are stored).
+    #[arg(long)]
+    pub password: String,
+    /// Store only the MD5 key (no SHA-256 key: PASSWORD-ALGORITHM SHA-256 then fails).
+    #[arg(long)]
+    pub md5_only: bool,
 }
 
 /// Runs a subcommand; returns the process exit code.
@@ -213,10 +205,10 @@ fn admin(a: AdminArgs) -> Result<(), Failure> {
         AdminCommand::Revoke { user } => revoke(&a.admin_url, a.admin_token.as_deref(), &user),
         AdminCommand::User(cmd) => {
             let url: StoreUrl = a.store.as_deref().ok_or_else(|| usage("--store URL is required"))?.parse()?;
-            let create = matches!(cmd, UserCommand::Add { .. } | UserCommand::Import { .. });
+            let create = matches!(cmd, UserCommand::Add(_) | UserCommand::Import { .. });
             let mut s = store::open(&url, create)?;
             match cmd {
-                UserCommand::Add { name, realm, password, md5_only } => {
+                UserCommand::Add(UserPassword { name, realm, password, md5_only }) => {
                     let keys = checked_keys(&name, &realm, &password, md5_only)?;
                     s.add(&UserRecord { realm: realm.clone(), name: name.clone(), keys })?;
                     eprintln!("added {name:?} to realm {realm:?} in {url}");
@@ -234,7 +226,7 @@ fn admin(a: AdminArgs) -> Result<(), Failure> {
                     let n = import(s.as_mut(), &file, &realm, md5_only)?;
                     eprintln!("imported {n} users into realm {realm:?} in {url}");
                 }
-                UserCommand::Passwd { name, realm, password, md5_only } => {
+                UserCommand::Passwd(UserPassword { name, realm, password, md5_only }) => {
                     let keys = checked_keys(&name, &realm, &password, md5_only)?;
                     s.set_keys(&realm, &name, &keys)?;
                     eprintln!("changed the password of {name:?} in realm {realm:?}");

@@ -153,28 +153,9 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Relayed transport addresses' IP.
     pub relay_ip: IpAddr,
-    /// Realm offered in 401s (RFC 8489 §14.9); static users belong to it.
-    pub realm: String,
-    /// Further realms served (their users live in the user store).
-    pub realms: Vec<String>,
-    /// Static users and passwords, in the default realm.
-    pub users: BTreeMap<String, String>,
-    /// TURN REST API shared secrets (docs/credentials.md): any verifies, the first mints.
-    pub static_auth_secrets: Vec<String>,
-    /// Separator between expiry and user id in REST usernames.
-    pub rest_separator: char,
-    /// An allocation made with a REST credential ends when the credential expires.
-    pub strict_expiry: bool,
-    /// The user store.
-    pub user_store: Option<StoreUrl>,
-    /// How long a store answer is fresh, default 60 s.
-    pub user_cache_ttl: Duration,
-    /// How long a "no such user" answer is fresh, default 5 s.
-    pub user_cache_negative_ttl: Duration,
-    /// Most cached store answers, default 100,000.
-    pub user_cache_size: usize,
-    /// Store threads, default 2.
-    pub store_threads: usize,
+    /// Realm, static users, REST secrets, user store and key cache (docs/credentials.md):
+    /// what SIGHUP reloads, as the control plane takes it.
+    pub credentials: CredentialConfig,
     /// Password algorithms offered in 401s, in order of preference (RFC 8489 §9.2.4):
     /// default SHA-256 then MD5; MD5 alone gives an RFC 5389 challenge.
     pub password_algorithms: Vec<PasswordAlgorithm>,
@@ -297,17 +278,19 @@ impl Config {
         let c = Config {
             relay_ip: cli.relay_ip.or(f.relay_ip).unwrap_or_else(|| listen[0].ip()),
             listen,
-            realm: cli.realm.clone().or(f.realm).unwrap_or_else(|| "uturn.local".into()),
-            realms: f.realms.unwrap_or_default(),
-            users,
-            static_auth_secrets: secrets,
-            rest_separator: cli.rest_separator.or(f.rest_separator).unwrap_or(':'),
-            strict_expiry: cli.strict_expiry || f.strict_expiry.unwrap_or(false),
-            user_store,
-            user_cache_ttl: secs(f.user_cache_ttl, 60),
-            user_cache_negative_ttl: secs(f.user_cache_negative_ttl, 5),
-            user_cache_size: f.user_cache_size.unwrap_or(100_000),
-            store_threads: f.store_threads.unwrap_or(2).max(1),
+            credentials: CredentialConfig {
+                realm: cli.realm.clone().or(f.realm).unwrap_or_else(|| "uturn.local".into()),
+                realms: f.realms.unwrap_or_default(),
+                users,
+                secrets,
+                separator: cli.rest_separator.or(f.rest_separator).unwrap_or(':'),
+                strict_expiry: cli.strict_expiry || f.strict_expiry.unwrap_or(false),
+                store: user_store,
+                cache_ttl: secs(f.user_cache_ttl, 60),
+                negative_ttl: secs(f.user_cache_negative_ttl, 5),
+                cache_size: f.user_cache_size.unwrap_or(100_000),
+                store_threads: f.store_threads.unwrap_or(2).max(1),
+            },
             password_algorithms: parse_algorithms(f.password_algorithms.as_deref())?,
             admin_listen: cli.admin_listen.or(f.admin_listen),
             admin_token: cli.admin_token.clone().or(f.admin_token),
@@ -337,11 +320,11 @@ impl Config {
     /// True when the only user is the publicly known demo credential and everything listens on
     /// loopback: the one case where printing a password reveals nothing.
     pub fn is_loopback_demo(&self) -> bool {
-        self.users.len() == 1 && self.has_demo_user() && !self.serves_beyond_loopback()
+        self.credentials.users.len() == 1 && self.has_demo_user() && !self.serves_beyond_loopback()
     }
 
     fn has_demo_user(&self) -> bool {
-        self.users.get(DEMO_USER.0).is_some_and(|p| p == DEMO_USER.1)
+        self.credentials.users.get(DEMO_USER.0).is_some_and(|p| p == DEMO_USER.1)
     }
 
     /// True when a listen address or the relay address is not loopback.
@@ -353,16 +336,17 @@ impl Config {
         if self.listen.is_empty() {
             bail!("no listen address");
         }
-        if self.users.is_empty() && self.static_auth_secrets.is_empty() && self.user_store.is_none() {
+        if self.credentials.users.is_empty() && self.credentials.secrets.is_empty() && self.credentials.store.is_none()
+        {
             bail!("no credentials: add --user NAME:PASSWORD, a [users] table, --static-auth-secret or --user-store");
         }
-        if self.static_auth_secrets.iter().any(String::is_empty) {
+        if self.credentials.secrets.iter().any(String::is_empty) {
             bail!("static-auth-secret must not be empty");
         }
         if self.admin_listen.is_some_and(|a| !a.ip().is_loopback()) && self.admin_token.is_none() {
             bail!("admin-listen off loopback needs admin-token");
         }
-        if self.rest_separator.is_ascii_digit() {
+        if self.credentials.separator.is_ascii_digit() {
             bail!("rest-separator must not be a digit");
         }
         if self.relay_ip.is_unspecified() {
@@ -388,31 +372,14 @@ impl Config {
         vec![
             ("listen", self.listen != new.listen),
             ("relay-ip", self.relay_ip != new.relay_ip),
-            ("realm", self.realm != new.realm),
+            ("realm", self.credentials.realm != new.credentials.realm),
             ("workers", self.workers != new.workers),
             ("port-range", self.port_range != new.port_range),
-            ("user-store", self.user_store != new.user_store),
+            ("user-store", self.credentials.store != new.credentials.store),
             ("password-algorithms", self.password_algorithms != new.password_algorithms),
             ("nonce-lifetime", self.nonce_lifetime != new.nonce_lifetime),
             ("unauth-rate", self.unauth_rate != new.unauth_rate),
         ]
-    }
-
-    /// The credential part of the configuration (what SIGHUP reloads).
-    pub fn credential_config(&self) -> CredentialConfig {
-        CredentialConfig {
-            realm: self.realm.clone(),
-            realms: self.realms.clone(),
-            users: self.users.clone(),
-            secrets: self.static_auth_secrets.clone(),
-            separator: self.rest_separator,
-            strict_expiry: self.strict_expiry,
-            store: self.user_store.clone(),
-            cache_ttl: self.user_cache_ttl,
-            negative_ttl: self.user_cache_negative_ttl,
-            cache_size: self.user_cache_size,
-            store_threads: self.store_threads,
-        }
     }
 }
 
@@ -453,8 +420,8 @@ mod tests {
         let c = Config::load(&Cli::default()).unwrap();
         assert_eq!(c.listen, vec!["127.0.0.1:3478".parse::<SocketAddr>().unwrap()]);
         assert_eq!(c.relay_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
-        assert_eq!(c.realm, "uturn.local");
-        assert_eq!(c.users.get("demo").map(String::as_str), Some("demo"));
+        assert_eq!(c.credentials.realm, "uturn.local");
+        assert_eq!(c.credentials.users.get("demo").map(String::as_str), Some("demo"));
         assert_eq!(c.port_range, (49152, 65535));
         assert!(c.workers >= 1);
         assert!(c.is_loopback_demo());
@@ -481,9 +448,9 @@ mod tests {
         .unwrap();
         let cli = Cli { workers: Some(2), ..Cli::default() };
         let c = Config::merge(f, &cli).unwrap();
-        assert_eq!((c.realm.as_str(), c.workers, c.port_range), ("example.org", 2, (50000, 50100)));
+        assert_eq!((c.credentials.realm.as_str(), c.workers, c.port_range), ("example.org", 2, (50000, 50100)));
         assert_eq!(c.max_lifetime, Duration::from_secs(60));
-        assert!(c.users.contains_key("bob") && !c.users.contains_key("demo"));
+        assert!(c.credentials.users.contains_key("bob") && !c.credentials.users.contains_key("demo"));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
         assert!(parse_range("5-1").is_err());
     }
@@ -509,8 +476,8 @@ mod tests {
             .collect();
         let f: FileConfig = toml::from_str(&enabled).unwrap_or_else(|e| panic!("{e}\n{enabled}"));
         let c = Config::merge(f, &Cli::default()).unwrap();
-        assert_eq!(c.static_auth_secrets, ["new-secret", "old-secret"]);
-        assert!(c.user_store.is_some() && c.admin_listen.is_some());
+        assert_eq!(c.credentials.secrets, ["new-secret", "old-secret"]);
+        assert!(c.credentials.store.is_some() && c.admin_listen.is_some());
         assert_eq!(c.password_algorithms, [PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]);
     }
 
@@ -519,7 +486,7 @@ mod tests {
         // A secret alone: no demo user.
         let f: FileConfig = toml::from_str("static-auth-secret = \"s\"\n").unwrap();
         let c = Config::merge(f, &Cli::default()).unwrap();
-        assert!(c.users.is_empty() && c.static_auth_secrets == ["s"]);
+        assert!(c.credentials.users.is_empty() && c.credentials.secrets == ["s"]);
         let f: FileConfig = toml::from_str("password-algorithms = [\"sha1\"]\n").unwrap();
         assert!(Config::merge(f, &Cli::default()).is_err());
         let f: FileConfig = toml::from_str("admin-listen = \"0.0.0.0:3480\"\n").unwrap();

@@ -55,15 +55,15 @@ fn print_banner(c: &Config) {
         println!("  listening   udp {l}");
     }
     println!("  relay       {} ports {}-{}", c.relay_ip, c.port_range.0, c.port_range.1);
-    println!("  realm       {}", c.realm);
+    println!("  realm       {}", c.credentials.realm);
     println!("  workers     {}", c.workers);
-    if !c.static_auth_secrets.is_empty() {
+    if !c.credentials.secrets.is_empty() {
         println!(
             "  credentials TURN REST API ({} secret(s)): mint with `uturn credential --secret ...`",
-            c.static_auth_secrets.len()
+            c.credentials.secrets.len()
         );
     }
-    if let Some(store) = &c.user_store {
+    if let Some(store) = &c.credentials.store {
         println!("  user store  {store}");
     }
     let snippet = ice_servers(c);
@@ -74,8 +74,12 @@ fn print_banner(c: &Config) {
 /// credential, which is public anyway; for real users it shows the first username and a
 /// placeholder, so no secret reaches a terminal, a log file or journald.
 fn ice_servers(c: &Config) -> serde_json::Value {
-    let user = c.users.keys().next().map(String::as_str).unwrap_or("<username>");
-    let pass = if c.is_loopback_demo() { c.users.get(user).map(String::as_str).unwrap_or("") } else { "<password>" };
+    let user = c.credentials.users.keys().next().map(String::as_str).unwrap_or("<username>");
+    let pass = if c.is_loopback_demo() {
+        c.credentials.users.get(user).map(String::as_str).unwrap_or("")
+    } else {
+        "<password>"
+    };
     let urls: Vec<String> = c
         .listen
         .iter()

@@ -68,11 +68,11 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
     // One nonce key (secret from the OS CSPRNG) for the control plane and every worker: workers
     // answer the first, unauthenticated request of an Allocate with 401 themselves.
     let nonce_key = NonceKey::new(rand::random(), config.nonce_lifetime.as_secs().max(1));
-    let challenger = Challenger::new(&config.realm, nonce_key, Challenger::origin_for(Instant::now()))
+    let challenger = Challenger::new(&config.credentials.realm, nonce_key, Challenger::origin_for(Instant::now()))
         .offering(&config.password_algorithms);
     // The credential sources (and the store threads) before any worker, so a store that cannot
     // even start its threads stops uturn before it serves.
-    if let Some(url) = &config.user_store {
+    if let Some(url) = &config.credentials.store {
         // A missing SQLite file or a bad URL is a configuration error; an unreachable Redis is
         // an outage the relay rides out (cached keys, 500 for the others).
         match crate::store::open(url, false) {
@@ -82,7 +82,7 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
         }
     }
     let sha256 = config.password_algorithms.contains(&uturn_proto::wire::integrity::PasswordAlgorithm::Sha256);
-    let credentials = Credentials::new(config.credential_config(), sha256, std::thread::current())
+    let credentials = Credentials::new(config.credentials.clone(), sha256, std::thread::current())
         .context("starting the user-store threads")?;
     // Each worker's share of a source's budget: a source's 5-tuples spread over the workers
     // (SO_REUSEPORT hashing), so the relay as a whole answers a source about `unauth-rate`
@@ -132,8 +132,8 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
         rfc5766_channels: config.rfc5766_channels,
     };
     info!("{}", policy.peers.describe());
-    if let Some(url) = &config.user_store {
-        info!(store = %url, threads = config.store_threads, "user store");
+    if let Some(url) = &config.credentials.store {
+        info!(store = %url, threads = config.credentials.store_threads, "user store");
     }
     let mut control = ControlPlane::new(policy, credentials, config.workers, config.port_range, challenger);
     let admin = match config.admin_listen {
@@ -292,7 +292,7 @@ fn reload(control: &mut ControlPlane, running: &Config, reloader: Option<&Reload
                     warn!(key, "SIGHUP: this key changed but needs a restart; the running value stays");
                 }
             }
-            control.credentials_mut().reload(new.credential_config());
+            control.credentials_mut().reload(new.credentials.clone());
         }
         Err(e) => warn!("SIGHUP: configuration not reloaded, the running one stays: {e:#}"),
     }
