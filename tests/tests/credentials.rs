@@ -334,3 +334,15 @@ fn admin_revoke_ends_a_users_allocations() {
     let (code, _, _) = uturn_cli(&["admin", "--admin-url", "http://127.0.0.1:1", "revoke", "alice"]);
     assert_eq!(code, 6);
 }
+
+#[test]
+fn sighup_keeps_the_realm_the_relay_started_with() {
+    let relay = Relay::start(BACKEND, "[users]\nalice = \"one\"\n", &[]);
+    std::fs::write(relay.config_path(), "realm = \"elsewhere.org\"\n[users]\nalice = \"one\"\n").unwrap();
+    relay.signal("HUP");
+    assert!(relay.wait_log("credentials reloaded", Duration::from_secs(5)), "{}", relay.log());
+    assert!(relay.log().contains("needs a restart"), "{}", relay.log());
+    // The 401s still offer uturn.local and its static users still verify in it.
+    let mut c = Client::new(relay.addr, "alice", "one", "uturn.local").with_expected_realm(Some("uturn.local"));
+    c.try_allocate().unwrap();
+}

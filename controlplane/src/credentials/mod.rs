@@ -171,8 +171,9 @@ impl Credentials {
         self.config = config;
     }
 
-    /// Replaces static users, secrets and realms (SIGHUP), forgets the cache, and logs what
-    /// changed. The store, its threads and cache sizes stay as they were started.
+    /// Replaces static users, secrets, further realms and strict expiry (SIGHUP), forgets the
+    /// cache, and logs what changed. The realm offered in 401s, the store, its threads and the
+    /// cache's sizes stay as they were started.
     pub fn reload(&mut self, config: CredentialConfig) {
         let old: HashSet<&String> = self.config.users.keys().collect();
         let new: HashSet<&String> = config.users.keys().collect();
@@ -190,24 +191,20 @@ impl Credentials {
             strict_expiry = config.strict_expiry,
             "credentials reloaded"
         );
-        let (store, ttl, neg, size, threads) = (
-            self.config.store.clone(),
-            self.config.cache_ttl,
-            self.config.negative_ttl,
-            self.config.cache_size,
-            self.config.store_threads,
-        );
-        if config.store != store {
-            warn!("user-store changed in the configuration: restart uturn to use the new store");
-        }
-        self.apply(CredentialConfig {
-            store,
-            cache_ttl: ttl,
-            negative_ttl: neg,
-            cache_size: size,
-            store_threads: threads,
+        // What the relay was started with stays: the realm its 401s offer (every worker's
+        // challenger holds it), the store with its threads, and the cache's sizes;
+        // `server::reload` logs a WARN when the file changed them.
+        let kept = &self.config;
+        let next = CredentialConfig {
+            realm: kept.realm.clone(),
+            store: kept.store.clone(),
+            cache_ttl: kept.cache_ttl,
+            negative_ttl: kept.negative_ttl,
+            cache_size: kept.cache_size,
+            store_threads: kept.store_threads,
             ..config
-        });
+        };
+        self.apply(next);
         self.cache.clear();
     }
 
