@@ -52,6 +52,8 @@ fn state_with(n: u32) -> WorkerState {
             lifetime: Duration::from_secs(3600),
             response: vec![0u8; 100].into(),
             key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),
+            session: 1,
+            user: "user".into(),
         };
         let Effect::Installed(_) = s.handle_command(now, Command::Install(install), &mut out).effect else { panic!() };
         let peer = SocketAddr::from(([192, 0, 2, 1], 6000));

@@ -26,6 +26,8 @@ fuzz_target!(|data: &[u8]| {
         lifetime: Duration::from_secs(600),
         response: vec![0u8; 20].into(),
         key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),
+        session: 1,
+        user: "user".into(),
     };
     let Effect::Installed(id) = s.handle_command(now, Command::Install(install), &mut out).effect else { panic!() };
     let channel = ChannelNumber::new(0x4001).unwrap();

@@ -38,6 +38,8 @@ fuzz_target!(|data: &[u8]| {
                     lifetime: Duration::from_secs(1 + (d as u64 % 20)),
                     response: vec![d; 20].into(),
                     key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),
+                    session: 1,
+                    user: "user".into(),
                 };
                 if let Effect::Installed(id) = s.handle_command(now, Command::Install(install), &mut out).effect {
                     ids.push(id);

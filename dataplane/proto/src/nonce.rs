@@ -41,6 +41,7 @@ pub enum NonceCheck {
 }
 
 /// Mints and verifies nonces with a process-wide secret.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone)]
 pub struct NonceKey {
     secret: [u8; 32],

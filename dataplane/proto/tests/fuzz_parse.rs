@@ -210,6 +210,8 @@ fn state_with_allocation(now: Instant) -> (WorkerState, uturn_proto::relay::Allo
         lifetime: Duration::from_secs(600),
         response: vec![0u8; 20].into(),
         key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),
+        session: 1,
+        user: "user".into(),
     };
     let r = s.handle_command(now, Command::Install(install), &mut out);
     let uturn_proto::relay::Effect::Installed(id) = r.effect else { panic!() };

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use crate::response::{self, ErrorCode};
 use crate::wire::{self, attr, ChannelNumber, Class, IntegrityKey, MessageWriter, Method, TransactionId};
 
-use super::{Allocation, AllocationId, Command, CommandOutput, Effect, Ended, FiveTuple, Install, Timer, WorkerState};
+use super::{
+    Allocation, AllocationId, Command, CommandOutput, Effect, Ended, FiveTuple, Install, Timer, Traffic, WorkerState,
+};
 
 /// How far ahead of its deadline an allocation may be ended by an Install for a new Allocate on
 /// its 5-tuple (the control plane's view of the deadline trails the worker's by the queueing
@@ -204,7 +206,7 @@ impl WorkerState {
     fn end(&mut self, id: AllocationId) -> Option<Ended> {
         let a = self.tables.remove(id)?;
         self.compact_timers();
-        Some(Ended { id, five_tuple: a.five_tuple, tid: a.alloc_tid })
+        Some(Ended::of(id, &a))
     }
 
     fn install(&mut self, now: Instant, i: Install, out: &mut [u8]) -> CommandOutput {
@@ -254,7 +256,13 @@ impl WorkerState {
             channels: Vec::new(),
             tokens: self.config.bandwidth.unwrap_or(0),
             refilled: now,
+            session: i.session,
+            user: i.user,
+            created: now,
+            to_peer: Traffic::default(),
+            to_client: Traffic::default(),
         });
+        self.counters.allocations_created += 1;
         self.timers.schedule(expires, Timer::Allocation(id));
         CommandOutput { five_tuple, reply_len, effect: Effect::Installed(id) }
     }

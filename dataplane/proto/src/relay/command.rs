@@ -2,6 +2,7 @@
 //! (RFC 8656 §7-§12 requests after they have been authenticated).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::wire::{ChannelNumber, IntegrityKey, TransactionId};
@@ -25,6 +26,10 @@ pub struct Install {
     /// The user's long-term key: signs the worker's own answers (a 437 when the 5-tuple is
     /// taken) and verifies later requests on the allocation.
     pub key: IntegrityKey,
+    /// Session id, unique in this relay process and the ones it hands over to.
+    pub session: u64,
+    /// The authenticated username.
+    pub user: Arc<str>,
 }
 
 /// An authenticated request on an existing allocation. The worker applies it to its tables and

@@ -8,6 +8,7 @@
 
 mod apply;
 mod command;
+mod session;
 mod tables;
 
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +16,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 pub use command::{Command, Effect, Install};
+pub use session::{AllocationSnapshot, ImportError, SessionInfo, Traffic};
 pub use tables::{Allocation, ChannelBinding, Tables};
 
 use crate::nonce::{Challenger, NonceCheck};
@@ -26,6 +28,7 @@ use crate::wire::{
 };
 
 /// A client's 5-tuple on UDP (RFC 8656 §2): its address and the server address it sent to.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FiveTuple {
     /// The client's transport address (as the server sees it, after any NAT).
@@ -56,6 +59,29 @@ pub struct Ended {
     pub five_tuple: FiveTuple,
     /// Transaction ID of the Allocate that made it.
     pub tid: TransactionId,
+    /// Its session id.
+    pub session: u64,
+    /// When it was made (its duration is the end time minus this).
+    pub created: Instant,
+    /// Application data relayed from the client to peers over its life.
+    pub to_peer: Traffic,
+    /// Application data relayed from peers to the client over its life.
+    pub to_client: Traffic,
+}
+
+impl Ended {
+    /// The end of allocation `id`, with its totals.
+    pub fn of(id: AllocationId, a: &Allocation) -> Self {
+        Ended {
+            id,
+            five_tuple: a.five_tuple,
+            tid: a.alloc_tid,
+            session: a.session,
+            created: a.created,
+            to_peer: a.to_peer,
+            to_client: a.to_client,
+        }
+    }
 }
 
 /// Bytes a peer datagram needs in front of its payload so it can be framed in place: a 20-byte
@@ -141,6 +167,12 @@ pub struct Counters {
     /// Allocations deleted by a Refresh with LIFETIME 0 that the worker verified and answered
     /// itself.
     pub deleted_in_worker: u64,
+    /// Application-data bytes relayed to peers (the payloads of `relayed_to_peer`).
+    pub bytes_to_peer: u64,
+    /// Application-data bytes relayed to clients (the payloads of `relayed_to_client`).
+    pub bytes_to_client: u64,
+    /// Allocations installed.
+    pub allocations_created: u64,
 }
 
 /// What to do with a client datagram.
@@ -317,7 +349,7 @@ impl WorkerState {
                 if !self.within_bandwidth(now, alloc, len) {
                     return ClientOutput::Drop;
                 }
-                self.counters.relayed_to_peer += 1;
+                self.count_to_peer(alloc, len);
                 ClientOutput::Relay { alloc, peer, payload: channel_data::HEADER_LEN..channel_data::HEADER_LEN + len }
             }
             _ => {
@@ -466,10 +498,31 @@ impl WorkerState {
         if !self.within_bandwidth(now, alloc, data.len()) {
             return ClientOutput::Drop;
         }
-        self.counters.relayed_to_peer += 1;
+        self.count_to_peer(alloc, data.len());
         // `data` borrows from `datagram`; its position is the payload range.
         let start = data.as_ptr() as usize - datagram.as_ptr() as usize;
         ClientOutput::Relay { alloc, peer, payload: start..start + data.len() }
+    }
+
+    /// Counts a relayed client datagram of `len` payload bytes, in the worker's counters and the
+    /// allocation's totals.
+    #[inline]
+    fn count_to_peer(&mut self, alloc: AllocationId, len: usize) {
+        self.counters.relayed_to_peer += 1;
+        self.counters.bytes_to_peer += len as u64;
+        if let Some(a) = self.tables.get_mut(alloc) {
+            a.to_peer.add(len);
+        }
+    }
+
+    /// Counts a relayed peer datagram of `len` payload bytes.
+    #[inline]
+    fn count_to_client(&mut self, alloc: AllocationId, len: usize) {
+        self.counters.relayed_to_client += 1;
+        self.counters.bytes_to_client += len as u64;
+        if let Some(a) = self.tables.get_mut(alloc) {
+            a.to_client.add(len);
+        }
     }
 
     /// The per-allocation token bucket: refills at `bandwidth` bytes/s up to one second's worth,
@@ -537,7 +590,7 @@ impl WorkerState {
             {
                 let start = payload.start - channel_data::HEADER_LEN;
                 channel_data::write_header(&mut buf[start..], *ch, len as u16);
-                self.counters.relayed_to_client += 1;
+                self.count_to_client(alloc, len);
                 return PeerOutput::ToClient { five_tuple, message: start..payload.end };
             }
         }
@@ -562,7 +615,7 @@ impl WorkerState {
         hdr[24 + alen..26 + alen].copy_from_slice(&attr::DATA.to_be_bytes());
         hdr[26 + alen..28 + alen].copy_from_slice(&(len as u16).to_be_bytes());
         buf[payload.end..padded_end].fill(0);
-        self.counters.relayed_to_client += 1;
+        self.count_to_client(alloc, len);
         PeerOutput::ToClient { five_tuple, message: start..padded_end }
     }
 
@@ -589,7 +642,7 @@ impl WorkerState {
                 Timer::Allocation(id) => {
                     let Some(a) = self.tables.get(id) else { continue };
                     if a.expires <= now {
-                        let ended = Ended { id, five_tuple: a.five_tuple, tid: a.alloc_tid };
+                        let ended = Ended::of(id, a);
                         self.tables.remove(id);
                         self.counters.allocations_expired += 1;
                         expired.push(ended);
@@ -653,7 +706,7 @@ impl WorkerState {
         let mut all: Vec<Ended> = std::mem::take(&mut self.reaped);
         for id in ids {
             if let Some(a) = self.tables.remove(id) {
-                all.push(Ended { id, five_tuple: a.five_tuple, tid: a.alloc_tid });
+                all.push(Ended::of(id, &a));
             }
         }
         all

@@ -3,13 +3,14 @@
 //! (allocation, peer IP) to permission expiry. Removing an allocation removes everything it owns.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use hashbrown::HashMap;
 
 use crate::wire::{ChannelNumber, IntegrityKey, TransactionId};
 
-use super::{AllocationId, FiveTuple};
+use super::{AllocationId, FiveTuple, Traffic};
 
 /// One allocation (RFC 8656 §2.2).
 #[derive(Debug)]
@@ -36,6 +37,16 @@ pub struct Allocation {
     pub tokens: u64,
     /// When `tokens` was last refilled.
     pub refilled: Instant,
+    /// The session id the control plane gave it (in every log line and admin answer about it).
+    pub session: u64,
+    /// The user who made it (as authenticated: a REST username keeps its expiry prefix).
+    pub user: Arc<str>,
+    /// When it was made.
+    pub created: Instant,
+    /// Application data relayed from the client to peers.
+    pub to_peer: Traffic,
+    /// Application data relayed from peers to the client.
+    pub to_client: Traffic,
 }
 
 /// A channel binding (RFC 8656 §12).
@@ -72,6 +83,13 @@ impl Tables {
     /// Number of live allocations.
     pub fn allocation_count(&self) -> usize {
         self.by_five_tuple.len()
+    }
+
+    /// Every allocation in the slab with its id.
+    pub fn iter(&self) -> impl Iterator<Item = (AllocationId, &Allocation)> {
+        self.slots.iter().enumerate().filter_map(|(i, s)| {
+            s.allocation.as_ref().map(|a| (AllocationId { index: i as u32, generation: s.generation }, a))
+        })
     }
 
     /// Inserts `a` and returns its id. The caller has checked the 5-tuple is free.
@@ -190,14 +208,7 @@ impl Tables {
     /// Checks that every index agrees with the slab; returns a description of the first
     /// disagreement. For tests and fuzzing.
     pub fn check_consistency(&self) -> Result<(), String> {
-        let live: Vec<(AllocationId, &Allocation)> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                s.allocation.as_ref().map(|a| (AllocationId { index: i as u32, generation: s.generation }, a))
-            })
-            .collect();
+        let live: Vec<(AllocationId, &Allocation)> = self.iter().collect();
         if live.len() != self.by_five_tuple.len() {
             return Err(format!("{} live allocations but {} 5-tuples", live.len(), self.by_five_tuple.len()));
         }

@@ -26,6 +26,11 @@ fn request(method: Method, t: TransactionId) -> Vec<u8> {
     buf
 }
 
+/// The ids, 5-tuples and Allocate transactions of ended allocations.
+fn ends(v: Vec<Ended>) -> Vec<(AllocationId, FiveTuple, TransactionId)> {
+    v.into_iter().map(|e| (e.id, e.five_tuple, e.tid)).collect()
+}
+
 fn parse_error_code(reply: &[u8]) -> Option<u16> {
     let m = Message::parse(reply).ok()?;
     let v = m.get(attr::ERROR_CODE)?;
@@ -66,6 +71,8 @@ impl Harness {
                 lifetime: Duration::from_secs(lifetime),
                 response: vec![9u8; 40].into_boxed_slice(),
                 key,
+                session: 1,
+                user: "user".into(),
             }),
         );
         match out.effect {
@@ -244,7 +251,7 @@ fn allocation_expires_and_refresh_extends_it() {
     let m = Message::parse(&h.out[..out.reply_len]).unwrap();
     assert_eq!(m.u32_attr(attr::LIFETIME), Some(Ok(600)));
     assert!(h.tick(601).is_empty(), "refreshed at 500 s: lives to 1100 s");
-    assert_eq!(h.tick(1101), vec![Ended { id, five_tuple: ft(), tid: tid(1) }]);
+    assert_eq!(ends(h.tick(1101)), vec![(id, ft(), tid(1))]);
     assert_eq!(h.state.tables().allocation_count(), 0);
     assert!(h.state.tables().channels.is_empty() && h.state.tables().permissions.is_empty());
     assert_eq!(h.state.counters().allocations_expired, 1);
@@ -256,7 +263,7 @@ fn refresh_zero_deletes_and_requests_without_allocation_get_437() {
     let mut h = Harness::new();
     let id = h.install(0, 600);
     let out = h.command(10, Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::ZERO, key: KEY });
-    assert_eq!(out.effect, Effect::Removed(Ended { id, five_tuple: ft(), tid: tid(1) }));
+    assert!(matches!(out.effect, Effect::Removed(e) if (e.id, e.five_tuple, e.tid) == (id, ft(), tid(1))));
     assert_eq!(Message::parse(&h.out[..out.reply_len]).unwrap().u32_attr(attr::LIFETIME), Some(Ok(0)));
     for cmd in [
         Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::ZERO, key: KEY },
@@ -451,6 +458,8 @@ fn second_install() -> Install {
         lifetime: Duration::from_secs(600),
         response: vec![1u8; 40].into_boxed_slice(),
         key: KEY,
+        session: 1,
+        user: "user".into(),
     }
 }
 
@@ -475,7 +484,7 @@ fn expiry_is_exact_before_the_sweep() {
     assert_eq!(parse_error_code(&h.out[..out.reply_len]), Some(437));
     assert!(signed_with(&h.out[..out.reply_len], &KEY));
     assert!(h.state.poll_timeout().is_some_and(|t| t <= h.at(10)), "the ended allocation is due at once");
-    assert_eq!(h.tick(10), vec![Ended { id, five_tuple: ft(), tid: tid(1) }]);
+    assert_eq!(ends(h.tick(10)), vec![(id, ft(), tid(1))]);
     assert_eq!(h.tick(11), vec![], "reported once");
     // A new Allocate on the 5-tuple installs; one over a live allocation gets a signed 437.
     h.install(11, 600);
@@ -491,7 +500,7 @@ fn an_allocate_over_an_expired_unswept_allocation_replaces_it() {
     let old = h.install(0, 10);
     let out = h.command(10, Command::Install(second_install()));
     assert!(matches!(out.effect, Effect::Installed(_)));
-    assert_eq!(h.tick(10), vec![Ended { id: old, five_tuple: ft(), tid: tid(1) }], "the old one is reported");
+    assert_eq!(ends(h.tick(10)), vec![(old, ft(), tid(1))], "the old one is reported");
     assert_eq!(h.state.tables().allocation_count(), 1);
 }
 
@@ -561,6 +570,8 @@ fn no_stored_success_after_the_deadline_and_a_repeated_install_releases_nothing(
         lifetime: Duration::from_secs(600),
         response: vec![2u8; 40].into_boxed_slice(),
         key: KEY,
+        session: 1,
+        user: "user".into(),
     };
     let out = h.command(5, Command::Install(again));
     assert_eq!(out.effect, Effect::DuplicateInstall, "the live allocation's owner must not be released");
@@ -576,7 +587,7 @@ fn an_install_for_a_new_allocate_ends_one_within_a_second_of_its_deadline() {
     // The control plane saw the lapse a little earlier than the worker's deadline.
     let out = h.command(9, Command::Install(second_install()));
     assert!(matches!(out.effect, Effect::Installed(_)));
-    assert_eq!(h.tick(9), vec![Ended { id: old, five_tuple: ft(), tid: tid(1) }]);
+    assert_eq!(ends(h.tick(9)), vec![(old, ft(), tid(1))]);
 }
 
 fn signed_refresh(t: TransactionId, lifetime: u32, key: &IntegrityKey) -> Vec<u8> {
@@ -624,4 +635,39 @@ fn a_sha256_allocation_answers_with_message_integrity_sha256() {
     let parts = m.integrity_parts().unwrap();
     assert_eq!(parts.algorithm, crate::wire::integrity::MacAlgorithm::HmacSha256);
     assert!(key.verify(&parts));
+}
+
+#[test]
+fn an_exported_allocation_serves_the_same_in_a_new_worker_with_its_deadlines_and_totals() {
+    let mut h = Harness::new();
+    let id = h.install(0, 600);
+    h.bind(100, 0x4001, peer());
+    let cd = [0x40, 0x01, 0x00, 0x04, 1, 2, 3, 4];
+    assert!(matches!(h.client(100, &cd), ClientOutput::Relay { .. }));
+    assert!(h.peer(100, id, peer(), b"hello").is_some());
+    let snaps = h.state.export(h.at(200));
+    assert_eq!(snaps.len(), 1);
+    let (sid, snap) = snaps[0].clone();
+    assert_eq!(sid, id);
+    assert_eq!((snap.lifetime_left_ms, snap.age_ms), (400_000, 200_000));
+    assert_eq!(snap.permissions, vec![(peer().ip(), 200_000)], "ChannelBind at 100 s: permission to 400 s");
+    assert_eq!(snap.channels, vec![(0x4001, peer(), 500_000)], "binding to 700 s");
+    assert_eq!((snap.to_peer, snap.to_client), (Traffic { packets: 1, bytes: 4 }, Traffic { packets: 1, bytes: 5 }));
+
+    // The next process's clock: its `t0` is the old one's 200 s.
+    let mut next = Harness::new();
+    let nid = next.state.import(next.at(0), snap).unwrap();
+    next.state.tables().check_consistency().unwrap();
+    assert!(matches!(next.client(1, &cd), ClientOutput::Relay { peer: p, .. } if p == peer()));
+    let framed = next.peer(1, nid, peer(), b"hi").unwrap();
+    assert_eq!(&framed[..4], &[0x40, 0x01, 0x00, 0x02], "peer data goes back on the channel");
+    let s = &next.state.sessions(next.at(1))[0];
+    assert_eq!((s.id, s.user.as_str(), s.age_s), (1, "user", 201));
+    assert_eq!((s.to_peer.packets, s.to_client.packets), (2, 2), "totals carry over");
+    // Retransmitted Allocate still gets the original answer.
+    assert!(matches!(next.client(1, &request(Method::ALLOCATE, tid(1))), ClientOutput::Reply(40)));
+    // Deadlines carried over: the permission lapses at old 400 s, the allocation at old 600 s.
+    assert!(next.tick(201).is_empty());
+    assert_eq!(next.client(201, &cd), ClientOutput::Drop, "permission gone");
+    assert_eq!(ends(next.tick(401)), vec![(nid, ft(), tid(1))]);
 }

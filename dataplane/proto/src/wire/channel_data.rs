@@ -11,6 +11,7 @@ pub const HEADER_LEN: usize = 4;
 /// coturn accepts up to 0x7FFF and its `turnutils_uclient` picks numbers up to 0x7FFF. uturn
 /// follows RFC 8656 by default (a ChannelBind outside 0x4000-0x4FFF gets 400) and accepts the
 /// RFC 5766 range only when the operator sets `rfc5766-channels`.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelNumber(u16);
 

@@ -15,6 +15,7 @@ pub const FINGERPRINT_XOR: u32 = 0x5354_554E;
 
 /// The hash that derives a long-term key from username, realm and password (RFC 8489 §18.5,
 /// the PASSWORD-ALGORITHM registry: MD5 is 0x0001, SHA-256 is 0x0002).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PasswordAlgorithm {
     /// MD5, 16-byte key: what RFC 5389 clients use, and the default without PASSWORD-ALGORITHM.
@@ -43,6 +44,7 @@ impl PasswordAlgorithm {
 }
 
 /// Which integrity attribute a message carries, or is to be signed with.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MacAlgorithm {
     /// MESSAGE-INTEGRITY: HMAC-SHA1, 20 bytes (RFC 8489 §14.5).
@@ -56,6 +58,7 @@ pub enum MacAlgorithm {
 /// that messages signed with it carry. The same key verifies either attribute; the MAC choice
 /// only matters when signing (a response carries the attribute its request carried, §9.2.4).
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct IntegrityKey {
     bytes: [u8; 32],
     algorithm: PasswordAlgorithm,

@@ -16,6 +16,7 @@ pub const HEADER_LEN: usize = 20;
 pub const MAX_UNKNOWN: usize = 8;
 
 /// The 96-bit STUN transaction ID (RFC 8489 §5).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct TransactionId(pub [u8; 12]);
 
