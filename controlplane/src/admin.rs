@@ -82,11 +82,24 @@ pub enum AdminCommand {
         #[arg(long)]
         sha256: bool,
     },
-    /// End every allocation of a user on the running relay (needs its --admin-listen).
+    /// End every allocation of a user, or one session, on the running relay (needs its
+    /// --admin-listen).
     Revoke {
         /// Username, or the user id of REST credentials.
-        user: String,
+        #[arg(required_unless_present = "session")]
+        user: Option<String>,
+        /// End only the allocation with this session id.
+        #[arg(long, conflicts_with = "user")]
+        session: Option<u64>,
     },
+    /// List the running relay's sessions (allocations) as JSON, or one of them.
+    Sessions {
+        /// Session id.
+        id: Option<u64>,
+    },
+    /// Make the running relay drain: new allocations are refused, and it exits when the last
+    /// one ends or drain-timeout passes.
+    Drain,
 }
 
 /// `uturn admin user` actions.
@@ -202,7 +215,26 @@ fn admin(a: AdminArgs) -> Result<(), Failure> {
             println!("{}", hex(IntegrityKey::derive(alg, &user, &realm, &password).as_bytes()));
             Ok(())
         }
-        AdminCommand::Revoke { user } => revoke(&a.admin_url, a.admin_token.as_deref(), &user),
+        AdminCommand::Revoke { user, session } => {
+            let base = a.admin_url.trim_end_matches('/');
+            let url = match (session, user) {
+                (Some(id), _) => format!("{base}/sessions/{id}"),
+                (None, Some(u)) => format!("{base}/users/{}/sessions", crate::admin_api::percent_encode(&u)),
+                (None, None) => return Err(usage("a USER or --session ID is required")),
+            };
+            call(&url, "DELETE", a.admin_token.as_deref())
+        }
+        AdminCommand::Sessions { id } => {
+            let base = a.admin_url.trim_end_matches('/');
+            let url = match id {
+                Some(id) => format!("{base}/sessions/{id}"),
+                None => format!("{base}/sessions"),
+            };
+            call(&url, "GET", a.admin_token.as_deref())
+        }
+        AdminCommand::Drain => {
+            call(&format!("{}/drain", a.admin_url.trim_end_matches('/')), "POST", a.admin_token.as_deref())
+        }
         AdminCommand::User(cmd) => {
             let url: StoreUrl = a.store.as_deref().ok_or_else(|| usage("--store URL is required"))?.parse()?;
             let create = matches!(cmd, UserCommand::Add(_) | UserCommand::Import { .. });
@@ -273,10 +305,10 @@ fn checked_keys(name: &str, realm: &str, password: &str, md5_only: bool) -> Resu
     Ok(store::UserKeys::derive(name, realm, password, !md5_only))
 }
 
-fn revoke(admin_url: &str, token: Option<&str>, user: &str) -> Result<(), Failure> {
-    let url = format!("{}/users/{}/sessions", admin_url.trim_end_matches('/'), crate::admin_api::percent_encode(user));
+/// Calls the running relay's admin endpoint and prints its JSON answer.
+fn call(url: &str, method: &str, token: Option<&str>) -> Result<(), Failure> {
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
-    let mut req = agent.delete(&url);
+    let mut req = agent.request(method, url);
     if let Some(t) = token {
         req = req.set("Authorization", &format!("Bearer {t}"));
     }

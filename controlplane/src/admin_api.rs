@@ -1,20 +1,29 @@
 //! The admin endpoint (`--admin-listen IP:PORT`): a small HTTP/1.1 API for operators and for
 //! `uturn admin revoke`. It is loopback only unless a bearer token (`--admin-token`) is set.
 //!
-//! Routes:
+//! Routes (JSON answers):
 //! - `GET /health`: 200 `ok` while the control loop runs.
+//! - `GET /ready`: 200 while serving, 503 while draining (load balancers stop sending).
+//! - `GET /sessions`: every allocation: id, user, client, server, relayed, age_s,
+//!   expires_in_s, permissions, channels, to_peer and to_client traffic.
+//! - `GET /sessions/ID`: one allocation, or 404.
+//! - `DELETE /sessions/ID`: ends that allocation (`{"session":ID,"revoked":0|1}`).
 //! - `DELETE /users/NAME/sessions`: ends every allocation of user NAME (percent-encoded; a
 //!   REST user id matches its ephemeral usernames); answers `{"user":NAME,"revoked":N}`.
+//! - `POST /drain`: stop granting allocations; the process exits when the last one ends or
+//!   `drain-timeout` passes (`{"draining":true,"allocations":N}`).
 //!
-//! The HTTP thread never touches control-plane state: it hands each request to the control
-//! loop over a queue and waits (at most 2 s) for the answer.
+//! The HTTP thread never touches control-plane or worker state: it hands each request to the
+//! control loop over a queue and waits (at most 2 s) for the answer; for sessions the control
+//! loop asks every worker, and the workers answer this thread directly.
 
-use std::net::SocketAddr;
+use std::net::TcpListener;
 use std::thread::{JoinHandle, Thread};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use tracing::{info, warn};
+use uturn_proto::relay::SessionInfo;
 
 /// How long the HTTP thread waits for the control loop.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,15 +33,37 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum AdminAction {
     /// End every allocation of this user.
     Revoke(String),
+    /// End the allocation with this session id.
+    RevokeSession(u64),
+    /// List the sessions (all, or the one with this id).
+    Sessions(Option<u64>),
+    /// Stop granting allocations.
+    Drain,
+    /// Say whether the relay takes new allocations.
+    Ready,
 }
 
-/// One admin request, with where its answer goes (a JSON body).
+/// What the control loop answers.
+#[derive(Debug)]
+pub enum AdminReply {
+    /// Status code and JSON body.
+    Json(u16, String),
+    /// The workers answer on `rx`, `workers` of them, each with its sessions.
+    Sessions {
+        /// Where the workers' answers come.
+        rx: Receiver<(usize, Vec<SessionInfo>)>,
+        /// How many answers to wait for.
+        workers: usize,
+    },
+}
+
+/// One admin request, with where its answer goes.
 #[derive(Debug)]
 pub struct AdminRequest {
     /// What to do.
     pub action: AdminAction,
     /// The answer channel.
-    pub reply: Sender<String>,
+    pub reply: Sender<AdminReply>,
 }
 
 /// A running admin endpoint.
@@ -44,10 +75,12 @@ pub struct AdminApi {
 }
 
 impl AdminApi {
-    /// Listens on `addr`; each request unparks `control`. `token`: the bearer token required
-    /// in `Authorization` (required by the configuration off loopback).
-    pub fn start(addr: SocketAddr, token: Option<String>, control: Thread) -> std::io::Result<Self> {
-        let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
+    /// Serves on `listener` (bound to the admin address, or handed over by the previous
+    /// process); each request unparks `control`. `token`: the bearer token required in
+    /// `Authorization` (required by the configuration off loopback).
+    pub fn start(listener: TcpListener, token: Option<String>, control: Thread) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let server = tiny_http::Server::from_listener(listener, None).map_err(std::io::Error::other)?;
         let server = std::sync::Arc::new(server);
         let (tx, requests) = crossbeam_channel::bounded(64);
         let s = server.clone();
@@ -96,25 +129,62 @@ fn route(
     }
     let url = request.url();
     let path = url.split('?').next().unwrap_or("");
+    use tiny_http::Method::{Delete, Get, Post};
+    let session_id = path.strip_prefix("/sessions/").map(|id| id.parse::<u64>());
     match (request.method(), path.strip_prefix("/users/").and_then(|r| r.strip_suffix("/sessions"))) {
-        (tiny_http::Method::Delete, Some(name)) => {
+        (Delete, Some(name)) => {
             let Some(user) = percent_decode(name) else { return (400, "{\"error\":\"bad user name\"}".into()) };
             ask(tx, control, AdminAction::Revoke(user))
         }
-        _ if path == "/health" && *request.method() == tiny_http::Method::Get => (200, "ok".into()),
+        (Get, _) if path == "/health" => (200, "ok".into()),
+        (Get, _) if path == "/ready" => ask(tx, control, AdminAction::Ready),
+        (Get, _) if path == "/sessions" => ask(tx, control, AdminAction::Sessions(None)),
+        (Post, _) if path == "/drain" => ask(tx, control, AdminAction::Drain),
+        (Get | Delete, _) if matches!(session_id, Some(Err(_))) => (400, "{\"error\":\"bad session id\"}".into()),
+        (Get, _) if matches!(session_id, Some(Ok(_))) => {
+            ask(tx, control, AdminAction::Sessions(session_id.and_then(Result::ok)))
+        }
+        (Delete, _) if matches!(session_id, Some(Ok(_))) => {
+            ask(tx, control, AdminAction::RevokeSession(session_id.and_then(Result::ok).unwrap_or(0)))
+        }
         _ => (404, "{\"error\":\"no such route\"}".into()),
     }
 }
 
 fn ask(tx: &Sender<AdminRequest>, control: &Thread, action: AdminAction) -> (u16, String) {
+    let filter = match action {
+        AdminAction::Sessions(f) => Some(f),
+        _ => None,
+    };
     let (reply, answer) = crossbeam_channel::bounded(1);
     if tx.try_send(AdminRequest { action, reply }).is_err() {
         return (503, "{\"error\":\"busy\"}".into());
     }
     control.unpark();
     match answer.recv_timeout(ANSWER_TIMEOUT) {
-        Ok(body) => (200, body),
+        Ok(AdminReply::Json(status, body)) => (status, body),
+        Ok(AdminReply::Sessions { rx, workers }) => sessions(&rx, workers, filter.flatten()),
         Err(_) => (503, "{\"error\":\"the control loop did not answer\"}".into()),
+    }
+}
+
+/// Collects the workers' session lists (each worker answers between two loop iterations).
+fn sessions(rx: &Receiver<(usize, Vec<SessionInfo>)>, workers: usize, id: Option<u64>) -> (u16, String) {
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    let mut all: Vec<SessionInfo> = Vec::new();
+    for _ in 0..workers {
+        match rx.recv_deadline(deadline) {
+            Ok((_, list)) => all.extend(list),
+            Err(_) => return (503, "{\"error\":\"a worker did not answer\"}".into()),
+        }
+    }
+    all.sort_by_key(|s| s.id);
+    match id {
+        None => (200, serde_json::to_string(&all).unwrap_or_default()),
+        Some(id) => match all.into_iter().find(|s| s.id == id) {
+            Some(s) => (200, serde_json::to_string(&s).unwrap_or_default()),
+            None => (404, format!("{{\"error\":\"no session {id}\"}}")),
+        },
     }
 }
 

@@ -76,6 +76,21 @@ pub struct Cli {
     /// Bearer token the admin endpoint requires.
     #[arg(long)]
     pub admin_token: Option<String>,
+    /// Prometheus endpoint IP:PORT (`GET /metrics`; off by default).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format: text or json (one JSON object per line).
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// ALTERNATE-SERVER IP:PORT offered with 300 Try Alternate while draining.
+    #[arg(long)]
+    pub alternate_server: Option<SocketAddr>,
+    /// Seconds a drain waits for allocations to end before the process exits.
+    #[arg(long)]
+    pub drain_timeout: Option<u64>,
+    /// Steer each datagram to the worker on the CPU that received it (SO_ATTACH_REUSEPORT_CBPF).
+    #[arg(long)]
+    pub reuseport_cpu: bool,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -116,6 +131,11 @@ pub struct FileConfig {
     password_algorithms: Option<Vec<String>>,
     admin_listen: Option<SocketAddr>,
     admin_token: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    log_format: Option<String>,
+    alternate_server: Option<SocketAddr>,
+    drain_timeout: Option<u64>,
+    reuseport_cpu: Option<bool>,
 }
 
 /// A key that takes one string or a list of them.
@@ -163,6 +183,20 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token the admin endpoint requires.
     pub admin_token: Option<String>,
+    /// Prometheus endpoint address (off by default).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Logs as JSON objects, one per line (`log-format = "json"`), instead of text.
+    pub log_json: bool,
+    /// ALTERNATE-SERVER offered with 300 while draining; without it a draining relay answers
+    /// new Allocates with 508.
+    pub alternate_server: Option<SocketAddr>,
+    /// How long a drain waits for the allocations to end before the process exits, default
+    /// 3600 s.
+    pub drain_timeout: Duration,
+    /// Steer each datagram to the worker pinned to the CPU that received it (a classic BPF
+    /// program on the SO_REUSEPORT group) instead of the kernel's 5-tuple hash; for hosts whose
+    /// NIC queues are pinned one per core (scripts/tune-host.sh). Off by default.
+    pub reuseport_cpu: bool,
     /// Worker threads (resolved: at least 1).
     pub workers: usize,
     /// Relay port range, inclusive.
@@ -294,6 +328,15 @@ impl Config {
             password_algorithms: parse_algorithms(f.password_algorithms.as_deref())?,
             admin_listen: cli.admin_listen.or(f.admin_listen),
             admin_token: cli.admin_token.clone().or(f.admin_token),
+            metrics_listen: cli.metrics_listen.or(f.metrics_listen),
+            log_json: match cli.log_format.clone().or(f.log_format).as_deref().unwrap_or("text") {
+                "text" => false,
+                "json" => true,
+                other => bail!("log-format {other:?}: expected text or json"),
+            },
+            alternate_server: cli.alternate_server.or(f.alternate_server),
+            drain_timeout: secs(cli.drain_timeout.or(f.drain_timeout), 3600),
+            reuseport_cpu: cli.reuseport_cpu || f.reuseport_cpu.unwrap_or(false),
             workers,
             port_range,
             io_backend,

@@ -17,6 +17,7 @@ use uturn_proto::FiveTuple;
 
 use crate::credentials::cache::LookupKey;
 use crate::credentials::{Credentials, Resolved};
+use crate::metrics::{AuthOutcome, ControlMetrics};
 use crate::policy::PeerPolicy;
 use crate::ports::PortSlice;
 use auth::{Auth, Parked};
@@ -62,6 +63,34 @@ struct Owner {
     expires: Instant,
     /// The worker holding the allocation.
     worker: usize,
+    /// Its session id.
+    session: u64,
+}
+
+/// The control plane's record of one allocation, as a hot upgrade hands it over.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OwnerSnapshot {
+    /// The client's 5-tuple.
+    pub five_tuple: FiveTuple,
+    /// The authenticated username.
+    pub user: String,
+    /// Transaction ID of the Allocate that made it.
+    pub tid: TransactionId,
+    /// Milliseconds until it expires (as the control plane last granted).
+    pub lifetime_left_ms: u64,
+    /// The worker holding it.
+    pub worker: usize,
+    /// Its session id.
+    pub session: u64,
+}
+
+/// What the control plane hands to the next process in a hot upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ControlSnapshot {
+    /// Every allocation's owner record.
+    pub owners: Vec<OwnerSnapshot>,
+    /// The next session id to give.
+    pub next_session: u64,
 }
 
 /// Who an authenticated Allocate is from: the user, the key to sign with, and the most lifetime
@@ -104,8 +133,15 @@ pub struct ControlPlane {
     /// Relay sockets held for RESERVATION-TOKENs, with their deadlines.
     reservations: HashMap<[u8; 8], (Instant, UdpSocket)>,
     buf: Vec<u8>,
+    /// The session id the next allocation gets.
+    next_session: u64,
+    /// While draining: new Allocates are refused, with 300 and this ALTERNATE-SERVER when one
+    /// is set, else 508.
+    draining: Option<Option<SocketAddr>>,
     /// Counters.
     pub stats: ControlStats,
+    /// What the metrics endpoint shows.
+    pub metrics: Arc<ControlMetrics>,
 }
 
 impl ControlPlane {
@@ -129,8 +165,73 @@ impl ControlPlane {
             reservations: HashMap::new(),
             buf: vec![0; RESPONSE_BUF],
             policy,
+            next_session: 1,
+            draining: None,
             stats: ControlStats::default(),
+            metrics: Arc::new(ControlMetrics::default()),
         }
+    }
+
+    /// Stops granting allocations: from now on an Allocate gets 300 Try Alternate with
+    /// ALTERNATE-SERVER `alternate` (RFC 8489 §10), or 508 without one. Existing allocations
+    /// are untouched.
+    pub fn drain(&mut self, alternate: Option<SocketAddr>) {
+        if self.draining.is_none() {
+            info!(alternate = ?alternate, allocations = self.owners.len(), "draining: new allocations refused");
+        }
+        self.draining = Some(alternate);
+        self.metrics.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// True while draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_some()
+    }
+
+    /// `Some(alternate)` while draining.
+    pub fn draining(&self) -> Option<Option<SocketAddr>> {
+        self.draining
+    }
+
+    /// The owner records and session counter, for the next process (hot upgrade).
+    pub fn export(&self, now: Instant) -> ControlSnapshot {
+        let owners = self
+            .owners
+            .iter()
+            .map(|(ft, o)| OwnerSnapshot {
+                five_tuple: *ft,
+                user: o.user.to_string(),
+                tid: o.tid,
+                lifetime_left_ms: o.expires.saturating_duration_since(now).as_millis() as u64,
+                worker: o.worker,
+                session: o.session,
+            })
+            .collect();
+        ControlSnapshot { owners, next_session: self.next_session }
+    }
+
+    /// Takes over the previous process's owner records (hot upgrade); the quotas count them.
+    pub fn import(&mut self, now: Instant, snap: ControlSnapshot) {
+        self.next_session = self.next_session.max(snap.next_session);
+        for o in snap.owners {
+            let user: Arc<str> = o.user.into();
+            *self.per_user.entry(user.clone()).or_default() += 1;
+            let expires = now + Duration::from_millis(o.lifetime_left_ms);
+            let owner = Owner { user, tid: o.tid, expires, worker: o.worker, session: o.session };
+            if let Some(old) = self.owners.insert(o.five_tuple, owner) {
+                // Not expected (5-tuples are unique); keep the quota honest anyway.
+                if let Some(n) = self.per_user.get_mut(&old.user) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Ends the allocation with session id `session`; returns the command for its worker.
+    pub fn revoke_session(&mut self, session: u64) -> Option<(usize, ToWorker)> {
+        let (ft, o) = self.owners.iter().find(|(_, o)| o.session == session)?;
+        info!(session, client = %ft.client, user = %o.user, "session revoked");
+        Some((o.worker, ToWorker::Command(Command::Revoke { five_tuple: *ft, tid: o.tid })))
     }
 
     /// Number of allocations the control plane accounts for.
@@ -165,9 +266,17 @@ impl ControlPlane {
         self.released(&install.five_tuple, install.tid);
     }
 
-    /// Handles one request a worker forwarded; returns what to push to worker `worker`.
-    pub fn handle_request(&mut self, now: Instant, worker: usize, ft: FiveTuple, bytes: &[u8]) -> Option<ToWorker> {
-        self.handle(now, worker, ft, bytes, None)
+    /// Handles one request a worker forwarded (received by the worker at `received`); returns
+    /// what to push to worker `worker`.
+    pub fn handle_request(
+        &mut self,
+        now: Instant,
+        worker: usize,
+        ft: FiveTuple,
+        bytes: &[u8],
+        received: Instant,
+    ) -> Option<ToWorker> {
+        self.handle(now, worker, ft, bytes, None, received)
     }
 
     /// [`handle_request`](Self::handle_request); with `known`, the user's resolution comes from
@@ -179,12 +288,32 @@ impl ControlPlane {
         ft: FiveTuple,
         bytes: &[u8],
         known: Option<Resolved>,
+        received: Instant,
     ) -> Option<ToWorker> {
         self.stats.requests += 1;
         let msg = Message::parse(bytes).ok()?;
         if msg.class() != Class::Request {
             return None;
         }
+        let answer = self.answer(now, worker, ft, &msg, bytes, known, received);
+        if answer.is_some() && msg.method() == Method::ALLOCATE {
+            self.metrics.allocate_latency(Instant::now().saturating_duration_since(received));
+        }
+        answer
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &mut self,
+        now: Instant,
+        worker: usize,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        bytes: &[u8],
+        known: Option<Resolved>,
+        received: Instant,
+    ) -> Option<ToWorker> {
+        let msg = *msg;
         // No response cache: every answer built here is a function of the request, the state and
         // (for nonces) a time window, so a retransmission gets the same bytes; the one answer
         // that is not (Allocate success) is kept and resent by the worker.
@@ -193,7 +322,7 @@ impl ControlPlane {
             Auth::Ok { user, key, expires_unix } => (user, key, expires_unix),
             Auth::Reply(bytes) => return Some(reply(ft, bytes)),
             Auth::Pending(lookup) => {
-                self.park(now, lookup, worker, ft, bytes);
+                self.park(now, lookup, worker, ft, bytes, received);
                 return None;
             }
             Auth::Drop => {
@@ -210,7 +339,10 @@ impl ControlPlane {
                 // RFC 8656 §5: requests on an allocation need its 5-tuple and its credentials.
                 let owner = match self.owners.get(&ft) {
                     None => Err(ErrorCode::AllocationMismatch),
-                    Some(o) if o.user != user => Err(ErrorCode::WrongCredentials),
+                    Some(o) if o.user != user => {
+                        self.metrics.auth(AuthOutcome::WrongCredentials);
+                        Err(ErrorCode::WrongCredentials)
+                    }
                     Some(_) if !msg.unknown_required().is_empty() => Err(ErrorCode::UnknownAttribute),
                     Some(_) => Ok(()),
                 };
@@ -259,6 +391,9 @@ impl ControlPlane {
     /// A 401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4).
     fn challenge(&mut self, now: Instant, ft: &FiveTuple, msg: &Message<'_>, code: ErrorCode) -> Vec<u8> {
         self.stats.errors += 1;
+        if msg.method() == Method::ALLOCATE {
+            self.metrics.refused(code.code());
+        }
         let n = self
             .challenger
             .write(&mut self.buf, msg.method(), msg.transaction_id(), code, now, &ft.client)
@@ -268,6 +403,9 @@ impl ControlPlane {
 
     fn error(&mut self, msg: &Message<'_>, code: ErrorCode, key: Option<&IntegrityKey>) -> Vec<u8> {
         self.stats.errors += 1;
+        if msg.method() == Method::ALLOCATE {
+            self.metrics.refused(code.code());
+        }
         debug!(method = msg.method().name(), code = code.code(), "error response");
         let n = response::error(&mut self.buf, msg.method(), msg.transaction_id(), code, msg.unknown_required(), key)
             .unwrap_or(0);
@@ -296,6 +434,15 @@ impl ControlPlane {
             }
             // RFC 8656 §7.2 step 2.
             Err(ErrorCode::AllocationMismatch)
+        } else if let Some(alternate) = self.draining {
+            let Some(alt) = alternate else {
+                let r = self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
+                return Some(reply(ft, r));
+            };
+            self.stats.errors += 1;
+            self.metrics.refused(ErrorCode::TryAlternate.code());
+            let n = response::try_alternate(&mut self.buf, Method::ALLOCATE, tid, &alt, Some(&key)).unwrap_or(0);
+            return Some(reply(ft, self.buf[..n].to_vec()));
         } else if !msg.unknown_required().is_empty() {
             Err(ErrorCode::UnknownAttribute)
         } else {
@@ -323,13 +470,25 @@ impl ControlPlane {
                 };
                 let relayed = socket.local_addr().ok()?;
                 let bytes = self.allocate_success(msg, &ft, &relayed, lifetime, token, &key);
-                self.owners.insert(ft, Owner { user: user.clone(), tid, expires: now + lifetime, worker });
+                let session = self.next_session;
+                self.next_session += 1;
+                self.owners.insert(ft, Owner { user: user.clone(), tid, expires: now + lifetime, worker, session });
                 *self.per_user.entry(user.clone()).or_default() += 1;
                 self.stats.allocations += 1;
-                info!(client = %ft.client, %user, relayed = %relayed, lifetime_s = lifetime.as_secs(), "allocation granted");
+                self.metrics.granted();
+                info!(
+                    session,
+                    worker,
+                    client = %ft.client,
+                    server = %ft.server,
+                    %user,
+                    relayed = %relayed,
+                    lifetime_s = lifetime.as_secs(),
+                    "allocation granted"
+                );
                 // The worker keeps the response and answers retransmissions.
                 Some(ToWorker::Install(
-                    Install { five_tuple: ft, tid, relayed, lifetime, response: bytes.into(), key },
+                    Install { five_tuple: ft, tid, relayed, lifetime, response: bytes.into(), key, session, user },
                     socket,
                 ))
             }

@@ -1,4 +1,5 @@
-//! The `uturn` binary: parse flags and config, print what is served, run until SIGINT/SIGTERM.
+//! The `uturn` binary: parse flags and config, print what is served, run until SIGINT/SIGTERM
+//! (SIGHUP reloads credentials, SIGUSR2 hands everything to a new binary).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,13 +24,20 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal, so log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log_json {
+        // One JSON object per line, fields flattened beside `message`.
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.with_ansi(ansi).init();
+    }
 
     let signals = server::Signals::default();
     let handlers = [
         (signal_hook::consts::SIGINT, &signals.shutdown),
         (signal_hook::consts::SIGTERM, &signals.shutdown),
         (signal_hook::consts::SIGHUP, &signals.reload),
+        (signal_hook::consts::SIGUSR2, &signals.upgrade),
     ];
     for (sig, flag) in handlers {
         if let Err(e) = signal_hook::flag::register(sig, Arc::clone(flag)) {
@@ -37,7 +45,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    print_banner(&config);
+    // A process started by a hot upgrade prints no banner: its predecessor's is on screen.
+    if std::env::var_os(server::UPGRADE_ENV).is_none() {
+        print_banner(&config);
+    }
     // SIGHUP re-reads the same file and flags.
     let reloader: server::Reloader = Box::new(move || Config::load(&cli));
     match server::run(&config, signals, Some(reloader)) {

@@ -1,6 +1,9 @@
 //! Starting and stopping uturn: the workers (one per core), the control thread, and the queues
 //! between them.
 
+use std::net::{TcpListener, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,15 +11,20 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::TryRecvError;
 use tracing::{error, info, warn};
-use uturn_dataplane::{EventSender, FromWorker, IoBackend, ToWorker, WorkerConfig, WorkerHandle};
+use uturn_dataplane::{
+    EventSender, FrozenWorker, FromWorker, IoBackend, Start, ToWorker, WorkerConfig, WorkerHandle, WorkerMetrics,
+};
 use uturn_proto::nonce::{Challenger, NonceKey};
 use uturn_proto::relay::RelayConfig;
 
-use crate::admin_api::{AdminAction, AdminApi};
+use crate::admin_api::{AdminAction, AdminApi, AdminReply, AdminRequest};
 use crate::config::{BackendChoice, Config};
 use crate::control::{ControlPlane, Policy};
 use crate::credentials::Credentials;
+use crate::metrics::{MetricsExporter, Sources};
+use crate::notify;
 use crate::policy::PeerPolicy;
+use crate::upgrade::{Handover, Successor, Upgrade};
 
 /// Commands a worker's queue holds before the control plane drops more (clients retransmit).
 const COMMAND_QUEUE: usize = 16_384;
@@ -43,33 +51,40 @@ pub fn choose_backend(choice: BackendChoice) -> Result<IoBackend> {
     }
 }
 
-/// What the signal handlers set: stop (SIGINT, SIGTERM) and reload (SIGHUP).
+/// The environment variable a hot upgrade sets for the new process.
+pub const UPGRADE_ENV: &str = crate::upgrade::ENV_FD;
+
+/// What the signal handlers set: stop (SIGINT, SIGTERM), reload (SIGHUP) and hot upgrade
+/// (SIGUSR2).
 #[derive(Debug, Clone, Default)]
 pub struct Signals {
     /// Set to stop.
     pub shutdown: Arc<AtomicBool>,
     /// Set to re-read the configuration's credentials.
     pub reload: Arc<AtomicBool>,
+    /// Set to start the binary at the path this process was started from and hand it over.
+    pub upgrade: Arc<AtomicBool>,
 }
 
 /// Re-reads the configuration (SIGHUP); `None` when there is nothing to re-read.
 pub type Reloader = Box<dyn Fn() -> Result<Config>>;
 
-/// Runs uturn until `signals.shutdown` is set; returns after every worker has stopped. On
-/// `signals.reload`, `reloader` re-reads the configuration and the credentials are replaced.
+/// Runs uturn until `signals.shutdown` is set, a drain ends, or a hot upgrade hands everything
+/// to a new process; returns after every worker has stopped. On `signals.reload`, `reloader`
+/// re-reads the configuration and the credentials are replaced. A process started by a hot
+/// upgrade (`UTURN_UPGRADE_FD` set) takes its sockets and state from the old one.
 pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Result<()> {
-    let shutdown = signals.shutdown.clone();
+    let mut successor = Successor::from_env().context("hot upgrade")?;
+    // The binary and arguments a hot upgrade starts: the path as it was at start, which may
+    // hold a new binary by then.
+    let exe = std::env::current_exe().context("the path of this binary")?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let backend = choose_backend(config.io_backend)?;
     match uturn_dataplane::raise_fd_limit() {
         Ok(n) => info!(open_files = n, "file descriptor limit (one per allocation)"),
         Err(e) => warn!("could not raise the open-file limit: {e}"),
     }
     info!(backend = backend.name(), workers = config.workers, "starting data plane");
-    // One nonce key (secret from the OS CSPRNG) for the control plane and every worker: workers
-    // answer the first, unauthenticated request of an Allocate with 401 themselves.
-    let nonce_key = NonceKey::new(rand::random(), config.nonce_lifetime.as_secs().max(1));
-    let challenger = Challenger::new(&config.credentials.realm, nonce_key, Challenger::origin_for(Instant::now()))
-        .offering(&config.password_algorithms);
     // The credential sources (and the store threads) before any worker, so a store that cannot
     // even start its threads stops uturn before it serves.
     if let Some(url) = &config.credentials.store {
@@ -84,90 +99,340 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
     let sha256 = config.password_algorithms.contains(&uturn_proto::wire::integrity::PasswordAlgorithm::Sha256);
     let credentials = Credentials::new(config.credentials.clone(), sha256, std::thread::current())
         .context("starting the user-store threads")?;
-    // Each worker's share of a source's budget: a source's 5-tuples spread over the workers
-    // (SO_REUSEPORT hashing), so the relay as a whole answers a source about `unauth-rate`
-    // unverified requests per second (docs/security.md).
-    let unauth_share = config.unauth_rate.div_ceil(config.workers.max(1) as u32);
-    // One queue per worker to the control plane, taken from in turn (a fair share each).
-    let mut events_rx = Vec::with_capacity(config.workers);
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let mut workers: Vec<WorkerHandle> = Vec::with_capacity(config.workers);
-    for index in 0..config.workers {
-        let cfg = WorkerConfig {
-            index,
-            core: if cores.is_empty() { None } else { Some(cores[index % cores.len()]) },
-            listen: config.listen.clone(),
-            backend,
-            relay: RelayConfig {
-                permission_lifetime: config.permission_lifetime,
-                channel_lifetime: config.channel_lifetime,
-                max_permissions: config.max_permissions,
-                max_channels: config.max_channels,
-                bandwidth: (config.max_bandwidth > 0).then_some(config.max_bandwidth),
-                unauthenticated_rate: unauth_share,
-            },
-            command_queue: COMMAND_QUEUE,
-            challenger: Some(challenger.clone()),
-        };
-        let (events_tx, rx) = crossbeam_channel::unbounded::<FromWorker>();
-        let sender = EventSender::new(events_tx, std::thread::current());
-        events_rx.push((rx, sender.unverified_gauge()));
-        match uturn_dataplane::spawn(cfg, sender) {
-            Ok(h) => workers.push(h),
+    // Everything that takes time is done: take the old process's sockets and state now.
+    let inherited = match successor.as_mut() {
+        Some(s) => match s.receive() {
+            Ok(h) => Some(h),
             Err(e) => {
-                for w in &workers {
-                    w.stop();
-                }
-                return Err(e).context("starting workers");
-            }
-        }
-    }
-    let policy = Policy {
-        relay_ip: config.relay_ip,
-        default_lifetime: config.default_lifetime,
-        max_lifetime: config.max_lifetime,
-        user_quota: config.user_quota,
-        total_quota: config.total_quota,
-        peers: PeerPolicy::new(config.relay_ip, &config.listen, &config.allow_peer, &config.deny_peer),
-        rfc5766_channels: config.rfc5766_channels,
-    };
-    info!("{}", policy.peers.describe());
-    if let Some(url) = &config.credentials.store {
-        info!(store = %url, threads = config.credentials.store_threads, "user store");
-    }
-    let mut control = ControlPlane::new(policy, credentials, config.workers, config.port_range, challenger);
-    let admin = match config.admin_listen {
-        Some(addr) => match AdminApi::start(addr, config.admin_token.clone(), std::thread::current()) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                for w in &workers {
-                    w.stop();
-                }
-                return Err(e).with_context(|| format!("admin endpoint on {addr}"));
+                s.failed(&format!("{e:#}"));
+                return Err(e).context("hot upgrade: receiving the old process's state");
             }
         },
         None => None,
     };
+    let started = Instant::now();
+    let mut server = match Server::start(config, backend, credentials, inherited) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(s) = successor.as_mut() {
+                s.failed(&format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
+    if let Some(s) = successor.as_mut() {
+        s.serving().context("hot upgrade: telling the old process")?;
+        info!(
+            pid = std::process::id(),
+            allocations = server.control.allocations(),
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "hot upgrade: serving the old process's sockets and allocations"
+        );
+    }
+    notify::ready(successor.is_some());
+    let outcome = server.serve(&signals, reloader.as_ref(), &exe, &args);
+    server.finish(outcome)
+}
 
-    let mut failed = false;
-    while !shutdown.load(Ordering::Relaxed) {
-        // Take up to FAIR_SHARE events from each worker's queue in turn, so one worker's flood
-        // cannot starve the clients of the others; stop after MAX_BATCH so the checks below
-        // run, then sleep until a worker unparks this thread (no spinning: the core may be a
-        // worker's).
+/// The running relay: its workers, the queues from them, the control plane and the endpoints.
+struct Server<'a> {
+    config: &'a Config,
+    backend: IoBackend,
+    challenger: Challenger,
+    /// Per worker: its configuration (kept to resume it after a failed upgrade).
+    worker_cfgs: Vec<WorkerConfig>,
+    workers: Vec<WorkerHandle>,
+    /// Per worker: its event queue's sender (kept for a resume) and receiver.
+    senders: Vec<EventSender>,
+    events_rx: Vec<(crossbeam_channel::Receiver<FromWorker>, uturn_dataplane::UnverifiedGauge)>,
+    control: ControlPlane,
+    admin: Option<(AdminApi, TcpListener)>,
+    metrics: Option<(MetricsExporter, TcpListener)>,
+    /// When a drain ends at the latest.
+    drain_deadline: Option<Instant>,
+    upgrade: Option<Upgrade>,
+}
+
+/// How the serving loop ended.
+enum Outcome {
+    /// Stop the workers and exit.
+    Stop { failed: bool },
+    /// A new process serves everything: exit without touching the sockets.
+    HandedOver,
+}
+
+impl<'a> Server<'a> {
+    fn start(
+        config: &'a Config,
+        backend: IoBackend,
+        credentials: Credentials,
+        inherited: Option<(Handover, Vec<OwnedFd>)>,
+    ) -> Result<Server<'a>> {
+        let now = Instant::now();
+        // One nonce key (secret from the OS CSPRNG, or the old process's) for the control plane
+        // and every worker: workers answer the first, unauthenticated request of an Allocate
+        // with 401 themselves.
+        let (nonce_key, origin) = match &inherited {
+            Some((h, _)) => (
+                NonceKey::new(h.nonce_secret, h.nonce_lifetime_s),
+                now.checked_sub(Duration::from_millis(h.nonce_origin_age_ms)).unwrap_or(now),
+            ),
+            None => (
+                NonceKey::new(rand::random(), config.nonce_lifetime.as_secs().max(1)),
+                Challenger::origin_for(now),
+            ),
+        };
+        let challenger =
+            Challenger::new(&config.credentials.realm, nonce_key, origin).offering(&config.password_algorithms);
+        // Each worker's share of a source's budget: a source's 5-tuples spread over the workers
+        // (SO_REUSEPORT hashing), so the relay as a whole answers a source about `unauth-rate`
+        // unverified requests per second (docs/security.md).
+        let unauth_share = config.unauth_rate.div_ceil(config.workers.max(1) as u32);
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let worker_cfgs: Vec<WorkerConfig> = (0..config.workers)
+            .map(|index| WorkerConfig {
+                index,
+                core: if cores.is_empty() { None } else { Some(cores[index % cores.len()]) },
+                listen: config.listen.clone(),
+                backend,
+                relay: RelayConfig {
+                    permission_lifetime: config.permission_lifetime,
+                    channel_lifetime: config.channel_lifetime,
+                    max_permissions: config.max_permissions,
+                    max_channels: config.max_channels,
+                    bandwidth: (config.max_bandwidth > 0).then_some(config.max_bandwidth),
+                    unauthenticated_rate: unauth_share,
+                },
+                command_queue: COMMAND_QUEUE,
+                challenger: Some(challenger.clone()),
+                metrics: Arc::new(WorkerMetrics::default()),
+            })
+            .collect();
+        let (handover, mut fds) = match inherited {
+            Some((h, fds)) => (Some(h), fds.into_iter()),
+            None => (None, Vec::new().into_iter()),
+        };
+        let mut admin_listener = None;
+        let mut metrics_listener = None;
+        let mut starts: Vec<Start> = Vec::with_capacity(config.workers);
+        if let Some(h) = &handover {
+            if h.workers.len() != config.workers {
+                bail!("the old process ran {} workers, this configuration {}", h.workers.len(), config.workers);
+            }
+            if h.admin {
+                admin_listener = fds.next().map(TcpListener::from);
+            }
+            if h.metrics {
+                metrics_listener = fds.next().map(TcpListener::from);
+            }
+        }
+        let mut snapshots = handover.as_ref().map(|h| h.workers.iter().map(|w| w.allocations.clone()).collect::<Vec<_>>());
+        for (i, cfg) in worker_cfgs.iter().enumerate() {
+            let Some(h) = &handover else {
+                starts.push(Start::Fresh);
+                continue;
+            };
+            let listeners: Vec<UdpSocket> = fds.by_ref().take(h.workers[i].listeners).map(UdpSocket::from).collect();
+            let allocs = std::mem::take(&mut snapshots.as_mut().expect("handover")[i]);
+            let sockets: Vec<UdpSocket> = fds.by_ref().take(allocs.len()).map(UdpSocket::from).collect();
+            if sockets.len() != allocs.len() {
+                bail!("worker {i}: {} relay sockets for {} allocations", sockets.len(), allocs.len());
+            }
+            let (frozen, refused) = FrozenWorker::adopt(cfg, now, listeners, allocs.into_iter().zip(sockets).collect())
+                .with_context(|| format!("worker {i}: taking over its sockets"))?;
+            for (session, e) in refused {
+                warn!(worker = i, session, "hot upgrade: allocation not taken over: {e:?}");
+            }
+            starts.push(Start::Resume(frozen));
+        }
+        let mut server = Server {
+            config,
+            backend,
+            challenger: challenger.clone(),
+            worker_cfgs,
+            workers: Vec::with_capacity(config.workers),
+            senders: Vec::with_capacity(config.workers),
+            events_rx: Vec::with_capacity(config.workers),
+            control: ControlPlane::new(
+                Policy {
+                    relay_ip: config.relay_ip,
+                    default_lifetime: config.default_lifetime,
+                    max_lifetime: config.max_lifetime,
+                    user_quota: config.user_quota,
+                    total_quota: config.total_quota,
+                    peers: PeerPolicy::new(config.relay_ip, &config.listen, &config.allow_peer, &config.deny_peer),
+                    rfc5766_channels: config.rfc5766_channels,
+                },
+                credentials,
+                config.workers,
+                config.port_range,
+                challenger,
+            ),
+            admin: None,
+            metrics: None,
+            drain_deadline: None,
+            upgrade: None,
+        };
+        for (cfg, start) in server.worker_cfgs.clone().into_iter().zip(starts) {
+            let (events_tx, rx) = crossbeam_channel::unbounded::<FromWorker>();
+            let sender = EventSender::new(events_tx, std::thread::current());
+            server.events_rx.push((rx, sender.unverified_gauge()));
+            server.senders.push(sender.clone());
+            match uturn_dataplane::spawn(cfg, sender, start) {
+                Ok(h) => server.workers.push(h),
+                Err(e) => {
+                    server.stop_workers();
+                    return Err(e).context("starting workers");
+                }
+            }
+        }
+        if config.reuseport_cpu && handover.is_none() {
+            // The program applies to each listen address's whole SO_REUSEPORT group; a handed
+            // over group keeps the one attached before.
+            for addr in &config.listen {
+                let probe = uturn_dataplane::bind_listener(*addr).and_then(|s| {
+                    uturn_dataplane::attach_reuseport_cpu(&s, config.workers)?;
+                    Ok(s)
+                });
+                match probe {
+                    // Closing the extra socket leaves the program on the group.
+                    Ok(_) => info!(%addr, workers = config.workers, "reuseport-cpu: datagrams go to the worker on the receiving CPU"),
+                    Err(e) => warn!(%addr, "reuseport-cpu: could not attach the steering program: {e}"),
+                }
+            }
+        }
+        info!("{}", server.control_policy_description());
+        if let Some(url) = &config.credentials.store {
+            info!(store = %url, threads = config.credentials.store_threads, "user store");
+        }
+        if let Some(h) = handover {
+            server.control.import(now, h.control);
+            if let Some(alt) = h.draining {
+                server.control.drain(alt);
+                server.drain_deadline = Some(now + config.drain_timeout);
+            }
+        }
+        let result = server.start_endpoints(admin_listener, metrics_listener);
+        if let Err(e) = result {
+            server.stop_workers();
+            return Err(e);
+        }
+        Ok(server)
+    }
+
+    fn control_policy_description(&self) -> String {
+        PeerPolicy::new(self.config.relay_ip, &self.config.listen, &self.config.allow_peer, &self.config.deny_peer)
+            .describe()
+    }
+
+    /// The admin and metrics endpoints, on handed-over listeners or freshly bound ones.
+    fn start_endpoints(&mut self, admin: Option<TcpListener>, metrics: Option<TcpListener>) -> Result<()> {
+        let c = self.config;
+        if let Some(addr) = c.admin_listen {
+            let listener = match admin {
+                Some(l) => l,
+                None => TcpListener::bind(addr).with_context(|| format!("admin endpoint on {addr}"))?,
+            };
+            let keep = listener.try_clone()?;
+            let api = AdminApi::start(listener, c.admin_token.clone(), std::thread::current())
+                .with_context(|| format!("admin endpoint on {addr}"))?;
+            self.admin = Some((api, keep));
+        }
+        if let Some(addr) = c.metrics_listen {
+            let listener = match metrics {
+                Some(l) => l,
+                None => TcpListener::bind(addr).with_context(|| format!("metrics endpoint on {addr}"))?,
+            };
+            let keep = listener.try_clone()?;
+            let sources = Sources {
+                workers: self.worker_cfgs.iter().map(|w| w.metrics.clone()).collect(),
+                control: self.control.metrics.clone(),
+                backend: self.backend.name(),
+                listen_ports: c.listen.iter().map(|a| a.port()).collect(),
+            };
+            let exporter = MetricsExporter::start(listener, sources).with_context(|| format!("metrics endpoint on {addr}"))?;
+            self.metrics = Some((exporter, keep));
+        }
+        Ok(())
+    }
+
+    fn stop_workers(&mut self) {
+        for w in &self.workers {
+            w.stop();
+        }
+    }
+
+    /// The control loop.
+    fn serve(&mut self, signals: &Signals, reloader: Option<&Reloader>, exe: &Path, args: &[std::ffi::OsString]) -> Outcome {
+        let shutdown = &signals.shutdown;
+        while !shutdown.load(Ordering::Relaxed) {
+            // Take up to FAIR_SHARE events from each worker's queue in turn, so one worker's
+            // flood cannot starve the clients of the others; stop after MAX_BATCH so the checks
+            // below run, then sleep until a worker unparks this thread (no spinning: the core
+            // may be a worker's).
+            let (mut handled, all_gone) = self.take_events();
+            if all_gone {
+                break;
+            }
+            // Requests whose store lookups were answered.
+            for (worker, msg) in self.control.poll_lookups(Instant::now()) {
+                handled += 1;
+                self.push(worker, msg);
+            }
+            handled += self.admin_requests();
+            if signals.reload.swap(false, Ordering::Relaxed) {
+                reload(&mut self.control, self.config, reloader);
+            }
+            if signals.upgrade.swap(false, Ordering::Relaxed) {
+                self.start_upgrade(exe, args);
+            }
+            if self.upgrade.is_some() {
+                handled += 1;
+                if self.poll_upgrade() {
+                    return Outcome::HandedOver;
+                }
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.control.allocations() == 0 {
+                    info!("drained: the last allocation ended; exiting");
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    info!(allocations = self.control.allocations(), "drain-timeout passed; exiting");
+                    break;
+                }
+            }
+            if handled == 0 {
+                let wait = if self.upgrade.is_some() { Duration::from_millis(5) } else { Duration::from_millis(100) };
+                std::thread::park_timeout(wait);
+            }
+            if let Some(w) = self.workers.iter().find(|w| w.is_finished()) {
+                error!(worker = w.index(), "worker stopped unexpectedly; shutting down so a supervisor can restart uturn");
+                return Outcome::Stop { failed: true };
+            }
+            if self.workers.len() != self.worker_cfgs.len() {
+                error!("a worker was lost in a hot upgrade; shutting down so a supervisor can restart uturn");
+                return Outcome::Stop { failed: true };
+            }
+        }
+        Outcome::Stop { failed: false }
+    }
+
+    /// Takes the workers' events in fair turns; returns how many, and whether every worker's
+    /// queue has disconnected.
+    fn take_events(&mut self) -> (usize, bool) {
         let mut handled = 0;
-        let mut disconnected;
         loop {
             let mut round = 0;
-            disconnected = 0;
-            for (rx, unverified) in &events_rx {
+            let mut disconnected = 0;
+            for i in 0..self.events_rx.len() {
                 for _ in 0..FAIR_SHARE {
-                    match rx.try_recv() {
+                    match self.events_rx[i].0.try_recv() {
                         Ok(ev) => {
                             if matches!(ev, FromWorker::Request { verified: false, .. }) {
-                                unverified.taken();
+                                self.events_rx[i].1.taken();
                             }
-                            handle_event(&mut control, &workers, ev);
+                            self.handle_event(ev);
                             round += 1;
                         }
                         Err(TryRecvError::Empty) => break,
@@ -180,103 +445,132 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
             }
             handled += round;
             if round == 0 || handled >= MAX_BATCH {
-                break;
+                return (handled, disconnected == self.events_rx.len());
             }
         }
-        if disconnected == events_rx.len() {
-            break;
+    }
+
+    fn handle_event(&mut self, ev: FromWorker) {
+        match ev {
+            FromWorker::Request { worker, five_tuple, bytes, received, .. } => {
+                let Some(msg) = self.control.handle_request(Instant::now(), worker, five_tuple, &bytes, received) else {
+                    return;
+                };
+                self.push(worker, msg);
+            }
+            FromWorker::Released { five_tuple, tid } => self.control.released(&five_tuple, tid),
         }
-        // Requests whose store lookups were answered.
-        for (worker, msg) in control.poll_lookups(Instant::now()) {
-            handled += 1;
-            push(&mut control, &workers, worker, msg);
+    }
+
+    /// Queues `msg` to `worker`; a full queue drops it (and an Install's allocation is forgotten).
+    fn push(&mut self, worker: usize, msg: ToWorker) {
+        if let Err(rejected) = self.workers[worker].send(msg) {
+            self.control.stats.queue_full += 1;
+            if let ToWorker::Install(i, _socket) = rejected {
+                // The socket closes here; forget the allocation the worker never saw.
+                self.control.install_dropped(&i);
+            }
         }
-        if let Some(api) = &admin {
-            while let Ok(req) = api.requests.try_recv() {
-                handled += 1;
-                match req.action {
-                    AdminAction::Revoke(user) => {
-                        let commands = control.revoke(&user);
-                        let revoked = commands.len();
-                        for (worker, msg) in commands {
-                            push(&mut control, &workers, worker, msg);
-                        }
-                        let _ = req.reply.send(serde_json::json!({ "user": user, "revoked": revoked }).to_string());
-                    }
+    }
+
+    /// Answers the admin endpoint's queued requests; returns how many.
+    fn admin_requests(&mut self) -> usize {
+        let Some((api, _)) = &self.admin else { return 0 };
+        let requests: Vec<AdminRequest> = api.requests.try_iter().collect();
+        let n = requests.len();
+        for req in requests {
+            let answer = self.admin_answer(req.action);
+            let _ = req.reply.send(answer);
+        }
+        n
+    }
+
+    fn admin_answer(&mut self, action: AdminAction) -> AdminReply {
+        let json = |status: u16, v: serde_json::Value| AdminReply::Json(status, v.to_string());
+        match action {
+            AdminAction::Revoke(user) => {
+                let commands = self.control.revoke(&user);
+                let revoked = commands.len();
+                for (worker, msg) in commands {
+                    self.push(worker, msg);
                 }
+                json(200, serde_json::json!({ "user": user, "revoked": revoked }))
+            }
+            AdminAction::RevokeSession(id) => match self.control.revoke_session(id) {
+                Some((worker, msg)) => {
+                    self.push(worker, msg);
+                    json(200, serde_json::json!({ "session": id, "revoked": 1 }))
+                }
+                None => json(404, serde_json::json!({ "session": id, "revoked": 0 })),
+            },
+            AdminAction::Sessions(_) => {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                let workers = self.workers.iter().filter(|w| w.send(ToWorker::Sessions(tx.clone())).is_ok()).count();
+                AdminReply::Sessions { rx, workers }
+            }
+            AdminAction::Drain => {
+                self.control.drain(self.config.alternate_server);
+                if self.drain_deadline.is_none() {
+                    self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
+                }
+                notify::status("draining");
+                json(200, serde_json::json!({ "draining": true, "allocations": self.control.allocations() }))
+            }
+            AdminAction::Ready if self.control.is_draining() => {
+                json(503, serde_json::json!({ "ready": false, "draining": true }))
+            }
+            AdminAction::Ready => json(200, serde_json::json!({ "ready": true })),
+        }
+    }
+
+    /// Stops the workers (unless a new process has them) and logs their totals.
+    fn finish(mut self, outcome: Outcome) -> Result<()> {
+        let failed = match outcome {
+            // The workers are joined; their sockets close here, the new process holds its own
+            // descriptors for them.
+            Outcome::HandedOver => return Ok(()),
+            Outcome::Stop { failed } => failed,
+        };
+        info!("stopping");
+        notify::stopping();
+        self.stop_workers();
+        for w in std::mem::take(&mut self.workers) {
+            let index = w.index();
+            if let Some(c) = w.join().map(|e| e.counters) {
+                info!(
+                    worker = index,
+                    relayed_to_peer = c.relayed_to_peer,
+                    relayed_to_client = c.relayed_to_client,
+                    malformed = c.malformed_stun + c.malformed_channel_data + c.not_turn,
+                    no_allocation = c.no_allocation,
+                    unbound_channel = c.unbound_channel,
+                    no_permission = c.no_permission,
+                    dropped_indications = c.dropped_indications,
+                    rate_limited = c.rate_limited,
+                    bandwidth_drops = c.bandwidth_drops,
+                    capacity_refusals = c.capacity_refusals,
+                    allocations_expired = c.allocations_expired,
+                    deleted_in_worker = c.deleted_in_worker,
+                    "worker stopped"
+                );
             }
         }
-        if signals.reload.swap(false, Ordering::Relaxed) {
-            reload(&mut control, config, reloader.as_ref());
+        let s = self.control.stats;
+        info!(
+            requests = s.requests,
+            allocations = s.allocations,
+            errors = s.errors,
+            worker_queue_full = s.queue_full,
+            "control plane stopped"
+        );
+        if failed {
+            bail!("a worker stopped unexpectedly");
         }
-        if handled == 0 {
-            std::thread::park_timeout(Duration::from_millis(100));
-        }
-        if let Some(w) = workers.iter().find(|w| w.is_finished()) {
-            error!(worker = w.index(), "worker stopped unexpectedly; shutting down so a supervisor can restart uturn");
-            failed = true;
-            break;
-        }
-    }
-    info!("stopping");
-    for w in &workers {
-        w.stop();
-    }
-    for w in workers {
-        let index = w.index();
-        if let Some(c) = w.join() {
-            info!(
-                worker = index,
-                relayed_to_peer = c.relayed_to_peer,
-                relayed_to_client = c.relayed_to_client,
-                malformed = c.malformed_stun + c.malformed_channel_data + c.not_turn,
-                no_allocation = c.no_allocation,
-                unbound_channel = c.unbound_channel,
-                no_permission = c.no_permission,
-                dropped_indications = c.dropped_indications,
-                rate_limited = c.rate_limited,
-                bandwidth_drops = c.bandwidth_drops,
-                capacity_refusals = c.capacity_refusals,
-                allocations_expired = c.allocations_expired,
-                deleted_in_worker = c.deleted_in_worker,
-                "worker stopped"
-            );
-        }
-    }
-    let s = control.stats;
-    info!(
-        requests = s.requests,
-        allocations = s.allocations,
-        errors = s.errors,
-        worker_queue_full = s.queue_full,
-        "control plane stopped"
-    );
-    if failed {
-        bail!("a worker stopped unexpectedly");
-    }
-    Ok(())
-}
-
-fn handle_event(control: &mut ControlPlane, workers: &[WorkerHandle], ev: FromWorker) {
-    match ev {
-        FromWorker::Request { worker, five_tuple, bytes, .. } => {
-            let Some(msg) = control.handle_request(Instant::now(), worker, five_tuple, &bytes) else { return };
-            push(control, workers, worker, msg);
-        }
-        FromWorker::Released { five_tuple, tid } => control.released(&five_tuple, tid),
+        Ok(())
     }
 }
 
-/// Queues `msg` to `worker`; a full queue drops it (and an Install's allocation is forgotten).
-fn push(control: &mut ControlPlane, workers: &[WorkerHandle], worker: usize, msg: ToWorker) {
-    if let Err(rejected) = workers[worker].send(msg) {
-        control.stats.queue_full += 1;
-        if let ToWorker::Install(i, _socket) = rejected {
-            // The socket closes here; forget the allocation the worker never saw.
-            control.install_dropped(&i);
-        }
-    }
-}
+mod hot_upgrade;
 
 /// SIGHUP: re-reads the configuration and replaces the credentials; keys that need a restart
 /// are logged when they changed. Existing allocations are untouched.

@@ -4,15 +4,17 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use uturn_proto::relay::{AllocationId, ClientOutput, Command, Effect, Ended, PeerOutput};
-use uturn_proto::wire::TransactionId;
+use uturn_proto::wire::{Class, Message, TransactionId};
 use uturn_proto::{FiveTuple, WorkerState};
 
 use crate::messages::{EventSender, FromWorker, ToWorker};
+use crate::metrics::{WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
 
 /// Reply buffer size, bytes: every STUN response uturn builds fits.
 const REPLY_BUF: usize = 1500;
@@ -79,6 +81,10 @@ pub(crate) struct WorkerCore {
     expired: Vec<Ended>,
     /// Requests dropped because this worker's control-plane queue was full.
     pub(crate) control_queue_full: u64,
+    /// Where the counters are published for the exporter.
+    metrics: Arc<WorkerMetrics>,
+    /// When the counters are next published.
+    next_publish: Instant,
     /// Test hook, compiled only with the `fault-injection` feature (which only the end-to-end
     /// tests enable): panic on a datagram carrying [`crate::fault::MARKER`].
     #[cfg(feature = "fault-injection")]
@@ -86,23 +92,29 @@ pub(crate) struct WorkerCore {
 }
 
 impl WorkerCore {
+    /// A core serving `state` on `listeners`; `relays` are the relay sockets of the allocations
+    /// `state` already holds (by slab index), which the backend registers when it starts.
     pub(crate) fn new(
         index: usize,
         state: WorkerState,
         listeners: Vec<Listener>,
+        relays: Vec<Option<Relay>>,
         commands: Receiver<ToWorker>,
         events: EventSender,
+        metrics: Arc<WorkerMetrics>,
     ) -> Self {
         WorkerCore {
             index,
             state,
             listeners,
-            relays: Vec::new(),
+            relays,
             commands,
             events,
             reply: vec![0; REPLY_BUF],
             expired: Vec::new(),
             control_queue_full: 0,
+            metrics,
+            next_publish: Instant::now(),
             #[cfg(feature = "fault-injection")]
             fault_injection: crate::fault::enabled(),
         }
@@ -138,8 +150,13 @@ impl WorkerCore {
                     // Never block the data plane on the control plane; the client retransmits.
                     self.control_queue_full += 1;
                 } else {
-                    let req =
-                        FromWorker::Request { worker: self.index, five_tuple, bytes: datagram.to_vec(), verified };
+                    let req = FromWorker::Request {
+                        worker: self.index,
+                        five_tuple,
+                        bytes: datagram.to_vec(),
+                        verified,
+                        received: now,
+                    };
                     let _ = self.events.send(req);
                 }
                 ClientVerdict::Done
@@ -179,9 +196,23 @@ impl WorkerCore {
             let (cmd, socket) = match msg {
                 ToWorker::Install(i, s) => (Command::Install(i), Some(s)),
                 ToWorker::Command(c) => (c, None),
+                ToWorker::Sessions(reply) => {
+                    let _ = reply.send((self.index, self.state.sessions(now)));
+                    continue;
+                }
+            };
+            let event = match &cmd {
+                Command::CreatePermission { peers, .. } => Some(format!("permission for {peers:?}")),
+                Command::ChannelBind { channel, peer, .. } => Some(format!("channel {:#06x} to {peer}", channel.get())),
+                _ => None,
             };
             let out = self.state.handle_command(now, cmd, &mut self.reply);
             let listener = self.listener_of(&out.five_tuple);
+            if let Some(event) = event.filter(|_| tracing::enabled!(tracing::Level::DEBUG)) {
+                let granted = Message::parse(&self.reply[..out.reply_len]).is_ok_and(|m| m.class() == Class::Success);
+                let session = self.session_of(&out.five_tuple);
+                debug!(worker = self.index, session, client = %out.five_tuple.client, granted, "{event}");
+            }
             match (out.effect, socket) {
                 (Effect::Installed(id), Some(socket)) => {
                     let slot = id.index as usize;
@@ -196,10 +227,12 @@ impl WorkerCore {
                     }
                     io.register_relay(id, &socket);
                     self.relays[slot] = Some(Relay { id, socket, listener });
-                    debug!(worker = self.index, client = %out.five_tuple.client, "allocation installed");
+                    let session = self.session_of(&out.five_tuple);
+                    debug!(worker = self.index, session, client = %out.five_tuple.client, "allocation installed");
                 }
                 (Effect::InstallRefused { tid }, _) => self.release(out.five_tuple, tid),
                 (Effect::Removed(ended), _) => {
+                    self.log_end(now, &ended);
                     self.close_relay(ended.id, io);
                     self.release(ended.five_tuple, ended.tid);
                 }
@@ -211,23 +244,68 @@ impl WorkerCore {
         }
     }
 
-    /// Expires what is due; closes the relay sockets of expired allocations.
+    /// Expires what is due; closes the relay sockets of expired allocations. Publishes the
+    /// counters when [`PUBLISH_INTERVAL`] has passed.
     pub(crate) fn expire(&mut self, now: Instant, io: &mut impl Io) {
         let mut expired = std::mem::take(&mut self.expired);
         self.state.handle_timeout(now, &mut expired);
         for e in expired.drain(..) {
-            debug!(worker = self.index, client = %e.five_tuple.client, "allocation expired");
+            self.log_end(now, &e);
             self.close_relay(e.id, io);
             self.release(e.five_tuple, e.tid);
         }
         self.expired = expired;
+        if now >= self.next_publish {
+            self.publish();
+            self.next_publish = now + PUBLISH_INTERVAL;
+        }
+    }
+
+    /// Copies the counters and table sizes to the exporter's [`WorkerMetrics`].
+    pub(crate) fn publish(&self) {
+        let t = self.state.tables();
+        self.metrics.publish(&WorkerSample {
+            counters: *self.state.counters(),
+            allocations: t.allocation_count() as u64,
+            permissions: t.permissions.len() as u64,
+            channels: t.channels.len() as u64,
+            control_queue_full: self.control_queue_full,
+        });
     }
 
     /// Removes every allocation (shutdown).
     pub(crate) fn close_all(&mut self, io: &mut impl Io) {
-        for e in self.state.drain() {
+        let ended = self.state.drain();
+        if !ended.is_empty() {
+            info!(worker = self.index, allocations = ended.len(), "allocations closed at shutdown");
+        }
+        for e in ended {
+            debug!(worker = self.index, session = e.session, client = %e.five_tuple.client, "allocation closed at shutdown");
             self.close_relay(e.id, io);
         }
+        self.publish();
+    }
+
+    /// The session id of `ft`'s allocation (0 when it has none).
+    fn session_of(&self, ft: &FiveTuple) -> u64 {
+        let t = self.state.tables();
+        t.lookup(ft).and_then(|id| t.get(id)).map_or(0, |a| a.session)
+    }
+
+    /// The log line of an ended allocation, with its totals (RFC 8656 §2.2 session).
+    fn log_end(&self, now: Instant, e: &Ended) {
+        info!(
+            worker = self.index,
+            session = e.session,
+            client = %e.five_tuple.client,
+            reason = e.reason.name(),
+            duration_s = now.saturating_duration_since(e.created).as_secs_f64(),
+            packets_to_peer = e.to_peer.packets,
+            bytes_to_peer = e.to_peer.bytes,
+            packets_to_client = e.to_client.packets,
+            bytes_to_client = e.to_client.bytes,
+            "allocation ended"
+        );
     }
 
     fn close_relay(&mut self, id: AllocationId, io: &mut impl Io) {

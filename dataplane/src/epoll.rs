@@ -4,7 +4,6 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -13,6 +12,7 @@ use uturn_proto::relay::{AllocationId, PEER_HEADROOM, PEER_TAILROOM};
 
 use crate::core::{ClientVerdict, Io, WorkerCore};
 use crate::sys::Waker;
+use crate::worker::Stop;
 
 const WAKER: Token = Token(usize::MAX);
 /// Tokens below this are listeners; relay slot `i` is `RELAY_BASE + i`.
@@ -43,14 +43,10 @@ impl Io for EpollIo {
     }
 }
 
-/// Runs the worker until `shutdown` is set.
-/// `finish` sees the core once the loop ends (to collect its counters).
-pub(crate) fn run(
-    mut core: WorkerCore,
-    waker: &Waker,
-    shutdown: &AtomicBool,
-    finish: impl FnOnce(&WorkerCore),
-) -> io::Result<()> {
+/// Runs the worker until `stop` says so and returns its core: with its allocations closed, or
+/// frozen (nothing is in flight between system calls, so a frozen worker's sockets are quiet
+/// as soon as the loop ends).
+pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Result<WorkerCore> {
     let poll = Poll::new()?;
     let listeners: Vec<UdpSocket> = core.listeners.iter().map(|l| l.socket.try_clone()).collect::<io::Result<_>>()?;
     for (i, l) in listeners.iter().enumerate() {
@@ -58,9 +54,14 @@ pub(crate) fn run(
     }
     poll.registry().register(&mut SourceFd(&waker.raw_fd()), WAKER, Interest::READABLE)?;
     let mut io = EpollIo { poll, listeners };
+    // A resumed worker's allocations: registering a socket that already holds datagrams
+    // reports it readable at once.
+    for r in core.relays.iter().flatten() {
+        io.register_relay(r.id, &r.socket);
+    }
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; BUF_LEN];
-    while !shutdown.load(Ordering::Relaxed) {
+    while !stop.stopping() {
         let timeout = core
             .state
             .poll_timeout()
@@ -87,9 +88,13 @@ pub(crate) fn run(
         core.drain_commands(now, &mut io);
         core.expire(now, &mut io);
     }
-    core.close_all(&mut io);
-    finish(&core);
-    Ok(())
+    // Commands queued before the stop are applied either way (an Install's socket must not be
+    // lost in the queue of a frozen worker).
+    core.drain_commands(Instant::now(), &mut io);
+    if !stop.freezing() {
+        core.close_all(&mut io);
+    }
+    Ok(core)
 }
 
 /// Consecutive receive errors (other than WouldBlock) after which a drain loop gives up.

@@ -18,17 +18,21 @@
 mod bufring;
 mod core;
 mod epoll;
+mod fdpass;
 #[cfg(feature = "fault-injection")]
 mod fault;
 mod gso;
 mod messages;
+mod metrics;
 mod socket;
 mod sys;
 mod uring;
 mod worker;
 
 pub use messages::{EventSender, FromWorker, ToWorker, UnverifiedGauge};
-pub use socket::{bind_listener, bind_relay};
+pub use metrics::{WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
+pub use fdpass::{inheritable, inherited_stream, recv_fds, send_fds, FDS_PER_MESSAGE};
+pub use socket::{attach_reuseport_cpu, bind_listener, bind_relay};
 pub use sys::raise_fd_limit;
 pub use uring::probe as probe_uring;
-pub use worker::{spawn, IoBackend, WorkerConfig, WorkerHandle};
+pub use worker::{spawn, FrozenWorker, IoBackend, Start, WorkerConfig, WorkerExit, WorkerHandle};

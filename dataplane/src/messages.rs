@@ -4,10 +4,11 @@ use std::net::UdpSocket;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::Thread;
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
-use uturn_proto::relay::{Command, Install};
+use uturn_proto::relay::{Command, Install, SessionInfo};
 use uturn_proto::wire::TransactionId;
 use uturn_proto::FiveTuple;
 
@@ -19,6 +20,8 @@ pub enum ToWorker {
     Install(Install, UdpSocket),
     /// Any other command (Refresh, CreatePermission, ChannelBind, or a reply to send).
     Command(Command),
+    /// Send this worker's index and its live sessions to the sender (the admin API).
+    Sessions(Sender<(usize, Vec<SessionInfo>)>),
 }
 
 /// A worker's end of its own queue to the control plane: an unbounded crossbeam sender plus the
@@ -102,6 +105,8 @@ pub enum FromWorker {
         /// when it was admitted on its source's budget (the control plane then calls
         /// [`UnverifiedGauge::taken`]).
         verified: bool,
+        /// When the worker received it (the start of the Allocate latency the metrics show).
+        received: Instant,
     },
     /// The allocation of `five_tuple` made by Allocate `tid` no longer exists (expired, deleted,
     /// or its Install was refused): release its quota. A newer allocation on the same 5-tuple

@@ -39,3 +39,62 @@ pub fn bind_relay(addr: SocketAddr) -> io::Result<UdpSocket> {
     s.bind(&addr.into())?;
     Ok(s.into())
 }
+
+/// Attaches to `socket`'s SO_REUSEPORT group a classic BPF program that returns the id of the
+/// CPU the datagram arrived on, modulo `workers` (SO_ATTACH_REUSEPORT_CBPF, socket(7)): the
+/// kernel then hands each datagram to the group's socket with that index, which is worker
+/// `cpu % workers`'s (workers bind their listeners in index order and are pinned to cores in
+/// the same order). For hosts whose NIC queues are pinned one per core; a client's 5-tuple then
+/// stays on one worker only while its flow stays on one RSS queue. The program applies to the
+/// whole group, so attaching it once per listen address is enough.
+pub fn attach_reuseport_cpu(socket: &UdpSocket, workers: usize) -> io::Result<()> {
+    let n = workers.max(1) as u32;
+    // ld #cpu (ancillary SKF_AD_CPU); mod #n; ret a
+    let mut prog = [
+        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32 },
+        libc::sock_filter { code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16, jt: 0, jf: 0, k: n },
+        libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 },
+    ];
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_mut_ptr() };
+    // SAFETY: `fprog` points at `prog`, both live for the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cpu_steering_program_attaches_to_a_reuseport_group() {
+        let a = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = a.local_addr().unwrap();
+        let b = bind_listener(addr).unwrap();
+        attach_reuseport_cpu(&a, 2).unwrap();
+        // Every datagram lands on the socket of index cpu % 2, so both together receive all.
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..20 {
+            tx.send_to(b"x", addr).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut buf = [0u8; 4];
+        let mut got = 0;
+        for s in [&a, &b] {
+            while s.recv_from(&mut buf).is_ok() {
+                got += 1;
+            }
+        }
+        assert_eq!(got, 20);
+    }
+}

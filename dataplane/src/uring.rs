@@ -21,7 +21,6 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::types::{Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec};
@@ -33,6 +32,7 @@ use crate::bufring::BufRing;
 use crate::core::{ClientVerdict, Io, WorkerCore};
 use crate::gso::{Run, Segment};
 use crate::sys::{sockaddr_from_bytes, RawSockAddr, Waker};
+use crate::worker::Stop;
 
 /// Provided buffers per worker (a power of two).
 const BUF_COUNT: u16 = 4096;
@@ -52,6 +52,8 @@ const SQ_ENTRIES: u32 = 4096;
 /// Relay sockets per worker that get a registered-file slot (the table costs 8 bytes a slot);
 /// allocations beyond it use plain fds.
 const FIXED_RELAYS: u32 = 65_536;
+/// Longest a frozen worker waits for its receives' cancellations and its sends.
+const QUIESCE_LIMIT: Duration = Duration::from_secs(2);
 
 /// `UDP_SEGMENT` (linux/udp.h): the cmsg type that sets the GSO segment size.
 const UDP_SEGMENT: libc::c_int = 103;
@@ -200,6 +202,11 @@ struct UringIo {
     /// GSO sends, and the datagrams they carried.
     gso_sends: u64,
     gso_segments: u64,
+    /// User data of every multishot receive armed and not yet ended (a completion without
+    /// `IORING_CQE_F_MORE`): what a freeze must see end before the sockets move.
+    armed: hashbrown::HashSet<u64>,
+    /// Set by a freeze: ended receives are not armed again.
+    freezing: bool,
 }
 
 impl UringIo {
@@ -228,6 +235,7 @@ impl UringIo {
     }
 
     fn arm_recv(&mut self, file: FileRef, user_data: u64) {
+        self.armed.insert(user_data);
         let hdr = &*self.recv_hdr as *const libc::msghdr;
         let sqe = with_file!(file, |t| opcode::RecvMsgMulti::new(t, hdr, BGID).build().user_data(user_data));
         self.push_or_retry(sqe);
@@ -460,6 +468,7 @@ impl Io for UringIo {
         // A receive still waiting in `pending` must not be armed on a closed (or reused) fd.
         let ud = relay_tag(id);
         self.pending.retain(|e| e.get_user_data() != ud);
+        self.armed.remove(&ud);
         let sqe = opcode::AsyncCancel::new(ud).build().user_data(tag(KIND_CANCEL, 0));
         self.push_or_retry(sqe);
     }
@@ -480,14 +489,9 @@ fn new_ring() -> io::Result<IoUring> {
         .or_else(|_| IoUring::builder().setup_cqsize(SQ_ENTRIES * 4).build(SQ_ENTRIES))
 }
 
-/// Runs the worker until `shutdown` is set.
-/// `finish` sees the core once the loop ends (to collect its counters).
-pub(crate) fn run(
-    mut core: WorkerCore,
-    waker: &Waker,
-    shutdown: &AtomicBool,
-    finish: impl FnOnce(&WorkerCore),
-) -> io::Result<()> {
+/// Runs the worker until `stop` says so and returns its core: with its allocations closed, or,
+/// frozen, with every receive cancelled and every send completed ([`quiesce`]).
+pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Result<WorkerCore> {
     let ring = new_ring()?;
     let listener_fds: Vec<RawFd> = core.listeners.iter().map(|l| l.socket.as_raw_fd()).collect();
     // A sparse table of listener slots, then one slot per relay slab index (5.19+); without it
@@ -550,14 +554,20 @@ pub(crate) fn run(
         gso: std::env::var("UTURN_GSO").map_or(true, |v| v != "0"),
         gso_sends: 0,
         gso_segments: 0,
+        armed: hashbrown::HashSet::new(),
+        freezing: false,
     };
     for i in 0..io.listener_files.len() {
         io.arm_recv(io.listener_files[i], tag(KIND_LISTENER, i as u64));
     }
+    // A resumed worker's allocations.
+    for r in core.relays.iter().flatten() {
+        io.register_relay(r.id, &r.socket);
+    }
     io.arm_waker(waker.raw_fd());
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(SQ_ENTRIES as usize * 4);
 
-    while !shutdown.load(Ordering::Relaxed) {
+    while !stop.stopping() {
         io.retry_pending();
         io.bufs.publish();
         let wait = core
@@ -588,8 +598,12 @@ pub(crate) fn run(
         core.drain_commands(now, &mut io);
         core.expire(now, &mut io);
     }
-    core.close_all(&mut io);
-    finish(&core);
+    if stop.freezing() {
+        quiesce(&mut core, &mut io, waker);
+    } else {
+        core.drain_commands(Instant::now(), &mut io);
+        core.close_all(&mut io);
+    }
     if io.gso_sends > 0 {
         tracing::info!(
             worker = core.index,
@@ -615,7 +629,60 @@ pub(crate) fn run(
             "datagrams dropped by the io_uring backend"
         );
     }
-    Ok(())
+    Ok(core)
+}
+
+/// Readies a frozen worker's sockets to move to another process: applies the queued commands,
+/// cancels every multishot receive, and reaps completions (relaying what was already received,
+/// as usual) until every receive has ended and every send has completed. After it, no datagram
+/// is held by the ring: each one is either sent or still queued in its socket.
+fn quiesce(core: &mut WorkerCore, io: &mut UringIo, waker: &Waker) {
+    core.drain_commands(Instant::now(), io);
+    io.freezing = true;
+    // Receives not yet queued are never armed; queued cancels still go.
+    let unarmed: Vec<u64> =
+        io.pending.iter().map(|e| e.get_user_data()).filter(|ud| ud >> KIND_SHIFT != KIND_CANCEL).collect();
+    for ud in unarmed {
+        io.armed.remove(&ud);
+    }
+    io.pending.retain(|e| e.get_user_data() >> KIND_SHIFT == KIND_CANCEL);
+    let targets: Vec<u64> = io.armed.iter().copied().collect();
+    for ud in targets {
+        io.push_or_retry(opcode::AsyncCancel::new(ud).build().user_data(tag(KIND_CANCEL, 0)));
+    }
+    let deadline = Instant::now() + QUIESCE_LIMIT;
+    let ts = Timespec::from(Duration::from_millis(10));
+    let mut cqes: Vec<(u64, i32, u32)> = Vec::new();
+    loop {
+        io.flush_run();
+        io.retry_pending();
+        if io.armed.is_empty() && io.free_slots.len() == SEND_SLOTS && io.pending.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            warn!(
+                worker = core.index,
+                receives = io.armed.len(),
+                sends = SEND_SLOTS - io.free_slots.len(),
+                "freeze: operations still in flight after {QUIESCE_LIMIT:?}; handing the sockets over anyway"
+            );
+            break;
+        }
+        match io.ring.submitter().submit_with_args(1, &SubmitArgs::new().timespec(&ts)) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => {
+                warn!(worker = core.index, "freeze: io_uring_enter failed: {e}");
+                break;
+            }
+        }
+        let now = Instant::now();
+        cqes.clear();
+        cqes.extend(io.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+        for &(ud, res, flags) in &cqes {
+            dispatch(core, io, now, ud, res, flags, waker);
+        }
+    }
 }
 
 fn dispatch(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res: i32, flags: u32, waker: &Waker) {
@@ -663,7 +730,10 @@ fn dispatch(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res:
         KIND_LISTENER => {
             let listener = low as usize;
             if !cqueue::more(flags) {
-                io.arm_recv(io.listener_files[listener], ud);
+                io.armed.remove(&ud);
+                if !io.freezing {
+                    io.arm_recv(io.listener_files[listener], ud);
+                }
             }
             let Some(bid) = cqueue::buffer_select(flags) else { return };
             if res > 0 {
@@ -676,7 +746,10 @@ fn dispatch(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res:
             let index = (low & 0xFFFF_FFFF) as usize;
             let generation = (low >> 32) as u32;
             let live = matches!(core.relays.get(index), Some(Some(r)) if r.id.generation & GEN_MASK == generation);
-            if live && !cqueue::more(flags) && res != -libc::ECANCELED {
+            if !cqueue::more(flags) {
+                io.armed.remove(&ud);
+            }
+            if live && !cqueue::more(flags) && res != -libc::ECANCELED && !io.freezing {
                 if let Some(Some(r)) = core.relays.get(index) {
                     let (file, id) = (io.relay_file(r.id.index, r.socket.as_raw_fd()), r.id);
                     io.arm_recv(file, relay_tag(id));

@@ -1,7 +1,7 @@
 //! Spawning a worker thread and the handle the control plane keeps for it.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,11 +10,12 @@ use std::time::Instant;
 use crossbeam_channel::{Sender, TrySendError};
 use tracing::{error, info};
 use uturn_proto::nonce::Challenger;
-use uturn_proto::relay::{Counters, RelayConfig};
+use uturn_proto::relay::{AllocationSnapshot, Counters, ImportError, RelayConfig};
 use uturn_proto::WorkerState;
 
-use crate::core::{Listener, WorkerCore};
+use crate::core::{Listener, Relay, WorkerCore};
 use crate::messages::{EventSender, ToWorker};
+use crate::metrics::WorkerMetrics;
 use crate::socket::bind_listener;
 use crate::sys::Waker;
 
@@ -56,6 +57,116 @@ pub struct WorkerConfig {
     pub command_queue: usize,
     /// Lets the worker answer unauthenticated requests with 401 itself (shared nonce key).
     pub challenger: Option<Challenger>,
+    /// Where the worker publishes its counters (kept by the caller across a resume).
+    pub metrics: Arc<WorkerMetrics>,
+}
+
+/// How a worker starts.
+#[derive(Debug)]
+pub enum Start {
+    /// Bind new listener sockets; no allocations.
+    Fresh,
+    /// Serve a frozen worker's sockets and state: this process's own after a failed hot
+    /// upgrade, or the previous process's (see [`FrozenWorker::adopt`]).
+    Resume(FrozenWorker),
+}
+
+/// A worker stopped for a hot upgrade: its listener and relay sockets, still open and still in
+/// their SO_REUSEPORT group, and its tables. No receive is armed on any of them, so every
+/// datagram that arrives meanwhile waits in the socket's buffer for whoever serves it next.
+#[derive(Debug)]
+pub struct FrozenWorker {
+    state: WorkerState,
+    listeners: Vec<Listener>,
+    relays: Vec<Option<Relay>>,
+}
+
+/// How a worker thread ended.
+#[derive(Debug)]
+pub struct WorkerExit {
+    /// Its final counters.
+    pub counters: Counters,
+    /// Its sockets and state when it was frozen ([`WorkerHandle::freeze`]); `None` after a stop.
+    pub frozen: Option<FrozenWorker>,
+}
+
+impl FrozenWorker {
+    /// The listener sockets, in the order of the worker's `listen` addresses.
+    pub fn listeners(&self) -> impl Iterator<Item = &UdpSocket> {
+        self.listeners.iter().map(|l| &l.socket)
+    }
+
+    /// A snapshot of every live allocation at `now`, with its relay socket.
+    pub fn export(&self, now: Instant) -> Vec<(AllocationSnapshot, &UdpSocket)> {
+        self.state
+            .export(now)
+            .into_iter()
+            .filter_map(|(id, snap)| match self.relays.get(id.index as usize) {
+                Some(Some(r)) if r.id == id => Some((snap, &r.socket)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Allocations held.
+    pub fn allocations(&self) -> usize {
+        self.state.tables().allocation_count()
+    }
+
+    /// A worker for `cfg` that serves another process's sockets: `listeners` in the order of
+    /// `cfg.listen` (each must be bound to its address), and each allocation with its relay
+    /// socket. Snapshots the tables refuse are returned with their error (their sockets close).
+    pub fn adopt(
+        cfg: &WorkerConfig,
+        now: Instant,
+        listeners: Vec<UdpSocket>,
+        allocations: Vec<(AllocationSnapshot, UdpSocket)>,
+    ) -> io::Result<(FrozenWorker, Vec<(u64, ImportError)>)> {
+        if listeners.len() != cfg.listen.len() {
+            return Err(io::Error::other(format!(
+                "worker {}: {} listener sockets handed over for {} listen addresses",
+                cfg.index,
+                listeners.len(),
+                cfg.listen.len()
+            )));
+        }
+        let mut ls = Vec::with_capacity(listeners.len());
+        for (socket, addr) in listeners.into_iter().zip(&cfg.listen) {
+            let bound = socket.local_addr()?;
+            if bound != *addr {
+                return Err(io::Error::other(format!("listener bound to {bound}, configured {addr}")));
+            }
+            socket.set_nonblocking(true)?;
+            ls.push(Listener { socket, addr: *addr });
+        }
+        let mut state = new_state(cfg);
+        let mut relays: Vec<Option<Relay>> = Vec::new();
+        let mut refused = Vec::new();
+        for (snap, socket) in allocations {
+            let (session, ft) = (snap.session, snap.five_tuple);
+            match state.import(now, snap) {
+                Ok(id) => {
+                    socket.set_nonblocking(true)?;
+                    let slot = id.index as usize;
+                    if relays.len() <= slot {
+                        relays.resize_with(slot + 1, || None);
+                    }
+                    let listener = cfg.listen.iter().position(|a| *a == ft.server).unwrap_or(0);
+                    relays[slot] = Some(Relay { id, socket, listener });
+                }
+                Err(e) => refused.push((session, e)),
+            }
+        }
+        Ok((FrozenWorker { state, listeners: ls, relays }, refused))
+    }
+}
+
+fn new_state(cfg: &WorkerConfig) -> WorkerState {
+    let mut state = WorkerState::new(cfg.relay, Instant::now(), rand::random());
+    if let Some(c) = &cfg.challenger {
+        state.set_challenger(c.clone());
+    }
+    state
 }
 
 /// The control plane's handle on a running worker.
@@ -65,7 +176,8 @@ pub struct WorkerHandle {
     commands: Sender<ToWorker>,
     waker: Arc<Waker>,
     shutdown: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Counters>>,
+    freeze: Arc<AtomicBool>,
+    thread: Option<JoinHandle<WorkerExit>>,
 }
 
 impl WorkerHandle {
@@ -93,8 +205,16 @@ impl WorkerHandle {
         self.waker.wake();
     }
 
-    /// Waits for the worker thread to end and returns its final counters.
-    pub fn join(mut self) -> Option<Counters> {
+    /// Asks the worker to stop for a hot upgrade: it cancels its receives, finishes the sends
+    /// in flight and the commands queued, and hands back its sockets and tables
+    /// ([`WorkerExit::frozen`]) instead of closing them.
+    pub fn freeze(&self) {
+        self.freeze.store(true, Ordering::Relaxed);
+        self.stop();
+    }
+
+    /// Waits for the worker thread to end; `None` if it panicked.
+    pub fn join(mut self) -> Option<WorkerExit> {
         self.thread.take().and_then(|t| t.join().ok())
     }
 
@@ -104,18 +224,26 @@ impl WorkerHandle {
     }
 }
 
-/// Binds the worker's listeners (so bind errors surface here) and starts its thread.
-/// `events` is the shared queue to the control plane.
-pub fn spawn(cfg: WorkerConfig, events: EventSender) -> io::Result<WorkerHandle> {
-    let mut listeners = Vec::with_capacity(cfg.listen.len());
-    for addr in &cfg.listen {
-        let socket = bind_listener(*addr).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
-        listeners.push(Listener { socket, addr: *addr });
-    }
+/// Starts a worker thread: with [`Start::Fresh`] it binds its listeners first (so bind errors
+/// surface here). `events` is its queue to the control plane.
+pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result<WorkerHandle> {
+    let (state, listeners, relays) = match start {
+        Start::Fresh => {
+            let mut listeners = Vec::with_capacity(cfg.listen.len());
+            for addr in &cfg.listen {
+                let socket =
+                    bind_listener(*addr).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+                listeners.push(Listener { socket, addr: *addr });
+            }
+            (new_state(&cfg), listeners, Vec::new())
+        }
+        Start::Resume(f) => (f.state, f.listeners, f.relays),
+    };
     let (tx, rx) = crossbeam_channel::bounded(cfg.command_queue);
     let waker = Arc::new(Waker::new()?);
     let shutdown = Arc::new(AtomicBool::new(false));
-    let (w, s) = (waker.clone(), shutdown.clone());
+    let freeze = Arc::new(AtomicBool::new(false));
+    let (w, s, f) = (waker.clone(), shutdown.clone(), freeze.clone());
     let index = cfg.index;
     let thread = std::thread::Builder::new().name(format!("uturn-worker-{index}")).spawn(move || {
         if let Some(core) = cfg.core {
@@ -123,39 +251,52 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender) -> io::Result<WorkerHandle>
                 tracing::warn!(worker = index, core = core.id, "could not pin worker to core");
             }
         }
-        let mut state = WorkerState::new(cfg.relay, Instant::now(), rand::random());
-        if let Some(c) = cfg.challenger {
-            state.set_challenger(c);
-        }
-        let core = WorkerCore::new(index, state, listeners, rx, events);
-        let result = run(core, cfg.backend, &w, &s);
+        let core = WorkerCore::new(index, state, listeners, relays, rx, events, cfg.metrics.clone());
+        let stop = Stop { shutdown: &s, freeze: &f };
+        let result = match cfg.backend {
+            IoBackend::Uring => crate::uring::run(core, &w, stop),
+            IoBackend::Epoll => crate::epoll::run(core, &w, stop),
+        };
         match result {
-            Ok(c) => c,
+            Ok(core) => {
+                core.publish();
+                if core.control_queue_full > 0 {
+                    tracing::warn!(
+                        worker = index,
+                        dropped = core.control_queue_full,
+                        "requests dropped: control-plane queue full"
+                    );
+                }
+                let counters = *core.state.counters();
+                let frozen = f.load(Ordering::Relaxed).then(|| {
+                    let WorkerCore { state, listeners, relays, .. } = core;
+                    FrozenWorker { state, listeners, relays }
+                });
+                WorkerExit { counters, frozen }
+            }
             Err(e) => {
                 error!(worker = index, backend = cfg.backend.name(), "worker failed: {e}");
-                Counters::default()
+                WorkerExit { counters: Counters::default(), frozen: None }
             }
         }
     })?;
     info!(worker = index, backend = cfg.backend.name(), "worker started");
-    Ok(WorkerHandle { index, commands: tx, waker, shutdown, thread: Some(thread) })
+    Ok(WorkerHandle { index, commands: tx, waker, shutdown, freeze, thread: Some(thread) })
 }
 
-fn run(core: WorkerCore, backend: IoBackend, waker: &Waker, shutdown: &AtomicBool) -> io::Result<Counters> {
-    let counters = std::cell::Cell::new(Counters::default());
-    let finish = |c: &WorkerCore| {
-        counters.set(*c.state.counters());
-        if c.control_queue_full > 0 {
-            tracing::warn!(
-                worker = c.index,
-                dropped = c.control_queue_full,
-                "requests dropped: control-plane queue full"
-            );
-        }
-    };
-    match backend {
-        IoBackend::Uring => crate::uring::run(core, waker, shutdown, finish)?,
-        IoBackend::Epoll => crate::epoll::run(core, waker, shutdown, finish)?,
+/// What a backend's loop watches: `shutdown` ends it; with `freeze` also set, the backend
+/// quiesces its sockets and keeps its allocations instead of closing them.
+#[derive(Clone, Copy)]
+pub(crate) struct Stop<'a> {
+    pub(crate) shutdown: &'a AtomicBool,
+    pub(crate) freeze: &'a AtomicBool,
+}
+
+impl Stop<'_> {
+    pub(crate) fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
     }
-    Ok(counters.get())
+    pub(crate) fn freezing(&self) -> bool {
+        self.freeze.load(Ordering::Relaxed)
+    }
 }

@@ -13,6 +13,7 @@ use uturn_proto::wire::{IntegrityKey, Message, Method};
 use uturn_proto::FiveTuple;
 
 use super::{ControlPlane, MAX_PARKED, PARK_TIMEOUT};
+use crate::metrics::AuthOutcome;
 use crate::credentials::cache::LookupKey;
 use crate::credentials::{Candidate, Identity, Resolved};
 
@@ -36,6 +37,8 @@ pub(super) struct Parked {
     five_tuple: FiveTuple,
     bytes: Box<[u8]>,
     since: Instant,
+    /// When the worker received it.
+    received: Instant,
 }
 
 impl ControlPlane {
@@ -53,6 +56,7 @@ impl ControlPlane {
         known: Option<Resolved>,
     ) -> Auth {
         let Some(parts) = msg.integrity_parts() else {
+            self.metrics.auth(AuthOutcome::Challenged);
             return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthenticated));
         };
         let features = self.challenger.security_features();
@@ -63,13 +67,18 @@ impl ControlPlane {
         };
         let (Some(identity), Some(realm), Some(nonce)) = (identity, msg.realm(), msg.nonce()) else {
             // A USERNAME that is not UTF-8 is as good as none.
+            self.metrics.auth(AuthOutcome::BadRequest);
             return Auth::Reply(self.error(msg, ErrorCode::BadRequest, None));
         };
         let alg = match self.challenger.password_algorithm(msg) {
             Ok(a) => a,
-            Err(code) => return Auth::Reply(self.error(msg, code, None)),
+            Err(code) => {
+                self.metrics.auth(AuthOutcome::BadRequest);
+                return Auth::Reply(self.error(msg, code, None));
+            }
         };
         if self.challenger.check(nonce, now, &ft.client) != NonceCheck::Valid {
+            self.metrics.auth(AuthOutcome::StaleNonce);
             return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::StaleNonce));
         }
         let resolved = match (known, std::str::from_utf8(realm)) {
@@ -97,7 +106,10 @@ impl ControlPlane {
             Resolved::Unknown => (Vec::new(), false),
             Resolved::Pending(key) => return Auth::Pending(key),
             Resolved::Busy => return Auth::Drop,
-            Resolved::Unavailable => return Auth::Reply(self.error(msg, ErrorCode::ServerError, None)),
+            Resolved::Unavailable => {
+                self.metrics.auth(AuthOutcome::StoreUnavailable);
+                return Auth::Reply(self.error(msg, ErrorCode::ServerError, None));
+            }
         };
         let mac = parts.algorithm;
         let hit = candidates.iter().find_map(|c: &Candidate| {
@@ -117,9 +129,11 @@ impl ControlPlane {
                         && !self.credentials.strict_expiry()
                         && self.owners.get(ft).is_some_and(|o| o.user == user)) =>
             {
+                self.metrics.auth(AuthOutcome::Ok);
                 Auth::Ok { user, key, expires_unix }
             }
             _ => {
+                self.metrics.auth(AuthOutcome::Rejected);
                 debug!(client = %ft.client, method = msg.method().name(), expired, "authentication failed");
                 Auth::Reply(self.challenge(now, ft, msg, ErrorCode::Unauthenticated))
             }
@@ -134,14 +148,23 @@ impl ControlPlane {
     }
 
     /// Parks a request until the store answers for `lookup`; drops it when the table is full.
-    pub(super) fn park(&mut self, now: Instant, lookup: LookupKey, worker: usize, five_tuple: FiveTuple, bytes: &[u8]) {
+    pub(super) fn park(
+        &mut self,
+        now: Instant,
+        lookup: LookupKey,
+        worker: usize,
+        five_tuple: FiveTuple,
+        bytes: &[u8],
+        received: Instant,
+    ) {
         if self.parked_count >= MAX_PARKED {
             self.stats.parked_dropped += 1;
             return;
         }
         self.stats.parked += 1;
         self.parked_count += 1;
-        self.parked.entry(lookup).or_default().push(Parked { worker, five_tuple, bytes: bytes.into(), since: now });
+        self.parked.entry(lookup).or_default().push(Parked { worker, five_tuple, bytes: bytes.into(), since: now, received });
+        self.metrics.set_parked(self.parked_count);
     }
 
     /// Handles the requests whose store lookups were answered; returns what to push to which
@@ -154,7 +177,7 @@ impl ControlPlane {
             for p in waiting {
                 // The answer itself decides (not a new lookup: with a zero cache TTL that would
                 // park the request again). Unavailable becomes 500 in `verify`.
-                if let Some(a) = self.handle(now, p.worker, p.five_tuple, &p.bytes, Some(resolved.clone())) {
+                if let Some(a) = self.handle(now, p.worker, p.five_tuple, &p.bytes, Some(resolved.clone()), p.received) {
                     out.push((p.worker, a));
                 }
             }
@@ -168,6 +191,7 @@ impl ControlPlane {
             self.parked_count = self.parked.values().map(Vec::len).sum();
             self.stats.parked_dropped += (before - self.parked_count) as u64;
         }
+        self.metrics.set_parked(self.parked_count);
         out
     }
 

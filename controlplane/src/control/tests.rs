@@ -58,7 +58,7 @@ impl H {
     }
     fn send(&mut self, s: u64, ft: FiveTuple, bytes: &[u8]) -> Option<ToWorker> {
         let now = self.at(s);
-        self.cp.handle_request(now, 0, ft, bytes)
+        self.cp.handle_request(now, 0, ft, bytes, now)
     }
 }
 

@@ -60,6 +60,11 @@ impl NonceKey {
         NonceKey { secret, lifetime_secs }
     }
 
+    /// The secret (handed to the next process in a hot upgrade, so its nonces stay valid).
+    pub fn secret(&self) -> [u8; 32] {
+        self.secret
+    }
+
     fn mac(&self, issued: u32, client: &SocketAddr) -> [u8; 8] {
         let mut m = <Hmac<Sha1> as Mac>::new_from_slice(&self.secret).unwrap_or_else(|_| unreachable!());
         m.update(&issued.to_be_bytes());
@@ -167,6 +172,16 @@ impl Challenger {
     /// The realm.
     pub fn realm(&self) -> &str {
         &self.realm
+    }
+
+    /// The nonce key.
+    pub fn key(&self) -> &NonceKey {
+        &self.key
+    }
+
+    /// The clock origin nonce times count from.
+    pub fn origin(&self) -> Instant {
+        self.origin
     }
 
     fn secs(&self, now: Instant) -> u64 {

@@ -9,6 +9,8 @@ pub const SOFTWARE: &str = concat!("uturn/", env!("CARGO_PKG_VERSION"));
 /// The error codes uturn answers with (RFC 8489 §14.8, RFC 8656 §19).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
+    /// 300: use the server in ALTERNATE-SERVER (RFC 8489 §10; a draining relay).
+    TryAlternate,
     /// 400: malformed or missing attributes.
     BadRequest,
     /// 401: missing or wrong credentials.
@@ -41,6 +43,7 @@ impl ErrorCode {
     /// Numeric code, 300-699.
     pub const fn code(self) -> u16 {
         match self {
+            ErrorCode::TryAlternate => 300,
             ErrorCode::BadRequest => 400,
             ErrorCode::Unauthenticated => 401,
             ErrorCode::Forbidden => 403,
@@ -60,6 +63,7 @@ impl ErrorCode {
     /// The reason phrase the RFCs suggest.
     pub const fn reason(self) -> &'static str {
         match self {
+            ErrorCode::TryAlternate => "Try Alternate",
             ErrorCode::BadRequest => "Bad Request",
             ErrorCode::Unauthenticated => "Unauthenticated",
             ErrorCode::Forbidden => "Forbidden",
@@ -130,5 +134,20 @@ pub fn error(
     if code == ErrorCode::UnknownAttribute {
         w.unknown_attributes(unknown)?;
     }
+    seal(w, key)
+}
+
+/// A signed 300 Try Alternate with ALTERNATE-SERVER `alternate` (RFC 8489 §10, §14.15): how a
+/// draining relay turns new Allocates away. Returns its length in bytes.
+pub fn try_alternate(
+    out: &mut [u8],
+    method: Method,
+    tid: TransactionId,
+    alternate: &std::net::SocketAddr,
+    key: Option<&IntegrityKey>,
+) -> Result<usize, WriteError> {
+    let mut w = start(out, method, Class::Error, tid)?;
+    w.error_code(ErrorCode::TryAlternate.code(), ErrorCode::TryAlternate.reason())?;
+    w.address(attr::ALTERNATE_SERVER, alternate)?;
     seal(w, key)
 }

@@ -10,7 +10,7 @@ use crate::response::{self, ErrorCode};
 use crate::wire::{self, attr, ChannelNumber, Class, IntegrityKey, MessageWriter, Method, TransactionId};
 
 use super::{
-    Allocation, AllocationId, Command, CommandOutput, Effect, Ended, FiveTuple, Install, Timer, Traffic, WorkerState,
+    Allocation, AllocationId, Command, CommandOutput, Effect, EndReason, Ended, FiveTuple, Install, Timer, Traffic, WorkerState,
 };
 
 /// How far ahead of its deadline an allocation may be ended by an Install for a new Allocate on
@@ -39,7 +39,7 @@ impl WorkerState {
                     .tables
                     .lookup(&five_tuple)
                     .filter(|id| self.tables.get(*id).is_some_and(|a| a.alloc_tid == tid));
-                let effect = match id.and_then(|id| self.end(id)) {
+                let effect = match id.and_then(|id| self.end(id, EndReason::Revoked)) {
                     Some(ended) => Effect::Removed(ended),
                     None => Effect::None,
                 };
@@ -51,7 +51,7 @@ impl WorkerState {
                     return self.refuse(ErrorCode::AllocationMismatch, five_tuple, method, tid, &key, out);
                 };
                 let effect = if lifetime.is_zero() {
-                    match self.end(id) {
+                    match self.end(id, EndReason::Deleted) {
                         Some(ended) => Effect::Removed(ended),
                         None => Effect::None,
                     }
@@ -136,15 +136,17 @@ impl WorkerState {
         if expires > now {
             return Some(id);
         }
-        self.reap(id);
+        self.reap(id, EndReason::Expired);
         None
     }
 
     /// Ends allocation `id` because its lifetime ran out; reported by the next
     /// [`handle_timeout`](Self::handle_timeout).
-    fn reap(&mut self, id: AllocationId) {
-        if let Some(ended) = self.end(id) {
-            self.counters.allocations_expired += 1;
+    fn reap(&mut self, id: AllocationId, reason: EndReason) {
+        if let Some(ended) = self.end(id, reason) {
+            if reason == EndReason::Expired {
+                self.counters.allocations_expired += 1;
+            }
             self.reaped.push(ended);
         }
     }
@@ -198,15 +200,15 @@ impl WorkerState {
         if n == 0 {
             return None;
         }
-        self.reap(id);
+        self.reap(id, EndReason::Deleted);
         self.counters.deleted_in_worker += 1;
         Some(n)
     }
 
-    fn end(&mut self, id: AllocationId) -> Option<Ended> {
+    fn end(&mut self, id: AllocationId, reason: EndReason) -> Option<Ended> {
         let a = self.tables.remove(id)?;
         self.compact_timers();
-        Some(Ended::of(id, &a))
+        Some(Ended::of(id, &a, reason))
     }
 
     fn install(&mut self, now: Instant, i: Install, out: &mut [u8]) -> CommandOutput {
@@ -217,7 +219,7 @@ impl WorkerState {
             // the Install's queueing delay: within that margin the old allocation ends here.
             let lapsing = self.tables.get(id).is_some_and(|a| a.alloc_tid != i.tid && a.expires <= now + LAPSE_MARGIN);
             if lapsing {
-                self.reap(id);
+                self.reap(id, EndReason::Expired);
             }
         }
         if let Some(existing) = self.live_allocation(now, &five_tuple).and_then(|id| self.tables.get(id)) {

@@ -67,12 +67,40 @@ pub struct Ended {
     pub to_peer: Traffic,
     /// Application data relayed from peers to the client over its life.
     pub to_client: Traffic,
+    /// Why it ended.
+    pub reason: EndReason,
+}
+
+/// Why an allocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Its lifetime ran out (RFC 8656 §7: no Refresh in time).
+    Expired,
+    /// A Refresh with LIFETIME 0 deleted it (RFC 8656 §8).
+    Deleted,
+    /// An operator revoked it (its user, or the session).
+    Revoked,
+    /// The relay stopped.
+    Shutdown,
+}
+
+impl EndReason {
+    /// Lower-case name, as logs spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EndReason::Expired => "expired",
+            EndReason::Deleted => "deleted",
+            EndReason::Revoked => "revoked",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
 }
 
 impl Ended {
     /// The end of allocation `id`, with its totals.
-    pub fn of(id: AllocationId, a: &Allocation) -> Self {
+    pub fn of(id: AllocationId, a: &Allocation, reason: EndReason) -> Self {
         Ended {
+            reason,
             id,
             five_tuple: a.five_tuple,
             tid: a.alloc_tid,
@@ -174,6 +202,51 @@ pub struct Counters {
     /// Allocations installed.
     pub allocations_created: u64,
 }
+
+/// Implements [`Counters::NAMES`] and [`Counters::values`] from one list of the fields.
+macro_rules! counter_list {
+    ($($field:ident),* $(,)?) => {
+        impl Counters {
+            /// The counters' field names, in the order of [`values`](Self::values).
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// The counters' values, in the order of [`NAMES`](Self::NAMES).
+            pub fn values(&self) -> Vec<u64> {
+                vec![$(self.$field),*]
+            }
+
+            /// Counters from values in the order of [`NAMES`](Self::NAMES) (missing ones are 0).
+            pub fn from_values(v: &[u64]) -> Self {
+                let mut it = v.iter().copied();
+                Counters { $($field: it.next().unwrap_or(0)),* }
+            }
+        }
+    };
+}
+
+counter_list!(
+    relayed_to_peer,
+    relayed_to_client,
+    malformed_stun,
+    malformed_channel_data,
+    not_turn,
+    no_allocation,
+    unbound_channel,
+    no_permission,
+    dropped_indications,
+    dropped_responses,
+    requests_forwarded,
+    requests_verified,
+    requests_answered,
+    allocations_expired,
+    bandwidth_drops,
+    capacity_refusals,
+    rate_limited,
+    deleted_in_worker,
+    bytes_to_peer,
+    bytes_to_client,
+    allocations_created,
+);
 
 /// What to do with a client datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -642,7 +715,7 @@ impl WorkerState {
                 Timer::Allocation(id) => {
                     let Some(a) = self.tables.get(id) else { continue };
                     if a.expires <= now {
-                        let ended = Ended::of(id, a);
+                        let ended = Ended::of(id, a, EndReason::Expired);
                         self.tables.remove(id);
                         self.counters.allocations_expired += 1;
                         expired.push(ended);
@@ -706,7 +779,7 @@ impl WorkerState {
         let mut all: Vec<Ended> = std::mem::take(&mut self.reaped);
         for id in ids {
             if let Some(a) = self.tables.remove(id) {
-                all.push(Ended::of(id, &a));
+                all.push(Ended::of(id, &a, EndReason::Shutdown));
             }
         }
         all

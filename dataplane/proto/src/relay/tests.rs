@@ -671,3 +671,11 @@ fn an_exported_allocation_serves_the_same_in_a_new_worker_with_its_deadlines_and
     assert_eq!(next.client(201, &cd), ClientOutput::Drop, "permission gone");
     assert_eq!(ends(next.tick(401)), vec![(nid, ft(), tid(1))]);
 }
+
+#[test]
+fn counters_round_trip_through_their_value_list() {
+    let c = Counters { relayed_to_peer: 3, allocations_created: 9, bytes_to_client: 7, ..Counters::default() };
+    assert_eq!(Counters::NAMES.len(), c.values().len());
+    assert_eq!(Counters::from_values(&c.values()), c);
+    assert_eq!(Counters::NAMES[0], "relayed_to_peer");
+}

@@ -88,6 +88,26 @@ impl<'b> MessageWriter<'b> {
         Ok(self)
     }
 
+    /// Appends a plain (not XOR-encoded) address attribute in MAPPED-ADDRESS form (RFC 8489
+    /// §14.1): ALTERNATE-SERVER (§14.15).
+    pub fn address(&mut self, typ: u16, addr: &SocketAddr) -> Result<&mut Self, WriteError> {
+        let v = self.reserve(typ, encoded_len(addr))?;
+        v[0] = 0;
+        match addr {
+            SocketAddr::V4(a) => {
+                v[1] = 0x01;
+                v[2..4].copy_from_slice(&a.port().to_be_bytes());
+                v[4..8].copy_from_slice(&a.ip().octets());
+            }
+            SocketAddr::V6(a) => {
+                v[1] = 0x02;
+                v[2..4].copy_from_slice(&a.port().to_be_bytes());
+                v[4..20].copy_from_slice(&a.ip().octets());
+            }
+        }
+        Ok(self)
+    }
+
     /// Appends ERROR-CODE with `code` (300-699) and a reason phrase (RFC 8489 §14.8).
     pub fn error_code(&mut self, code: u16, reason: &str) -> Result<&mut Self, WriteError> {
         let v = self.reserve(attr::ERROR_CODE, 4 + reason.len())?;

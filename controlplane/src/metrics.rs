@@ -1,0 +1,381 @@
+//! The Prometheus endpoint (`--metrics-listen IP:PORT`, off by default): `GET /metrics` in the
+//! text exposition format, every name prefixed `uturn_`.
+//!
+//! Sources, none of them locked on the packet path:
+//! - each worker's [`WorkerMetrics`], which the worker publishes a few times a second;
+//! - the control plane's [`ControlMetrics`] (atomics the control thread adds to);
+//! - the kernel's per-socket receive-queue drop counts (what `SO_RXQ_OVFL` reports), read from
+//!   `/proc/self/net/udp` and `udp6` for this process's sockets at each scrape.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing::{info, warn};
+use uturn_dataplane::{WorkerMetrics, WorkerSample};
+
+/// Allocate error codes counted one by one (others count as `other`).
+const CODES: [u16; 14] = [300, 400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508];
+/// Upper bounds of the Allocate latency histogram's buckets, seconds.
+pub const LATENCY_BUCKETS: [f64; 14] =
+    [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+/// Authentication outcomes (RFC 8489 §9.2.4), as `uturn_auth_total{outcome}` labels them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthOutcome {
+    /// MESSAGE-INTEGRITY verified with a known user's key.
+    Ok,
+    /// No integrity attribute: answered 401 with a nonce (the control plane's share; workers
+    /// answer most first requests themselves, counted in `requests_answered`).
+    Challenged,
+    /// Unknown user, wrong password, expired REST credential or realm not served: 401.
+    Rejected,
+    /// A nonce that is not (or no longer) valid: 438.
+    StaleNonce,
+    /// Credentials differ from the allocation's: 441.
+    WrongCredentials,
+    /// The user store could not answer: 500.
+    StoreUnavailable,
+    /// USERNAME, REALM or NONCE missing, or a PASSWORD-ALGORITHM mismatch: 400.
+    BadRequest,
+}
+
+const OUTCOMES: [(AuthOutcome, &str); 7] = [
+    (AuthOutcome::Ok, "ok"),
+    (AuthOutcome::Challenged, "challenged"),
+    (AuthOutcome::Rejected, "rejected"),
+    (AuthOutcome::StaleNonce, "stale_nonce"),
+    (AuthOutcome::WrongCredentials, "wrong_credentials"),
+    (AuthOutcome::StoreUnavailable, "store_unavailable"),
+    (AuthOutcome::BadRequest, "bad_request"),
+];
+
+/// The control plane's metrics: written by the control thread, read by the exporter.
+#[derive(Debug)]
+pub struct ControlMetrics {
+    allocations_granted: AtomicU64,
+    refused: [AtomicU64; CODES.len() + 1],
+    auth: [AtomicU64; OUTCOMES.len()],
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_ns: AtomicU64,
+    parked: AtomicU64,
+    /// True while the relay drains (new Allocates refused).
+    pub draining: AtomicBool,
+}
+
+impl Default for ControlMetrics {
+    fn default() -> Self {
+        ControlMetrics {
+            allocations_granted: AtomicU64::new(0),
+            refused: std::array::from_fn(|_| AtomicU64::new(0)),
+            auth: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_count: AtomicU64::new(0),
+            latency_sum_ns: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+}
+
+impl ControlMetrics {
+    /// An Allocate was granted.
+    pub fn granted(&self) {
+        self.allocations_granted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An Allocate was answered with error `code`.
+    pub fn refused(&self, code: u16) {
+        let i = CODES.iter().position(|c| *c == code).unwrap_or(CODES.len());
+        self.refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One authentication ended with `outcome`.
+    pub fn auth(&self, outcome: AuthOutcome) {
+        let i = OUTCOMES.iter().position(|(o, _)| *o == outcome).unwrap_or(0);
+        self.auth[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An Allocate was answered `latency` after its worker received it.
+    pub fn allocate_latency(&self, latency: Duration) {
+        let secs = latency.as_secs_f64();
+        for (b, le) in self.latency_buckets.iter().zip(LATENCY_BUCKETS) {
+            if secs <= le {
+                b.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_ns.fetch_add(latency.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Requests now parked for a store lookup.
+    pub fn set_parked(&self, n: usize) {
+        self.parked.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Allocates answered so far (the latency histogram's count).
+    pub fn allocates_answered(&self) -> u64 {
+        self.latency_count.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything a scrape reads.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// Each worker's published metrics, by worker index.
+    pub workers: Vec<Arc<WorkerMetrics>>,
+    /// The control plane's.
+    pub control: Arc<ControlMetrics>,
+    /// The I/O backend in use (`uring` or `epoll`).
+    pub backend: &'static str,
+    /// Listen ports, to tell listener sockets from relay sockets in the kernel's drop counts.
+    pub listen_ports: Vec<u16>,
+}
+
+/// A running metrics endpoint.
+pub struct MetricsExporter {
+    server: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsExporter {
+    /// Serves `GET /metrics` on `listener` (bound to `metrics-listen`, or handed over by the
+    /// previous process) from `sources`.
+    pub fn start(listener: TcpListener, sources: Sources) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(std::io::Error::other)?);
+        let s = server.clone();
+        let thread = std::thread::Builder::new().name("uturn-metrics".into()).spawn(move || {
+            for request in s.incoming_requests() {
+                let path = request.url().split('?').next().unwrap_or("").to_string();
+                let response = if path == "/metrics" && *request.method() == tiny_http::Method::Get {
+                    let header =
+                        tiny_http::Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("static header");
+                    tiny_http::Response::from_string(render(&sources)).with_header(header)
+                } else {
+                    tiny_http::Response::from_string("not found\n").with_status_code(404)
+                };
+                if let Err(e) = request.respond(response) {
+                    warn!("metrics endpoint: answering failed: {e}");
+                }
+            }
+        })?;
+        info!(%addr, "metrics endpoint listening on /metrics");
+        Ok(MetricsExporter { server, thread: Some(thread) })
+    }
+}
+
+impl Drop for MetricsExporter {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One metric family: HELP and TYPE lines, then `samples` (label set, value).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: impl IntoIterator<Item = (String, f64)>) {
+    let _ = writeln!(out, "# HELP uturn_{name} {help}\n# TYPE uturn_{name} {kind}");
+    for (labels, v) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "uturn_{name} {v}");
+        } else {
+            let _ = writeln!(out, "uturn_{name}{{{labels}}} {v}");
+        }
+    }
+}
+
+/// The exposition text for one scrape.
+pub fn render(src: &Sources) -> String {
+    let samples: Vec<WorkerSample> = src.workers.iter().map(|w| w.sample()).collect();
+    render_samples(src, &samples, receive_queue_drops(&src.listen_ports))
+}
+
+/// Drop reasons: label and the worker counter (or extra) each comes from.
+fn drop_reasons(s: &WorkerSample) -> [(&'static str, u64); 10] {
+    let c = &s.counters;
+    [
+        ("no_permission", c.no_permission),
+        ("no_allocation", c.no_allocation),
+        ("unbound_channel", c.unbound_channel),
+        ("bandwidth_cap", c.bandwidth_drops),
+        ("malformed_stun", c.malformed_stun),
+        ("malformed_channel_data", c.malformed_channel_data),
+        ("not_turn", c.not_turn),
+        ("rate_limited", c.rate_limited),
+        ("dropped_indications", c.dropped_indications),
+        ("control_queue_full", s.control_queue_full),
+    ]
+}
+
+fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64)>) -> String {
+    let mut out = String::with_capacity(8192);
+    let per_worker = |f: &dyn Fn(&WorkerSample) -> u64| -> Vec<(String, f64)> {
+        samples.iter().enumerate().map(|(i, s)| (format!("worker=\"{i}\""), f(s) as f64)).collect()
+    };
+    let _ = writeln!(
+        out,
+        "# HELP uturn_build_info The running version.\n# TYPE uturn_build_info gauge\nuturn_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    family(&mut out, "io_backend", "gauge", "The I/O backend the workers run (1).", [(format!("backend=\"{}\"", src.backend), 1.0)]);
+    family(&mut out, "allocations", "gauge", "Live allocations.", per_worker(&|s| s.allocations));
+    family(&mut out, "allocations_created_total", "counter", "Allocations installed.", per_worker(&|s| s.counters.allocations_created));
+    family(&mut out, "allocations_expired_total", "counter", "Allocations whose lifetime ran out.", per_worker(&|s| s.counters.allocations_expired));
+    family(&mut out, "allocations_deleted_in_worker_total", "counter", "Allocations deleted by a Refresh with LIFETIME 0 that the worker answered.", per_worker(&|s| s.counters.deleted_in_worker));
+    family(&mut out, "permissions", "gauge", "Permissions held (peer IPs).", per_worker(&|s| s.permissions));
+    family(&mut out, "channels", "gauge", "Channel bindings held.", per_worker(&|s| s.channels));
+    let dir = |f: &dyn Fn(&WorkerSample) -> (u64, u64)| -> Vec<(String, f64)> {
+        samples
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                let (p, c) = f(s);
+                [(format!("worker=\"{i}\",direction=\"to_peer\""), p as f64), (format!("worker=\"{i}\",direction=\"to_client\""), c as f64)]
+            })
+            .collect()
+    };
+    family(&mut out, "packets_relayed_total", "counter", "Datagrams relayed.", dir(&|s| (s.counters.relayed_to_peer, s.counters.relayed_to_client)));
+    family(&mut out, "bytes_relayed_total", "counter", "Application-data bytes relayed.", dir(&|s| (s.counters.bytes_to_peer, s.counters.bytes_to_client)));
+    let drops: Vec<(String, f64)> = samples
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| drop_reasons(s).map(|(r, v)| (format!("worker=\"{i}\",reason=\"{r}\""), v as f64)))
+        .collect();
+    family(&mut out, "drops_total", "counter", "Datagrams and requests dropped, by reason.", drops);
+    family(&mut out, "capacity_refusals_total", "counter", "CreatePermission/ChannelBind refused with 508 by the per-allocation caps.", per_worker(&|s| s.counters.capacity_refusals));
+    family(&mut out, "requests_answered_total", "counter", "Requests the worker answered itself.", per_worker(&|s| s.counters.requests_answered));
+    family(&mut out, "requests_forwarded_total", "counter", "Requests handed to the control plane.", per_worker(&|s| s.counters.requests_forwarded));
+    let c = &src.control;
+    family(&mut out, "allocations_granted_total", "counter", "Allocates the control plane granted.", [(String::new(), c.allocations_granted.load(Ordering::Relaxed) as f64)]);
+    let refused = CODES
+        .iter()
+        .map(|code| code.to_string())
+        .chain(std::iter::once("other".to_string()))
+        .zip(&c.refused)
+        .map(|(code, v)| (format!("code=\"{code}\""), v.load(Ordering::Relaxed) as f64));
+    family(&mut out, "allocations_refused_total", "counter", "Allocates answered with an error, by STUN error code.", refused);
+    let quota = c.refused[CODES.iter().position(|c| *c == 486).unwrap_or(0)].load(Ordering::Relaxed);
+    family(&mut out, "quota_refusals_total", "counter", "Allocates refused by a quota (486).", [(String::new(), quota as f64)]);
+    let auth = OUTCOMES.iter().zip(&c.auth).map(|((_, l), v)| (format!("outcome=\"{l}\""), v.load(Ordering::Relaxed) as f64));
+    family(&mut out, "auth_total", "counter", "Authentication outcomes of the requests the control plane handled.", auth);
+    family(&mut out, "parked_requests", "gauge", "Requests waiting for a user-store lookup.", [(String::new(), c.parked.load(Ordering::Relaxed) as f64)]);
+    family(&mut out, "draining", "gauge", "1 while the relay drains.", [(String::new(), c.draining.load(Ordering::Relaxed) as u8 as f64)]);
+    if let Some((listener, relay)) = rxq {
+        family(
+            &mut out,
+            "receive_queue_drops_total",
+            "counter",
+            "Datagrams the kernel dropped at uturn's full socket receive queues (SO_RXQ_OVFL's count).",
+            [("socket=\"listener\"".to_string(), listener as f64), ("socket=\"relay\"".to_string(), relay as f64)],
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP uturn_allocate_latency_seconds From a worker receiving an Allocate to the control plane queuing its answer.\n# TYPE uturn_allocate_latency_seconds histogram"
+    );
+    for (le, b) in LATENCY_BUCKETS.iter().zip(&c.latency_buckets) {
+        let _ = writeln!(out, "uturn_allocate_latency_seconds_bucket{{le=\"{le}\"}} {}", b.load(Ordering::Relaxed));
+    }
+    let count = c.latency_count.load(Ordering::Relaxed);
+    let _ = writeln!(out, "uturn_allocate_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "uturn_allocate_latency_seconds_sum {}", c.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
+    let _ = writeln!(out, "uturn_allocate_latency_seconds_count {count}");
+    out
+}
+
+/// The kernel's drop counts summed over this process's UDP sockets: (listeners, relays), told
+/// apart by local port. `None` where /proc cannot be read.
+fn receive_queue_drops(listen_ports: &[u16]) -> Option<(u64, u64)> {
+    let mut inodes = HashSet::new();
+    for e in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        if let Ok(target) = std::fs::read_link(e.path()) {
+            let t = target.to_string_lossy();
+            if let Some(n) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                if let Ok(n) = n.parse::<u64>() {
+                    inodes.insert(n);
+                }
+            }
+        }
+    }
+    let (mut listener, mut relay) = (0u64, 0u64);
+    for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+            let (Some(local), Some(inode), Some(drops)) = (f.get(1), f.get(9), f.get(12)) else { continue };
+            let (Ok(inode), Ok(drops)) = (inode.parse::<u64>(), drops.parse::<u64>()) else { continue };
+            if !inodes.contains(&inode) {
+                continue;
+            }
+            let port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()).unwrap_or(0);
+            if listen_ports.contains(&port) {
+                listener += drops;
+            } else {
+                relay += drops;
+            }
+        }
+    }
+    Some((listener, relay))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uturn_proto::relay::Counters;
+
+    #[test]
+    fn exposition_has_every_family_with_worker_labels_and_a_cumulative_histogram() {
+        let control = Arc::new(ControlMetrics::default());
+        control.refused(486);
+        control.refused(999);
+        control.auth(AuthOutcome::StaleNonce);
+        control.allocate_latency(Duration::from_micros(70));
+        control.allocate_latency(Duration::from_millis(3));
+        let src = Sources { workers: vec![], control, backend: "epoll", listen_ports: vec![3478] };
+        let sample = WorkerSample {
+            counters: Counters { relayed_to_peer: 10, bytes_to_client: 160, no_permission: 2, ..Counters::default() },
+            allocations: 1,
+            ..WorkerSample::default()
+        };
+        let text = render_samples(&src, &[sample, WorkerSample::default()], Some((1, 2)));
+        for line in [
+            "uturn_io_backend{backend=\"epoll\"} 1",
+            "uturn_allocations{worker=\"0\"} 1",
+            "uturn_allocations{worker=\"1\"} 0",
+            "uturn_packets_relayed_total{worker=\"0\",direction=\"to_peer\"} 10",
+            "uturn_bytes_relayed_total{worker=\"0\",direction=\"to_client\"} 160",
+            "uturn_drops_total{worker=\"0\",reason=\"no_permission\"} 2",
+            "uturn_allocations_refused_total{code=\"486\"} 1",
+            "uturn_allocations_refused_total{code=\"other\"} 1",
+            "uturn_quota_refusals_total 1",
+            "uturn_auth_total{outcome=\"stale_nonce\"} 1",
+            "uturn_receive_queue_drops_total{socket=\"relay\"} 2",
+            "uturn_allocate_latency_seconds_bucket{le=\"0.00005\"} 0",
+            "uturn_allocate_latency_seconds_bucket{le=\"0.0001\"} 1",
+            "uturn_allocate_latency_seconds_bucket{le=\"0.005\"} 2",
+            "uturn_allocate_latency_seconds_bucket{le=\"+Inf\"} 2",
+            "uturn_allocate_latency_seconds_count 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(l.starts_with("uturn_"), "{l}");
+            assert!(l.rsplit(' ').next().unwrap().parse::<f64>().is_ok(), "{l}");
+        }
+    }
+
+    #[test]
+    fn this_process_sockets_are_found_in_proc() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        assert_eq!(receive_queue_drops(&[port]), Some((0, 0)));
+    }
+}
