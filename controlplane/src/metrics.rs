@@ -154,8 +154,8 @@ impl MetricsExporter {
             for request in s.incoming_requests() {
                 let path = request.url().split('?').next().unwrap_or("").to_string();
                 let response = if path == "/metrics" && *request.method() == tiny_http::Method::Get {
-                    let header =
-                        tiny_http::Header::from_bytes("Content-Type", "text/plain; version=0.0.4").expect("static header");
+                    let header = tiny_http::Header::from_bytes("Content-Type", "text/plain; version=0.0.4")
+                        .expect("static header");
                     tiny_http::Response::from_string(render(&sources)).with_header(header)
                 } else {
                     tiny_http::Response::from_string("not found\n").with_status_code(404)
@@ -224,11 +224,35 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         "# HELP uturn_build_info The running version.\n# TYPE uturn_build_info gauge\nuturn_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
     );
-    family(&mut out, "io_backend", "gauge", "The I/O backend the workers run (1).", [(format!("backend=\"{}\"", src.backend), 1.0)]);
+    family(
+        &mut out,
+        "io_backend",
+        "gauge",
+        "The I/O backend the workers run (1).",
+        [(format!("backend=\"{}\"", src.backend), 1.0)],
+    );
     family(&mut out, "allocations", "gauge", "Live allocations.", per_worker(&|s| s.allocations));
-    family(&mut out, "allocations_created_total", "counter", "Allocations installed.", per_worker(&|s| s.counters.allocations_created));
-    family(&mut out, "allocations_expired_total", "counter", "Allocations whose lifetime ran out.", per_worker(&|s| s.counters.allocations_expired));
-    family(&mut out, "allocations_deleted_in_worker_total", "counter", "Allocations deleted by a Refresh with LIFETIME 0 that the worker answered.", per_worker(&|s| s.counters.deleted_in_worker));
+    family(
+        &mut out,
+        "allocations_created_total",
+        "counter",
+        "Allocations installed.",
+        per_worker(&|s| s.counters.allocations_created),
+    );
+    family(
+        &mut out,
+        "allocations_expired_total",
+        "counter",
+        "Allocations whose lifetime ran out.",
+        per_worker(&|s| s.counters.allocations_expired),
+    );
+    family(
+        &mut out,
+        "allocations_deleted_in_worker_total",
+        "counter",
+        "Allocations deleted by a Refresh with LIFETIME 0 that the worker answered.",
+        per_worker(&|s| s.counters.deleted_in_worker),
+    );
     family(&mut out, "permissions", "gauge", "Permissions held (peer IPs).", per_worker(&|s| s.permissions));
     family(&mut out, "channels", "gauge", "Channel bindings held.", per_worker(&|s| s.channels));
     let dir = |f: &dyn Fn(&WorkerSample) -> (u64, u64)| -> Vec<(String, f64)> {
@@ -237,36 +261,106 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
             .enumerate()
             .flat_map(|(i, s)| {
                 let (p, c) = f(s);
-                [(format!("worker=\"{i}\",direction=\"to_peer\""), p as f64), (format!("worker=\"{i}\",direction=\"to_client\""), c as f64)]
+                [
+                    (format!("worker=\"{i}\",direction=\"to_peer\""), p as f64),
+                    (format!("worker=\"{i}\",direction=\"to_client\""), c as f64),
+                ]
             })
             .collect()
     };
-    family(&mut out, "packets_relayed_total", "counter", "Datagrams relayed.", dir(&|s| (s.counters.relayed_to_peer, s.counters.relayed_to_client)));
-    family(&mut out, "bytes_relayed_total", "counter", "Application-data bytes relayed.", dir(&|s| (s.counters.bytes_to_peer, s.counters.bytes_to_client)));
+    family(
+        &mut out,
+        "packets_relayed_total",
+        "counter",
+        "Datagrams relayed.",
+        dir(&|s| (s.counters.relayed_to_peer, s.counters.relayed_to_client)),
+    );
+    family(
+        &mut out,
+        "bytes_relayed_total",
+        "counter",
+        "Application-data bytes relayed.",
+        dir(&|s| (s.counters.bytes_to_peer, s.counters.bytes_to_client)),
+    );
     let drops: Vec<(String, f64)> = samples
         .iter()
         .enumerate()
         .flat_map(|(i, s)| drop_reasons(s).map(|(r, v)| (format!("worker=\"{i}\",reason=\"{r}\""), v as f64)))
         .collect();
     family(&mut out, "drops_total", "counter", "Datagrams and requests dropped, by reason.", drops);
-    family(&mut out, "capacity_refusals_total", "counter", "CreatePermission/ChannelBind refused with 508 by the per-allocation caps.", per_worker(&|s| s.counters.capacity_refusals));
-    family(&mut out, "requests_answered_total", "counter", "Requests the worker answered itself.", per_worker(&|s| s.counters.requests_answered));
-    family(&mut out, "requests_forwarded_total", "counter", "Requests handed to the control plane.", per_worker(&|s| s.counters.requests_forwarded));
+    family(
+        &mut out,
+        "capacity_refusals_total",
+        "counter",
+        "CreatePermission/ChannelBind refused with 508 by the per-allocation caps.",
+        per_worker(&|s| s.counters.capacity_refusals),
+    );
+    family(
+        &mut out,
+        "requests_answered_total",
+        "counter",
+        "Requests the worker answered itself.",
+        per_worker(&|s| s.counters.requests_answered),
+    );
+    family(
+        &mut out,
+        "requests_forwarded_total",
+        "counter",
+        "Requests handed to the control plane.",
+        per_worker(&|s| s.counters.requests_forwarded),
+    );
     let c = &src.control;
-    family(&mut out, "allocations_granted_total", "counter", "Allocates the control plane granted.", [(String::new(), c.allocations_granted.load(Ordering::Relaxed) as f64)]);
+    family(
+        &mut out,
+        "allocations_granted_total",
+        "counter",
+        "Allocates the control plane granted.",
+        [(String::new(), c.allocations_granted.load(Ordering::Relaxed) as f64)],
+    );
     let refused = CODES
         .iter()
         .map(|code| code.to_string())
         .chain(std::iter::once("other".to_string()))
         .zip(&c.refused)
         .map(|(code, v)| (format!("code=\"{code}\""), v.load(Ordering::Relaxed) as f64));
-    family(&mut out, "allocations_refused_total", "counter", "Allocates answered with an error, by STUN error code.", refused);
+    family(
+        &mut out,
+        "allocations_refused_total",
+        "counter",
+        "Allocates answered with an error, by STUN error code.",
+        refused,
+    );
     let quota = c.refused[CODES.iter().position(|c| *c == 486).unwrap_or(0)].load(Ordering::Relaxed);
-    family(&mut out, "quota_refusals_total", "counter", "Allocates refused by a quota (486).", [(String::new(), quota as f64)]);
-    let auth = OUTCOMES.iter().zip(&c.auth).map(|((_, l), v)| (format!("outcome=\"{l}\""), v.load(Ordering::Relaxed) as f64));
-    family(&mut out, "auth_total", "counter", "Authentication outcomes of the requests the control plane handled.", auth);
-    family(&mut out, "parked_requests", "gauge", "Requests waiting for a user-store lookup.", [(String::new(), c.parked.load(Ordering::Relaxed) as f64)]);
-    family(&mut out, "draining", "gauge", "1 while the relay drains.", [(String::new(), c.draining.load(Ordering::Relaxed) as u8 as f64)]);
+    family(
+        &mut out,
+        "quota_refusals_total",
+        "counter",
+        "Allocates refused by a quota (486).",
+        [(String::new(), quota as f64)],
+    );
+    let auth =
+        OUTCOMES.iter().zip(&c.auth).map(|((_, l), v)| (format!("outcome=\"{l}\""), v.load(Ordering::Relaxed) as f64));
+    family(
+        &mut out,
+        "auth_total",
+        "counter",
+        "Authentication outcomes of the requests the control plane handled.",
+        auth,
+    );
+    family(
+        &mut out,
+        "parked_requests",
+        "gauge",
+        "Requests waiting for a user-store lookup.",
+        [(String::new(), c.parked.load(Ordering::Relaxed) as f64)],
+    );
+    family(
+        &mut out,
+        "draining",
+        "gauge",
+        "1 while the relay drains.",
+        [(String::new(), c.draining.load(Ordering::Relaxed) as u8 as f64)],
+    );
     if let Some((listener, relay)) = rxq {
         family(
             &mut out,
@@ -285,7 +379,8 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
     }
     let count = c.latency_count.load(Ordering::Relaxed);
     let _ = writeln!(out, "uturn_allocate_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(out, "uturn_allocate_latency_seconds_sum {}", c.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
+    let _ =
+        writeln!(out, "uturn_allocate_latency_seconds_sum {}", c.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
     let _ = writeln!(out, "uturn_allocate_latency_seconds_count {count}");
     out
 }

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::TryRecvError;
 use tracing::{error, info, warn};
 use uturn_dataplane::{
-    EventSender, FrozenWorker, FromWorker, IoBackend, Start, ToWorker, WorkerConfig, WorkerHandle, WorkerMetrics,
+    EventSender, FromWorker, FrozenWorker, IoBackend, Start, ToWorker, WorkerConfig, WorkerHandle, WorkerMetrics,
 };
 use uturn_proto::nonce::{Challenger, NonceKey};
 use uturn_proto::relay::RelayConfig;
@@ -177,10 +177,9 @@ impl<'a> Server<'a> {
                 NonceKey::new(h.nonce_secret, h.nonce_lifetime_s),
                 now.checked_sub(Duration::from_millis(h.nonce_origin_age_ms)).unwrap_or(now),
             ),
-            None => (
-                NonceKey::new(rand::random(), config.nonce_lifetime.as_secs().max(1)),
-                Challenger::origin_for(now),
-            ),
+            None => {
+                (NonceKey::new(rand::random(), config.nonce_lifetime.as_secs().max(1)), Challenger::origin_for(now))
+            }
         };
         let challenger =
             Challenger::new(&config.credentials.realm, nonce_key, origin).offering(&config.password_algorithms);
@@ -226,7 +225,8 @@ impl<'a> Server<'a> {
                 metrics_listener = fds.next().map(TcpListener::from);
             }
         }
-        let mut snapshots = handover.as_ref().map(|h| h.workers.iter().map(|w| w.allocations.clone()).collect::<Vec<_>>());
+        let mut snapshots =
+            handover.as_ref().map(|h| h.workers.iter().map(|w| w.allocations.clone()).collect::<Vec<_>>());
         for (i, cfg) in worker_cfgs.iter().enumerate() {
             let Some(h) = &handover else {
                 starts.push(Start::Fresh);
@@ -296,7 +296,9 @@ impl<'a> Server<'a> {
                 });
                 match probe {
                     // Closing the extra socket leaves the program on the group.
-                    Ok(_) => info!(%addr, workers = config.workers, "reuseport-cpu: datagrams go to the worker on the receiving CPU"),
+                    Ok(_) => {
+                        info!(%addr, workers = config.workers, "reuseport-cpu: datagrams go to the worker on the receiving CPU")
+                    }
                     Err(e) => warn!(%addr, "reuseport-cpu: could not attach the steering program: {e}"),
                 }
             }
@@ -350,7 +352,8 @@ impl<'a> Server<'a> {
                 backend: self.backend.name(),
                 listen_ports: c.listen.iter().map(|a| a.port()).collect(),
             };
-            let exporter = MetricsExporter::start(listener, sources).with_context(|| format!("metrics endpoint on {addr}"))?;
+            let exporter =
+                MetricsExporter::start(listener, sources).with_context(|| format!("metrics endpoint on {addr}"))?;
             self.metrics = Some((exporter, keep));
         }
         Ok(())
@@ -363,7 +366,13 @@ impl<'a> Server<'a> {
     }
 
     /// The control loop.
-    fn serve(&mut self, signals: &Signals, reloader: Option<&Reloader>, exe: &Path, args: &[std::ffi::OsString]) -> Outcome {
+    fn serve(
+        &mut self,
+        signals: &Signals,
+        reloader: Option<&Reloader>,
+        exe: &Path,
+        args: &[std::ffi::OsString],
+    ) -> Outcome {
         let shutdown = &signals.shutdown;
         while !shutdown.load(Ordering::Relaxed) {
             // Take up to FAIR_SHARE events from each worker's queue in turn, so one worker's
@@ -407,7 +416,10 @@ impl<'a> Server<'a> {
                 std::thread::park_timeout(wait);
             }
             if let Some(w) = self.workers.iter().find(|w| w.is_finished()) {
-                error!(worker = w.index(), "worker stopped unexpectedly; shutting down so a supervisor can restart uturn");
+                error!(
+                    worker = w.index(),
+                    "worker stopped unexpectedly; shutting down so a supervisor can restart uturn"
+                );
                 return Outcome::Stop { failed: true };
             }
             if self.workers.len() != self.worker_cfgs.len() {
@@ -453,7 +465,8 @@ impl<'a> Server<'a> {
     fn handle_event(&mut self, ev: FromWorker) {
         match ev {
             FromWorker::Request { worker, five_tuple, bytes, received, .. } => {
-                let Some(msg) = self.control.handle_request(Instant::now(), worker, five_tuple, &bytes, received) else {
+                let Some(msg) = self.control.handle_request(Instant::now(), worker, five_tuple, &bytes, received)
+                else {
                     return;
                 };
                 self.push(worker, msg);

@@ -18,9 +18,9 @@
 mod bufring;
 mod core;
 mod epoll;
-mod fdpass;
 #[cfg(feature = "fault-injection")]
 mod fault;
+mod fdpass;
 mod gso;
 mod messages;
 mod metrics;
@@ -29,9 +29,9 @@ mod sys;
 mod uring;
 mod worker;
 
+pub use fdpass::{inheritable, inherited_stream, recv_fds, send_fds, FDS_PER_MESSAGE};
 pub use messages::{EventSender, FromWorker, ToWorker, UnverifiedGauge};
 pub use metrics::{WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
-pub use fdpass::{inheritable, inherited_stream, recv_fds, send_fds, FDS_PER_MESSAGE};
 pub use socket::{attach_reuseport_cpu, bind_listener, bind_relay};
 pub use sys::raise_fd_limit;
 pub use uring::probe as probe_uring;

@@ -51,7 +51,12 @@ pub fn attach_reuseport_cpu(socket: &UdpSocket, workers: usize) -> io::Result<()
     let n = workers.max(1) as u32;
     // ld #cpu (ancillary SKF_AD_CPU); mod #n; ret a
     let mut prog = [
-        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32 },
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32,
+        },
         libc::sock_filter { code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16, jt: 0, jf: 0, k: n },
         libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 },
     ];

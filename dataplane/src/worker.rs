@@ -231,8 +231,7 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result
         Start::Fresh => {
             let mut listeners = Vec::with_capacity(cfg.listen.len());
             for addr in &cfg.listen {
-                let socket =
-                    bind_listener(*addr).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+                let socket = bind_listener(*addr).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
                 listeners.push(Listener { socket, addr: *addr });
             }
             (new_state(&cfg), listeners, Vec::new())

@@ -13,9 +13,9 @@ use uturn_proto::wire::{IntegrityKey, Message, Method};
 use uturn_proto::FiveTuple;
 
 use super::{ControlPlane, MAX_PARKED, PARK_TIMEOUT};
-use crate::metrics::AuthOutcome;
 use crate::credentials::cache::LookupKey;
 use crate::credentials::{Candidate, Identity, Resolved};
+use crate::metrics::AuthOutcome;
 
 /// Outcome of authentication.
 pub(super) enum Auth {
@@ -163,7 +163,13 @@ impl ControlPlane {
         }
         self.stats.parked += 1;
         self.parked_count += 1;
-        self.parked.entry(lookup).or_default().push(Parked { worker, five_tuple, bytes: bytes.into(), since: now, received });
+        self.parked.entry(lookup).or_default().push(Parked {
+            worker,
+            five_tuple,
+            bytes: bytes.into(),
+            since: now,
+            received,
+        });
         self.metrics.set_parked(self.parked_count);
     }
 
@@ -177,7 +183,8 @@ impl ControlPlane {
             for p in waiting {
                 // The answer itself decides (not a new lookup: with a zero cache TTL that would
                 // park the request again). Unavailable becomes 500 in `verify`.
-                if let Some(a) = self.handle(now, p.worker, p.five_tuple, &p.bytes, Some(resolved.clone()), p.received) {
+                if let Some(a) = self.handle(now, p.worker, p.five_tuple, &p.bytes, Some(resolved.clone()), p.received)
+                {
                     out.push((p.worker, a));
                 }
             }

@@ -10,7 +10,8 @@ use crate::response::{self, ErrorCode};
 use crate::wire::{self, attr, ChannelNumber, Class, IntegrityKey, MessageWriter, Method, TransactionId};
 
 use super::{
-    Allocation, AllocationId, Command, CommandOutput, Effect, EndReason, Ended, FiveTuple, Install, Timer, Traffic, WorkerState,
+    Allocation, AllocationId, Command, CommandOutput, Effect, EndReason, Ended, FiveTuple, Install, Timer, Traffic,
+    WorkerState,
 };
 
 /// How far ahead of its deadline an allocation may be ended by an Install for a new Allocate on

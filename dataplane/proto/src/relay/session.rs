@@ -147,13 +147,18 @@ impl WorkerState {
                 let permissions = a
                     .permissions
                     .iter()
-                    .filter_map(|ip| t.permissions.get(&(id.index, *ip)).filter(|e| **e > now).map(|e| (*ip, left_ms(*e, now))))
+                    .filter_map(|ip| {
+                        t.permissions.get(&(id.index, *ip)).filter(|e| **e > now).map(|e| (*ip, left_ms(*e, now)))
+                    })
                     .collect();
                 let channels = a
                     .channels
                     .iter()
                     .filter_map(|c| {
-                        t.channels.get(&(id.index, *c)).filter(|b| b.expires > now).map(|b| (c.get(), b.peer, left_ms(b.expires, now)))
+                        t.channels
+                            .get(&(id.index, *c))
+                            .filter(|b| b.expires > now)
+                            .map(|b| (c.get(), b.peer, left_ms(b.expires, now)))
                     })
                     .collect();
                 let snap = AllocationSnapshot {
