@@ -32,7 +32,10 @@ fn permissions_channels_and_allocations_expire() {
         assert_eq!(c.refresh(4).code(), Some(437), "{backend}: allocation expired");
         // The relayed transport address was released.
         assert!(UdpSocket::bind(relayed).is_ok(), "{backend}: relay socket closed");
-        assert!(relay.log().contains("allocation expired"), "{}", relay.log());
+        let log = relay.log();
+        let ended = log.lines().find(|l| l.contains("allocation ended")).unwrap_or_else(|| panic!("{log}"));
+        assert!(ended.contains("reason=\"expired\"") && ended.contains("session=1"), "{ended}");
+        assert!(ended.contains("packets_to_client=1") && ended.contains("bytes_to_client=5"), "{ended}");
     }
 }
 
