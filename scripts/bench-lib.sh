@@ -12,7 +12,8 @@ stop_server() {
 
 # start_server SPEC PORT PEER_PORT: SPEC is `uturn` (or `uturn@PATH` for another build of the
 # binary), `coturn` or `floor` (forwarding to PEER_PORT), optionally followed by
-# `:VAR=VALUE[,VAR=VALUE]` environment for the relay process.
+# `:VAR=VALUE[,VAR=VALUE]` environment for the relay process. For uturn, an entry `TOML=LINE`
+# is not environment: LINE is added to its config file (e.g. `uturn:TOML=reuseport-cpu = true`).
 start_server() {
   local spec=$1 port=$2 peer=$3 name envs workers bin=$BIN/uturn
   name=${spec%%:*}; envs=""; [ "$spec" != "$name" ] && envs=${spec#*:}
@@ -25,6 +26,11 @@ start_server() {
       # One generator IP makes thousands of allocations per second: lift the per-IP limit on
       # unauthenticated requests (coturn has none by default).
       printf 'unauth-rate = 0\n' > "$OUT/uturn.toml"
+      local -a kept=()
+      for e in "${env_args[@]}"; do
+        case $e in TOML=*) printf '%s\n' "${e#TOML=}" >> "$OUT/uturn.toml" ;; *) kept+=("$e") ;; esac
+      done
+      env_args=("${kept[@]}")
       env "${env_args[@]}" taskset -c "$SERVER_CPUS" "$bin" --config "$OUT/uturn.toml" --listen 127.0.0.1:"$port" \
         --workers "$workers" --log-level warn --port-range 20000-30000 >/dev/null 2>>"$OUT/uturn.log" &
       ;;

@@ -243,7 +243,7 @@ impl<'a> Server<'a> {
             for (session, e) in refused {
                 warn!(worker = i, session, "hot upgrade: allocation not taken over: {e:?}");
             }
-            starts.push(Start::Resume(frozen));
+            starts.push(Start::Resume(Box::new(frozen)));
         }
         let mut server = Server {
             config,

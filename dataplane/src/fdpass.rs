@@ -30,7 +30,7 @@ pub fn send_fds(stream: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
         msg.msg_iovlen = 1;
         msg.msg_control = cbuf.as_mut_ptr().cast();
         msg.msg_controllen = cbuf.len() * 8;
-        let data_len = chunk.len() * std::mem::size_of::<RawFd>();
+        let data_len = std::mem::size_of_val(chunk);
         // SAFETY: `msg` points at `cbuf`, which is CMSG_SPACE(data_len) bytes or more, so
         // CMSG_FIRSTHDR is non-null and the header plus `data_len` bytes fit inside it.
         unsafe {

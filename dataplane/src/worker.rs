@@ -68,7 +68,7 @@ pub enum Start {
     Fresh,
     /// Serve a frozen worker's sockets and state: this process's own after a failed hot
     /// upgrade, or the previous process's (see [`FrozenWorker::adopt`]).
-    Resume(FrozenWorker),
+    Resume(Box<FrozenWorker>),
 }
 
 /// A worker stopped for a hot upgrade: its listener and relay sockets, still open and still in
@@ -236,7 +236,10 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result
             }
             (new_state(&cfg), listeners, Vec::new())
         }
-        Start::Resume(f) => (f.state, f.listeners, f.relays),
+        Start::Resume(f) => {
+            let f = *f;
+            (f.state, f.listeners, f.relays)
+        }
     };
     let (tx, rx) = crossbeam_channel::bounded(cfg.command_queue);
     let waker = Arc::new(Waker::new()?);

@@ -86,6 +86,15 @@ impl Relay {
 
     /// [`start`](Self::start) with extra environment variables.
     pub fn start_with_env(backend: &str, config: &str, args: &[&str], env: &[(&str, &str)]) -> Relay {
+        Self::start_bin(&uturn_bin(), backend, config, args, env)
+    }
+
+    /// [`start`](Self::start) running the binary at `bin` (a copy a test may replace).
+    pub fn start_from(bin: &std::path::Path, backend: &str, config: &str, args: &[&str]) -> Relay {
+        Self::start_bin(bin, backend, config, args, &[])
+    }
+
+    fn start_bin(bin: &std::path::Path, backend: &str, config: &str, args: &[&str], env: &[(&str, &str)]) -> Relay {
         for _attempt in 0..5 {
             let port = free_udp_port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -97,7 +106,7 @@ impl Relay {
             let cfg = tempfile_lite::TempFile::new("config.toml", config);
             let stderr_log = std::env::temp_dir().join(format!("uturn-test-{}-{port}.log", std::process::id()));
             let log = std::fs::File::create(&stderr_log).unwrap();
-            let child = Command::new(uturn_bin())
+            let child = Command::new(bin)
                 .args(["--listen", &addr.to_string(), "--workers", "2", "--io-backend", backend])
                 .args(range_args)
                 .args(["--log-level", "debug"])

@@ -358,3 +358,50 @@ fn hot_upgrade_loses_no_packet_uring() {
 fn hot_upgrade_loses_no_packet_epoll() {
     hot_upgrade("epoll");
 }
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_process_serving() {
+    let dir = std::env::temp_dir().join(format!("uturn-upgrade-fail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("uturn");
+    std::fs::copy(uturn_bin(), &bin).unwrap();
+    let real = dir.join("uturn.real");
+    std::fs::copy(uturn_bin(), &real).unwrap();
+    let mut relay = Relay::start_from(&bin, "uring", "", &[]);
+    let peer = peer_socket();
+    let mut c = Client::new(relay.addr, "demo", "demo", "uturn.local");
+    c.allocate();
+    assert_eq!(c.channel_bind(0x4001, peer.local_addr().unwrap()).code(), None);
+    let write_script = |body: &str| {
+        let staged = dir.join("uturn.new");
+        std::fs::write(&staged, format!("#!/bin/sh\n{body}\n")).unwrap();
+        Command::new("chmod").args(["755", &staged.to_string_lossy()]).status().unwrap();
+        std::fs::rename(&staged, &bin).unwrap();
+    };
+    // 1. A binary that does not even start: the old process never froze.
+    write_script("exit 3");
+    relay.signal("USR2");
+    assert!(relay.wait_log("hot upgrade failed", Duration::from_secs(10)), "{}", relay.log());
+    assert_eq!(echo_once(&c, &peer, 0x4001, b"one")[4..], *b"one");
+    // 2. A new process that is ready, takes the handover and then refuses it (another worker
+    //    count): the old process froze its workers and must resume them with their tables.
+    let real_s = real.to_string_lossy();
+    write_script(&format!(
+        "a=\"\"; for x in \"$@\"; do if [ \"$prev\" = --workers ]; then x=3; fi; a=\"$a '$x'\"; prev=$x; done; eval exec '{real_s}' $a"
+    ));
+    relay.signal("USR2");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while relay.log().matches("hot upgrade failed").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = relay.log();
+    assert!(log.contains("3 workers") || log.contains("this configuration 3"), "{log}");
+    assert!(log.contains("workers resumed"), "{log}");
+    assert_eq!(echo_once(&c, &peer, 0x4001, b"two")[4..], *b"two", "the allocation survived the freeze");
+    let mut fresh = Client::new(relay.addr, "demo", "demo", "uturn.local");
+    fresh.try_allocate().unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
+    assert_eq!(udp_port_owners(relay.addr.port()), HashSet::from([relay.pid()]));
+    assert!(relay.terminate(Duration::from_secs(2)).is_some_and(|s| s.success()));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -117,7 +117,7 @@ impl Server<'_> {
     fn resume(&mut self, frozen: Vec<FrozenWorker>) {
         for (i, f) in frozen.into_iter().enumerate() {
             let cfg = self.worker_cfgs[i].clone();
-            match uturn_dataplane::spawn(cfg, self.senders[i].clone(), Start::Resume(f)) {
+            match uturn_dataplane::spawn(cfg, self.senders[i].clone(), Start::Resume(Box::new(f))) {
                 Ok(h) => self.workers.push(h),
                 Err(e) => error!(worker = i, "could not resume the worker: {e}"),
             }
