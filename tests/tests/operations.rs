@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use uturn_tests::uturn_proto::wire::{attr, Message};
-use uturn_tests::{free_udp_port, peer_socket, uturn_bin, Client, Relay, BACKENDS};
+use uturn_tests::{free_udp_port, peer_socket, uturn_bin, uturn_cli, Client, Relay, BACKENDS};
 
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -101,10 +101,16 @@ fn metrics_admin_api_and_drain() {
         assert_eq!(http("GET", a_addr, "/sessions/x").0, 400);
         assert_eq!(http("GET", a_addr, "/ready").0, 200);
         assert!(relay.log().contains(&format!("session={id}")), "log lines carry the session id");
+        let url = format!("http://{a_addr}");
+        let (code, out, err) = uturn_cli(&["admin", "--admin-url", &url, "sessions", &id.to_string()]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("\"user\":\"demo\""), "{out}");
+        let (code, _, err) = uturn_cli(&["admin", "--admin-url", &url, "revoke", "--session", "424242"]);
+        assert_eq!(code, 1, "an unknown session is an HTTP 404: {err}");
 
         // Drain: 300 with ALTERNATE-SERVER for new Allocates, the old allocation relays on.
-        let (status, body) = http("POST", a_addr, "/drain");
-        assert_eq!((status, body.contains("\"allocations\":1")), (200, true), "{body}");
+        let (code, body, err) = uturn_cli(&["admin", "--admin-url", &url, "drain"]);
+        assert_eq!((code, body.contains("\"allocations\":1")), (0, true), "{body}{err}");
         assert_eq!(http("GET", a_addr, "/ready").0, 503);
         let mut late = Client::new(relay.addr, "demo", "demo", "uturn.local");
         let err = late.try_allocate().unwrap_err();

@@ -391,3 +391,36 @@ fn a_store_user_parks_the_request_then_is_served_from_the_cache() {
         }
     }
 }
+
+#[test]
+fn draining_refuses_allocates_with_508_and_the_owner_records_move_to_the_next_process() {
+    let mut h = H::new();
+    let nonce = nonce_of(&reply_bytes(h.send(0, ft(1000), &request(Method::ALLOCATE, 1, None, udp))));
+    let Some(ToWorker::Install(first, _socket)) =
+        h.send(0, ft(1000), &request(Method::ALLOCATE, 2, Some(("demo", "demo", &nonce)), udp))
+    else {
+        panic!("no install")
+    };
+    assert_eq!(first.session, 1);
+    h.cp.drain(None);
+    let nonce = nonce_of(&reply_bytes(h.send(1, ft(1001), &request(Method::ALLOCATE, 6, None, udp))));
+    let r = reply_bytes(h.send(1, ft(1001), &request(Method::ALLOCATE, 3, Some(("demo", "demo", &nonce)), udp)));
+    assert_eq!(code(&r), Some(508), "no alternate-server: 508");
+    assert!(Message::parse(&r).unwrap().has_integrity(), "signed, the request was authenticated");
+    let snap = h.cp.export(h.at(1));
+    assert_eq!(snap.owners.len(), 1);
+    assert_eq!((snap.owners[0].session, snap.next_session), (1, 2));
+    // The next process: its quotas count the imported allocation, its sessions continue.
+    let mut next = H::new();
+    next.cp.import(next.at(0), snap);
+    assert_eq!(next.cp.allocations(), 1);
+    let (worker, cmd) = next.cp.revoke_session(1).expect("the imported session can be revoked");
+    assert!(worker == 0 && matches!(cmd, ToWorker::Command(Command::Revoke { tid, .. }) if tid == first.tid));
+    let nonce = nonce_of(&reply_bytes(next.send(0, ft(1002), &request(Method::ALLOCATE, 4, None, udp))));
+    let Some(ToWorker::Install(second, _s)) =
+        next.send(0, ft(1002), &request(Method::ALLOCATE, 5, Some(("demo", "demo", &nonce)), udp))
+    else {
+        panic!("no install")
+    };
+    assert_eq!(second.session, 2, "session ids are not reused after a handover");
+}
