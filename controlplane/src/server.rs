@@ -245,6 +245,16 @@ impl<'a> Server<'a> {
             }
             starts.push(Start::Resume(Box::new(frozen)));
         }
+        let policy = Policy {
+            relay_ip: config.relay_ip,
+            default_lifetime: config.default_lifetime,
+            max_lifetime: config.max_lifetime,
+            user_quota: config.user_quota,
+            total_quota: config.total_quota,
+            peers: PeerPolicy::new(config.relay_ip, &config.listen, &config.allow_peer, &config.deny_peer),
+            rfc5766_channels: config.rfc5766_channels,
+        };
+        info!("{}", policy.peers.describe());
         let mut server = Server {
             config,
             backend,
@@ -253,21 +263,7 @@ impl<'a> Server<'a> {
             workers: Vec::with_capacity(config.workers),
             senders: Vec::with_capacity(config.workers),
             events_rx: Vec::with_capacity(config.workers),
-            control: ControlPlane::new(
-                Policy {
-                    relay_ip: config.relay_ip,
-                    default_lifetime: config.default_lifetime,
-                    max_lifetime: config.max_lifetime,
-                    user_quota: config.user_quota,
-                    total_quota: config.total_quota,
-                    peers: PeerPolicy::new(config.relay_ip, &config.listen, &config.allow_peer, &config.deny_peer),
-                    rfc5766_channels: config.rfc5766_channels,
-                },
-                credentials,
-                config.workers,
-                config.port_range,
-                challenger,
-            ),
+            control: ControlPlane::new(policy, credentials, config.workers, config.port_range, challenger),
             admin: None,
             metrics: None,
             drain_deadline: None,
@@ -303,7 +299,6 @@ impl<'a> Server<'a> {
                 }
             }
         }
-        info!("{}", server.control_policy_description());
         if let Some(url) = &config.credentials.store {
             info!(store = %url, threads = config.credentials.store_threads, "user store");
         }
@@ -320,11 +315,6 @@ impl<'a> Server<'a> {
             return Err(e);
         }
         Ok(server)
-    }
-
-    fn control_policy_description(&self) -> String {
-        PeerPolicy::new(self.config.relay_ip, &self.config.listen, &self.config.allow_peer, &self.config.deny_peer)
-            .describe()
     }
 
     /// The admin and metrics endpoints, on handed-over listeners or freshly bound ones.

@@ -201,14 +201,16 @@ impl WorkerCore {
                     continue;
                 }
             };
+            // Described only when debug logging is on (no allocation per command otherwise).
             let event = match &cmd {
+                _ if !tracing::enabled!(tracing::Level::DEBUG) => None,
                 Command::CreatePermission { peers, .. } => Some(format!("permission for {peers:?}")),
                 Command::ChannelBind { channel, peer, .. } => Some(format!("channel {:#06x} to {peer}", channel.get())),
                 _ => None,
             };
             let out = self.state.handle_command(now, cmd, &mut self.reply);
             let listener = self.listener_of(&out.five_tuple);
-            if let Some(event) = event.filter(|_| tracing::enabled!(tracing::Level::DEBUG)) {
+            if let Some(event) = event {
                 let granted = Message::parse(&self.reply[..out.reply_len]).is_ok_and(|m| m.class() == Class::Success);
                 let session = self.session_of(&out.five_tuple);
                 debug!(worker = self.index, session, client = %out.five_tuple.client, granted, "{event}");
