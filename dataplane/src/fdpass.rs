@@ -17,6 +17,18 @@ fn cmsg_words(n: usize) -> usize {
     bytes.div_ceil(8)
 }
 
+/// A message header with one data byte (`iov`) and the control buffer `cbuf`; both must outlive
+/// the header's use.
+fn header(iov: &mut libc::iovec, cbuf: &mut [u64]) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(cbuf);
+    msg
+}
+
 /// Sends `fds` over `stream`, [`FDS_PER_MESSAGE`] per message, each message carrying one data
 /// byte (a stream socket carries ancillary data only with data).
 pub fn send_fds(stream: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
@@ -24,12 +36,7 @@ pub fn send_fds(stream: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
         let mut cbuf = vec![0u64; cmsg_words(chunk.len())];
         let mut byte = [0u8; 1];
         let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = cbuf.len() * 8;
+        let msg = header(&mut iov, &mut cbuf);
         let data_len = std::mem::size_of_val(chunk);
         // SAFETY: `msg` points at `cbuf`, which is CMSG_SPACE(data_len) bytes or more, so
         // CMSG_FIRSTHDR is non-null and the header plus `data_len` bytes fit inside it.
@@ -61,12 +68,7 @@ pub fn recv_fds(stream: &UnixStream, count: usize) -> io::Result<Vec<OwnedFd>> {
         let mut cbuf = vec![0u64; cmsg_words(want)];
         let mut byte = [0u8; 1];
         let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = cbuf.len() * 8;
+        let mut msg = header(&mut iov, &mut cbuf);
         // SAFETY: `msg` points at live buffers for the call's duration.
         let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
         if n < 0 {
