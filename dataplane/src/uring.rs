@@ -581,19 +581,11 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
         // Commands queued after this check find the flag set and write the eventfd.
         waker.sleeping(true);
         let want = if core.commands_pending() { 0 } else { 1 };
-        let entered = io.ring.submitter().submit_with_args(want, &args);
+        let entered = enter(&io.ring, want, &args);
         waker.sleeping(false);
-        match entered {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-            Err(e) => return Err(e),
-        }
+        entered?;
         let now = Instant::now();
-        cqes.clear();
-        cqes.extend(io.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
-        for &(ud, res, flags) in &cqes {
-            dispatch(&mut core, &mut io, now, ud, res, flags, waker);
-        }
+        reap(&mut core, &mut io, now, &mut cqes, waker);
         io.flush_run();
         core.drain_commands(now, &mut io);
         core.expire(now, &mut io);
@@ -668,20 +660,30 @@ fn quiesce(core: &mut WorkerCore, io: &mut UringIo, waker: &Waker) {
             );
             break;
         }
-        match io.ring.submitter().submit_with_args(1, &SubmitArgs::new().timespec(&ts)) {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-            Err(e) => {
-                warn!(worker = core.index, "freeze: io_uring_enter failed: {e}");
-                break;
-            }
+        if let Err(e) = enter(&io.ring, 1, &SubmitArgs::new().timespec(&ts)) {
+            warn!(worker = core.index, "freeze: io_uring_enter failed: {e}");
+            break;
         }
-        let now = Instant::now();
-        cqes.clear();
-        cqes.extend(io.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
-        for &(ud, res, flags) in &cqes {
-            dispatch(core, io, now, ud, res, flags, waker);
-        }
+        reap(core, io, Instant::now(), &mut cqes, waker);
+    }
+}
+
+/// Submits what is queued and waits for `want` completions or the timeout in `args`; a timeout,
+/// a signal or a full completion queue (EBUSY) is not an error.
+fn enter(ring: &IoUring, want: usize, args: &SubmitArgs<'_, '_>) -> io::Result<()> {
+    match ring.submitter().submit_with_args(want, args) {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes every completion off the ring (into `cqes`, reused) and dispatches each.
+fn reap(core: &mut WorkerCore, io: &mut UringIo, now: Instant, cqes: &mut Vec<(u64, i32, u32)>, waker: &Waker) {
+    cqes.clear();
+    cqes.extend(io.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+    for &(ud, res, flags) in cqes.iter() {
+        dispatch(core, io, now, ud, res, flags, waker);
     }
 }
 
