@@ -24,6 +24,16 @@ impl WorkerState {
     /// (at least 512 bytes). Every error answer to an authenticated request is signed with its
     /// key (RFC 8489 §9.2.4).
     pub fn handle_command(&mut self, now: Instant, cmd: Command, out: &mut [u8]) -> CommandOutput {
+        let out = self.apply_command(now, cmd, out);
+        if self.offload.is_some() {
+            if let Some(id) = self.tables.lookup(&out.five_tuple) {
+                self.touch_offload(id);
+            }
+        }
+        out
+    }
+
+    fn apply_command(&mut self, now: Instant, cmd: Command, out: &mut [u8]) -> CommandOutput {
         match cmd {
             Command::Install(i) => self.install(now, i, out),
             Command::Reply { five_tuple, bytes } => {
@@ -207,6 +217,7 @@ impl WorkerState {
     }
 
     fn end(&mut self, id: AllocationId, reason: EndReason) -> Option<Ended> {
+        self.touch_offload(id);
         let a = self.tables.remove(id)?;
         self.compact_timers();
         Some(Ended::of(id, &a, reason))

@@ -8,6 +8,7 @@
 
 mod apply;
 mod command;
+mod offload;
 mod session;
 mod tables;
 
@@ -16,6 +17,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 pub use command::{Command, Effect, Install};
+pub use offload::{ChannelRoute, OffloadEvent};
 pub use session::{AllocationSnapshot, ImportError, SessionInfo, Traffic};
 pub use tables::{Allocation, ChannelBinding, Tables};
 
@@ -201,6 +203,12 @@ pub struct Counters {
     pub bytes_to_client: u64,
     /// Allocations installed.
     pub allocations_created: u64,
+    /// ChannelData relayed to peers by the kernel fast path (XDP), included in
+    /// `relayed_to_peer`.
+    pub offloaded_to_peer: u64,
+    /// Peer datagrams relayed to clients by the kernel fast path, included in
+    /// `relayed_to_client`.
+    pub offloaded_to_client: u64,
 }
 
 /// Implements [`Counters::NAMES`] and [`Counters::values`] from one list of the fields.
@@ -246,6 +254,8 @@ counter_list!(
     bytes_to_peer,
     bytes_to_client,
     allocations_created,
+    offloaded_to_peer,
+    offloaded_to_client,
 );
 
 /// What to do with a client datagram.
@@ -322,6 +332,8 @@ pub struct WorkerState {
     challenger: Option<Challenger>,
     /// xorshift64 state for Data indication transaction IDs (seeded by the caller from a CSPRNG).
     rng: u64,
+    /// Channel routes for a kernel fast path, when the shell enabled one.
+    offload: Option<offload::Offload>,
 }
 
 impl WorkerState {
@@ -338,6 +350,7 @@ impl WorkerState {
             reaped: Vec::new(),
             challenger: None,
             rng: seed | 1,
+            offload: None,
         }
     }
 
@@ -711,6 +724,8 @@ impl WorkerState {
         let mut fired = std::mem::take(&mut self.fired);
         self.timers.advance(now, &mut fired);
         for t in fired.drain(..) {
+            let (Timer::Allocation(id) | Timer::Permission(id, _) | Timer::Channel(id, _)) = t;
+            self.touch_offload(id);
             match t {
                 Timer::Allocation(id) => {
                     let Some(a) = self.tables.get(id) else { continue };
@@ -778,6 +793,7 @@ impl WorkerState {
         let ids: Vec<AllocationId> = self.tables.by_five_tuple.values().copied().collect();
         let mut all: Vec<Ended> = std::mem::take(&mut self.reaped);
         for id in ids {
+            self.touch_offload(id);
             if let Some(a) = self.tables.remove(id) {
                 all.push(Ended::of(id, &a, EndReason::Shutdown));
             }

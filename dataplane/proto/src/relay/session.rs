@@ -226,6 +226,7 @@ impl WorkerState {
                 self.timers.schedule(e, Timer::Channel(id, c));
             }
         }
+        self.touch_offload(id);
         Ok(id)
     }
 }

@@ -111,6 +111,12 @@ impl Tables {
         id
     }
 
+    /// The allocation in slab slot `index`, with its id, if the slot is occupied.
+    pub fn iter_slot(&self, index: u32) -> Option<(AllocationId, &Allocation)> {
+        let slot = self.slots.get(index as usize)?;
+        slot.allocation.as_ref().map(|a| (AllocationId { index, generation: slot.generation }, a))
+    }
+
     /// The live allocation `id` names, if any (a stale id whose slot was reused yields `None`).
     pub fn get(&self, id: AllocationId) -> Option<&Allocation> {
         let slot = self.slots.get(id.index as usize)?;

@@ -679,3 +679,119 @@ fn counters_round_trip_through_their_value_list() {
     assert_eq!(Counters::from_values(&c.values()), c);
     assert_eq!(Counters::NAMES[0], "relayed_to_peer");
 }
+
+/// Channel routes for the kernel fast path follow the tables: a route per live binding with a
+/// live permission, carrying the earliest deadline, removed when any of the three ends.
+mod offload {
+    use super::*;
+
+    impl Harness {
+        fn events(&mut self) -> Vec<OffloadEvent> {
+            let mut v = Vec::new();
+            self.state.take_offload_events(&mut v);
+            v
+        }
+    }
+
+    fn installs(v: &[OffloadEvent]) -> Vec<(u16, bool, Instant)> {
+        v.iter()
+            .filter_map(|e| match e {
+                OffloadEvent::Install { route, fresh } => Some((route.channel.get(), *fresh, route.expires)),
+                OffloadEvent::Remove(_) => None,
+            })
+            .collect()
+    }
+
+    fn removes(v: &[OffloadEvent]) -> Vec<u16> {
+        v.iter()
+            .filter_map(|e| match e {
+                OffloadEvent::Remove(r) => Some(r.channel.get()),
+                OffloadEvent::Install { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_binding_is_routed_until_its_permission_lapses_and_again_once_renewed() {
+        let mut h = Harness::new();
+        assert!(h.state.enable_offload(0..16));
+        let id = h.install(0, 600);
+        assert!(h.events().is_empty(), "an allocation without a binding has no route");
+        h.bind(10, 0x4001, peer());
+        let ev = h.events();
+        // The permission (310 s) ends before the binding (610 s) and the allocation (600 s).
+        assert_eq!(installs(&ev), vec![(0x4001, true, h.at(310))]);
+        let OffloadEvent::Install { route, .. } = ev[0] else { unreachable!() };
+        assert_eq!((route.alloc, route.client, route.server, route.peer), (id, ft().client, ft().server, peer()));
+        assert_eq!(route.relayed, "198.51.100.1:50000".parse().unwrap());
+        // A CreatePermission moves the deadline: the same slot, not fresh.
+        h.command(100, Command::CreatePermission { five_tuple: ft(), tid: tid(4), peers: vec![peer().ip()], key: KEY });
+        assert_eq!(installs(&h.events()), vec![(0x4001, false, h.at(400))]);
+        h.tick(200);
+        assert!(h.events().is_empty(), "nothing changed");
+        // The permission lapses while the binding lives: the route goes.
+        h.tick(401);
+        assert_eq!(removes(&h.events()), vec![0x4001]);
+        assert!(h.state.offloaded_routes().is_empty());
+        // Renewed: the route comes back, fresh (its slot counters start at zero).
+        h.command(402, Command::CreatePermission { five_tuple: ft(), tid: tid(5), peers: vec![peer().ip()], key: KEY });
+        assert_eq!(installs(&h.events()), vec![(0x4001, true, h.at(600))]);
+    }
+
+    #[test]
+    fn routes_end_with_their_allocation_and_at_shutdown() {
+        let mut h = Harness::new();
+        h.state.enable_offload(0..16);
+        h.install(0, 600);
+        h.bind(0, 0x4001, peer());
+        h.bind(0, 0x4002, "203.0.113.6:6000".parse().unwrap());
+        assert_eq!(installs(&h.events()).len(), 2);
+        let out = h.command(10, Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::ZERO, key: KEY });
+        assert!(matches!(out.effect, Effect::Removed(_)));
+        let mut gone = removes(&h.events());
+        gone.sort_unstable();
+        assert_eq!(gone, vec![0x4001, 0x4002]);
+        h.install(20, 600);
+        h.bind(20, 0x4003, peer());
+        assert_eq!(installs(&h.events()).len(), 1);
+        h.state.drain();
+        assert_eq!(removes(&h.events()), vec![0x4003]);
+    }
+
+    #[test]
+    fn slots_run_out_ipv6_and_caps_stay_on_the_socket_path() {
+        let mut h = Harness::new();
+        h.state.enable_offload(7..8);
+        h.install(0, 600);
+        h.bind(0, 0x4001, peer());
+        h.bind(0, 0x4002, "[2001:db8::1]:6000".parse().unwrap());
+        h.bind(0, 0x4003, "203.0.113.6:6000".parse().unwrap());
+        let ev = h.events();
+        assert_eq!(installs(&ev).len(), 1, "{ev:?}");
+        let OffloadEvent::Install { route, .. } = ev[0] else { unreachable!() };
+        assert_eq!(route.slot, 7);
+        assert_eq!(h.state.offload_slot_shortfall(), 1, "the IPv6 peer is not a shortfall, the third binding is");
+        // Both permissions lapse: the one route goes and its slot is free again.
+        h.tick(301);
+        let ev = h.events();
+        assert_eq!(removes(&ev).len(), 1);
+        let capped = RelayConfig { bandwidth: Some(1000), ..RelayConfig::default() };
+        assert!(!Harness::with(capped).state.enable_offload(0..16));
+    }
+
+    #[test]
+    fn credited_traffic_reaches_the_allocation_and_the_counters() {
+        let mut h = Harness::new();
+        h.state.enable_offload(0..16);
+        let id = h.install(0, 600);
+        let t = |packets, bytes| Traffic { packets, bytes };
+        assert!(h.state.credit_allocation(id, t(3, 300), t(2, 200)));
+        h.state.credit_worker(t(3, 300), t(2, 200));
+        let a = h.state.tables().get(id).unwrap();
+        assert_eq!((a.to_peer, a.to_client), (t(3, 300), t(2, 200)));
+        let c = h.state.counters();
+        assert_eq!((c.relayed_to_peer, c.offloaded_to_peer, c.bytes_to_client, c.offloaded_to_client), (3, 3, 200, 2));
+        h.command(1, Command::Refresh { five_tuple: ft(), tid: tid(6), lifetime: Duration::ZERO, key: KEY });
+        assert!(!h.state.credit_allocation(id, t(1, 1), t(0, 0)), "a dead allocation takes no credit");
+    }
+}

@@ -1,0 +1,88 @@
+/* SPDX-License-Identifier: Apache-2.0 OR GPL-2.0-only */
+/*
+ * Map layouts shared by the XDP ChannelData relay (channel_relay.c) and its Rust loader
+ * (dataplane/src/xdp/maps.rs mirrors every struct here, field for field; a test checks the
+ * sizes). Addresses and ports are in network byte order, exactly as they sit in the packet;
+ * channel numbers and lengths are in host order.
+ */
+#ifndef UTURN_CHANNEL_RELAY_H
+#define UTURN_CHANNEL_RELAY_H
+
+#include <linux/types.h>
+
+/* Client -> peer: a ChannelData datagram from `client` to the listen address `server` on
+ * `channel` (RFC 8656 §12.5). */
+struct client_key {
+	__be32 client_ip;
+	__be32 server_ip;
+	__be16 client_port;
+	__be16 server_port;
+	__u16 channel;
+	__u16 zero; /* always 0: keys are compared bytewise */
+};
+
+/* Where such a datagram's payload goes: from the relayed transport address to the peer. */
+struct client_route {
+	__be32 relayed_ip;
+	__be32 peer_ip;
+	__be16 relayed_port;
+	__be16 peer_port;
+	__u32 slot;   /* index into route_traffic */
+	__u32 worker; /* index into worker_traffic */
+	__u32 zero;
+	__u64 expires_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns); at or after it, XDP_PASS */
+};
+
+/* Peer -> client: a datagram from `peer` to the relayed transport address `relayed`. */
+struct peer_key {
+	__be32 peer_ip;
+	__be32 relayed_ip;
+	__be16 peer_port;
+	__be16 relayed_port;
+};
+
+/* Where it goes: ChannelData on `channel` from the listen address to the client. */
+struct peer_route {
+	__be32 server_ip;
+	__be32 client_ip;
+	__be16 server_port;
+	__be16 client_port;
+	__u16 channel;
+	__u16 zero;
+	__u32 slot;
+	__u32 worker;
+	__u64 expires_ns;
+};
+
+/* Application data relayed in XDP, per CPU: packets and payload bytes each way. */
+struct traffic {
+	__u64 packets_to_peer;
+	__u64 bytes_to_peer;
+	__u64 packets_to_client;
+	__u64 bytes_to_client;
+};
+
+/* What the program did with a packet; index into `verdicts` (per-CPU packet counts). */
+enum verdict {
+	V_TO_PEER_TX = 0,         /* ChannelData relayed to a peer, out of the interface it came in on */
+	V_TO_PEER_REDIRECT,       /* ... out of another interface */
+	V_TO_CLIENT_TX,           /* peer data relayed to a client as ChannelData, same interface */
+	V_TO_CLIENT_REDIRECT,     /* ... another interface */
+	V_PASS_NOT_IPV4_UDP,      /* not IPv4/UDP over Ethernet (IPv6, TCP, ARP, VLAN, ...) */
+	V_PASS_IP_OPTIONS,        /* IPv4 with options: left to the kernel */
+	V_PASS_FRAGMENT,          /* an IPv4 fragment */
+	V_PASS_BAD_LENGTH,        /* IP or UDP length inconsistent with the frame */
+	V_PASS_NO_ROUTE,          /* no channel route for it (STUN, Send/Data, unbound channel, other traffic) */
+	V_PASS_EXPIRED,           /* a route whose deadline passed: the socket path decides */
+	V_PASS_CHANNEL_LENGTH,    /* ChannelData whose length field does not fit the datagram, or nonzero padding */
+	V_PASS_TOO_LARGE,         /* payload above MAX_DATA */
+	V_PASS_FIB,               /* bpf_fib_lookup failed: no neighbour yet, forwarding off, MTU */
+	V_PASS_NO_TX_PORT,        /* the next hop's interface is not one uturn attached to */
+	V_PASS_ADJUST,            /* bpf_xdp_adjust_head/tail refused */
+	V_COUNT
+};
+
+/* Largest application-data length relayed in XDP, bytes; larger datagrams go up. */
+#define MAX_DATA 4096
+
+#endif
