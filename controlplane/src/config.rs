@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ipnet::IpNet;
 use serde::Deserialize;
+use uturn_dataplane::XdpMode;
 use uturn_proto::wire::integrity::PasswordAlgorithm;
 
 use crate::credentials::CredentialConfig;
@@ -91,6 +92,13 @@ pub struct Cli {
     /// Steer each datagram to the worker on the CPU that received it (SO_ATTACH_REUSEPORT_CBPF).
     #[arg(long)]
     pub reuseport_cpu: bool,
+    /// XDP fast path for ChannelData: off, native or generic (needs root).
+    #[arg(long)]
+    pub xdp: Option<String>,
+    /// Interface for the XDP program (repeatable; default: those holding the listen and relay
+    /// addresses).
+    #[arg(long = "xdp-interface")]
+    pub xdp_interfaces: Vec<String>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -136,6 +144,9 @@ pub struct FileConfig {
     alternate_server: Option<SocketAddr>,
     drain_timeout: Option<u64>,
     reuseport_cpu: Option<bool>,
+    xdp: Option<String>,
+    xdp_interfaces: Option<Vec<String>>,
+    xdp_routes: Option<u32>,
 }
 
 /// A key that takes one string or a list of them.
@@ -197,6 +208,13 @@ pub struct Config {
     /// program on the SO_REUSEPORT group) instead of the kernel's 5-tuple hash; for hosts whose
     /// NIC queues are pinned one per core (scripts/tune-host.sh). Off by default.
     pub reuseport_cpu: bool,
+    /// The XDP fast path for ChannelData (docs/xdp.md): off (default), native or generic.
+    pub xdp: XdpMode,
+    /// Interfaces the XDP program attaches to; empty: those holding a listen or relay address.
+    pub xdp_interfaces: Vec<String>,
+    /// Channel bindings the XDP maps hold, all workers together (default 65536); bindings
+    /// beyond it stay on the socket path.
+    pub xdp_routes: u32,
     /// Worker threads (resolved: at least 1).
     pub workers: usize,
     /// Relay port range, inclusive.
@@ -337,6 +355,13 @@ impl Config {
             alternate_server: cli.alternate_server.or(f.alternate_server),
             drain_timeout: secs(cli.drain_timeout.or(f.drain_timeout), 3600),
             reuseport_cpu: cli.reuseport_cpu || f.reuseport_cpu.unwrap_or(false),
+            xdp: cli.xdp.clone().or(f.xdp).as_deref().unwrap_or("off").parse().map_err(anyhow::Error::msg)?,
+            xdp_interfaces: if cli.xdp_interfaces.is_empty() {
+                f.xdp_interfaces.unwrap_or_default()
+            } else {
+                cli.xdp_interfaces.clone()
+            },
+            xdp_routes: f.xdp_routes.unwrap_or(65_536),
             workers,
             port_range,
             io_backend,
@@ -395,6 +420,15 @@ impl Config {
         if self.relay_ip.is_unspecified() {
             bail!("relay-ip must be a concrete address clients can reach, not {}", self.relay_ip);
         }
+        if self.xdp != XdpMode::Off {
+            // The program rewrites datagrams to come from the address the client sent to.
+            if let Some(a) = self.listen.iter().find(|a| a.ip().is_unspecified()) {
+                bail!("xdp needs concrete listen addresses, not {a}");
+            }
+            if self.xdp_routes == 0 {
+                bail!("xdp-routes must be positive");
+            }
+        }
         if self.default_lifetime.is_zero() || self.max_lifetime < self.default_lifetime {
             bail!("need 0 < default-lifetime <= max-lifetime");
         }
@@ -422,6 +456,7 @@ impl Config {
             ("password-algorithms", self.password_algorithms != new.password_algorithms),
             ("nonce-lifetime", self.nonce_lifetime != new.nonce_lifetime),
             ("unauth-rate", self.unauth_rate != new.unauth_rate),
+            ("xdp", self.xdp != new.xdp || self.xdp_interfaces != new.xdp_interfaces || self.xdp_routes != new.xdp_routes),
         ]
     }
 }

@@ -135,6 +135,8 @@ pub struct Sources {
     pub backend: &'static str,
     /// Listen ports, to tell listener sockets from relay sockets in the kernel's drop counts.
     pub listen_ports: Vec<u16>,
+    /// The XDP program's verdict counters, when the fast path runs.
+    pub xdp: Option<Arc<uturn_dataplane::XdpVerdicts>>,
 }
 
 /// A running metrics endpoint.
@@ -282,6 +284,22 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         "Application-data bytes relayed.",
         dir(&|s| (s.counters.bytes_to_peer, s.counters.bytes_to_client)),
     );
+    if let Some(x) = &src.xdp {
+        family(
+            &mut out,
+            "xdp_packets_relayed_total",
+            "counter",
+            "Datagrams the XDP fast path relayed (included in packets_relayed_total).",
+            dir(&|s| (s.counters.offloaded_to_peer, s.counters.offloaded_to_client)),
+        );
+        family(
+            &mut out,
+            "xdp_verdicts_total",
+            "counter",
+            "Packets the XDP program saw, by what it did (to_* relayed; pass_* handed to the socket path).",
+            x.read().into_iter().map(|(v, n)| (format!("verdict=\"{v}\""), n as f64)),
+        );
+    }
     let drops: Vec<(String, f64)> = samples
         .iter()
         .enumerate()
@@ -434,7 +452,7 @@ mod tests {
         control.auth(AuthOutcome::StaleNonce);
         control.allocate_latency(Duration::from_micros(70));
         control.allocate_latency(Duration::from_millis(3));
-        let src = Sources { workers: vec![], control, backend: "epoll", listen_ports: vec![3478] };
+        let src = Sources { workers: vec![], control, backend: "epoll", listen_ports: vec![3478], xdp: None };
         let sample = WorkerSample {
             counters: Counters { relayed_to_peer: 10, bytes_to_client: 160, no_permission: 2, ..Counters::default() },
             allocations: 1,

@@ -13,6 +13,7 @@ use crossbeam_channel::TryRecvError;
 use tracing::{error, info, warn};
 use uturn_dataplane::{
     EventSender, FromWorker, FrozenWorker, IoBackend, Start, ToWorker, WorkerConfig, WorkerHandle, WorkerMetrics,
+    XdpFastPath, XdpMode, XdpOptions,
 };
 use uturn_proto::nonce::{Challenger, NonceKey};
 use uturn_proto::relay::RelayConfig;
@@ -134,6 +135,29 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
     server.finish(outcome)
 }
 
+/// Loads and attaches the XDP fast path when `xdp` is native or generic.
+fn load_xdp(config: &Config) -> Result<Option<XdpFastPath>> {
+    if config.xdp == XdpMode::Off {
+        return Ok(None);
+    }
+    let mut addresses: Vec<std::net::IpAddr> = config.listen.iter().map(|a| a.ip()).collect();
+    addresses.push(config.relay_ip);
+    let opts = XdpOptions {
+        mode: config.xdp,
+        interfaces: config.xdp_interfaces.clone(),
+        routes: config.xdp_routes,
+        workers: config.workers,
+    };
+    let fast = XdpFastPath::load(&opts, &addresses).context("xdp")?;
+    info!(
+        mode = config.xdp.name(),
+        interfaces = ?fast.interfaces(),
+        routes = config.xdp_routes,
+        "XDP fast path attached: ChannelData on bound channels is relayed before the socket path"
+    );
+    Ok(Some(fast))
+}
+
 /// The running relay: its workers, the queues from them, the control plane and the endpoints.
 struct Server<'a> {
     config: &'a Config,
@@ -151,6 +175,8 @@ struct Server<'a> {
     /// When a drain ends at the latest.
     drain_deadline: Option<Instant>,
     upgrade: Option<Upgrade>,
+    /// The XDP fast path, when configured (detached while a hot upgrade hands over).
+    xdp: Option<XdpFastPath>,
 }
 
 /// How the serving loop ended.
@@ -188,6 +214,8 @@ impl<'a> Server<'a> {
         // unverified requests per second (docs/security.md).
         let unauth_share = config.unauth_rate.div_ceil(config.workers.max(1) as u32);
         let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let xdp = load_xdp(config)?;
+        let xdp_maps = xdp.as_ref().map(|x| x.maps());
         let worker_cfgs: Vec<WorkerConfig> = (0..config.workers)
             .map(|index| WorkerConfig {
                 index,
@@ -205,6 +233,7 @@ impl<'a> Server<'a> {
                 command_queue: COMMAND_QUEUE,
                 challenger: Some(challenger.clone()),
                 metrics: Arc::new(WorkerMetrics::default()),
+                xdp: xdp_maps.clone(),
             })
             .collect();
         let (handover, mut fds) = match inherited {
@@ -268,6 +297,7 @@ impl<'a> Server<'a> {
             metrics: None,
             drain_deadline: None,
             upgrade: None,
+            xdp,
         };
         for (cfg, start) in server.worker_cfgs.clone().into_iter().zip(starts) {
             let (events_tx, rx) = crossbeam_channel::unbounded::<FromWorker>();
@@ -341,6 +371,10 @@ impl<'a> Server<'a> {
                 control: self.control.metrics.clone(),
                 backend: self.backend.name(),
                 listen_ports: c.listen.iter().map(|a| a.port()).collect(),
+                xdp: match &self.xdp {
+                    Some(x) => Some(Arc::new(x.maps().verdicts().context("xdp verdict counters")?)),
+                    None => None,
+                },
             };
             let exporter =
                 MetricsExporter::start(listener, sources).with_context(|| format!("metrics endpoint on {addr}"))?;

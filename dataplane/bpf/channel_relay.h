@@ -82,6 +82,13 @@ enum verdict {
 	V_COUNT
 };
 
+/* The Rust mirrors (dataplane/src/xdp/maps.rs) assume these sizes: no hidden padding. */
+_Static_assert(sizeof(struct client_key) == 16, "client_key");
+_Static_assert(sizeof(struct client_route) == 32, "client_route");
+_Static_assert(sizeof(struct peer_key) == 12, "peer_key");
+_Static_assert(sizeof(struct peer_route) == 32, "peer_route");
+_Static_assert(sizeof(struct traffic) == 32, "traffic");
+
 /* Largest application-data length relayed in XDP, bytes; larger datagrams go up. */
 #define MAX_DATA 4096
 

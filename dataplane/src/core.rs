@@ -9,12 +9,13 @@ use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 use tracing::{debug, info, warn};
-use uturn_proto::relay::{AllocationId, ClientOutput, Command, Effect, Ended, PeerOutput};
+use uturn_proto::relay::{AllocationId, ClientOutput, Command, Effect, Ended, OffloadEvent, PeerOutput, Traffic};
 use uturn_proto::wire::{Class, Message, TransactionId};
 use uturn_proto::{FiveTuple, WorkerState};
 
 use crate::messages::{EventSender, FromWorker, ToWorker};
 use crate::metrics::{WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
+use crate::xdp::WorkerRoutes;
 
 /// Reply buffer size, bytes: every STUN response uturn builds fits.
 const REPLY_BUF: usize = 1500;
@@ -85,6 +86,14 @@ pub(crate) struct WorkerCore {
     metrics: Arc<WorkerMetrics>,
     /// When the counters are next published.
     next_publish: Instant,
+    /// This worker's channel routes in the XDP fast path, when it runs.
+    pub(crate) routes: Option<WorkerRoutes>,
+    offload_events: Vec<OffloadEvent>,
+    /// Fast-path traffic of routes removed after their allocation ended, added to its
+    /// [`Ended`] before that is logged (cleared every loop iteration).
+    offload_credit: Vec<(AllocationId, Traffic, Traffic)>,
+    /// Route map updates the kernel refused (a full map): those bindings stay on the socket path.
+    pub(crate) offload_refused: u64,
     /// Test hook, compiled only with the `fault-injection` feature (which only the end-to-end
     /// tests enable): panic on a datagram carrying [`crate::fault::MARKER`].
     #[cfg(feature = "fault-injection")]
@@ -102,6 +111,7 @@ impl WorkerCore {
         commands: Receiver<ToWorker>,
         events: EventSender,
         metrics: Arc<WorkerMetrics>,
+        routes: Option<WorkerRoutes>,
     ) -> Self {
         WorkerCore {
             index,
@@ -115,6 +125,10 @@ impl WorkerCore {
             control_queue_full: 0,
             metrics,
             next_publish: Instant::now(),
+            routes,
+            offload_events: Vec::new(),
+            offload_credit: Vec::new(),
+            offload_refused: 0,
             #[cfg(feature = "fault-injection")]
             fault_injection: crate::fault::enabled(),
         }
@@ -197,6 +211,7 @@ impl WorkerCore {
                 ToWorker::Install(i, s) => (Command::Install(i), Some(s)),
                 ToWorker::Command(c) => (c, None),
                 ToWorker::Sessions(reply) => {
+                    self.collect_offloaded();
                     let _ = reply.send((self.index, self.state.sessions(now)));
                     continue;
                 }
@@ -209,6 +224,7 @@ impl WorkerCore {
                 _ => None,
             };
             let out = self.state.handle_command(now, cmd, &mut self.reply);
+            self.sync_offload();
             let listener = self.listener_of(&out.five_tuple);
             if let Some(event) = event {
                 let granted = Message::parse(&self.reply[..out.reply_len]).is_ok_and(|m| m.class() == Class::Success);
@@ -233,7 +249,8 @@ impl WorkerCore {
                     debug!(worker = self.index, session, client = %out.five_tuple.client, "allocation installed");
                 }
                 (Effect::InstallRefused { tid }, _) => self.release(out.five_tuple, tid),
-                (Effect::Removed(ended), _) => {
+                (Effect::Removed(mut ended), _) => {
+                    self.add_offload_credit(&mut ended);
                     self.log_end(now, &ended);
                     self.close_relay(ended.id, io);
                     self.release(ended.five_tuple, ended.tid);
@@ -244,6 +261,52 @@ impl WorkerCore {
                 io.send_reply(listener, out.five_tuple.client, &self.reply[..out.reply_len]);
             }
         }
+        self.offload_credit.clear();
+    }
+
+    /// Applies the route changes the tables made to the XDP maps. A removed route's traffic is
+    /// credited to its allocation, or kept for its [`Ended`] when the allocation is gone.
+    fn sync_offload(&mut self) {
+        let Some(routes) = &mut self.routes else { return };
+        self.state.take_offload_events(&mut self.offload_events);
+        for ev in self.offload_events.drain(..) {
+            match ev {
+                OffloadEvent::Install { route, fresh } => {
+                    if let Err(e) = routes.install(&route, fresh) {
+                        self.offload_refused += 1;
+                        debug!(worker = self.index, channel = route.channel.get(), "channel route not offloaded: {e}");
+                    }
+                }
+                OffloadEvent::Remove(route) => {
+                    let (to_peer, to_client) = routes.remove(&route);
+                    if !self.state.credit_allocation(route.alloc, to_peer, to_client) {
+                        self.offload_credit.push((route.alloc, to_peer, to_client));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds the fast-path traffic of `e`'s removed routes to its totals.
+    fn add_offload_credit(&mut self, e: &mut Ended) {
+        for (id, to_peer, to_client) in &self.offload_credit {
+            if *id == e.id {
+                e.to_peer.packets += to_peer.packets;
+                e.to_peer.bytes += to_peer.bytes;
+                e.to_client.packets += to_client.packets;
+                e.to_client.bytes += to_client.bytes;
+            }
+        }
+    }
+
+    /// Credits what the fast path relayed on every installed route to its allocation (before
+    /// the totals are shown or handed over).
+    pub(crate) fn collect_offloaded(&mut self) {
+        let Some(routes) = &mut self.routes else { return };
+        for r in self.state.offloaded_routes() {
+            let (to_peer, to_client) = routes.take_slot(r.slot);
+            self.state.credit_allocation(r.alloc, to_peer, to_client);
+        }
     }
 
     /// Expires what is due; closes the relay sockets of expired allocations. Publishes the
@@ -251,13 +314,20 @@ impl WorkerCore {
     pub(crate) fn expire(&mut self, now: Instant, io: &mut impl Io) {
         let mut expired = std::mem::take(&mut self.expired);
         self.state.handle_timeout(now, &mut expired);
-        for e in expired.drain(..) {
+        self.sync_offload();
+        for mut e in expired.drain(..) {
+            self.add_offload_credit(&mut e);
             self.log_end(now, &e);
             self.close_relay(e.id, io);
             self.release(e.five_tuple, e.tid);
         }
+        self.offload_credit.clear();
         self.expired = expired;
         if now >= self.next_publish {
+            if let Some(routes) = &mut self.routes {
+                let (to_peer, to_client) = routes.take_worker();
+                self.state.credit_worker(to_peer, to_client);
+            }
             self.publish();
             self.next_publish = now + PUBLISH_INTERVAL;
         }
@@ -278,6 +348,12 @@ impl WorkerCore {
     /// Removes every allocation (shutdown).
     pub(crate) fn close_all(&mut self, io: &mut impl Io) {
         let ended = self.state.drain();
+        self.sync_offload();
+        self.offload_credit.clear();
+        if let Some(routes) = &mut self.routes {
+            let (to_peer, to_client) = routes.take_worker();
+            self.state.credit_worker(to_peer, to_client);
+        }
         if !ended.is_empty() {
             info!(worker = self.index, allocations = ended.len(), "allocations closed at shutdown");
         }

@@ -28,6 +28,7 @@ mod socket;
 mod sys;
 mod uring;
 mod worker;
+mod xdp;
 
 pub use fdpass::{inheritable, inherited_stream, recv_fds, send_fds, FDS_PER_MESSAGE};
 pub use messages::{EventSender, FromWorker, ToWorker, UnverifiedGauge};
@@ -35,4 +36,5 @@ pub use metrics::{WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
 pub use socket::{attach_reuseport_cpu, bind_listener, bind_relay};
 pub use sys::raise_fd_limit;
 pub use uring::probe as probe_uring;
+pub use xdp::{available as xdp_available, XdpError, XdpFastPath, XdpMaps, XdpMode, XdpOptions, XdpVerdicts, VERDICTS as XDP_VERDICTS};
 pub use worker::{spawn, FrozenWorker, IoBackend, Start, WorkerConfig, WorkerExit, WorkerHandle};

@@ -18,6 +18,7 @@ use crate::messages::{EventSender, ToWorker};
 use crate::metrics::WorkerMetrics;
 use crate::socket::bind_listener;
 use crate::sys::Waker;
+use crate::xdp::{WorkerRoutes, XdpMaps};
 
 /// Which I/O backend a worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,8 @@ pub struct WorkerConfig {
     pub challenger: Option<Challenger>,
     /// Where the worker publishes its counters (kept by the caller across a resume).
     pub metrics: Arc<WorkerMetrics>,
+    /// The XDP fast path's maps, when it runs: the worker installs its channel routes there.
+    pub xdp: Option<Arc<XdpMaps>>,
 }
 
 /// How a worker starts.
@@ -79,6 +82,9 @@ pub struct FrozenWorker {
     state: WorkerState,
     listeners: Vec<Listener>,
     relays: Vec<Option<Relay>>,
+    /// The worker's handle on this process's XDP maps (`None` in an adopted worker: the new
+    /// process installs its routes in its own maps).
+    routes: Option<WorkerRoutes>,
 }
 
 /// How a worker thread ended.
@@ -157,7 +163,7 @@ impl FrozenWorker {
                 Err(e) => refused.push((session, e)),
             }
         }
-        Ok((FrozenWorker { state, listeners: ls, relays }, refused))
+        Ok((FrozenWorker { state, listeners: ls, relays, routes: None }, refused))
     }
 }
 
@@ -227,19 +233,32 @@ impl WorkerHandle {
 /// Starts a worker thread: with [`Start::Fresh`] it binds its listeners first (so bind errors
 /// surface here). `events` is its queue to the control plane.
 pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result<WorkerHandle> {
-    let (state, listeners, relays) = match start {
+    let (mut state, listeners, relays, routes) = match start {
         Start::Fresh => {
             let mut listeners = Vec::with_capacity(cfg.listen.len());
             for addr in &cfg.listen {
                 let socket = bind_listener(*addr).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
                 listeners.push(Listener { socket, addr: *addr });
             }
-            (new_state(&cfg), listeners, Vec::new())
+            (new_state(&cfg), listeners, Vec::new(), None)
         }
         Start::Resume(f) => {
             let f = *f;
-            (f.state, f.listeners, f.relays)
+            (f.state, f.listeners, f.relays, f.routes)
         }
+    };
+    // A resumed worker of this process keeps its routes; a fresh or adopted one starts its own.
+    let routes = match (routes, &cfg.xdp) {
+        (Some(r), _) => Some(r),
+        (None, Some(maps)) => {
+            if state.enable_offload(maps.slots(cfg.index)) {
+                Some(maps.worker_routes(cfg.index)?)
+            } else {
+                tracing::warn!(worker = cfg.index, "bandwidth cap set: channel bindings stay on the socket path, not XDP");
+                None
+            }
+        }
+        (None, None) => None,
     };
     let (tx, rx) = crossbeam_channel::bounded(cfg.command_queue);
     let waker = Arc::new(Waker::new()?);
@@ -253,14 +272,15 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result
                 tracing::warn!(worker = index, core = core.id, "could not pin worker to core");
             }
         }
-        let core = WorkerCore::new(index, state, listeners, relays, rx, events, cfg.metrics.clone());
+        let core = WorkerCore::new(index, state, listeners, relays, rx, events, cfg.metrics.clone(), routes);
         let stop = Stop { shutdown: &s, freeze: &f };
         let result = match cfg.backend {
             IoBackend::Uring => crate::uring::run(core, &w, stop),
             IoBackend::Epoll => crate::epoll::run(core, &w, stop),
         };
         match result {
-            Ok(core) => {
+            Ok(mut core) => {
+                core.collect_offloaded();
                 core.publish();
                 if core.control_queue_full > 0 {
                     tracing::warn!(
@@ -271,8 +291,8 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result
                 }
                 let counters = *core.state.counters();
                 let frozen = f.load(Ordering::Relaxed).then(|| {
-                    let WorkerCore { state, listeners, relays, .. } = core;
-                    FrozenWorker { state, listeners, relays }
+                    let WorkerCore { state, listeners, relays, routes, .. } = core;
+                    FrozenWorker { state, listeners, relays, routes }
                 });
                 WorkerExit { counters, frozen }
             }

@@ -92,6 +92,11 @@ impl Server<'_> {
             metrics,
             draining: self.control.draining(),
         };
+        // The new process attaches its own XDP program (an interface holds one attachment);
+        // until its workers install their routes, ChannelData takes the socket path.
+        if let Some(x) = self.xdp.as_mut() {
+            x.detach();
+        }
         match u.hand_over(&handover, &fds) {
             Ok(()) => {
                 info!(
@@ -115,6 +120,11 @@ impl Server<'_> {
 
     /// Restarts the workers on their frozen sockets and tables.
     fn resume(&mut self, frozen: Vec<FrozenWorker>) {
+        if let Some(x) = self.xdp.as_mut() {
+            if let Err(e) = x.attach() {
+                error!("hot upgrade: could not attach XDP again: {e}; ChannelData takes the socket path");
+            }
+        }
         for (i, f) in frozen.into_iter().enumerate() {
             let cfg = self.worker_cfgs[i].clone();
             match uturn_dataplane::spawn(cfg, self.senders[i].clone(), Start::Resume(Box::new(f))) {

@@ -1,0 +1,30 @@
+//! Compiles the XDP programs in `bpf/` with clang (`-target bpf`) into `OUT_DIR`, when clang is
+//! there. Without it the crate builds without the XDP fast path (`cfg(uturn_xdp)` unset) and
+//! `xdp = "native" | "generic"` is refused at start with a message saying why.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(uturn_xdp)");
+    println!("cargo::rerun-if-changed=bpf/channel_relay.c");
+    println!("cargo::rerun-if-changed=bpf/channel_relay.h");
+    println!("cargo::rerun-if-env-changed=UTURN_BPF_CLANG");
+    let clang = std::env::var("UTURN_BPF_CLANG").unwrap_or_else(|_| "clang".into());
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    let object = out.join("channel_relay.o");
+    // Debian keeps asm/types.h under the multiarch directory.
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let multiarch = format!("/usr/include/{arch}-linux-gnu");
+    let status = Command::new(&clang)
+        .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", "-I", &multiarch, "-c", "bpf/channel_relay.c", "-o"])
+        .arg(&object)
+        .status();
+    match status {
+        Ok(s) if s.success() => println!("cargo::rustc-cfg=uturn_xdp"),
+        Ok(s) => println!("cargo::warning=clang failed ({s}) on bpf/channel_relay.c: building without the XDP fast path"),
+        Err(e) => println!(
+            "cargo::warning={clang} not found ({e}): building without the XDP fast path (apt-get install clang libbpf-dev)"
+        ),
+    }
+}
