@@ -51,6 +51,8 @@ pub struct Relay {
 }
 
 /// A tiny temp-file guard (removes the file on drop).
+pub mod netns;
+
 pub mod tempfile_lite {
     use std::path::PathBuf;
 
