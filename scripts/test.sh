@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every uturn test on a fresh Debian 12 machine with the Rust toolchain.
 # Installs what the tests need first: coturn (for turnutils_uclient / turnutils_peer),
-# Python's aioice, and cargo-nextest. All test traffic stays on 127.0.0.1.
+# Python's aioice, cargo-nextest, and for the XDP fast path clang (to build the eBPF program),
+# libbpf's headers, iproute2 and ethtool (the XDP test's network namespaces). Test traffic stays
+# on 127.0.0.1 and in network namespaces the tests create.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +15,10 @@ command -v turnutils_uclient >/dev/null 2>&1 || missing+=(coturn)
 command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v clang >/dev/null 2>&1 || missing+=(clang llvm)
+[ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> apt-get install ${missing[*]}"
   $SUDO apt-get update -qq
