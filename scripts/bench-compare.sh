@@ -36,6 +36,14 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The newest coturn where its source is here (COTURN_SRC, or the release tarball in
+# ../shared/anchors), built by scripts/build-coturn.sh; Debian's package otherwise, which has
+# no --multiplex-peer / --udp-gso (so no coturn-fast contestant).
+COTURN_BIN=$(scripts/build-coturn.sh 2>"$OUT/coturn-build.log" || command -v turnserver)
+export COTURN_BIN
+CONTESTANTS=${CONTESTANTS:-"uturn coturn floor"}
+if "$COTURN_BIN" --help 2>&1 | grep -q -- --udp-gso; then CONTESTANTS=${CONTESTANTS/coturn /coturn coturn-fast }; fi
+echo "==> coturn: $COTURN_BIN ($("$COTURN_BIN" --version 2>/dev/null | head -1))"
 echo "==> cargo build --release"
 cargo build --release --workspace --bins >/dev/null
 BIN=target/release
@@ -54,7 +62,7 @@ load() {
   python3 scripts/bench-line.py < "$OUT/run.json"
 }
 
-for who in uturn coturn floor; do
+for who in $CONTESTANTS; do
   port=$(free_port); peer=$(free_port)
   echo "==> $who"
   start_server "$who" "$port" "$peer"

@@ -11,7 +11,9 @@ stop_server() {
 }
 
 # start_server SPEC PORT PEER_PORT: SPEC is `uturn` (or `uturn@PATH` for another build of the
-# binary), `coturn` or `floor` (forwarding to PEER_PORT), optionally followed by
+# binary), `coturn` (COTURN_BIN, default Debian's turnserver), `coturn-fast` (the same with
+# --multiplex-peer --udp-gso, coturn 4.17's fastest mode) or `floor` (forwarding to PEER_PORT),
+# optionally followed by
 # `:VAR=VALUE[,VAR=VALUE]` environment for the relay process. For uturn, an entry `TOML=LINE`
 # is not environment: LINE is added to its config file (e.g. `uturn:TOML=reuseport-cpu = true`).
 start_server() {
@@ -34,8 +36,10 @@ start_server() {
       env "${env_args[@]}" taskset -c "$SERVER_CPUS" "$bin" --config "$OUT/uturn.toml" --listen 127.0.0.1:"$port" \
         --workers "$workers" --log-level warn --port-range 20000-30000 >/dev/null 2>>"$OUT/uturn.log" &
       ;;
-    coturn)
-      env "${env_args[@]}" taskset -c "$SERVER_CPUS" turnserver -n --listening-ip=127.0.0.1 --listening-port="$port" \
+    coturn|coturn-fast)
+      local -a fast=()
+      [ "$name" = coturn-fast ] && fast=(--multiplex-peer --udp-gso)
+      env "${env_args[@]}" taskset -c "$SERVER_CPUS" "${COTURN_BIN:-turnserver}" "${fast[@]}" -n --listening-ip=127.0.0.1 --listening-port="$port" \
         --relay-ip=127.0.0.1 --lt-cred-mech --user=demo:demo --realm=uturn.local --no-tls --no-dtls --no-cli \
         --no-tcp-relay --relay-threads="$workers" --min-port=30001 --max-port=60000 --allow-loopback-peers \
         --pidfile="$OUT/coturn.pid" --log-file="$OUT/coturn.log" --simple-log >/dev/null 2>&1 &

@@ -78,7 +78,7 @@ for scen in sorted(by_scen):
     for rate in sorted(by_scen[scen]):
         cs = by_scen[scen][rate]
         u, c, f = cs.get("uturn"), cs.get("coturn"), floor_of(scen, rate)
-        for name in ("uturn", "coturn", "floor"):
+        for name in ("uturn", "coturn", "coturn-fast", "floor"):
             r = cs.get(name)
             if not r:
                 continue
@@ -126,6 +126,16 @@ if holds:
     for r in holds:
         p(f"| {r['contestant']} | {r['allocations']} | {r['rss_before'] // 1024} | {r['rss_after'] // 1024} | "
           f"{r['user_bytes_per_allocation']:.0f} | {r['kernel_bytes_per_allocation']:.0f} |")
+    p("")
+xdp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks-xdp.md")
+if os.path.exists(xdp):
+    p("## Kernel bypass: XDP, across real interfaces")
+    p("")
+    p("From [benchmarks-xdp.md](benchmarks-xdp.md) (`scripts/bench-xdp.sh`, network namespaces, "
+      "machine-wide CPU accounting), included here:")
+    p("")
+    body = open(xdp).read().split("\n", 1)[1]
+    p(body.replace("\n## ", "\n### ").rstrip())
     p("")
 auth = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "benchmarks-auth.md")
 if os.path.exists(auth):

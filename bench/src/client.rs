@@ -78,9 +78,11 @@ impl Response {
 impl Client {
     /// A client of `server` with credentials `user`/`password`. `realm` is only the initial
     /// guess (used for requests signed before any 401): the first 401 or 438 replaces it with
-    /// the server's realm and re-derives the key. Binds 127.0.0.1:0 (panics if it cannot).
+    /// the server's realm and re-derives the key. Binds 127.0.0.1:0 for a loopback server, the
+    /// wildcard address otherwise (panics if it cannot).
     pub fn new(server: SocketAddr, user: &str, password: &str, realm: &str) -> Client {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let local = if server.ip().is_loopback() { "127.0.0.1:0" } else { "0.0.0.0:0" };
+        let sock = UdpSocket::bind(local).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
         Client {
             sock,

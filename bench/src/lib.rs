@@ -2,10 +2,12 @@
 //! (`uturn-peer`), a bare recvmmsg/sendmmsg forwarder that marks the floor of what a
 //! kernel-socket relay costs (`udp-forwarder`), and a chart drawer (`uturn-plot`).
 //!
-//! All traffic goes to addresses given on the command line; the scripts use 127.0.0.1 only.
+//! All traffic goes to addresses given on the command line; the scripts use 127.0.0.1, or
+//! network namespaces they create themselves (scripts/bench-xdp.sh).
 
 pub mod client;
 pub mod mmsg;
+pub mod netns;
 pub mod payload;
 pub mod procstat;
 pub mod stats;

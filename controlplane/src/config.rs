@@ -456,7 +456,10 @@ impl Config {
             ("password-algorithms", self.password_algorithms != new.password_algorithms),
             ("nonce-lifetime", self.nonce_lifetime != new.nonce_lifetime),
             ("unauth-rate", self.unauth_rate != new.unauth_rate),
-            ("xdp", self.xdp != new.xdp || self.xdp_interfaces != new.xdp_interfaces || self.xdp_routes != new.xdp_routes),
+            (
+                "xdp",
+                self.xdp != new.xdp || self.xdp_interfaces != new.xdp_interfaces || self.xdp_routes != new.xdp_routes,
+            ),
         ]
     }
 }

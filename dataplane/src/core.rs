@@ -111,7 +111,6 @@ impl WorkerCore {
         commands: Receiver<ToWorker>,
         events: EventSender,
         metrics: Arc<WorkerMetrics>,
-        routes: Option<WorkerRoutes>,
     ) -> Self {
         WorkerCore {
             index,
@@ -125,7 +124,7 @@ impl WorkerCore {
             control_queue_full: 0,
             metrics,
             next_publish: Instant::now(),
-            routes,
+            routes: None,
             offload_events: Vec::new(),
             offload_credit: Vec::new(),
             offload_refused: 0,

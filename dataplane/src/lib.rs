@@ -9,6 +9,10 @@
 //! - one I/O backend: io_uring ([`IoBackend::Uring`]: multishot receive into a provided-buffer
 //!   ring, batched sends, no copy of payloads) or epoll ([`IoBackend::Epoll`], through mio).
 //!
+//! With `xdp` on, an XDP program ([`XdpFastPath`], `bpf/channel_relay.c`) relays ChannelData on
+//! bound channels before the socket path; each worker keeps its own channel routes in the
+//! program's maps, computed from its tables (docs/xdp.md).
+//!
 //! The control plane talks to a worker only through queues ([`ToWorker`] in, bounded;
 //! [`FromWorker`] out, each worker through its own [`EventSender`] that unparks the control
 //! thread, which takes from the workers' queues in turn) and an
@@ -36,5 +40,8 @@ pub use metrics::{WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
 pub use socket::{attach_reuseport_cpu, bind_listener, bind_relay};
 pub use sys::raise_fd_limit;
 pub use uring::probe as probe_uring;
-pub use xdp::{available as xdp_available, XdpError, XdpFastPath, XdpMaps, XdpMode, XdpOptions, XdpVerdicts, VERDICTS as XDP_VERDICTS};
 pub use worker::{spawn, FrozenWorker, IoBackend, Start, WorkerConfig, WorkerExit, WorkerHandle};
+pub use xdp::{
+    available as xdp_available, XdpError, XdpFastPath, XdpMaps, XdpMode, XdpOptions, XdpVerdicts,
+    VERDICTS as XDP_VERDICTS,
+};

@@ -254,7 +254,10 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result
             if state.enable_offload(maps.slots(cfg.index)) {
                 Some(maps.worker_routes(cfg.index)?)
             } else {
-                tracing::warn!(worker = cfg.index, "bandwidth cap set: channel bindings stay on the socket path, not XDP");
+                tracing::warn!(
+                    worker = cfg.index,
+                    "bandwidth cap set: channel bindings stay on the socket path, not XDP"
+                );
                 None
             }
         }
@@ -272,7 +275,8 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result
                 tracing::warn!(worker = index, core = core.id, "could not pin worker to core");
             }
         }
-        let core = WorkerCore::new(index, state, listeners, relays, rx, events, cfg.metrics.clone(), routes);
+        let mut core = WorkerCore::new(index, state, listeners, relays, rx, events, cfg.metrics.clone());
+        core.routes = routes;
         let stop = Stop { shutdown: &s, freeze: &f };
         let result = match cfg.backend {
             IoBackend::Uring => crate::uring::run(core, &w, stop),

@@ -158,8 +158,15 @@ fn uclient(mode: &str, tag: &str) {
     std::thread::sleep(Duration::from_millis(300));
     let (messages, clients) = (500u64, 4u64);
     let mut cmd = Topology::command(&topo.client(), "turnutils_uclient");
-    cmd.args(["-u", "u", "-w", "p", "-p", "3478", "-n", &messages.to_string(), "-m", &clients.to_string()])
-        .args(["-l", "120", "-e", PEER_IP, "-r", "3480", RELAY_CLIENT_SIDE]);
+    cmd.args(["-u", "u", "-w", "p", "-p", "3478", "-n", &messages.to_string(), "-m", &clients.to_string()]).args([
+        "-l",
+        "120",
+        "-e",
+        PEER_IP,
+        "-r",
+        "3480",
+        RELAY_CLIENT_SIDE,
+    ]);
     let (ok, out) = run_with_timeout(&mut cmd, Duration::from_secs(90));
     assert!(ok, "turnutils_uclient failed:\n{out}\n--- uturn log ---\n{}", relay.log());
     assert!(out.contains("Total lost packets 0 (0.000000%)"), "loss reported:\n{out}");

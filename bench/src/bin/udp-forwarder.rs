@@ -80,7 +80,11 @@ fn main() -> std::io::Result<()> {
                         });
                     }
                 }
-                tx.flush(wfd)?;
+                // A full transmit queue drops the batch, as a relay must rather than block.
+                match tx.flush(wfd) {
+                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return Err(e),
+                    _ => {}
+                }
             }
         }
     }

@@ -141,6 +141,23 @@ struct Args {
     /// Scenario name for the JSON report.
     #[arg(long, default_value = "")]
     scenario: String,
+    /// Create the peer sockets in this network namespace (`/run/netns/NAME`), so relayed
+    /// datagrams cross real interfaces (scripts/bench-xdp.sh).
+    #[arg(long)]
+    peer_netns: Option<String>,
+    /// Bind the peer sockets to this IP (default: the relayed address's IP, which is local on
+    /// loopback).
+    #[arg(long)]
+    peer_ip: Option<std::net::IpAddr>,
+    /// Also report the machine's CPU per relayed packet: busy time of all CPUs from /proc/stat
+    /// (softirq included, where XDP runs), minus this generator's own CPU time and minus the
+    /// machine's idle-time busy rate measured for 1 s before the run.
+    #[arg(long)]
+    machine_cpu: bool,
+    /// With `--machine-cpu`: processes (or kernel threads, such as the peer side's NAPI
+    /// threads) whose CPU time is the generator's or the peer's, subtracted too (repeatable).
+    #[arg(long = "exclude-pid")]
+    exclude_pids: Vec<u32>,
 }
 
 #[derive(Serialize, Default)]
@@ -169,6 +186,9 @@ struct TrafficReport {
     server_cpu_pct: Option<f64>,
     /// Server context switches (all threads) per 1,000 relayed packets: how well it batches.
     server_switches_per_kpkt: Option<f64>,
+    /// With `--machine-cpu`: every CPU's busy time (softirq included) minus the generator's
+    /// and the idle baseline, per relayed packet, microseconds.
+    machine_cpu_us_per_packet: Option<f64>,
     generator_cpu_us_per_packet: f64,
     generator_cpu_pct: f64,
     /// Successful refreshes during the run, by kind.
@@ -270,9 +290,14 @@ struct Session {
 fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
     let mut sessions = Vec::with_capacity(args.clients);
     if args.mode == Mode::Raw {
-        let peer = UdpSocket::bind(args.peer).map_err(|e| format!("bind raw peer {}: {e}", args.peer))?;
+        let peer = bind_peer(args, args.peer).map_err(|e| format!("bind raw peer {}: {e}", args.peer))?;
         for _ in 0..args.clients {
-            let client = UdpSocket::bind(SocketAddr::new(args.server.ip(), 0)).map_err(|e| e.to_string())?;
+            let local = if args.server.ip().is_loopback() {
+                args.server.ip()
+            } else {
+                std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            };
+            let client = UdpSocket::bind(SocketAddr::new(local, 0)).map_err(|e| e.to_string())?;
             sessions.push(Session {
                 turn: None,
                 client,
@@ -300,7 +325,8 @@ fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
                 Err(e) => return Err(format!("client {i}: allocate: {e}")),
             }
         };
-        let peer = UdpSocket::bind(SocketAddr::new(relayed.ip(), 0)).map_err(|e| e.to_string())?;
+        let peer =
+            bind_peer(args, SocketAddr::new(args.peer_ip.unwrap_or(relayed.ip()), 0)).map_err(|e| e.to_string())?;
         let peer_addr = peer.local_addr().map_err(|e| e.to_string())?;
         let allocated_at = Instant::now();
         let lifetime = c.lifetime.ok_or_else(|| format!("client {i}: Allocate success without LIFETIME"))?;
@@ -327,6 +353,42 @@ fn setup(args: &Args) -> Result<(Vec<Session>, Option<UdpSocket>), String> {
     Ok((sessions, None))
 }
 
+/// A peer socket bound to `addr`, in `--peer-netns` if given.
+fn bind_peer(args: &Args, addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    match &args.peer_netns {
+        Some(ns) => uturn_bench::netns::bind_udp_in(ns, addr),
+        None => UdpSocket::bind(addr),
+    }
+}
+
+/// Busy time of every CPU together (user, nice, system, irq, softirq; not steal, which is the
+/// hypervisor's) from /proc/stat, microseconds.
+fn machine_busy_micros() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return 0 };
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = [0, 1, 2, 5, 6].iter().filter_map(|i| f.get(*i)).sum::<u64>();
+    busy * 10_000 // USER_HZ = 100
+}
+
+/// The machine's busy rate without traffic, microseconds of CPU per second, minus this
+/// process's own: what background work adds to a window of the run.
+fn idle_busy_rate(excluded: &[u32]) -> f64 {
+    let (m0, g0, t0) = (machine_busy_micros(), own_micros(excluded), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let (m1, g1) = (machine_busy_micros(), own_micros(excluded));
+    (m1.saturating_sub(m0).saturating_sub(g1.saturating_sub(g0))) as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// CPU time of this generator and of the `excluded` processes, microseconds.
+fn own_micros(excluded: &[u32]) -> u64 {
+    std::iter::once(std::process::id())
+        .chain(excluded.iter().copied())
+        .filter_map(|p| procstat::cpu_micros(p).ok())
+        .sum()
+}
+
 /// Shared between the sender and the receiver.
 struct Shared {
     start: Instant,
@@ -343,6 +405,7 @@ fn traffic(args: &Args) -> Result<(), String> {
         return Err(format!("--size must be in {}..=1400", payload::MIN_SIZE));
     }
     let (mut sessions, raw_peer) = setup(args)?;
+    let idle_rate = if args.machine_cpu { Some(idle_busy_rate(&args.exclude_pids)) } else { None };
     // Refreshes for every TURN session; session i is refresher session i.
     let mut refresher = Refresher::new(intervals(args));
     for s in &sessions {
@@ -406,6 +469,8 @@ fn traffic(args: &Args) -> Result<(), String> {
     let mut scratch = vec![0u8; 1500];
     let mut cpu_at_warmup = None;
     let mut switches_at_warmup = None;
+    let mut machine_at_warmup = 0u64;
+    let mut excluded_at_warmup = 0u64;
     let mut last_progress = Instant::now();
     loop {
         let t = now_ns(shared.start);
@@ -414,6 +479,8 @@ fn traffic(args: &Args) -> Result<(), String> {
         }
         if t >= warmup_ns && cpu_at_warmup.is_none() {
             switches_at_warmup = args.server_pid.map(procstat::context_switches);
+            machine_at_warmup = machine_busy_micros();
+            excluded_at_warmup = own_micros(&args.exclude_pids);
             cpu_at_warmup = Some((
                 args.server_pid.map(procstat::cpu_micros),
                 procstat::cpu_micros(std::process::id()),
@@ -471,6 +538,8 @@ fn traffic(args: &Args) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_micros(200));
     }
+    let machine_end = machine_busy_micros();
+    let excluded_end = own_micros(&args.exclude_pids);
     let cpu_end = (args.server_pid.map(procstat::cpu_micros), procstat::cpu_micros(std::process::id()), Instant::now());
     let switches_end = args.server_pid.map(procstat::context_switches);
     if let Some(pb) = progress {
@@ -529,6 +598,11 @@ fn traffic(args: &Args) -> Result<(), String> {
         }
         if let (Some(Ok(a)), Some(Ok(b))) = (switches_at_warmup, switches_end) {
             report.server_switches_per_kpkt = Some(1000.0 * b.saturating_sub(a) as f64 / report.relayed.max(1) as f64);
+        }
+        if let Some(idle) = idle_rate {
+            let own = excluded_end.saturating_sub(excluded_at_warmup) as f64;
+            let machine = machine_end.saturating_sub(machine_at_warmup) as f64 - own - idle * wall;
+            report.machine_cpu_us_per_packet = Some(machine.max(0.0) / report.relayed.max(1) as f64);
         }
         if let (Ok(a), Ok(b)) = (g0, cpu_end.1) {
             report.generator_cpu_us_per_packet = (b - a) as f64 / report.sent.max(1) as f64;

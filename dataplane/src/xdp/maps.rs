@@ -5,7 +5,6 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::Instant;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use uturn_proto::relay::{ChannelRoute, Traffic};
@@ -174,8 +173,8 @@ impl WorkerRoutes {
         })
     }
 
-    fn keys(&self, r: &ChannelRoute, expires: Instant) -> (ClientKey, ClientRoute, PeerKey, PeerRoute) {
-        let expires_ns = self.clock.ns(expires);
+    fn entries(&self, r: &ChannelRoute) -> (ClientKey, ClientRoute, PeerKey, PeerRoute) {
+        let expires_ns = self.clock.ns(r.expires);
         let client_key = ClientKey {
             client_ip: ip4(r.client),
             server_ip: ip4(r.server),
@@ -194,8 +193,12 @@ impl WorkerRoutes {
             zero: 0,
             expires_ns,
         };
-        let peer_key =
-            PeerKey { peer_ip: ip4(r.peer), relayed_ip: ip4(r.relayed), peer_port: port(r.peer), relayed_port: port(r.relayed) };
+        let peer_key = PeerKey {
+            peer_ip: ip4(r.peer),
+            relayed_ip: ip4(r.relayed),
+            peer_port: port(r.peer),
+            relayed_port: port(r.relayed),
+        };
         let peer_route = PeerRoute {
             server_ip: ip4(r.server),
             client_ip: ip4(r.client),
@@ -219,7 +222,7 @@ impl WorkerRoutes {
                 *c = TrafficCounters::default();
             }
         }
-        let (ck, cr, pk, pr) = self.keys(r, r.expires);
+        let (ck, cr, pk, pr) = self.entries(r);
         self.client.insert(ck, cr, 0).map_err(map_err)?;
         self.peer.insert(pk, pr, 0).map_err(map_err)?;
         Ok(())
@@ -227,7 +230,7 @@ impl WorkerRoutes {
 
     /// Removes `r`; returns what the program relayed for it since it was last credited.
     pub(crate) fn remove(&mut self, r: &ChannelRoute) -> (Traffic, Traffic) {
-        let (ck, _, pk, _) = self.keys(r, r.expires);
+        let (ck, _, pk, _) = self.entries(r);
         // Either may be missing if its insert failed; nothing else removes them.
         let _ = self.client.remove(&ck);
         let _ = self.peer.remove(&pk);

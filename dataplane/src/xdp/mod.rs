@@ -270,7 +270,8 @@ impl XdpFastPath {
             clock: MonotonicClock::new(),
             slots_per_worker,
         };
-        let mut fast = XdpFastPath { ebpf, maps: std::sync::Arc::new(maps), interfaces, mode: opts.mode, links: Vec::new() };
+        let mut fast =
+            XdpFastPath { ebpf, maps: std::sync::Arc::new(maps), interfaces, mode: opts.mode, links: Vec::new() };
         fast.attach()?;
         Ok(fast)
     }
