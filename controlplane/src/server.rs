@@ -100,6 +100,9 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
     let sha256 = config.password_algorithms.contains(&uturn_proto::wire::integrity::PasswordAlgorithm::Sha256);
     let credentials = Credentials::new(config.credentials.clone(), sha256, std::thread::current())
         .context("starting the user-store threads")?;
+    // Loading verifies the XDP program (a few hundred milliseconds): done before a hot upgrade
+    // freezes the old process, attached only once it has detached.
+    let xdp = load_xdp(config)?;
     // Everything that takes time is done: take the old process's sockets and state now.
     let inherited = match successor.as_mut() {
         Some(s) => match s.receive() {
@@ -112,7 +115,7 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
         None => None,
     };
     let started = Instant::now();
-    let mut server = match Server::start(config, backend, credentials, inherited) {
+    let mut server = match Server::start(config, backend, credentials, inherited, xdp) {
         Ok(s) => s,
         Err(e) => {
             if let Some(s) = successor.as_mut() {
@@ -135,7 +138,7 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
     server.finish(outcome)
 }
 
-/// Loads and attaches the XDP fast path when `xdp` is native or generic.
+/// Loads the XDP fast path when `xdp` is native or generic (attached by [`Server::start`]).
 fn load_xdp(config: &Config) -> Result<Option<XdpFastPath>> {
     if config.xdp == XdpMode::Off {
         return Ok(None);
@@ -148,14 +151,7 @@ fn load_xdp(config: &Config) -> Result<Option<XdpFastPath>> {
         routes: config.xdp_routes,
         workers: config.workers,
     };
-    let fast = XdpFastPath::load(&opts, &addresses).context("xdp")?;
-    info!(
-        mode = config.xdp.name(),
-        interfaces = ?fast.interfaces(),
-        routes = config.xdp_routes,
-        "XDP fast path attached: ChannelData on bound channels is relayed before the socket path"
-    );
-    Ok(Some(fast))
+    Ok(Some(XdpFastPath::load(&opts, &addresses).context("xdp")?))
 }
 
 /// The running relay: its workers, the queues from them, the control plane and the endpoints.
@@ -193,6 +189,7 @@ impl<'a> Server<'a> {
         backend: IoBackend,
         credentials: Credentials,
         inherited: Option<(Handover, Vec<OwnedFd>)>,
+        mut xdp: Option<XdpFastPath>,
     ) -> Result<Server<'a>> {
         let now = Instant::now();
         // One nonce key (secret from the OS CSPRNG, or the old process's) for the control plane
@@ -214,7 +211,15 @@ impl<'a> Server<'a> {
         // unverified requests per second (docs/security.md).
         let unauth_share = config.unauth_rate.div_ceil(config.workers.max(1) as u32);
         let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let xdp = load_xdp(config)?;
+        if let Some(x) = xdp.as_mut() {
+            x.attach().context("xdp")?;
+            info!(
+                mode = config.xdp.name(),
+                interfaces = ?x.interfaces(),
+                routes = config.xdp_routes,
+                "XDP fast path attached: ChannelData on bound channels is relayed before the socket path"
+            );
+        }
         let xdp_maps = xdp.as_ref().map(|x| x.maps());
         let worker_cfgs: Vec<WorkerConfig> = (0..config.workers)
             .map(|index| WorkerConfig {

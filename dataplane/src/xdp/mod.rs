@@ -215,9 +215,11 @@ pub fn available() -> bool {
 }
 
 impl XdpFastPath {
-    /// Loads the program and attaches it in `opts.mode` to `opts.interfaces`, or to every
-    /// interface holding one of `addresses` (the listen and relay IPs; IPv6 ones are skipped:
-    /// the program relays IPv4). Needs CAP_BPF and CAP_NET_ADMIN (root).
+    /// Loads (and the kernel verifies) the program for `opts.interfaces`, or for every interface
+    /// holding one of `addresses` (the listen and relay IPs; IPv6 ones are skipped: the program
+    /// relays IPv4), and fills its redirect map; [`attach`](Self::attach) then attaches it in
+    /// `opts.mode`. Needs CAP_BPF and CAP_NET_ADMIN (root). A hot upgrade's new process loads
+    /// before it takes over and attaches once the old process has detached.
     pub fn load(opts: &XdpOptions, addresses: &[IpAddr]) -> Result<XdpFastPath, XdpError> {
         if !available() {
             return Err(XdpError("this build has no XDP program: clang was missing when uturn was built".into()));
@@ -270,10 +272,7 @@ impl XdpFastPath {
             clock: MonotonicClock::new(),
             slots_per_worker,
         };
-        let mut fast =
-            XdpFastPath { ebpf, maps: std::sync::Arc::new(maps), interfaces, mode: opts.mode, links: Vec::new() };
-        fast.attach()?;
-        Ok(fast)
+        Ok(XdpFastPath { ebpf, maps: std::sync::Arc::new(maps), interfaces, mode: opts.mode, links: Vec::new() })
     }
 
     /// Attaches the loaded program to its interfaces (again, after [`detach`](Self::detach)).
