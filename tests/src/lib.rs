@@ -50,9 +50,9 @@ pub struct Relay {
     stderr_log: PathBuf,
 }
 
-/// A tiny temp-file guard (removes the file on drop).
 pub mod netns;
 
+/// A tiny temp-file guard (removes the file on drop).
 pub mod tempfile_lite {
     use std::path::PathBuf;
 

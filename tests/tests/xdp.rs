@@ -255,6 +255,76 @@ fn probe(mode: &str, tag: &str) {
     assert!(!relay.log().contains("ERROR"), "{}", relay.log());
 }
 
+/// A hot upgrade (SIGUSR2) while uclient relays through XDP: the new process verifies its
+/// program, attaches once the old one has detached, and relays through XDP; nothing is lost.
+fn hot_upgrade(mode: &str, tag: &str) {
+    let Some((topo, relay)) = start(mode, tag, "") else { return };
+    let peer = Topology::command(&topo.peer(), "turnutils_peer")
+        .args(["-L", PEER_IP, "-p", "3480"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("turnutils_peer");
+    let _peer = Guard(peer);
+    std::thread::sleep(Duration::from_millis(300));
+    let out_path = std::env::temp_dir().join(format!("uturn-xdp-upgrade-{tag}-{}.log", std::process::id()));
+    let client = Topology::command(&topo.client(), "turnutils_uclient")
+        .args(["-u", "u", "-w", "p", "-p", "3478", "-n", "2000", "-m", "2", "-l", "120"])
+        .args(["-e", PEER_IP, "-r", "3480", RELAY_CLIENT_SIDE])
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("turnutils_uclient");
+    let mut client = Guard(client);
+    // Once traffic flows through XDP, upgrade.
+    relay.wait_metrics("traffic through XDP before the upgrade", |m| {
+        relay.sum(m, "uturn_xdp_packets_relayed_total", &["to_peer"]) > 100
+    });
+    let old = relay.child.0.id();
+    Command::new("kill").args(["-USR2", &old.to_string()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new_pid = loop {
+        let log = relay.log();
+        if let Some(l) = log.lines().find(|l| l.contains("the new process serves")) {
+            break l.split("pid=").nth(1).and_then(|p| p.split(' ').next()).and_then(|p| p.parse::<u32>().ok());
+        }
+        assert!(!log.contains("hot upgrade failed"), "{log}");
+        assert!(Instant::now() < deadline, "no handover:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    .expect("new pid in the log");
+    // The new process is not our child: end it by PID whatever happens below.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg(self.0.to_string()).status();
+        }
+    }
+    let _new = KillOnDrop(new_pid);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while client.0.try_wait().ok().flatten().is_none() {
+        assert!(Instant::now() < deadline, "uclient did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    assert!(out.contains("Total lost packets 0 (0.000000%)"), "loss across the upgrade:\n{out}\n{}", relay.log());
+    // The metrics endpoint now answers from the new process, whose workers relayed through its
+    // own XDP program.
+    let m = relay.wait_metrics("the new process relaying through XDP", |m| {
+        relay.sum(m, "uturn_xdp_packets_relayed_total", &["to_peer"]) > 100
+    });
+    let links = Command::new("ip").args(["-n", &topo.relay(), "link", "show"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&links.stdout).matches("prog/xdp").count(), 2, "attached after the upgrade");
+    println!("{mode}: after the upgrade, through XDP: {}", relay.sum(&m, "uturn_xdp_packets_relayed_total", &[]));
+    assert!(relay.log().contains("handover_ms"), "{}", relay.log());
+}
+
+#[test]
+fn native_hot_upgrade_keeps_relaying_through_xdp() {
+    hot_upgrade("native", "nh");
+}
+
 #[test]
 fn native_uclient_relays_through_xdp() {
     uclient("native", "nu");
