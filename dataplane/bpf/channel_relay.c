@@ -11,15 +11,17 @@
  *
  * Both rewrite the Ethernet, IPv4 and UDP headers (IPv4 checksum recomputed, UDP checksum
  * updated incrementally), find the next hop with bpf_fib_lookup and leave with XDP_TX or a
- * redirect through `tx_ports`. Everything else — STUN, Send/Data indications, unknown channels,
- * expired routes, fragments, IP options, IPv6, anything malformed, a next hop the kernel has not
- * resolved — returns XDP_PASS unchanged to the socket path, which stays the authority: the
+ * redirect through `tx_ports`. IPv6 (RFC 6156) the same way with `client_routes6` and
+ * `peer_routes6`. Everything else — STUN, Send/Data indications, unknown channels, expired
+ * routes, fragments, IPv4 options, IPv6 extension headers, anything malformed, a next hop
+ * the kernel has not resolved — returns XDP_PASS unchanged to the socket path, which stays the authority: the
  * worker that owns an allocation decides what is in the maps and until when.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
@@ -29,8 +31,12 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
 
 #define HEADERS (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr))
+#define HEADERS6 (sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + sizeof(struct udphdr))
 #define CHANNEL_HEADER 4
 
 /* The loader sets max_entries from the relay's configuration before loading. */
@@ -47,6 +53,20 @@ struct {
 	__type(value, struct peer_route);
 	__uint(max_entries, 65536);
 } peer_routes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct client_key6);
+	__type(value, struct client_route6);
+	__uint(max_entries, 65536);
+} client_routes6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct peer_key6);
+	__type(value, struct peer_route6);
+	__uint(max_entries, 65536);
+} peer_routes6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -82,6 +102,18 @@ struct {
 struct csum_words {
 	__be32 saddr;
 	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__be16 len_pseudo;
+	__be16 len_header;
+	__be16 channel;
+	__be16 channel_len;
+};
+
+/* The IPv6 words a rewrite changes (the pseudo-header's 32-bit length sums as 0 + length). */
+struct csum_words6 {
+	__u8 saddr[16];
+	__u8 daddr[16];
 	__be16 sport;
 	__be16 dport;
 	__be16 len_pseudo;
@@ -327,23 +359,240 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct peer_route
 	return leave(ctx, action, fib.ifindex, V_TO_CLIENT_TX, V_TO_CLIENT_REDIRECT);
 }
 
+static __always_inline int next_hop6(struct xdp_md *ctx, struct bpf_fib_lookup *fib, const __u8 *src, const __u8 *dst,
+				     __be16 sport, __be16 dport, __u16 tot_len)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET6;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->sport = sport;
+	fib->dport = dport;
+	fib->tot_len = tot_len;
+	__builtin_memcpy(fib->ipv6_src, src, 16);
+	__builtin_memcpy(fib->ipv6_dst, dst, 16);
+	fib->ifindex = ctx->ingress_ifindex;
+	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return count(V_PASS_FIB, -1);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	__u32 ifindex = fib->ifindex;
+	if (!bpf_map_lookup_elem(&tx_ports, &ifindex))
+		return count(V_PASS_NO_TX_PORT, -1);
+	return XDP_REDIRECT;
+}
+
+static __always_inline int write_headers6(struct xdp_md *ctx, const struct bpf_fib_lookup *fib, struct ipv6hdr *ip6,
+					  struct udphdr *udp, __u32 frame_len)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+
+	if (data + HEADERS6 > end)
+		return -1;
+	struct ethhdr *eth = data;
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	__builtin_memcpy(data + sizeof(*eth), ip6, sizeof(*ip6));
+	__builtin_memcpy(data + sizeof(*eth) + sizeof(*ip6), udp, sizeof(*udp));
+	__u32 have = end - data;
+	if (have > frame_len && bpf_xdp_adjust_tail(ctx, (int)frame_len - (int)have))
+		return -1;
+	return 0;
+}
+
+/* A fresh IPv6 header: version 6, no traffic class or flow label, hop limit 64. */
+static __always_inline void ip6_header(struct ipv6hdr *ip6, const __u8 *src, const __u8 *dst, __u16 payload_len)
+{
+	__builtin_memset(ip6, 0, sizeof(*ip6));
+	ip6->version = 6;
+	ip6->payload_len = bpf_htons(payload_len);
+	ip6->nexthdr = IPPROTO_UDP;
+	ip6->hop_limit = 64;
+	__builtin_memcpy(&ip6->saddr, src, 16);
+	__builtin_memcpy(&ip6->daddr, dst, 16);
+}
+
+/* IPv6 ChannelData from a client on a routed channel (as to_peer). */
+static __always_inline int to_peer6(struct xdp_md *ctx, const struct client_route6 *r, __u32 room)
+{
+	if (bpf_ktime_get_ns() >= r->expires_ns)
+		return count(V_PASS_EXPIRED, XDP_PASS);
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	if (data + HEADERS6 + CHANNEL_HEADER > end)
+		return XDP_PASS;
+	struct ipv6hdr ip6 = *(struct ipv6hdr *)(data + sizeof(struct ethhdr));
+	struct udphdr udp = *(struct udphdr *)(data + sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
+	__u8 *cd = data + HEADERS6;
+	__u32 len = ((__u32)cd[2] << 8) | cd[3];
+	if (len > MAX_DATA)
+		return count(V_PASS_TOO_LARGE, XDP_PASS);
+	if (len > room)
+		return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
+	__u32 pad = room - len;
+	if (pad) {
+		if (pad > 3 || ((len + 3) & ~3U) != room)
+			return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
+		__u8 *p = cd + CHANNEL_HEADER + len;
+		if ((void *)(p + 3) > end)
+			return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
+		if (p[0] || (pad > 1 && p[1]) || (pad > 2 && p[2]))
+			return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
+	}
+	struct bpf_fib_lookup fib;
+	__u16 udp_len = sizeof(struct udphdr) + len;
+	int action = next_hop6(ctx, &fib, r->relayed_ip, r->peer_ip, r->relayed_port, r->peer_port,
+			       sizeof(struct ipv6hdr) + udp_len);
+	if (action < 0)
+		return XDP_PASS;
+	struct csum_words6 old = { .sport = udp.source, .dport = udp.dest, .len_pseudo = udp.len, .len_header = udp.len };
+	__builtin_memcpy(old.saddr, &ip6.saddr, 16);
+	__builtin_memcpy(old.daddr, &ip6.daddr, 16);
+	__builtin_memcpy(&old.channel, cd, CHANNEL_HEADER);
+	struct csum_words6 new = {
+		.sport = r->relayed_port, .dport = r->peer_port,
+		.len_pseudo = bpf_htons(udp_len), .len_header = bpf_htons(udp_len),
+	};
+	__builtin_memcpy(new.saddr, r->relayed_ip, 16);
+	__builtin_memcpy(new.daddr, r->peer_ip, 16);
+	__s64 diff = bpf_csum_diff((__be32 *)&old, sizeof(old), (__be32 *)&new, sizeof(new) - CHANNEL_HEADER,
+				   (__u16)~udp.check);
+	__u16 sum = csum_fold((__u32)diff);
+	udp.check = sum ? sum : 0xffff;
+	udp.source = r->relayed_port;
+	udp.dest = r->peer_port;
+	udp.len = bpf_htons(udp_len);
+	ip6_header(&ip6, r->relayed_ip, r->peer_ip, udp_len);
+
+	__u32 slot = r->slot, worker = r->worker;
+	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
+		return count(V_PASS_ADJUST, XDP_PASS);
+	if (write_headers6(ctx, &fib, &ip6, &udp, HEADERS6 + len))
+		return count(V_PASS_ADJUST, XDP_DROP);
+	add_traffic(&route_traffic, slot, 1, len);
+	add_traffic(&worker_traffic, worker, 1, len);
+	return leave(ctx, action, fib.ifindex, V_TO_PEER_TX, V_TO_PEER_REDIRECT);
+}
+
+/* An IPv6 datagram from a peer with a channel (as to_client). */
+static __always_inline int to_client6(struct xdp_md *ctx, const struct peer_route6 *r, __u32 len)
+{
+	if (bpf_ktime_get_ns() >= r->expires_ns)
+		return count(V_PASS_EXPIRED, XDP_PASS);
+	if (len > MAX_DATA)
+		return count(V_PASS_TOO_LARGE, XDP_PASS);
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	if (data + HEADERS6 > end)
+		return XDP_PASS;
+	struct ipv6hdr ip6 = *(struct ipv6hdr *)(data + sizeof(struct ethhdr));
+	struct udphdr udp = *(struct udphdr *)(data + sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
+	struct bpf_fib_lookup fib;
+	__u16 udp_len = sizeof(struct udphdr) + CHANNEL_HEADER + len;
+	int action = next_hop6(ctx, &fib, r->server_ip, r->client_ip, r->server_port, r->client_port,
+			       sizeof(struct ipv6hdr) + udp_len);
+	if (action < 0)
+		return XDP_PASS;
+	__be16 channel = bpf_htons(r->channel);
+	__be16 channel_len = bpf_htons(len);
+	struct csum_words6 old = { .sport = udp.source, .dport = udp.dest, .len_pseudo = udp.len, .len_header = udp.len };
+	__builtin_memcpy(old.saddr, &ip6.saddr, 16);
+	__builtin_memcpy(old.daddr, &ip6.daddr, 16);
+	struct csum_words6 new = {
+		.sport = r->server_port, .dport = r->client_port,
+		.len_pseudo = bpf_htons(udp_len), .len_header = bpf_htons(udp_len),
+		.channel = channel, .channel_len = channel_len,
+	};
+	__builtin_memcpy(new.saddr, r->server_ip, 16);
+	__builtin_memcpy(new.daddr, r->client_ip, 16);
+	__s64 diff = bpf_csum_diff((__be32 *)&old, sizeof(old) - CHANNEL_HEADER, (__be32 *)&new, sizeof(new),
+				   (__u16)~udp.check);
+	__u16 sum = csum_fold((__u32)diff);
+	udp.check = sum ? sum : 0xffff;
+	udp.source = r->server_port;
+	udp.dest = r->client_port;
+	udp.len = bpf_htons(udp_len);
+	ip6_header(&ip6, r->server_ip, r->client_ip, udp_len);
+
+	__u32 slot = r->slot, worker = r->worker;
+	if (bpf_xdp_adjust_head(ctx, -CHANNEL_HEADER))
+		return count(V_PASS_ADJUST, XDP_PASS);
+	if (write_headers6(ctx, &fib, &ip6, &udp, HEADERS6 + CHANNEL_HEADER + len))
+		return count(V_PASS_ADJUST, XDP_DROP);
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	__be16 *hdr = data + HEADERS6;
+	if ((void *)(hdr + 2) > end)
+		return count(V_PASS_ADJUST, XDP_DROP);
+	hdr[0] = channel;
+	hdr[1] = channel_len;
+	add_traffic(&route_traffic, slot, 0, len);
+	add_traffic(&worker_traffic, worker, 0, len);
+	return leave(ctx, action, fib.ifindex, V_TO_CLIENT_TX, V_TO_CLIENT_REDIRECT);
+}
+
+/* IPv6 without extension headers, UDP with a checksum (RFC 8200 requires one). */
+static __always_inline int relay6(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+	if ((void *)(ip6 + 1) > end || ip6->version != 6)
+		return count(V_PASS_NOT_UDP, XDP_PASS);
+	if (ip6->nexthdr != IPPROTO_UDP)
+		return count(ip6->nexthdr == IPPROTO_TCP || ip6->nexthdr == 58 ? V_PASS_NOT_UDP : V_PASS_IP_OPTIONS,
+			     XDP_PASS);
+	struct udphdr *udp = (void *)(ip6 + 1);
+	if ((void *)(udp + 1) > end)
+		return count(V_PASS_BAD_LENGTH, XDP_PASS);
+	__u32 plen = bpf_ntohs(ip6->payload_len);
+	__u32 udp_len = bpf_ntohs(udp->len);
+	if (udp_len < sizeof(*udp) || plen != udp_len || (void *)udp + udp_len > end || !udp->check)
+		return count(V_PASS_BAD_LENGTH, XDP_PASS);
+	__u32 payload_len = udp_len - sizeof(*udp);
+	__u8 *payload = (void *)(udp + 1);
+	if (payload_len >= CHANNEL_HEADER && (void *)(payload + CHANNEL_HEADER) <= end && (payload[0] & 0xc0) == 0x40) {
+		struct client_key6 ck = {
+			.client_port = udp->source, .server_port = udp->dest,
+			.channel = ((__u16)payload[0] << 8) | payload[1],
+		};
+		__builtin_memcpy(ck.client_ip, &ip6->saddr, 16);
+		__builtin_memcpy(ck.server_ip, &ip6->daddr, 16);
+		struct client_route6 *cr = bpf_map_lookup_elem(&client_routes6, &ck);
+		if (cr)
+			return to_peer6(ctx, cr, payload_len - CHANNEL_HEADER);
+	}
+	struct peer_key6 pk = { .peer_port = udp->source, .relayed_port = udp->dest };
+	__builtin_memcpy(pk.peer_ip, &ip6->saddr, 16);
+	__builtin_memcpy(pk.relayed_ip, &ip6->daddr, 16);
+	struct peer_route6 *pr = bpf_map_lookup_elem(&peer_routes6, &pk);
+	if (pr)
+		return to_client6(ctx, pr, payload_len);
+	return count(V_PASS_NO_ROUTE, XDP_PASS);
+}
+
 SEC("xdp")
 int uturn_channel_relay(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return count(V_PASS_NOT_IPV4_UDP, XDP_PASS);
+	if ((void *)(eth + 1) > end)
+		return count(V_PASS_NOT_UDP, XDP_PASS);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return relay6(ctx);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return count(V_PASS_NOT_UDP, XDP_PASS);
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->version != 4)
-		return count(V_PASS_NOT_IPV4_UDP, XDP_PASS);
+		return count(V_PASS_NOT_UDP, XDP_PASS);
 	if (ip->ihl != 5)
 		return count(V_PASS_IP_OPTIONS, XDP_PASS);
 	if (ip->frag_off & bpf_htons(0x3fff)) /* MF or a fragment offset */
 		return count(V_PASS_FRAGMENT, XDP_PASS);
 	if (ip->protocol != IPPROTO_UDP)
-		return count(V_PASS_NOT_IPV4_UDP, XDP_PASS);
+		return count(V_PASS_NOT_UDP, XDP_PASS);
 	struct udphdr *udp = (void *)(ip + 1);
 	if ((void *)(udp + 1) > end)
 		return count(V_PASS_BAD_LENGTH, XDP_PASS);

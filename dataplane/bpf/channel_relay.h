@@ -54,6 +54,46 @@ struct peer_route {
 	__u64 expires_ns;
 };
 
+/* The IPv6 counterparts: the same fields with 16-byte addresses (RFC 6156 allocations). */
+struct client_key6 {
+	__u8 client_ip[16];
+	__u8 server_ip[16];
+	__be16 client_port;
+	__be16 server_port;
+	__u16 channel;
+	__u16 zero;
+};
+
+struct client_route6 {
+	__u8 relayed_ip[16];
+	__u8 peer_ip[16];
+	__be16 relayed_port;
+	__be16 peer_port;
+	__u32 slot;
+	__u32 worker;
+	__u32 zero;
+	__u64 expires_ns;
+};
+
+struct peer_key6 {
+	__u8 peer_ip[16];
+	__u8 relayed_ip[16];
+	__be16 peer_port;
+	__be16 relayed_port;
+};
+
+struct peer_route6 {
+	__u8 server_ip[16];
+	__u8 client_ip[16];
+	__be16 server_port;
+	__be16 client_port;
+	__u16 channel;
+	__u16 zero;
+	__u32 slot;
+	__u32 worker;
+	__u64 expires_ns;
+};
+
 /* Application data relayed in XDP, per CPU: packets and payload bytes each way. */
 struct traffic {
 	__u64 packets_to_peer;
@@ -68,10 +108,10 @@ enum verdict {
 	V_TO_PEER_REDIRECT,       /* ... out of another interface */
 	V_TO_CLIENT_TX,           /* peer data relayed to a client as ChannelData, same interface */
 	V_TO_CLIENT_REDIRECT,     /* ... another interface */
-	V_PASS_NOT_IPV4_UDP,      /* not IPv4/UDP over Ethernet (IPv6, TCP, ARP, VLAN, ...) */
-	V_PASS_IP_OPTIONS,        /* IPv4 with options: left to the kernel */
+	V_PASS_NOT_UDP,           /* not IPv4 or IPv6 UDP over Ethernet (TCP, ARP, VLAN, ...) */
+	V_PASS_IP_OPTIONS,        /* IPv4 options or IPv6 extension headers: left to the kernel */
 	V_PASS_FRAGMENT,          /* an IPv4 fragment */
-	V_PASS_BAD_LENGTH,        /* IP or UDP length inconsistent with the frame */
+	V_PASS_BAD_LENGTH,        /* IP or UDP length inconsistent with the frame; IPv6 UDP without checksum */
 	V_PASS_NO_ROUTE,          /* no channel route for it (STUN, Send/Data, unbound channel, other traffic) */
 	V_PASS_EXPIRED,           /* a route whose deadline passed: the socket path decides */
 	V_PASS_CHANNEL_LENGTH,    /* ChannelData whose length field does not fit the datagram, or nonzero padding */
@@ -88,6 +128,10 @@ _Static_assert(sizeof(struct client_route) == 32, "client_route");
 _Static_assert(sizeof(struct peer_key) == 12, "peer_key");
 _Static_assert(sizeof(struct peer_route) == 32, "peer_route");
 _Static_assert(sizeof(struct traffic) == 32, "traffic");
+_Static_assert(sizeof(struct client_key6) == 40, "client_key6");
+_Static_assert(sizeof(struct client_route6) == 56, "client_route6");
+_Static_assert(sizeof(struct peer_key6) == 36, "peer_key6");
+_Static_assert(sizeof(struct peer_route6) == 56, "peer_route6");
 
 /* Largest application-data length relayed in XDP, bytes; larger datagrams go up. */
 #define MAX_DATA 4096

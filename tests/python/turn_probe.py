@@ -32,27 +32,38 @@ MAGIC = 0x2112A442
 BINDING, ALLOCATE, REFRESH, CREATE_PERMISSION, CHANNEL_BIND = 0x001, 0x003, 0x004, 0x008, 0x009
 USERNAME, MESSAGE_INTEGRITY, ERROR_CODE, REALM, NONCE = 0x0006, 0x0008, 0x0009, 0x0014, 0x0015
 CHANNEL_NUMBER, LIFETIME, XOR_PEER_ADDRESS, XOR_RELAYED_ADDRESS = 0x000C, 0x000D, 0x0012, 0x0016
-REQUESTED_TRANSPORT, XOR_MAPPED_ADDRESS = 0x0019, 0x0020
+REQUESTED_TRANSPORT, XOR_MAPPED_ADDRESS, REQUESTED_ADDRESS_FAMILY = 0x0019, 0x0020, 0x0017
 
 
 def addr(text):
     host, port = text.rsplit(":", 1)
-    return host, int(port)
+    return host.strip("[]"), int(port)
+
+
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def emit(**kv):
     print(json.dumps(kv), flush=True)
 
 
-def xor_address(host, port):
-    ip = struct.unpack("!I", socket.inet_aton(host))[0] ^ MAGIC
-    return struct.pack("!BBHI", 0, 1, port ^ (MAGIC >> 16), ip)
+def xor_address(host, port, tid):
+    """RFC 8489 §14.2: the port XORed with the cookie's top half, the address with the cookie
+    (IPv4) or the cookie and the transaction ID (IPv6)."""
+    fam = family(host)
+    raw = socket.inet_pton(fam, host)
+    mask = struct.pack("!I", MAGIC) + tid
+    x = bytes(a ^ b for a, b in zip(raw, mask))
+    return struct.pack("!BBH", 0, 1 if fam == socket.AF_INET else 2, port ^ (MAGIC >> 16)) + x
 
 
-def parse_xor_address(v):
+def parse_xor_address(v, tid):
     port = struct.unpack("!H", v[2:4])[0] ^ (MAGIC >> 16)
-    ip = struct.unpack("!I", v[4:8])[0] ^ MAGIC
-    return socket.inet_ntoa(struct.pack("!I", ip)), port
+    fam = socket.AF_INET if v[1] == 1 else socket.AF_INET6
+    mask = struct.pack("!I", MAGIC) + tid
+    raw = bytes(a ^ b for a, b in zip(v[4:], mask))
+    return socket.inet_ntop(fam, raw), port
 
 
 def attr(t, v):
@@ -60,9 +71,8 @@ def attr(t, v):
     return struct.pack("!HH", t, len(v)) + v + b"\0" * pad
 
 
-def message(method, attrs, key=None):
+def message(method, attrs, tid, key=None):
     """A request with `attrs` (list of (type, value)), signed with `key` if given."""
-    tid = os.urandom(12)
     body = b"".join(attr(t, v) for t, v in attrs)
     if key is not None:
         # RFC 8489 §14.5: the length covers MESSAGE-INTEGRITY when the HMAC is computed.
@@ -91,17 +101,20 @@ class Client:
         self.server = server
         self.user = user.encode()
         self.password = password.encode()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock = socket.socket(family(server[0]), socket.SOCK_DGRAM)
         self.sock.settimeout(1.0)
         self.key = None
         self.realm = self.nonce = None
 
     def transact(self, method, attrs, signed=True):
+        """`attrs(tid)` gives the attributes (XOR addresses depend on the transaction ID).
+        Returns (error code or 0, attributes, transaction ID)."""
         for _ in range(5):
             extra = []
             if signed and self.key is not None:
                 extra = [(USERNAME, self.user), (REALM, self.realm), (NONCE, self.nonce)]
-            msg, tid = message(method, attrs + extra, self.key if signed else None)
+            tid = os.urandom(12)
+            msg, tid = message(method, attrs(tid) + extra, tid, self.key if signed else None)
             self.sock.sendto(msg, self.server)
             deadline = time.time() + 1.0
             while time.time() < deadline:
@@ -119,8 +132,8 @@ class Client:
                         self.realm, self.nonce = a[REALM], a[NONCE]
                         self.key = hashlib.md5(self.user + b":" + self.realm + b":" + self.password).digest()
                         break  # retry with credentials
-                    return code, a
-                return 0, a
+                    return code, a, tid
+                return 0, a, tid
         raise RuntimeError("no answer to method %#x" % method)
 
     def channel_data(self, channel, payload):
@@ -153,14 +166,17 @@ class Client:
 def run_client(args):
     c = Client(addr(args.server), args.user, args.password)
     peer = addr(args.peer)
-    code, a = c.transact(BINDING, [], signed=False)
-    emit(step="binding", code=code, mapped=list(parse_xor_address(a[XOR_MAPPED_ADDRESS])) if code == 0 else None)
-    code, a = c.transact(ALLOCATE, [(REQUESTED_TRANSPORT, struct.pack("!BBH", 17, 0, 0))])
-    emit(step="allocate", code=code, relayed=list(parse_xor_address(a[XOR_RELAYED_ADDRESS])) if code == 0 else None)
+    code, a, tid = c.transact(BINDING, lambda t: [], signed=False)
+    emit(step="binding", code=code, mapped=list(parse_xor_address(a[XOR_MAPPED_ADDRESS], tid)) if code == 0 else None)
+    want = struct.pack("!BBH", 1 if family(peer[0]) == socket.AF_INET else 2, 0, 0)
+    code, a, tid = c.transact(ALLOCATE, lambda t: [(REQUESTED_TRANSPORT, struct.pack("!BBH", 17, 0, 0)),
+                                                   (REQUESTED_ADDRESS_FAMILY, want)])
+    emit(step="allocate", code=code, relayed=list(parse_xor_address(a[XOR_RELAYED_ADDRESS], tid)) if code == 0 else None)
     if code:
         return 1
     channel = 0x4001
-    code, _ = c.transact(CHANNEL_BIND, [(CHANNEL_NUMBER, struct.pack("!HH", channel, 0)), (XOR_PEER_ADDRESS, xor_address(*peer))])
+    code, _, _ = c.transact(CHANNEL_BIND, lambda t: [(CHANNEL_NUMBER, struct.pack("!HH", channel, 0)),
+                                                     (XOR_PEER_ADDRESS, xor_address(*peer, t))])
     emit(step="channel_bind", code=code)
     emit(step="bound", sent=args.count, received=c.exchange(channel, args.count, b"bound"))
     # Not for the fast path: an unbound channel and bytes that are neither STUN nor ChannelData.
@@ -177,18 +193,19 @@ def run_client(args):
     late = set()
     c.drain(channel, late, 1.5)  # covers the burst
     emit(step="lapsed", sent=args.count, received=received, burst_received=len(late))
-    code, _ = c.transact(CREATE_PERMISSION, [(XOR_PEER_ADDRESS, xor_address(*peer))])
+    code, _, _ = c.transact(CREATE_PERMISSION, lambda t: [(XOR_PEER_ADDRESS, xor_address(*peer, t))])
     emit(step="create_permission", code=code)
     emit(step="renewed", sent=args.count, received=c.exchange(channel, args.count, b"renewed"))
-    code, _ = c.transact(REFRESH, [(LIFETIME, struct.pack("!I", 0))])
+    code, _, _ = c.transact(REFRESH, lambda t: [(LIFETIME, struct.pack("!I", 0))])
     emit(step="delete", code=code)
     emit(step="deleted", sent=args.count, received=c.exchange(channel, args.count, b"deleted"))
     return 0
 
 
 def run_peer(args):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(addr(args.listen))
+    listen = addr(args.listen)
+    sock = socket.socket(family(listen[0]), socket.SOCK_DGRAM)
+    sock.bind(listen)
     emit(step="peer", listening=args.listen)
 
     def burst(to, delay, count):

@@ -4,9 +4,10 @@
 //! ```text
 //!  client ns            relay ns                         peer ns
 //!  {p}c0 10.201.1.1 --- {p}c1 10.201.1.2 | {p}p1 10.201.2.2 --- {p}p0 10.201.2.1
+//!       fd00:201:1::1       fd00:201:1::2   fd00:201:2::2       fd00:201:2::1
 //! ```
 //!
-//! The relay namespace forwards IPv4 (`bpf_fib_lookup` refuses to answer on an interface that
+//! The relay namespace forwards IPv4 and IPv6 (`bpf_fib_lookup` refuses to answer on an interface that
 //! does not). The outer veth ends have GRO on, so frames an XDP program transmits or redirects
 //! into them are delivered (veth needs NAPI on the receiving end), and TX checksum offload off on
 //! every end, so locally generated datagrams carry full checksums. Every name is prefixed, so
@@ -22,6 +23,14 @@ pub const RELAY_CLIENT_SIDE: &str = "10.201.1.2";
 pub const RELAY_PEER_SIDE: &str = "10.201.2.2";
 /// Address of the peer host.
 pub const PEER_IP: &str = "10.201.2.1";
+/// The client host's IPv6 address.
+pub const CLIENT_IP6: &str = "fd00:201:1::1";
+/// The relay's IPv6 address on the client side.
+pub const RELAY_CLIENT_SIDE6: &str = "fd00:201:1::2";
+/// The relay's IPv6 address on the peer side.
+pub const RELAY_PEER_SIDE6: &str = "fd00:201:2::2";
+/// The peer host's IPv6 address.
+pub const PEER_IP6: &str = "fd00:201:2::1";
 
 /// The three namespaces; deleted on drop.
 pub struct Topology {
@@ -61,11 +70,23 @@ impl Topology {
             (&p, &p0, format!("{PEER_IP}/24")),
         ] {
             run(&["ip", "-n", ns, "addr", "add", &cidr, "dev", dev])?;
+        }
+        // nodad: usable at once, not after duplicate address detection.
+        for (ns, dev, cidr) in [
+            (&c, &c0, format!("{CLIENT_IP6}/64")),
+            (&r, &c1, format!("{RELAY_CLIENT_SIDE6}/64")),
+            (&r, &p1, format!("{RELAY_PEER_SIDE6}/64")),
+            (&p, &p0, format!("{PEER_IP6}/64")),
+        ] {
+            run(&["ip", "-n", ns, "-6", "addr", "add", &cidr, "dev", dev, "nodad"])?;
             run(&["ip", "-n", ns, "link", "set", dev, "up"])?;
         }
         run(&["ip", "-n", &c, "route", "add", "default", "via", RELAY_CLIENT_SIDE])?;
         run(&["ip", "-n", &p, "route", "add", "default", "via", RELAY_PEER_SIDE])?;
+        run(&["ip", "-n", &c, "-6", "route", "add", "default", "via", RELAY_CLIENT_SIDE6])?;
+        run(&["ip", "-n", &p, "-6", "route", "add", "default", "via", RELAY_PEER_SIDE6])?;
         run(&["ip", "netns", "exec", &r, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"])?;
+        run(&["ip", "netns", "exec", &r, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
         for (ns, dev) in [(&c, &c0), (&p, &p0)] {
             run(&["ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on", "tx", "off"])?;
         }

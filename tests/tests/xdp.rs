@@ -4,7 +4,8 @@
 //! - coturn's `turnutils_uclient` in the client namespace relays through uturn to
 //!   `turnutils_peer` in the peer namespace with zero loss, and the metrics show the ChannelData
 //!   took the XDP path (the program's verdicts and the workers' totals agree);
-//! - a raw client (`tests/python/turn_probe.py`) shows STUN, an unbound channel and garbage
+//! - a hot upgrade with XDP native: the new process relays through its own program, no loss;
+//! - a raw client (`tests/python/turn_probe.py`), over IPv4 and over IPv6, shows STUN, an unbound channel and garbage
 //!   still reach the socket path and are answered or counted there, a binding whose permission
 //!   lapsed stops relaying at once in both directions, a renewed one relays through XDP again,
 //!   and a deleted allocation relays nothing.
@@ -16,7 +17,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use uturn_tests::netns::{Topology, PEER_IP, RELAY_CLIENT_SIDE, RELAY_PEER_SIDE};
+use uturn_tests::netns::{
+    Topology, PEER_IP, PEER_IP6, RELAY_CLIENT_SIDE, RELAY_CLIENT_SIDE6, RELAY_PEER_SIDE, RELAY_PEER_SIDE6,
+};
 use uturn_tests::{run_with_timeout, uturn_bin, Guard};
 
 const METRICS: &str = "127.0.0.1:9100";
@@ -59,7 +62,12 @@ impl XdpRelay {
 
     /// Waits up to 5 s for `cond` over a fresh scrape (the workers publish every 250 ms).
     fn wait_metrics(&self, what: &str, cond: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        self.wait_metrics_for(what, Duration::from_secs(5), cond)
+    }
+
+    /// Waits up to `limit` for `cond` over a fresh scrape.
+    fn wait_metrics_for(&self, what: &str, limit: Duration, cond: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
         loop {
             let m = self.metrics();
             if cond(&m) {
@@ -75,9 +83,35 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// The addresses a test uses: IPv4, or IPv6 (RFC 6156 allocations).
+#[derive(Clone, Copy)]
+struct Family {
+    listen: &'static str,
+    relay: &'static str,
+    peer: &'static str,
+    peers: &'static str,
+}
+
+const V4: Family = Family { listen: RELAY_CLIENT_SIDE, relay: RELAY_PEER_SIDE, peer: PEER_IP, peers: "10.201.2.0/24" };
+const V6: Family =
+    Family { listen: RELAY_CLIENT_SIDE6, relay: RELAY_PEER_SIDE6, peer: PEER_IP6, peers: "fd00:201:2::/64" };
+
+/// `ip` and `port` as a socket address.
+fn sa(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
 /// The namespaces and a relay in `mode`, or `None` (with the reason printed) where this machine
 /// cannot run XDP.
 fn start(mode: &str, tag: &str, config: &str) -> Option<(Topology, XdpRelay)> {
+    start_family(mode, tag, config, V4)
+}
+
+fn start_family(mode: &str, tag: &str, config: &str, f: Family) -> Option<(Topology, XdpRelay)> {
     if !is_root() {
         eprintln!("skipping the XDP test: it needs root (network namespaces and bpf())");
         return None;
@@ -97,8 +131,8 @@ fn start(mode: &str, tag: &str, config: &str) -> Option<(Topology, XdpRelay)> {
     std::fs::write(&cfg, config).unwrap();
     let child = Topology::command(&topo.relay(), uturn_bin().to_str().unwrap())
         .args(["--config", cfg.to_str().unwrap()])
-        .args(["--listen", &format!("{RELAY_CLIENT_SIDE}:3478"), "--relay-ip", RELAY_PEER_SIDE])
-        .args(["--user", "u:p", "--allow-peer", "10.201.2.0/24", "--rfc5766-channels", "--workers", "2"])
+        .args(["--listen", &sa(f.listen, 3478), "--relay-ip", f.relay])
+        .args(["--user", "u:p", "--allow-peer", f.peers, "--rfc5766-channels", "--workers", "2"])
         .args(["--xdp", mode, "--metrics-listen", METRICS])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -197,23 +231,23 @@ fn uclient(mode: &str, tag: &str) {
     assert!(!relay.log().contains("ERROR"), "{}", relay.log());
 }
 
-fn probe(mode: &str, tag: &str) {
-    let Some((topo, relay)) = start(mode, tag, "permission-lifetime = 3\n") else { return };
+fn probe(mode: &str, tag: &str, f: Family) {
+    let Some((topo, relay)) = start_family(mode, tag, "permission-lifetime = 3\n", f) else { return };
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/turn_probe.py");
     let peer = Topology::command(&topo.peer(), "python3")
         .arg(&script)
-        .args(["peer", "--listen", &format!("{PEER_IP}:3490")])
+        .args(["peer", "--listen", &sa(f.peer, 3490)])
         .stdout(Stdio::null())
         .spawn()
         .expect("python3");
     let _peer = Guard(peer);
     std::thread::sleep(Duration::from_millis(300));
     let mut cmd = Topology::command(&topo.client(), "python3");
-    cmd.arg(&script).args(["client", "--server", &format!("{RELAY_CLIENT_SIDE}:3478"), "--user", "u"]).args([
+    cmd.arg(&script).args(["client", "--server", &sa(f.listen, 3478), "--user", "u"]).args([
         "--password",
         "p",
         "--peer",
-        &format!("{PEER_IP}:3490"),
+        &sa(f.peer, 3490),
         "--count",
         "200",
         "--lapse",
@@ -228,7 +262,7 @@ fn probe(mode: &str, tag: &str) {
             .to_string()
     };
     assert!(step("binding").contains("\"code\": 0"), "STUN Binding answered by the socket path:\n{out}");
-    assert!(step("allocate").contains(&format!("\"relayed\": [\"{RELAY_PEER_SIDE}\"")), "{out}");
+    assert!(step("allocate").contains(&format!("\"relayed\": [\"{}\"", f.relay)), "{out}");
     assert!(step("channel_bind").contains("\"code\": 0"), "{out}");
     assert!(step("bound").contains("\"received\": 200"), "every ChannelData echoed:\n{out}");
     assert!(
@@ -277,7 +311,8 @@ fn hot_upgrade(mode: &str, tag: &str) {
         .expect("turnutils_uclient");
     let mut client = Guard(client);
     // Once traffic flows through XDP, upgrade.
-    relay.wait_metrics("traffic through XDP before the upgrade", |m| {
+    // uclient allocates for both clients first, then sends (slower on a loaded machine).
+    relay.wait_metrics_for("traffic through XDP before the upgrade", Duration::from_secs(30), |m| {
         relay.sum(m, "uturn_xdp_packets_relayed_total", &["to_peer"]) > 100
     });
     let old = relay.child.0.id();
@@ -311,7 +346,7 @@ fn hot_upgrade(mode: &str, tag: &str) {
     assert!(out.contains("Total lost packets 0 (0.000000%)"), "loss across the upgrade:\n{out}\n{}", relay.log());
     // The metrics endpoint now answers from the new process, whose workers relayed through its
     // own XDP program.
-    let m = relay.wait_metrics("the new process relaying through XDP", |m| {
+    let m = relay.wait_metrics_for("the new process relaying through XDP", Duration::from_secs(10), |m| {
         relay.sum(m, "uturn_xdp_packets_relayed_total", &["to_peer"]) > 100
     });
     let links = Command::new("ip").args(["-n", &topo.relay(), "link", "show"]).output().unwrap();
@@ -337,10 +372,20 @@ fn generic_uclient_relays_through_xdp() {
 
 #[test]
 fn native_bindings_start_and_stop_at_once() {
-    probe("native", "np");
+    probe("native", "np", V4);
 }
 
 #[test]
 fn generic_bindings_start_and_stop_at_once() {
-    probe("generic", "gp");
+    probe("generic", "gp", V4);
+}
+
+#[test]
+fn native_ipv6_bindings_start_and_stop_at_once() {
+    probe("native", "n6", V6);
+}
+
+#[test]
+fn generic_ipv6_bindings_start_and_stop_at_once() {
+    probe("generic", "g6", V6);
 }

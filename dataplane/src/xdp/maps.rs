@@ -62,6 +62,57 @@ pub(crate) struct PeerRoute {
     expires_ns: u64,
 }
 
+/// `struct client_key6`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClientKey6 {
+    client_ip: [u8; 16],
+    server_ip: [u8; 16],
+    client_port: u16,
+    server_port: u16,
+    channel: u16,
+    zero: u16,
+}
+
+/// `struct client_route6`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClientRoute6 {
+    relayed_ip: [u8; 16],
+    peer_ip: [u8; 16],
+    relayed_port: u16,
+    peer_port: u16,
+    slot: u32,
+    worker: u32,
+    zero: u32,
+    expires_ns: u64,
+}
+
+/// `struct peer_key6`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerKey6 {
+    peer_ip: [u8; 16],
+    relayed_ip: [u8; 16],
+    peer_port: u16,
+    relayed_port: u16,
+}
+
+/// `struct peer_route6`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerRoute6 {
+    server_ip: [u8; 16],
+    client_ip: [u8; 16],
+    server_port: u16,
+    client_port: u16,
+    channel: u16,
+    zero: u16,
+    slot: u32,
+    worker: u32,
+    expires_ns: u64,
+}
+
 /// `struct traffic`: packets and payload bytes each way, per CPU.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -85,6 +136,14 @@ unsafe impl aya::Pod for PeerKey {}
 unsafe impl aya::Pod for PeerRoute {}
 // SAFETY: as above.
 unsafe impl aya::Pod for TrafficCounters {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ClientKey6 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ClientRoute6 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PeerKey6 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PeerRoute6 {}
 
 impl TrafficCounters {
     fn sum(values: &PerCpuValues<TrafficCounters>) -> TrafficCounters {
@@ -118,6 +177,13 @@ fn ip4(a: SocketAddr) -> u32 {
     }
 }
 
+fn ip6(a: SocketAddr) -> [u8; 16] {
+    match a.ip() {
+        std::net::IpAddr::V6(v6) => v6.octets(),
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+    }
+}
+
 fn port(a: SocketAddr) -> u16 {
     a.port().to_be()
 }
@@ -139,6 +205,8 @@ pub(crate) struct WorkerRoutes {
     worker: u32,
     client: BpfHashMap<MapData, ClientKey, ClientRoute>,
     peer: BpfHashMap<MapData, PeerKey, PeerRoute>,
+    client6: BpfHashMap<MapData, ClientKey6, ClientRoute6>,
+    peer6: BpfHashMap<MapData, PeerKey6, PeerRoute6>,
     route_traffic: PerCpuArray<MapData, TrafficCounters>,
     worker_traffic: PerCpuArray<MapData, TrafficCounters>,
     clock: MonotonicClock,
@@ -163,6 +231,8 @@ impl WorkerRoutes {
             worker: worker as u32,
             client: BpfHashMap::try_from(open(&fds.client_routes)?).map_err(map_err)?,
             peer: BpfHashMap::try_from(open(&fds.peer_routes)?).map_err(map_err)?,
+            client6: BpfHashMap::try_from(open(&fds.client_routes6)?).map_err(map_err)?,
+            peer6: BpfHashMap::try_from(open(&fds.peer_routes6)?).map_err(map_err)?,
             route_traffic: PerCpuArray::try_from(open(&fds.route_traffic)?).map_err(map_err)?,
             worker_traffic: PerCpuArray::try_from(open(&fds.worker_traffic)?).map_err(map_err)?,
             clock: fds.clock,
@@ -213,6 +283,46 @@ impl WorkerRoutes {
         (client_key, client_route, peer_key, peer_route)
     }
 
+    fn entries6(&self, r: &ChannelRoute) -> (ClientKey6, ClientRoute6, PeerKey6, PeerRoute6) {
+        let expires_ns = self.clock.ns(r.expires);
+        let ck = ClientKey6 {
+            client_ip: ip6(r.client),
+            server_ip: ip6(r.server),
+            client_port: port(r.client),
+            server_port: port(r.server),
+            channel: r.channel.get(),
+            zero: 0,
+        };
+        let cr = ClientRoute6 {
+            relayed_ip: ip6(r.relayed),
+            peer_ip: ip6(r.peer),
+            relayed_port: port(r.relayed),
+            peer_port: port(r.peer),
+            slot: r.slot,
+            worker: self.worker,
+            zero: 0,
+            expires_ns,
+        };
+        let pk = PeerKey6 {
+            peer_ip: ip6(r.peer),
+            relayed_ip: ip6(r.relayed),
+            peer_port: port(r.peer),
+            relayed_port: port(r.relayed),
+        };
+        let pr = PeerRoute6 {
+            server_ip: ip6(r.server),
+            client_ip: ip6(r.client),
+            server_port: port(r.server),
+            client_port: port(r.client),
+            channel: r.channel.get(),
+            zero: 0,
+            slot: r.slot,
+            worker: self.worker,
+            expires_ns,
+        };
+        (ck, cr, pk, pr)
+    }
+
     /// Inserts `r` (or moves its deadline). A fresh route's slot counters are zeroed first.
     pub(crate) fn install(&mut self, r: &ChannelRoute, fresh: bool) -> io::Result<()> {
         if fresh {
@@ -222,18 +332,30 @@ impl WorkerRoutes {
                 *c = TrafficCounters::default();
             }
         }
-        let (ck, cr, pk, pr) = self.entries(r);
-        self.client.insert(ck, cr, 0).map_err(map_err)?;
-        self.peer.insert(pk, pr, 0).map_err(map_err)?;
+        if r.client.is_ipv6() {
+            let (ck, cr, pk, pr) = self.entries6(r);
+            self.client6.insert(ck, cr, 0).map_err(map_err)?;
+            self.peer6.insert(pk, pr, 0).map_err(map_err)?;
+        } else {
+            let (ck, cr, pk, pr) = self.entries(r);
+            self.client.insert(ck, cr, 0).map_err(map_err)?;
+            self.peer.insert(pk, pr, 0).map_err(map_err)?;
+        }
         Ok(())
     }
 
     /// Removes `r`; returns what the program relayed for it since it was last credited.
     pub(crate) fn remove(&mut self, r: &ChannelRoute) -> (Traffic, Traffic) {
-        let (ck, _, pk, _) = self.entries(r);
         // Either may be missing if its insert failed; nothing else removes them.
-        let _ = self.client.remove(&ck);
-        let _ = self.peer.remove(&pk);
+        if r.client.is_ipv6() {
+            let (ck, _, pk, _) = self.entries6(r);
+            let _ = self.client6.remove(&ck);
+            let _ = self.peer6.remove(&pk);
+        } else {
+            let (ck, _, pk, _) = self.entries(r);
+            let _ = self.client.remove(&ck);
+            let _ = self.peer.remove(&pk);
+        }
         self.take_slot(r.slot)
     }
 
@@ -273,6 +395,10 @@ mod tests {
         assert_eq!(std::mem::size_of::<PeerKey>(), 12);
         assert_eq!(std::mem::size_of::<PeerRoute>(), 32);
         assert_eq!(std::mem::size_of::<TrafficCounters>(), 32);
+        assert_eq!(std::mem::size_of::<ClientKey6>(), 40);
+        assert_eq!(std::mem::size_of::<ClientRoute6>(), 56);
+        assert_eq!(std::mem::size_of::<PeerKey6>(), 36);
+        assert_eq!(std::mem::size_of::<PeerRoute6>(), 56);
         let a: SocketAddr = "10.1.2.3:3478".parse().unwrap();
         // Network byte order in memory, as in the packet.
         assert_eq!(ip4(a).to_ne_bytes(), [10, 1, 2, 3]);

@@ -122,6 +122,8 @@ impl MonotonicClock {
 pub struct XdpMaps {
     client_routes: OwnedFd,
     peer_routes: OwnedFd,
+    client_routes6: OwnedFd,
+    peer_routes6: OwnedFd,
     route_traffic: OwnedFd,
     worker_traffic: OwnedFd,
     verdicts: OwnedFd,
@@ -164,7 +166,7 @@ pub const VERDICTS: [&str; 15] = [
     "to_peer_redirect",
     "to_client_tx",
     "to_client_redirect",
-    "pass_not_ipv4_udp",
+    "pass_not_udp",
     "pass_ip_options",
     "pass_fragment",
     "pass_bad_length",
@@ -216,8 +218,7 @@ pub fn available() -> bool {
 
 impl XdpFastPath {
     /// Loads (and the kernel verifies) the program for `opts.interfaces`, or for every interface
-    /// holding one of `addresses` (the listen and relay IPs; IPv6 ones are skipped: the program
-    /// relays IPv4), and fills its redirect map; [`attach`](Self::attach) then attaches it in
+    /// holding one of `addresses` (the listen and relay IPs), and fills its redirect map; [`attach`](Self::attach) then attaches it in
     /// `opts.mode`. Needs CAP_BPF and CAP_NET_ADMIN (root). A hot upgrade's new process loads
     /// before it takes over and attaches once the old process has detached.
     pub fn load(opts: &XdpOptions, addresses: &[IpAddr]) -> Result<XdpFastPath, XdpError> {
@@ -234,6 +235,8 @@ impl XdpFastPath {
         let mut ebpf = aya::EbpfLoader::new()
             .map_max_entries("client_routes", routes)
             .map_max_entries("peer_routes", routes)
+            .map_max_entries("client_routes6", routes)
+            .map_max_entries("peer_routes6", routes)
             .map_max_entries("route_traffic", routes)
             .map_max_entries("worker_traffic", workers.max(1))
             .load(PROGRAM)
@@ -266,6 +269,8 @@ impl XdpFastPath {
         let maps = XdpMaps {
             client_routes: fd("client_routes")?,
             peer_routes: fd("peer_routes")?,
+            client_routes6: fd("client_routes6")?,
+            peer_routes6: fd("peer_routes6")?,
             route_traffic: fd("route_traffic")?,
             worker_traffic: fd("worker_traffic")?,
             verdicts: fd("verdicts")?,
@@ -341,7 +346,7 @@ fn map_fd(map: &Map) -> Option<io::Result<OwnedFd>> {
     Some(data.fd().as_fd().try_clone_to_owned())
 }
 
-/// Names of the interfaces holding one of `addresses` (IPv4 only).
+/// Names of the interfaces holding one of `addresses`.
 fn interfaces_holding(addresses: &[IpAddr]) -> Result<Vec<String>, XdpError> {
     let mut names = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -359,12 +364,19 @@ fn interfaces_holding(addresses: &[IpAddr]) -> Result<Vec<String>, XdpError> {
         }
         // SAFETY: `ifa_addr` is non-null and points to a sockaddr of the family it names.
         let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
-        if family != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: an AF_INET address is a sockaddr_in.
-        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        let ip = IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes());
+        let ip = match family {
+            libc::AF_INET => {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+            }
+            libc::AF_INET6 => {
+                // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                IpAddr::from(sin6.sin6_addr.s6_addr)
+            }
+            _ => continue,
+        };
         if !addresses.contains(&ip) {
             continue;
         }
@@ -392,8 +404,10 @@ mod tests {
     }
 
     #[test]
-    fn loopback_holds_127_0_0_1() {
+    fn loopback_holds_127_0_0_1_and_1() {
         let names = interfaces_holding(&["127.0.0.1".parse().unwrap()]).unwrap();
         assert_eq!(names, vec!["lo".to_string()]);
+        let names = interfaces_holding(&["::1".parse().unwrap()]).unwrap();
+        assert!(names.is_empty() || names == vec!["lo".to_string()], "{names:?}");
     }
 }

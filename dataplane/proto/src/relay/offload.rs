@@ -92,10 +92,12 @@ impl Offload {
     }
 }
 
-/// True when the fast path can carry a route between these addresses: IPv4 throughout, and a
-/// concrete server address to send from.
+/// True when the fast path can carry a route between these addresses: one family throughout
+/// (IPv4, or IPv6 per RFC 6156; it does not translate between them), and a concrete server
+/// address to send from.
 fn carried(client: SocketAddr, server: SocketAddr, relayed: SocketAddr, peer: SocketAddr) -> bool {
-    [client, server, relayed, peer].iter().all(|a| a.is_ipv4()) && !server.ip().is_unspecified()
+    let v4 = client.is_ipv4();
+    [server, relayed, peer].iter().all(|a| a.is_ipv4() == v4) && !server.ip().is_unspecified()
 }
 
 impl WorkerState {

@@ -759,7 +759,7 @@ mod offload {
     }
 
     #[test]
-    fn slots_run_out_ipv6_and_caps_stay_on_the_socket_path() {
+    fn slots_run_out_mixed_families_and_caps_stay_on_the_socket_path() {
         let mut h = Harness::new();
         h.state.enable_offload(7..8);
         h.install(0, 600);
@@ -770,7 +770,11 @@ mod offload {
         assert_eq!(installs(&ev).len(), 1, "{ev:?}");
         let OffloadEvent::Install { route, .. } = ev[0] else { unreachable!() };
         assert_eq!(route.slot, 7);
-        assert_eq!(h.state.offload_slot_shortfall(), 1, "the IPv6 peer is not a shortfall, the third binding is");
+        assert_eq!(
+            h.state.offload_slot_shortfall(),
+            1,
+            "an IPv6 peer of an IPv4 client is not carried, the third binding lacks a slot"
+        );
         // Both permissions lapse: the one route goes and its slot is free again.
         h.tick(301);
         let ev = h.events();
