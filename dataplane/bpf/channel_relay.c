@@ -231,6 +231,34 @@ static __always_inline int leave(struct xdp_md *ctx, int action, __u32 ifindex, 
 	return bpf_redirect_map(&tx_ports, ifindex, 0);
 }
 
+/* The application-data length of the ChannelData at `cd` (its 4-byte header in the frame) with
+ * `room` bytes after the header, or MAX_DATA + 1 (counted) when it is too large, longer than the
+ * datagram, or followed by anything but zero padding to a multiple of 4. Over UDP the padding is
+ * optional (RFC 8656 §12.5); zero padding needs no checksum correction when it is dropped. */
+static __always_inline __u32 channel_data_length(__u8 *cd, __u32 room, void *end)
+{
+	__u32 len = ((__u32)cd[2] << 8) | cd[3];
+	if (len > MAX_DATA)
+		return count(V_PASS_TOO_LARGE, MAX_DATA + 1);
+	if (len > room)
+		return count(V_PASS_CHANNEL_LENGTH, MAX_DATA + 1);
+	__u32 pad = room - len;
+	if (pad) {
+		if (pad > 3 || ((len + 3) & ~3U) != room)
+			return count(V_PASS_CHANNEL_LENGTH, MAX_DATA + 1);
+		/* Each padding byte is checked against the frame's end on its own: the datagram
+		 * may end right after the last one. */
+		__u8 *p = cd + CHANNEL_HEADER + len;
+		if ((void *)(p + 1) > end || p[0])
+			return count(V_PASS_CHANNEL_LENGTH, MAX_DATA + 1);
+		if (pad > 1 && ((void *)(p + 2) > end || p[1]))
+			return count(V_PASS_CHANNEL_LENGTH, MAX_DATA + 1);
+		if (pad > 2 && ((void *)(p + 3) > end || p[2]))
+			return count(V_PASS_CHANNEL_LENGTH, MAX_DATA + 1);
+	}
+	return len;
+}
+
 /* ChannelData from a client on a routed channel: strip the header, send the data to the peer. */
 static __always_inline int to_peer(struct xdp_md *ctx, const struct client_route *r, __u32 room)
 {
@@ -243,23 +271,9 @@ static __always_inline int to_peer(struct xdp_md *ctx, const struct client_route
 	struct iphdr ip = *(struct iphdr *)(data + sizeof(struct ethhdr));
 	struct udphdr udp = *(struct udphdr *)(data + sizeof(struct ethhdr) + sizeof(struct iphdr));
 	__u8 *cd = data + HEADERS;
-	__u32 len = ((__u32)cd[2] << 8) | cd[3];
+	__u32 len = channel_data_length(cd, room, end);
 	if (len > MAX_DATA)
-		return count(V_PASS_TOO_LARGE, XDP_PASS);
-	if (len > room)
-		return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
-	__u32 pad = room - len;
-	if (pad) {
-		/* Over UDP the padding is optional (RFC 8656 §12.5); if present it must be the
-		 * padding to a multiple of 4 and zero, so the checksum needs no correction. */
-		if (pad > 3 || ((len + 3) & ~3U) != room)
-			return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
-		__u8 *p = cd + CHANNEL_HEADER + len;
-		if ((void *)(p + 3) > end)
-			return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
-		if (p[0] || (pad > 1 && p[1]) || (pad > 2 && p[2]))
-			return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
-	}
+		return XDP_PASS;
 
 	struct bpf_fib_lookup fib;
 	__u16 ip_len = sizeof(struct iphdr) + sizeof(struct udphdr) + len;
@@ -425,21 +439,9 @@ static __always_inline int to_peer6(struct xdp_md *ctx, const struct client_rout
 	struct ipv6hdr ip6 = *(struct ipv6hdr *)(data + sizeof(struct ethhdr));
 	struct udphdr udp = *(struct udphdr *)(data + sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
 	__u8 *cd = data + HEADERS6;
-	__u32 len = ((__u32)cd[2] << 8) | cd[3];
+	__u32 len = channel_data_length(cd, room, end);
 	if (len > MAX_DATA)
-		return count(V_PASS_TOO_LARGE, XDP_PASS);
-	if (len > room)
-		return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
-	__u32 pad = room - len;
-	if (pad) {
-		if (pad > 3 || ((len + 3) & ~3U) != room)
-			return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
-		__u8 *p = cd + CHANNEL_HEADER + len;
-		if ((void *)(p + 3) > end)
-			return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
-		if (p[0] || (pad > 1 && p[1]) || (pad > 2 && p[2]))
-			return count(V_PASS_CHANNEL_LENGTH, XDP_PASS);
-	}
+		return XDP_PASS;
 	struct bpf_fib_lookup fib;
 	__u16 udp_len = sizeof(struct udphdr) + len;
 	int action = next_hop6(ctx, &fib, r->relayed_ip, r->peer_ip, r->relayed_port, r->peer_port,

@@ -136,14 +136,18 @@ class Client:
                 return 0, a, tid
         raise RuntimeError("no answer to method %#x" % method)
 
-    def channel_data(self, channel, payload):
-        self.sock.sendto(struct.pack("!HH", channel, len(payload)) + payload, self.server)
+    def channel_data(self, channel, payload, pad=False):
+        """Sends ChannelData; with `pad`, zero-padded to a multiple of 4 (optional over UDP,
+        RFC 8656 §12.5)."""
+        fill = b"\0" * (-len(payload) % 4) if pad else b""
+        self.sock.sendto(struct.pack("!HH", channel, len(payload)) + payload + fill, self.server)
 
     def exchange(self, channel, count, tag):
         """Sends `count` ChannelData datagrams, returns how many distinct ones came back."""
         got = set()
         for i in range(count):
-            self.channel_data(channel, b"%s %06d " % (tag, i) + b"x" * 80)
+            # 94 + i % 3 bytes: every other datagram padded, with 1, 2 or 3 bytes.
+            self.channel_data(channel, b"%s %06d " % (tag, i) + b"x" * (80 + i % 3), pad=i % 2 == 1)
             if i % 20 == 19:
                 self.drain(channel, got, 0.02)
         self.drain(channel, got, 0.5)
