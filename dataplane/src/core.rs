@@ -198,6 +198,16 @@ impl WorkerCore {
         }
     }
 
+    /// The longest the backend may sleep without a timer due: with XDP routes installed the
+    /// worker sees none of their traffic, so it wakes every [`PUBLISH_INTERVAL`] to credit it.
+    pub(crate) fn longest_sleep(&self) -> std::time::Duration {
+        if self.routes.is_some() {
+            PUBLISH_INTERVAL
+        } else {
+            std::time::Duration::MAX
+        }
+    }
+
     /// True when control-plane commands are queued (checked before the worker sleeps).
     pub(crate) fn commands_pending(&self) -> bool {
         !self.commands.is_empty()

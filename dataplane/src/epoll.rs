@@ -66,7 +66,8 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
             .state
             .poll_timeout()
             .map(|t| t.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(1));
+            .unwrap_or(Duration::from_secs(1))
+            .min(core.longest_sleep());
         // Commands queued after this check find the flag set and write the eventfd.
         waker.sleeping(true);
         let timeout = if core.commands_pending() { Duration::ZERO } else { timeout };

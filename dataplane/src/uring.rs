@@ -575,6 +575,7 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
             .poll_timeout()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(1))
+            .min(core.longest_sleep())
             .max(Duration::from_millis(1));
         let ts = Timespec::from(wait);
         let args = SubmitArgs::new().timespec(&ts);
