@@ -177,19 +177,10 @@ static __always_inline void add_traffic(void *map, __u32 key, int to_peer, __u64
 	}
 }
 
-/* Fills `fib` for src -> dst and asks the kernel for the next hop. Returns the action to leave
- * with once the packet is rewritten (XDP_TX or XDP_REDIRECT), or -1 to pass it up unchanged. */
-static __always_inline int next_hop(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __be32 src, __be32 dst,
-				    __be16 sport, __be16 dport, __u16 tot_len)
+/* Asks the kernel for the next hop of the filled-in `fib`. Returns the action to leave with once
+ * the packet is rewritten (XDP_TX or XDP_REDIRECT), or -1 to pass it up unchanged. */
+static __always_inline int lookup_next_hop(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
 {
-	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->family = AF_INET;
-	fib->l4_protocol = IPPROTO_UDP;
-	fib->sport = sport;
-	fib->dport = dport;
-	fib->tot_len = tot_len;
-	fib->ipv4_src = src;
-	fib->ipv4_dst = dst;
 	fib->ifindex = ctx->ingress_ifindex;
 	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return count(V_PASS_FIB, -1);
@@ -201,22 +192,46 @@ static __always_inline int next_hop(struct xdp_md *ctx, struct bpf_fib_lookup *f
 	return XDP_REDIRECT;
 }
 
-/* The new Ethernet, IPv4 and UDP headers, written at the (moved) start of the frame. */
-static __always_inline int write_headers(struct xdp_md *ctx, const struct bpf_fib_lookup *fib, struct iphdr *ip,
-					 struct udphdr *udp, __u32 frame_len)
+/* Fills `fib` for IPv4 src -> dst and looks up the next hop (see lookup_next_hop). */
+static __always_inline int next_hop(struct xdp_md *ctx, struct bpf_fib_lookup *fib, __be32 src, __be32 dst,
+				    __be16 sport, __be16 dport, __u16 tot_len)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->sport = sport;
+	fib->dport = dport;
+	fib->tot_len = tot_len;
+	fib->ipv4_src = src;
+	fib->ipv4_dst = dst;
+	return lookup_next_hop(ctx, fib);
+}
+
+/* The new Ethernet header, `l3_len` bytes of IP header from `l3` and the UDP header, written at
+ * the (moved) start of the frame; whatever follows the datagram (Ethernet padding, ChannelData
+ * padding) is cut so the frame is `frame_len` bytes. */
+static __always_inline int write_headers(struct xdp_md *ctx, const struct bpf_fib_lookup *fib, __be16 proto,
+					 const void *l3, __u32 l3_len, const struct udphdr *udp, __u32 frame_len)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 
-	if (data + HEADERS > end)
-		return -1;
 	struct ethhdr *eth = data;
+	/* `l3_len` is a constant at every call: each branch is the whole function there. */
+	if (l3_len == sizeof(struct iphdr)) {
+		if (data + HEADERS > end)
+			return -1;
+		__builtin_memcpy(data + sizeof(*eth), l3, sizeof(struct iphdr));
+		__builtin_memcpy(data + sizeof(*eth) + sizeof(struct iphdr), udp, sizeof(*udp));
+	} else {
+		if (data + HEADERS6 > end)
+			return -1;
+		__builtin_memcpy(data + sizeof(*eth), l3, sizeof(struct ipv6hdr));
+		__builtin_memcpy(data + sizeof(*eth) + sizeof(struct ipv6hdr), udp, sizeof(*udp));
+	}
 	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IP);
-	__builtin_memcpy(data + sizeof(*eth), ip, sizeof(*ip));
-	__builtin_memcpy(data + sizeof(*eth) + sizeof(*ip), udp, sizeof(*udp));
-	/* Drop whatever follows the datagram (Ethernet padding, ChannelData padding). */
+	eth->h_proto = proto;
 	__u32 have = end - data;
 	if (have > frame_len && bpf_xdp_adjust_tail(ctx, (int)frame_len - (int)have))
 		return -1;
@@ -306,7 +321,7 @@ static __always_inline int to_peer(struct xdp_md *ctx, const struct client_route
 	__u32 slot = r->slot, worker = r->worker;
 	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
 		return count(V_PASS_ADJUST, XDP_PASS);
-	if (write_headers(ctx, &fib, &ip, &udp, HEADERS + len))
+	if (write_headers(ctx, &fib, bpf_htons(ETH_P_IP), &ip, sizeof(ip), &udp, HEADERS + len))
 		return count(V_PASS_ADJUST, XDP_DROP); /* the frame is already changed */
 	add_traffic(&route_traffic, slot, 1, len);
 	add_traffic(&worker_traffic, worker, 1, len);
@@ -359,7 +374,7 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct peer_route
 	__u32 slot = r->slot, worker = r->worker;
 	if (bpf_xdp_adjust_head(ctx, -CHANNEL_HEADER))
 		return count(V_PASS_ADJUST, XDP_PASS);
-	if (write_headers(ctx, &fib, &ip, &udp, HEADERS + CHANNEL_HEADER + len))
+	if (write_headers(ctx, &fib, bpf_htons(ETH_P_IP), &ip, sizeof(ip), &udp, HEADERS + CHANNEL_HEADER + len))
 		return count(V_PASS_ADJUST, XDP_DROP);
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
@@ -384,35 +399,7 @@ static __always_inline int next_hop6(struct xdp_md *ctx, struct bpf_fib_lookup *
 	fib->tot_len = tot_len;
 	__builtin_memcpy(fib->ipv6_src, src, 16);
 	__builtin_memcpy(fib->ipv6_dst, dst, 16);
-	fib->ifindex = ctx->ingress_ifindex;
-	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
-		return count(V_PASS_FIB, -1);
-	if (fib->ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	__u32 ifindex = fib->ifindex;
-	if (!bpf_map_lookup_elem(&tx_ports, &ifindex))
-		return count(V_PASS_NO_TX_PORT, -1);
-	return XDP_REDIRECT;
-}
-
-static __always_inline int write_headers6(struct xdp_md *ctx, const struct bpf_fib_lookup *fib, struct ipv6hdr *ip6,
-					  struct udphdr *udp, __u32 frame_len)
-{
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-
-	if (data + HEADERS6 > end)
-		return -1;
-	struct ethhdr *eth = data;
-	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IPV6);
-	__builtin_memcpy(data + sizeof(*eth), ip6, sizeof(*ip6));
-	__builtin_memcpy(data + sizeof(*eth) + sizeof(*ip6), udp, sizeof(*udp));
-	__u32 have = end - data;
-	if (have > frame_len && bpf_xdp_adjust_tail(ctx, (int)frame_len - (int)have))
-		return -1;
-	return 0;
+	return lookup_next_hop(ctx, fib);
 }
 
 /* A fresh IPv6 header: version 6, no traffic class or flow label, hop limit 64. */
@@ -470,7 +457,7 @@ static __always_inline int to_peer6(struct xdp_md *ctx, const struct client_rout
 	__u32 slot = r->slot, worker = r->worker;
 	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
 		return count(V_PASS_ADJUST, XDP_PASS);
-	if (write_headers6(ctx, &fib, &ip6, &udp, HEADERS6 + len))
+	if (write_headers(ctx, &fib, bpf_htons(ETH_P_IPV6), &ip6, sizeof(ip6), &udp, HEADERS6 + len))
 		return count(V_PASS_ADJUST, XDP_DROP);
 	add_traffic(&route_traffic, slot, 1, len);
 	add_traffic(&worker_traffic, worker, 1, len);
@@ -520,7 +507,7 @@ static __always_inline int to_client6(struct xdp_md *ctx, const struct peer_rout
 	__u32 slot = r->slot, worker = r->worker;
 	if (bpf_xdp_adjust_head(ctx, -CHANNEL_HEADER))
 		return count(V_PASS_ADJUST, XDP_PASS);
-	if (write_headers6(ctx, &fib, &ip6, &udp, HEADERS6 + CHANNEL_HEADER + len))
+	if (write_headers(ctx, &fib, bpf_htons(ETH_P_IPV6), &ip6, sizeof(ip6), &udp, HEADERS6 + CHANNEL_HEADER + len))
 		return count(V_PASS_ADJUST, XDP_DROP);
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;

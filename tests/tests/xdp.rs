@@ -180,16 +180,21 @@ fn took_the_xdp_path(relay: &XdpRelay, m: &str, relayed: u64) {
     assert_eq!(verdict("to_client_redirect") + verdict("to_client_tx"), xdp_to_client, "{m}");
 }
 
-fn uclient(mode: &str, tag: &str) {
-    let Some((topo, relay)) = start(mode, tag, "") else { return };
+/// coturn's `turnutils_peer` echoing on PEER_IP:3480 in the peer namespace.
+fn uclient_peer(topo: &Topology) -> Guard {
     let peer = Topology::command(&topo.peer(), "turnutils_peer")
         .args(["-L", PEER_IP, "-p", "3480"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("turnutils_peer (Debian package coturn)");
-    let _peer = Guard(peer);
     std::thread::sleep(Duration::from_millis(300));
+    Guard(peer)
+}
+
+fn uclient(mode: &str, tag: &str) {
+    let Some((topo, relay)) = start(mode, tag, "") else { return };
+    let _peer = uclient_peer(&topo);
     let (messages, clients) = (500u64, 4u64);
     let mut cmd = Topology::command(&topo.client(), "turnutils_uclient");
     cmd.args(["-u", "u", "-w", "p", "-p", "3478", "-n", &messages.to_string(), "-m", &clients.to_string()]).args([
@@ -293,14 +298,7 @@ fn probe(mode: &str, tag: &str, f: Family) {
 /// program, attaches once the old one has detached, and relays through XDP; nothing is lost.
 fn hot_upgrade(mode: &str, tag: &str) {
     let Some((topo, relay)) = start(mode, tag, "") else { return };
-    let peer = Topology::command(&topo.peer(), "turnutils_peer")
-        .args(["-L", PEER_IP, "-p", "3480"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("turnutils_peer");
-    let _peer = Guard(peer);
-    std::thread::sleep(Duration::from_millis(300));
+    let _peer = uclient_peer(&topo);
     let out_path = std::env::temp_dir().join(format!("uturn-xdp-upgrade-{tag}-{}.log", std::process::id()));
     let client = Topology::command(&topo.client(), "turnutils_uclient")
         .args(["-u", "u", "-w", "p", "-p", "3478", "-n", "2000", "-m", "2", "-l", "120"])
