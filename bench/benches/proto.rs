@@ -31,10 +31,10 @@ fn refresh_request(key: &IntegrityKey) -> Vec<u8> {
 }
 
 fn five_tuple(i: u32) -> FiveTuple {
-    FiveTuple {
-        client: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40000)),
-        server: "127.0.0.1:3478".parse().unwrap(),
-    }
+    FiveTuple::udp(
+        SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40000)),
+        "127.0.0.1:3478".parse().unwrap(),
+    )
 }
 
 /// A worker state with `n` allocations, each with one channel bound to one permitted peer.

@@ -10,8 +10,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ipnet::IpNet;
 use serde::Deserialize;
-use uturn_dataplane::XdpMode;
+use uturn_dataplane::{StreamLimits, XdpMode};
 use uturn_proto::wire::integrity::PasswordAlgorithm;
+use uturn_proto::{ListenAddr, Transport};
 
 use crate::credentials::CredentialConfig;
 use crate::store::StoreUrl;
@@ -26,9 +27,16 @@ pub struct Cli {
     /// TOML configuration file (see docs/uturn.example.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// UDP listen address IP:PORT (repeatable).
+    /// Listen address: udp://IP:PORT, tcp://IP:PORT, tls://IP:PORT or a bare IP:PORT (UDP);
+    /// repeatable.
     #[arg(long)]
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenAddr>,
+    /// PEM certificate chain for tls:// listen addresses (re-read on SIGHUP).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for tls:// listen addresses (re-read on SIGHUP).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
     /// IP address relayed transport addresses are bound to and advertised with.
     #[arg(long)]
     pub relay_ip: Option<IpAddr>,
@@ -105,7 +113,16 @@ pub struct Cli {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct FileConfig {
-    listen: Option<Vec<SocketAddr>>,
+    listen: Option<Vec<ListenAddr>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    tls_handshake_timeout: Option<u64>,
+    stream_frame_timeout: Option<u64>,
+    stream_idle_timeout: Option<u64>,
+    stream_write_queue: Option<usize>,
+    stream_stall_timeout: Option<u64>,
     relay_ip: Option<IpAddr>,
     realm: Option<String>,
     users: Option<BTreeMap<String, String>>,
@@ -180,8 +197,14 @@ pub enum BackendChoice {
 /// The effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// UDP listen addresses.
-    pub listen: Vec<SocketAddr>,
+    /// Listen addresses with their transports (UDP, TCP, TLS).
+    pub listen: Vec<ListenAddr>,
+    /// PEM certificate chain and private key for `tls://` listen addresses.
+    pub tls_cert: Option<PathBuf>,
+    /// See `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Caps and deadlines of TCP and TLS client connections (docs/security.md).
+    pub stream_limits: StreamLimits,
     /// Relayed transport addresses' IP.
     pub relay_ip: IpAddr,
     /// Realm, static users, REST secrets, user store and key cache (docs/credentials.md):
@@ -286,6 +309,16 @@ impl Config {
         } else {
             f.listen.unwrap_or_else(|| vec!["127.0.0.1:3478".parse().unwrap()])
         };
+        let d = StreamLimits::default();
+        let stream_limits = StreamLimits {
+            max_connections: f.max_connections.unwrap_or(d.max_connections),
+            max_per_source: f.max_connections_per_ip.unwrap_or(d.max_per_source),
+            handshake_timeout: f.tls_handshake_timeout.map_or(d.handshake_timeout, Duration::from_secs),
+            frame_timeout: f.stream_frame_timeout.map_or(d.frame_timeout, Duration::from_secs),
+            idle_timeout: f.stream_idle_timeout.map_or(d.idle_timeout, Duration::from_secs),
+            write_queue: f.stream_write_queue.unwrap_or(d.write_queue),
+            stall_timeout: f.stream_stall_timeout.map_or(d.stall_timeout, Duration::from_secs),
+        };
         let mut secrets = cli.static_auth_secret.clone();
         if secrets.is_empty() {
             secrets = f.static_auth_secret.map(OneOrMany::into_vec).unwrap_or_default();
@@ -328,8 +361,14 @@ impl Config {
         let mut deny_peer = f.deny_peer.unwrap_or_default();
         deny_peer.extend(cli.deny_peer.iter().copied());
         let c = Config {
-            relay_ip: cli.relay_ip.or(f.relay_ip).unwrap_or_else(|| listen[0].ip()),
+            relay_ip: cli
+                .relay_ip
+                .or(f.relay_ip)
+                .unwrap_or_else(|| listen.first().map_or(IpAddr::from([127, 0, 0, 1]), |l| l.addr.ip())),
             listen,
+            tls_cert: cli.tls_cert.clone().or(f.tls_cert),
+            tls_key: cli.tls_key.clone().or(f.tls_key),
+            stream_limits,
             credentials: CredentialConfig {
                 realm: cli.realm.clone().or(f.realm).unwrap_or_else(|| "uturn.local".into()),
                 realms: f.realms.unwrap_or_default(),
@@ -397,12 +436,35 @@ impl Config {
 
     /// True when a listen address or the relay address is not loopback.
     fn serves_beyond_loopback(&self) -> bool {
-        self.listen.iter().map(|a| a.ip()).chain([self.relay_ip]).any(|ip| !ip.is_loopback())
+        self.listen.iter().map(|a| a.addr.ip()).chain([self.relay_ip]).any(|ip| !ip.is_loopback())
+    }
+
+    /// The UDP listen addresses.
+    pub fn udp_listen(&self) -> Vec<SocketAddr> {
+        self.listen.iter().filter(|l| l.transport == Transport::Udp).map(|l| l.addr).collect()
+    }
+
+    /// The TCP and TLS listen addresses.
+    pub fn stream_listen(&self) -> Vec<ListenAddr> {
+        self.listen.iter().filter(|l| l.transport != Transport::Udp).copied().collect()
     }
 
     fn validate(&self) -> Result<()> {
         if self.listen.is_empty() {
             bail!("no listen address");
+        }
+        for (i, l) in self.listen.iter().enumerate() {
+            if self.listen[..i].iter().any(|o| o.addr == l.addr && o.transport.is_stream() == l.transport.is_stream()) {
+                bail!("listen address {l} given twice");
+            }
+        }
+        let tls = self.listen.iter().any(|l| l.transport == Transport::Tls);
+        if tls && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            bail!("tls:// listen addresses need tls-cert and tls-key (PEM files)");
+        }
+        let l = &self.stream_limits;
+        if l.max_connections == 0 || l.max_per_source == 0 || l.write_queue < 4096 {
+            bail!("max-connections and max-connections-per-ip must be positive, stream-write-queue at least 4096");
         }
         if self.credentials.users.is_empty() && self.credentials.secrets.is_empty() && self.credentials.store.is_none()
         {
@@ -422,7 +484,7 @@ impl Config {
         }
         if self.xdp != XdpMode::Off {
             // The program rewrites datagrams to come from the address the client sent to.
-            if let Some(a) = self.listen.iter().find(|a| a.ip().is_unspecified()) {
+            if let Some(a) = self.listen.iter().find(|a| a.addr.ip().is_unspecified()) {
                 bail!("xdp needs concrete listen addresses, not {a}");
             }
             if self.xdp_routes == 0 {
@@ -499,7 +561,8 @@ mod tests {
     #[test]
     fn embedded_default_serves_loopback() {
         let c = Config::load(&Cli::default()).unwrap();
-        assert_eq!(c.listen, vec!["127.0.0.1:3478".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(c.udp_listen(), vec!["127.0.0.1:3478".parse::<SocketAddr>().unwrap()]);
+        assert!(c.stream_listen().is_empty());
         assert_eq!(c.relay_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(c.credentials.realm, "uturn.local");
         assert_eq!(c.credentials.users.get("demo").map(String::as_str), Some("demo"));
@@ -507,6 +570,27 @@ mod tests {
         assert!(c.workers >= 1);
         assert!(c.is_loopback_demo());
         assert_eq!(c.unauth_rate, DEFAULT_UNAUTH_RATE);
+    }
+
+    #[test]
+    fn listen_urls_and_tls_files() {
+        let f: FileConfig =
+            toml::from_str("listen = [\"127.0.0.1:3478\", \"tcp://127.0.0.1:3478\", \"tls://127.0.0.1:5349\"]\n")
+                .unwrap();
+        let err = Config::merge(f, &Cli::default()).unwrap_err().to_string();
+        assert!(err.contains("tls-cert"), "{err}");
+        let f: FileConfig = toml::from_str(
+            "listen = [\"127.0.0.1:3478\", \"tcp://127.0.0.1:3478\", \"tls://127.0.0.1:5349\"]\n\
+             tls-cert = \"/c.pem\"\ntls-key = \"/k.pem\"\nmax-connections-per-ip = 4\n",
+        )
+        .unwrap();
+        let c = Config::merge(f, &Cli::default()).unwrap();
+        assert_eq!(c.udp_listen().len(), 1);
+        assert_eq!(c.stream_listen().len(), 2);
+        assert_eq!(c.stream_limits.max_per_source, 4);
+        let f: FileConfig = toml::from_str("listen = [\"tcp://127.0.0.1:1\", \"tcp://127.0.0.1:1\"]\n").unwrap();
+        assert!(Config::merge(f, &Cli::default()).is_err());
+        assert!(toml::from_str::<FileConfig>("listen = [\"sctp://127.0.0.1:1\"]\n").is_err());
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
 fn print_banner(c: &Config) {
     println!("uturn {} - TURN relay (RFC 8656)", env!("CARGO_PKG_VERSION"));
     for l in &c.listen {
-        println!("  listening   udp {l}");
+        println!("  listening   {l}");
     }
     println!("  relay       {} ports {}-{}", c.relay_ip, c.port_range.0, c.port_range.1);
     println!("  realm       {}", c.credentials.realm);
@@ -94,9 +94,14 @@ fn ice_servers(c: &Config) -> serde_json::Value {
     let urls: Vec<String> = c
         .listen
         .iter()
-        .map(|a| match a {
-            std::net::SocketAddr::V4(v4) => format!("turn:{}:{}?transport=udp", v4.ip(), v4.port()),
-            std::net::SocketAddr::V6(v6) => format!("turn:[{}]:{}?transport=udp", v6.ip(), v6.port()),
+        .map(|l| {
+            // turns: over TLS (RFC 7065), which runs on TCP.
+            let (scheme, transport) = match l.transport {
+                uturn_proto::Transport::Udp => ("turn", "udp"),
+                uturn_proto::Transport::Tcp => ("turn", "tcp"),
+                uturn_proto::Transport::Tls => ("turns", "tcp"),
+            };
+            format!("{scheme}:{}?transport={transport}", l.addr)
         })
         .collect();
     serde_json::json!({ "iceServers": [{ "urls": urls, "username": user, "credential": pass }] })

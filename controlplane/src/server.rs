@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::TryRecvError;
 use tracing::{error, info, warn};
 use uturn_dataplane::{
-    EventSender, FromWorker, FrozenWorker, IoBackend, Start, ToWorker, WorkerConfig, WorkerHandle, WorkerMetrics,
-    XdpFastPath, XdpMode, XdpOptions,
+    ConnectionCount, EventSender, FromWorker, FrozenWorker, IoBackend, Start, TlsServer, ToWorker, WorkerConfig,
+    WorkerHandle, WorkerMetrics, XdpFastPath, XdpMode, XdpOptions,
 };
 use uturn_proto::nonce::{Challenger, NonceKey};
 use uturn_proto::relay::RelayConfig;
@@ -143,7 +143,7 @@ fn load_xdp(config: &Config) -> Result<Option<XdpFastPath>> {
     if config.xdp == XdpMode::Off {
         return Ok(None);
     }
-    let mut addresses: Vec<std::net::IpAddr> = config.listen.iter().map(|a| a.ip()).collect();
+    let mut addresses: Vec<std::net::IpAddr> = config.udp_listen().iter().map(|a| a.ip()).collect();
     addresses.push(config.relay_ip);
     let opts = XdpOptions {
         mode: config.xdp,
@@ -173,6 +173,8 @@ struct Server<'a> {
     upgrade: Option<Upgrade>,
     /// The XDP fast path, when configured (detached while a hot upgrade hands over).
     xdp: Option<XdpFastPath>,
+    /// The TLS server side of `tls://` listen addresses (its certificate reloads on SIGHUP).
+    tls: Option<TlsServer>,
 }
 
 /// How the serving loop ended.
@@ -221,11 +223,20 @@ impl<'a> Server<'a> {
             );
         }
         let xdp_maps = xdp.as_ref().map(|x| x.maps());
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsServer::from_pem_files(cert, key).context("tls-cert / tls-key")?),
+            _ => None,
+        };
+        let connections = ConnectionCount::default();
         let worker_cfgs: Vec<WorkerConfig> = (0..config.workers)
             .map(|index| WorkerConfig {
                 index,
                 core: if cores.is_empty() { None } else { Some(cores[index % cores.len()]) },
-                listen: config.listen.clone(),
+                listen: config.udp_listen(),
+                stream_listen: config.stream_listen(),
+                stream_limits: config.stream_limits.clone(),
+                tls: tls.clone(),
+                connections: connections.clone(),
                 backend,
                 relay: RelayConfig {
                     permission_lifetime: config.permission_lifetime,
@@ -285,7 +296,7 @@ impl<'a> Server<'a> {
             max_lifetime: config.max_lifetime,
             user_quota: config.user_quota,
             total_quota: config.total_quota,
-            peers: PeerPolicy::new(config.relay_ip, &config.listen, &config.allow_peer, &config.deny_peer),
+            peers: PeerPolicy::new(config.relay_ip, &config.udp_listen(), &config.allow_peer, &config.deny_peer),
             rfc5766_channels: config.rfc5766_channels,
         };
         info!("{}", policy.peers.describe());
@@ -303,6 +314,7 @@ impl<'a> Server<'a> {
             drain_deadline: None,
             upgrade: None,
             xdp,
+            tls,
         };
         for (cfg, start) in server.worker_cfgs.clone().into_iter().zip(starts) {
             let (events_tx, rx) = crossbeam_channel::unbounded::<FromWorker>();
@@ -320,7 +332,7 @@ impl<'a> Server<'a> {
         if config.reuseport_cpu && handover.is_none() {
             // The program applies to each listen address's whole SO_REUSEPORT group; a handed
             // over group keeps the one attached before.
-            for addr in &config.listen {
+            for addr in &config.udp_listen() {
                 let probe = uturn_dataplane::bind_listener(*addr).and_then(|s| {
                     uturn_dataplane::attach_reuseport_cpu(&s, config.workers)?;
                     Ok(s)
@@ -375,7 +387,7 @@ impl<'a> Server<'a> {
                 workers: self.worker_cfgs.iter().map(|w| w.metrics.clone()).collect(),
                 control: self.control.metrics.clone(),
                 backend: self.backend.name(),
-                listen_ports: c.listen.iter().map(|a| a.port()).collect(),
+                listen_ports: c.udp_listen().iter().map(|a| a.port()).collect(),
                 xdp: match &self.xdp {
                     Some(x) => Some(Arc::new(x.maps().verdicts().context("xdp verdict counters")?)),
                     None => None,
@@ -386,6 +398,18 @@ impl<'a> Server<'a> {
             self.metrics = Some((exporter, keep));
         }
         Ok(())
+    }
+
+    /// SIGHUP: re-reads the TLS certificate and key from their files (the paths are
+    /// restart-only). New handshakes present the new certificate; open connections keep theirs.
+    fn reload_tls(&self) {
+        let (Some(tls), Some(cert), Some(key)) = (&self.tls, &self.config.tls_cert, &self.config.tls_key) else {
+            return;
+        };
+        match tls.reload(cert, key) {
+            Ok(()) => info!(cert = %cert.display(), "SIGHUP: TLS certificate reloaded"),
+            Err(e) => warn!("SIGHUP: TLS certificate not reloaded, the current one stays: {e}"),
+        }
     }
 
     fn stop_workers(&mut self) {
@@ -420,6 +444,7 @@ impl<'a> Server<'a> {
             handled += self.admin_requests();
             if signals.reload.swap(false, Ordering::Relaxed) {
                 reload(&mut self.control, self.config, reloader);
+                self.reload_tls();
             }
             if signals.upgrade.swap(false, Ordering::Relaxed) {
                 self.start_upgrade(exe, args);

@@ -2,7 +2,7 @@
 //! [`WorkerState`], keeps the relay sockets, and talks to the control plane. Each backend calls
 //! it with the bytes it received and does what it returns.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,11 +10,14 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use tracing::{debug, info, warn};
 use uturn_proto::relay::{AllocationId, ClientOutput, Command, Effect, Ended, OffloadEvent, PeerOutput, Traffic};
+use uturn_proto::wire::stream::channel_data_padding;
+use uturn_proto::wire::{self as wire, DatagramKind};
 use uturn_proto::wire::{Class, Message, TransactionId};
-use uturn_proto::{FiveTuple, WorkerState};
+use uturn_proto::{FiveTuple, Transport, WorkerState};
 
 use crate::messages::{EventSender, FromWorker, ToWorker};
 use crate::metrics::{WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
+use crate::stream::{CloseReason, ConnId, Connection, StreamListener, Streams};
 use crate::xdp::WorkerRoutes;
 
 /// Reply buffer size, bytes: every STUN response uturn builds fits.
@@ -38,6 +41,31 @@ pub(crate) trait Io {
     fn deregister_relay(&mut self, id: AllocationId, socket: &UdpSocket);
     /// Send `bytes` (a STUN response) to `to` from listener `listener`.
     fn send_reply(&mut self, listener: usize, to: SocketAddr, bytes: &[u8]);
+    /// Send `bytes` (copied: they sit in a connection's buffer) from allocation `id`'s relay
+    /// socket to `peer`.
+    fn send_to_peer(&mut self, id: AllocationId, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]);
+    /// Forget a connection about to be closed (its socket is shut down right after).
+    fn close_stream(&mut self, id: ConnId, socket: &TcpStream);
+}
+
+/// Where an allocation's client is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientPath {
+    /// By datagram, from this listener (index into the worker's UDP listeners).
+    Datagram(usize),
+    /// On this connection.
+    Stream(ConnId),
+}
+
+/// Where a peer datagram went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PeerVerdict {
+    /// Dropped (counted).
+    Drop,
+    /// Send `buf[message]` from UDP listener `listener` to `client`.
+    Datagram { listener: usize, client: SocketAddr, message: Range<usize> },
+    /// Copied into a connection's write queue (flushed with the dirty connections).
+    Queued,
 }
 
 /// A listening socket of this worker.
@@ -52,8 +80,8 @@ pub(crate) struct Listener {
 pub(crate) struct Relay {
     pub(crate) id: AllocationId,
     pub(crate) socket: UdpSocket,
-    /// Index of the listener the client's 5-tuple uses.
-    pub(crate) listener: usize,
+    /// How the allocation's client is reached.
+    pub(crate) client: ClientPath,
 }
 
 /// Where a client datagram goes.
@@ -72,6 +100,10 @@ pub(crate) struct WorkerCore {
     pub(crate) index: usize,
     pub(crate) state: WorkerState,
     pub(crate) listeners: Vec<Listener>,
+    /// TCP listeners (`tcp://` and `tls://` listen addresses).
+    pub(crate) stream_listeners: Vec<StreamListener>,
+    /// Client connections (TURN over TCP and TLS).
+    pub(crate) streams: Streams,
     /// Relay sockets indexed by allocation slab index.
     pub(crate) relays: Vec<Option<Relay>>,
     commands: Receiver<ToWorker>,
@@ -103,10 +135,13 @@ pub(crate) struct WorkerCore {
 impl WorkerCore {
     /// A core serving `state` on `listeners`; `relays` are the relay sockets of the allocations
     /// `state` already holds (by slab index), which the backend registers when it starts.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         index: usize,
         state: WorkerState,
         listeners: Vec<Listener>,
+        stream_listeners: Vec<StreamListener>,
+        streams: Streams,
         relays: Vec<Option<Relay>>,
         commands: Receiver<ToWorker>,
         events: EventSender,
@@ -116,6 +151,8 @@ impl WorkerCore {
             index,
             state,
             listeners,
+            stream_listeners,
+            streams,
             relays,
             commands,
             events,
@@ -149,8 +186,14 @@ impl WorkerCore {
     ) -> ClientVerdict {
         #[cfg(feature = "fault-injection")]
         crate::fault::check(self.fault_injection, self.index, from, datagram);
-        let five_tuple = FiveTuple { client: from, server: self.listeners[listener].addr };
-        match self.state.handle_client_datagram(now, &five_tuple, datagram, &mut self.reply) {
+        let five_tuple = FiveTuple::udp(from, self.listeners[listener].addr);
+        self.on_message(now, &five_tuple, datagram)
+    }
+
+    /// One message from a client (a UDP datagram, or one framed on a connection).
+    #[inline]
+    fn on_message(&mut self, now: Instant, five_tuple: &FiveTuple, datagram: &[u8]) -> ClientVerdict {
+        match self.state.handle_client_datagram(now, five_tuple, datagram, &mut self.reply) {
             ClientOutput::Relay { alloc, peer, payload } => {
                 ClientVerdict::ToPeer { relay: alloc.index as usize, peer, payload }
             }
@@ -165,7 +208,7 @@ impl WorkerCore {
                 } else {
                     let req = FromWorker::Request {
                         worker: self.index,
-                        five_tuple,
+                        five_tuple: *five_tuple,
                         bytes: datagram.to_vec(),
                         verified,
                         received: now,
@@ -177,10 +220,140 @@ impl WorkerCore {
         }
     }
 
-    /// A datagram from `peer` on relay slot `relay`, its payload at `buf[payload]`. Returns the
-    /// listener, client address and framed message range. The backend has checked that the
-    /// datagram came from the slot's current socket (io_uring tags each receive with the
-    /// allocation's generation; epoll reads the slot's socket itself).
+    /// A connection accepted on stream listener `listener`; `None` when a cap refused it (the
+    /// caller drops the socket, which closes it).
+    pub(crate) fn on_accept(&mut self, now: Instant, listener: usize, socket: TcpStream) -> Option<ConnId> {
+        let l = self.stream_listeners.get(listener)?;
+        let (server, transport) = (l.addr, l.transport);
+        let client = socket.peer_addr().ok()?;
+        let five_tuple = FiveTuple { client, server, transport };
+        let id = self.streams.admit(now, socket, five_tuple);
+        match id {
+            Some(_) => debug!(worker = self.index, client = %client, %transport, "connection accepted"),
+            None => debug!(worker = self.index, client = %client, %transport, "connection refused: over a cap"),
+        }
+        id
+    }
+
+    /// Bytes received on connection `id` (TLS records over TLS): every whole message in them is
+    /// handled like a datagram; the rest waits for more. Closes the connection when its framing
+    /// or TLS fails.
+    pub(crate) fn on_stream_data(&mut self, now: Instant, id: ConnId, bytes: &[u8], io: &mut impl Io) {
+        let Some(c) = self.streams.get_mut(id) else { return };
+        let ft = c.five_tuple;
+        let mut inbuf = std::mem::take(&mut c.inbuf);
+        let received = if c.is_tls() {
+            c.inbuf = inbuf;
+            let r = c.receive_tls(bytes, wire::stream::MAX_FRAME * 2);
+            inbuf = std::mem::take(&mut c.inbuf);
+            if !c.out.is_empty() {
+                self.streams.mark_dirty(id);
+            }
+            r.map(|()| None)
+        } else if inbuf.is_empty() {
+            // Plain TCP with nothing pending: take the messages straight from the receive
+            // buffer, keep only an incomplete tail.
+            Ok(Some(bytes))
+        } else {
+            inbuf.extend_from_slice(bytes);
+            Ok(None)
+        };
+        let result = received.and_then(|direct| match direct {
+            Some(b) => {
+                let taken = self.take_messages(now, id, &ft, b, io);
+                taken.map(|at| inbuf.extend_from_slice(&b[at..]))
+            }
+            None => {
+                let taken = self.take_messages(now, id, &ft, &inbuf, io);
+                taken.map(|at| drop(inbuf.drain(..at)))
+            }
+        });
+        match result {
+            Ok(()) => {
+                if let Some(c) = self.streams.get_mut(id) {
+                    c.partial_since = if inbuf.is_empty() { None } else { c.partial_since.or(Some(now)) };
+                    c.inbuf = inbuf;
+                }
+            }
+            Err(reason) => self.close_connection(now, id, reason, io),
+        }
+    }
+
+    /// Handles the whole messages at the start of `buf`; returns where the incomplete rest
+    /// begins.
+    fn take_messages(
+        &mut self,
+        now: Instant,
+        id: ConnId,
+        ft: &FiveTuple,
+        buf: &[u8],
+        io: &mut impl Io,
+    ) -> Result<usize, CloseReason> {
+        let mut at = 0;
+        while let Some(r) = Connection::next_message(buf, &mut at)? {
+            if let Some(c) = self.streams.get_mut(id) {
+                c.last_message = now;
+                c.partial_since = None;
+            }
+            let message = &buf[r];
+            match self.on_message(now, ft, message) {
+                ClientVerdict::Done => {}
+                ClientVerdict::Reply(n) => {
+                    let reply = &self.reply[..n];
+                    self.streams.queue(id, reply);
+                }
+                ClientVerdict::ToPeer { relay, peer, payload } => {
+                    if let Some(Some(r)) = self.relays.get(relay) {
+                        io.send_to_peer(r.id, &r.socket, peer, &message[payload]);
+                    }
+                }
+            }
+        }
+        if at < buf.len() && wire::classify(&buf[at..]) == DatagramKind::Other {
+            return Err(CloseReason::BadFraming);
+        }
+        Ok(at)
+    }
+
+    /// Closes connection `id`: ends its allocation (RFC 8656 §3.1), shuts the socket down.
+    pub(crate) fn close_connection(&mut self, now: Instant, id: ConnId, reason: CloseReason, io: &mut impl Io) {
+        let Some(mut c) = self.streams.remove(id, reason) else { return };
+        if reason != CloseReason::Peer {
+            c.send_close_notify();
+            // Best effort: what the client should still hear (an alert, close_notify).
+            let _ = std::io::Write::write(&mut c.socket, &c.out);
+        }
+        io.close_stream(id, &c.socket);
+        let _ = c.socket.shutdown(std::net::Shutdown::Both);
+        debug!(
+            worker = self.index,
+            client = %c.five_tuple.client,
+            transport = %c.five_tuple.transport,
+            reason = reason.name(),
+            "connection closed"
+        );
+        if let Some(mut ended) = self.state.end_connection(&c.five_tuple) {
+            self.sync_offload();
+            self.add_offload_credit(&mut ended);
+            self.offload_credit.clear();
+            self.log_end(now, &ended);
+            self.close_relay(ended.id, io);
+            self.release(ended.five_tuple, ended.tid);
+        }
+    }
+
+    /// Closes every connection (shutdown or freeze).
+    pub(crate) fn close_connections(&mut self, now: Instant, io: &mut impl Io) {
+        for id in self.streams.ids() {
+            self.close_connection(now, id, CloseReason::Shutdown, io);
+        }
+    }
+
+    /// A datagram from `peer` on relay slot `relay`, its payload at `buf[payload]` (with
+    /// [`PEER_HEADROOM`](uturn_proto::relay::PEER_HEADROOM) before and
+    /// [`PEER_TAILROOM`](uturn_proto::relay::PEER_TAILROOM) after it). The backend has checked
+    /// that the datagram came from the slot's current socket (io_uring tags each receive with
+    /// the allocation's generation; epoll reads the slot's socket itself).
     #[inline]
     pub(crate) fn on_peer(
         &mut self,
@@ -189,20 +362,43 @@ impl WorkerCore {
         peer: SocketAddr,
         buf: &mut [u8],
         payload: Range<usize>,
-    ) -> Option<(usize, SocketAddr, Range<usize>)> {
-        let r = self.relays.get(relay)?.as_ref()?;
-        let listener = r.listener;
+    ) -> PeerVerdict {
+        let Some(Some(r)) = self.relays.get(relay) else { return PeerVerdict::Drop };
+        let path = r.client;
         match self.state.handle_peer_datagram(now, r.id, peer, buf, payload) {
-            PeerOutput::ToClient { five_tuple, message } => Some((listener, five_tuple.client, message)),
-            PeerOutput::Drop => None,
+            PeerOutput::ToClient { five_tuple, message } => match path {
+                ClientPath::Datagram(listener) => {
+                    PeerVerdict::Datagram { listener, client: five_tuple.client, message }
+                }
+                ClientPath::Stream(conn) => {
+                    // RFC 8656 §12.5: ChannelData is padded to 4 bytes on a stream (a Data
+                    // indication already is); the tailroom holds the padding.
+                    let pad = if wire::classify(&buf[message.clone()]) == DatagramKind::ChannelData {
+                        channel_data_padding(message.len())
+                    } else {
+                        0
+                    };
+                    let end = message.end + pad;
+                    if end > buf.len() {
+                        return PeerVerdict::Drop;
+                    }
+                    buf[message.end..end].fill(0);
+                    self.streams.queue(conn, &buf[message.start..end]);
+                    PeerVerdict::Queued
+                }
+            },
+            PeerOutput::Drop => PeerVerdict::Drop,
         }
     }
 
     /// The longest the backend may sleep without a timer due: with XDP routes installed the
     /// worker sees none of their traffic, so it wakes every [`PUBLISH_INTERVAL`] to credit it.
+    /// With connections open it wakes every second to apply their deadlines.
     pub(crate) fn longest_sleep(&self) -> std::time::Duration {
         if self.routes.is_some() {
             PUBLISH_INTERVAL
+        } else if self.streams.len() > 0 {
+            std::time::Duration::from_secs(1)
         } else {
             std::time::Duration::MAX
         }
@@ -234,7 +430,7 @@ impl WorkerCore {
             };
             let out = self.state.handle_command(now, cmd, &mut self.reply);
             self.sync_offload();
-            let listener = self.listener_of(&out.five_tuple);
+            let path = self.path_of(&out.five_tuple);
             if let Some(event) = event {
                 let granted = Message::parse(&self.reply[..out.reply_len]).is_ok_and(|m| m.class() == Class::Success);
                 let session = self.session_of(&out.five_tuple);
@@ -252,10 +448,23 @@ impl WorkerCore {
                     if let Some(old) = self.relays[slot].take() {
                         io.deregister_relay(old.id, &old.socket);
                     }
-                    io.register_relay(id, &socket);
-                    self.relays[slot] = Some(Relay { id, socket, listener });
                     let session = self.session_of(&out.five_tuple);
-                    debug!(worker = self.index, session, client = %out.five_tuple.client, "allocation installed");
+                    match path {
+                        Some(client) => {
+                            io.register_relay(id, &socket);
+                            self.relays[slot] = Some(Relay { id, socket, client });
+                            debug!(worker = self.index, session, client = %out.five_tuple.client, "allocation installed");
+                        }
+                        None => {
+                            // Its connection closed while the control plane granted it.
+                            if let Some(ended) = self.state.end_connection(&out.five_tuple) {
+                                self.sync_offload();
+                                self.log_end(now, &ended);
+                                self.release(ended.five_tuple, ended.tid);
+                            }
+                            continue;
+                        }
+                    }
                 }
                 (Effect::InstallRefused { tid }, _) => self.release(out.five_tuple, tid),
                 (Effect::Removed(mut ended), _) => {
@@ -267,7 +476,16 @@ impl WorkerCore {
                 _ => {}
             }
             if out.reply_len > 0 {
-                io.send_reply(listener, out.five_tuple.client, &self.reply[..out.reply_len]);
+                match path {
+                    Some(ClientPath::Datagram(listener)) => {
+                        io.send_reply(listener, out.five_tuple.client, &self.reply[..out.reply_len])
+                    }
+                    Some(ClientPath::Stream(conn)) => {
+                        let reply = &self.reply[..out.reply_len];
+                        self.streams.queue(conn, reply);
+                    }
+                    None => {}
+                }
             }
         }
         self.offload_credit.clear();
@@ -332,6 +550,10 @@ impl WorkerCore {
         }
         self.offload_credit.clear();
         self.expired = expired;
+        let tables = self.state.tables();
+        for (id, reason) in self.streams.overdue(now, |ft| tables.lookup(ft).is_some()) {
+            self.close_connection(now, id, reason, io);
+        }
         if now >= self.next_publish {
             if let Some(routes) = &mut self.routes {
                 let (to_peer, to_client) = routes.take_worker();
@@ -356,6 +578,7 @@ impl WorkerCore {
 
     /// Removes every allocation (shutdown).
     pub(crate) fn close_all(&mut self, io: &mut impl Io) {
+        self.close_connections(Instant::now(), io);
         let ended = self.state.drain();
         self.sync_offload();
         self.offload_credit.clear();
@@ -411,7 +634,14 @@ impl WorkerCore {
         }
     }
 
-    fn listener_of(&self, ft: &FiveTuple) -> usize {
-        self.listeners.iter().position(|l| l.addr == ft.server).unwrap_or(0)
+    /// How `ft`'s client is reached: its UDP listener, or its connection (`None` once that
+    /// has closed).
+    fn path_of(&self, ft: &FiveTuple) -> Option<ClientPath> {
+        match ft.transport {
+            Transport::Udp => {
+                Some(ClientPath::Datagram(self.listeners.iter().position(|l| l.addr == ft.server).unwrap_or(0)))
+            }
+            _ => self.streams.lookup(ft).map(ClientPath::Stream),
+        }
     }
 }

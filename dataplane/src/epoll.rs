@@ -1,8 +1,8 @@
 //! The epoll backend (mio): readiness-driven `recvfrom`/`sendto`, one system call per datagram.
 //! It runs where io_uring is unavailable (old kernels, seccomp profiles that block it).
 
-use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -10,13 +10,19 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use uturn_proto::relay::{AllocationId, PEER_HEADROOM, PEER_TAILROOM};
 
-use crate::core::{ClientVerdict, Io, WorkerCore};
+use crate::core::{ClientVerdict, Io, PeerVerdict, WorkerCore};
+use crate::stream::{CloseReason, ConnId};
 use crate::sys::Waker;
 use crate::worker::Stop;
 
 const WAKER: Token = Token(usize::MAX);
-/// Tokens below this are listeners; relay slot `i` is `RELAY_BASE + i`.
+/// Tokens below this are UDP listeners; TCP listener `i` is `STREAM_LISTENER_BASE + i`.
+const STREAM_LISTENER_BASE: usize = 1 << 15;
+/// Relay slot `i` is `RELAY_BASE + i`.
 const RELAY_BASE: usize = 1 << 16;
+/// Connection slot `i` is `CONN_BASE + i` (a closed connection is deregistered before its slot
+/// is reused, so no event of it reaches the next tenant).
+const CONN_BASE: usize = 1 << 40;
 /// Receive buffer: headroom for in-place framing plus the largest UDP payload.
 const BUF_LEN: usize = PEER_HEADROOM + 65_536 + PEER_TAILROOM;
 
@@ -41,6 +47,13 @@ impl Io for EpollIo {
     fn send_reply(&mut self, listener: usize, to: SocketAddr, bytes: &[u8]) {
         let _ = self.listeners[listener].send_to(bytes, to);
     }
+    fn send_to_peer(&mut self, _id: AllocationId, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]) {
+        let _ = socket.send_to(bytes, peer);
+    }
+    fn close_stream(&mut self, _id: ConnId, socket: &TcpStream) {
+        let fd = socket.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+    }
 }
 
 /// Runs the worker until `stop` says so and returns its core: with its allocations closed, or
@@ -53,6 +66,11 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
         poll.registry().register(&mut SourceFd(&l.as_raw_fd()), Token(i), Interest::READABLE)?;
     }
     poll.registry().register(&mut SourceFd(&waker.raw_fd()), WAKER, Interest::READABLE)?;
+    let stream_listeners: Vec<TcpListener> =
+        core.stream_listeners.iter().map(|l| l.socket.try_clone()).collect::<io::Result<_>>()?;
+    for (i, l) in stream_listeners.iter().enumerate() {
+        poll.registry().register(&mut SourceFd(&l.as_raw_fd()), Token(STREAM_LISTENER_BASE + i), Interest::READABLE)?;
+    }
     let mut io = EpollIo { poll, listeners };
     // A resumed worker's allocations: registering a socket that already holds datagrams
     // reports it readable at once.
@@ -82,13 +100,32 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
         for ev in events.iter() {
             match ev.token() {
                 WAKER => waker.drain(),
-                Token(t) if t < RELAY_BASE => drain_listener(&mut core, &mut io, t, &mut buf, now),
-                Token(t) => drain_relay(&mut core, &mut io, t - RELAY_BASE, &mut buf, now),
+                Token(t) if t < STREAM_LISTENER_BASE => drain_listener(&mut core, &mut io, t, &mut buf, now),
+                Token(t) if t < RELAY_BASE => {
+                    accept_all(&mut core, &mut io, &stream_listeners, t - STREAM_LISTENER_BASE, now)
+                }
+                Token(t) if t < CONN_BASE => drain_relay(&mut core, &mut io, t - RELAY_BASE, &mut buf, now),
+                Token(t) => {
+                    let index = (t - CONN_BASE) as u32;
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        drain_stream(&mut core, &mut io, index, &mut buf, now);
+                    }
+                    if ev.is_writable() {
+                        if let Some(c) = core.streams.slot_mut(index) {
+                            let id = ConnId { index, generation: c.generation };
+                            core.streams.mark_dirty(id);
+                        }
+                    }
+                }
             }
         }
+        flush_streams(&mut core, &mut io, now);
         core.drain_commands(now, &mut io);
         core.expire(now, &mut io);
+        flush_streams(&mut core, &mut io, now);
     }
+    // Connections do not survive a freeze: their allocations end with them.
+    core.close_connections(Instant::now(), &mut io);
     // Commands queued before the stop are applied either way (an Install's socket must not be
     // lost in the queue of a frozen worker).
     core.drain_commands(Instant::now(), &mut io);
@@ -152,8 +189,59 @@ fn drain_relay(core: &mut WorkerCore, io: &mut EpollIo, slot: usize, buf: &mut [
             Ok(None) => continue,
             Err(()) => return,
         };
-        if let Some((listener, client, msg)) = core.on_peer(now, slot, peer, buf, PEER_HEADROOM..PEER_HEADROOM + n) {
-            let _ = io.listeners[listener].send_to(&buf[msg], client);
+        if let PeerVerdict::Datagram { listener, client, message } =
+            core.on_peer(now, slot, peer, buf, PEER_HEADROOM..PEER_HEADROOM + n)
+        {
+            let _ = io.listeners[listener].send_to(&buf[message], client);
+        }
+    }
+}
+
+/// Accepts every pending connection on TCP listener `i`.
+fn accept_all(core: &mut WorkerCore, io: &mut EpollIo, listeners: &[TcpListener], i: usize, now: Instant) {
+    let Some(listener) = listeners.get(i) else { return };
+    let mut errors = 0;
+    loop {
+        let socket = match received(listener.accept(), &mut errors) {
+            Ok(Some((s, _))) => s,
+            Ok(None) => continue,
+            Err(()) => return,
+        };
+        if socket.set_nonblocking(true).is_err() {
+            continue;
+        }
+        let fd = socket.as_raw_fd();
+        let Some(id) = core.on_accept(now, i, socket) else { continue };
+        let token = Token(CONN_BASE + id.index as usize);
+        if io.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE).is_err() {
+            core.close_connection(now, id, CloseReason::Peer, io);
+        }
+    }
+}
+
+/// Reads connection slot `index` until it would block, handing each chunk to the core.
+fn drain_stream(core: &mut WorkerCore, io: &mut EpollIo, index: u32, buf: &mut [u8], now: Instant) {
+    loop {
+        let Some(c) = core.streams.slot_mut(index) else { return };
+        let id = ConnId { index, generation: c.generation };
+        match c.socket.read(buf) {
+            Ok(0) => return core.close_connection(now, id, CloseReason::Peer, io),
+            Ok(n) => core.on_stream_data(now, id, &buf[..n], io),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return core.close_connection(now, id, CloseReason::Peer, io),
+        }
+    }
+}
+
+/// Writes what waits on every connection with queued bytes, until the socket would block (a
+/// writable event brings it back).
+fn flush_streams(core: &mut WorkerCore, io: &mut EpollIo, now: Instant) {
+    for id in std::mem::take(&mut core.streams.dirty) {
+        let Some(c) = core.streams.get_mut(id) else { continue };
+        c.dirty = false;
+        if c.write_out(now).is_err() {
+            core.close_connection(now, id, CloseReason::Peer, io);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! UDP sockets: per-worker SO_REUSEPORT listeners and per-allocation relay sockets (socket2).
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -28,6 +28,21 @@ pub fn bind_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+/// Binds one worker's TCP listener on `addr` with SO_REUSEPORT (TURN over TCP or TLS, RFC 8656
+/// §3.1): the kernel spreads new connections over the workers' listeners, and each connection
+/// stays with the worker that accepted it. Non-blocking, backlog 1024.
+pub fn bind_stream_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
     Ok(s.into())
 }
 

@@ -13,12 +13,15 @@ use uturn_proto::nonce::Challenger;
 use uturn_proto::relay::{AllocationSnapshot, Counters, ImportError, RelayConfig};
 use uturn_proto::WorkerState;
 
-use crate::core::{Listener, Relay, WorkerCore};
+use crate::core::{ClientPath, Listener, Relay, WorkerCore};
 use crate::messages::{EventSender, ToWorker};
 use crate::metrics::WorkerMetrics;
-use crate::socket::bind_listener;
+use crate::socket::{bind_listener, bind_stream_listener};
+use crate::stream::tls::TlsServer;
+use crate::stream::{ConnectionCount, StreamLimits, StreamListener, Streams};
 use crate::sys::Waker;
 use crate::xdp::{WorkerRoutes, XdpMaps};
+use uturn_proto::ListenAddr;
 
 /// Which I/O backend a worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +51,16 @@ pub struct WorkerConfig {
     pub index: usize,
     /// Core to pin the thread to, if any.
     pub core: Option<core_affinity::CoreId>,
-    /// Listen addresses (each bound with SO_REUSEPORT).
+    /// UDP listen addresses (each bound with SO_REUSEPORT).
     pub listen: Vec<SocketAddr>,
+    /// TCP and TLS listen addresses (each bound with SO_REUSEPORT).
+    pub stream_listen: Vec<ListenAddr>,
+    /// Caps and deadlines of client connections.
+    pub stream_limits: StreamLimits,
+    /// The TLS server side (certificate and ALPN), needed by `tls://` listen addresses.
+    pub tls: Option<TlsServer>,
+    /// Connections open on the whole relay (one count shared by every worker).
+    pub connections: ConnectionCount,
     /// The I/O backend.
     pub backend: IoBackend,
     /// Permission and channel lifetimes.
@@ -81,6 +92,8 @@ pub enum Start {
 pub struct FrozenWorker {
     state: WorkerState,
     listeners: Vec<Listener>,
+    /// TCP listeners (kept for a resume in this process; a new process binds its own).
+    stream_listeners: Vec<StreamListener>,
     relays: Vec<Option<Relay>>,
     /// The worker's handle on this process's XDP maps (`None` in an adopted worker: the new
     /// process installs its routes in its own maps).
@@ -158,13 +171,26 @@ impl FrozenWorker {
                         relays.resize_with(slot + 1, || None);
                     }
                     let listener = cfg.listen.iter().position(|a| *a == ft.server).unwrap_or(0);
-                    relays[slot] = Some(Relay { id, socket, listener });
+                    relays[slot] = Some(Relay { id, socket, client: ClientPath::Datagram(listener) });
                 }
                 Err(e) => refused.push((session, e)),
             }
         }
-        Ok((FrozenWorker { state, listeners: ls, relays, routes: None }, refused))
+        let stream_listeners = bind_stream_listeners(cfg)?;
+        Ok((FrozenWorker { state, listeners: ls, stream_listeners, relays, routes: None }, refused))
     }
+}
+
+/// Binds `cfg`'s TCP listeners.
+fn bind_stream_listeners(cfg: &WorkerConfig) -> io::Result<Vec<StreamListener>> {
+    cfg.stream_listen
+        .iter()
+        .map(|l| {
+            let socket =
+                bind_stream_listener(l.addr).map_err(|e| io::Error::new(e.kind(), format!("bind {l}: {e}")))?;
+            Ok(StreamListener { socket, addr: l.addr, transport: l.transport })
+        })
+        .collect()
 }
 
 fn new_state(cfg: &WorkerConfig) -> WorkerState {
@@ -233,18 +259,18 @@ impl WorkerHandle {
 /// Starts a worker thread: with [`Start::Fresh`] it binds its listeners first (so bind errors
 /// surface here). `events` is its queue to the control plane.
 pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result<WorkerHandle> {
-    let (mut state, listeners, relays, routes) = match start {
+    let (mut state, listeners, stream_listeners, relays, routes) = match start {
         Start::Fresh => {
             let mut listeners = Vec::with_capacity(cfg.listen.len());
             for addr in &cfg.listen {
                 let socket = bind_listener(*addr).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
                 listeners.push(Listener { socket, addr: *addr });
             }
-            (new_state(&cfg), listeners, Vec::new(), None)
+            (new_state(&cfg), listeners, bind_stream_listeners(&cfg)?, Vec::new(), None)
         }
         Start::Resume(f) => {
             let f = *f;
-            (f.state, f.listeners, f.relays, f.routes)
+            (f.state, f.listeners, f.stream_listeners, f.relays, f.routes)
         }
     };
     // A resumed worker of this process keeps its routes; a fresh or adopted one starts its own.
@@ -275,7 +301,18 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result
                 tracing::warn!(worker = index, core = core.id, "could not pin worker to core");
             }
         }
-        let mut core = WorkerCore::new(index, state, listeners, relays, rx, events, cfg.metrics.clone());
+        let streams = Streams::new(cfg.stream_limits.clone(), cfg.tls.clone(), cfg.connections.clone());
+        let mut core = WorkerCore::new(
+            index,
+            state,
+            listeners,
+            stream_listeners,
+            streams,
+            relays,
+            rx,
+            events,
+            cfg.metrics.clone(),
+        );
         core.routes = routes;
         let stop = Stop { shutdown: &s, freeze: &f };
         let result = match cfg.backend {
@@ -295,8 +332,8 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result
                 }
                 let counters = *core.state.counters();
                 let frozen = f.load(Ordering::Relaxed).then(|| {
-                    let WorkerCore { state, listeners, relays, routes, .. } = core;
-                    FrozenWorker { state, listeners, relays, routes }
+                    let WorkerCore { state, listeners, stream_listeners, relays, routes, .. } = core;
+                    FrozenWorker { state, listeners, stream_listeners, relays, routes }
                 });
                 WorkerExit { counters, frozen }
             }

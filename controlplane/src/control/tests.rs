@@ -38,7 +38,7 @@ fn credentials() -> Credentials {
 }
 
 fn ft(port: u16) -> FiveTuple {
-    FiveTuple { client: SocketAddr::from(([127, 0, 0, 1], port)), server: "127.0.0.1:3478".parse().unwrap() }
+    FiveTuple::udp(SocketAddr::from(([127, 0, 0, 1], port)), "127.0.0.1:3478".parse().unwrap())
 }
 
 struct H {

@@ -18,4 +18,4 @@ pub mod response;
 pub mod timer;
 pub mod wire;
 
-pub use relay::{FiveTuple, WorkerState};
+pub use relay::{FiveTuple, ListenAddr, Transport, WorkerState};

@@ -181,7 +181,7 @@ fn reencodes_identically(bytes: &[u8]) {
 }
 
 fn drive(state: &mut WorkerState, now: Instant, datagram: &[u8]) {
-    let ft = FiveTuple { client: "127.0.0.1:5000".parse().unwrap(), server: "127.0.0.1:3478".parse().unwrap() };
+    let ft = FiveTuple::udp("127.0.0.1:5000".parse().unwrap(), "127.0.0.1:3478".parse().unwrap());
     let mut out = vec![0u8; 1500];
     let _ = state.handle_client_datagram(now, &ft, datagram, &mut out);
     reframes_identically(datagram);
@@ -201,7 +201,7 @@ fn reframes_identically(datagram: &[u8]) {
 
 fn state_with_allocation(now: Instant) -> (WorkerState, uturn_proto::relay::AllocationId) {
     let mut s = WorkerState::new(RelayConfig::default(), now, 1);
-    let ft = FiveTuple { client: "127.0.0.1:5000".parse().unwrap(), server: "127.0.0.1:3478".parse().unwrap() };
+    let ft = FiveTuple::udp("127.0.0.1:5000".parse().unwrap(), "127.0.0.1:3478".parse().unwrap());
     let mut out = vec![0u8; 1500];
     let install = Install {
         five_tuple: ft,

@@ -151,6 +151,14 @@ impl WorkerState {
         None
     }
 
+    /// Ends the allocation on `ft`, if any, because its client's TCP or TLS connection closed
+    /// (RFC 8656 §3.1: an allocation over a stream lives no longer than its connection). Returns
+    /// its end for the shell to report; the connection's next allocation is a new one.
+    pub fn end_connection(&mut self, ft: &FiveTuple) -> Option<Ended> {
+        let id = self.tables.lookup(ft)?;
+        self.end(id, EndReason::ConnectionClosed)
+    }
+
     /// Ends allocation `id` because its lifetime ran out; reported by the next
     /// [`handle_timeout`](Self::handle_timeout).
     fn reap(&mut self, id: AllocationId, reason: EndReason) {

@@ -8,6 +8,7 @@
 
 mod apply;
 mod command;
+mod five_tuple;
 mod offload;
 mod session;
 mod tables;
@@ -17,6 +18,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 pub use command::{Command, Effect, Install};
+pub use five_tuple::{FiveTuple, ListenAddr, Transport};
 pub use offload::{ChannelRoute, OffloadEvent};
 pub use session::{AllocationSnapshot, ImportError, SessionInfo, Traffic};
 pub use tables::{Allocation, ChannelBinding, Tables};
@@ -28,16 +30,6 @@ use crate::timer::TimerWheel;
 use crate::wire::{
     self, address, attr, channel_data, ChannelData, ChannelNumber, Class, DatagramKind, Message, Method, TransactionId,
 };
-
-/// A client's 5-tuple on UDP (RFC 8656 §2): its address and the server address it sent to.
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FiveTuple {
-    /// The client's transport address (as the server sees it, after any NAT).
-    pub client: SocketAddr,
-    /// The server transport address the client sends to.
-    pub server: SocketAddr,
-}
 
 /// An allocation's slot in its worker's slab plus a generation, so an id that outlives its
 /// allocation never names the slot's next tenant.
@@ -84,6 +76,8 @@ pub enum EndReason {
     Revoked,
     /// The relay stopped.
     Shutdown,
+    /// The client's TCP or TLS connection closed (RFC 8656 §3.1).
+    ConnectionClosed,
 }
 
 impl EndReason {
@@ -94,6 +88,7 @@ impl EndReason {
             EndReason::Deleted => "deleted",
             EndReason::Revoked => "revoked",
             EndReason::Shutdown => "shutdown",
+            EndReason::ConnectionClosed => "connection closed",
         }
     }
 }

@@ -20,7 +20,7 @@ use hashbrown::HashMap;
 
 use crate::wire::ChannelNumber;
 
-use super::{AllocationId, Traffic, WorkerState};
+use super::{AllocationId, FiveTuple, Traffic, Transport, WorkerState};
 
 /// One channel binding as the fast path relays it, both ways: ChannelData on `channel` from
 /// `client` to `server` goes out from `relayed` to `peer`; a datagram from `peer` to `relayed`
@@ -94,8 +94,12 @@ impl Offload {
 
 /// True when the fast path can carry a route between these addresses: one family throughout
 /// (IPv4, or IPv6 per RFC 6156; it does not translate between them), and a concrete server
-/// address to send from.
-fn carried(client: SocketAddr, server: SocketAddr, relayed: SocketAddr, peer: SocketAddr) -> bool {
+/// address to send from. Only UDP 5-tuples: the program sees single datagrams, not TCP streams.
+fn carried(ft: &FiveTuple, relayed: SocketAddr, peer: SocketAddr) -> bool {
+    let (client, server) = (ft.client, ft.server);
+    if ft.transport != Transport::Udp {
+        return false;
+    }
     let v4 = client.is_ipv4();
     [server, relayed, peer].iter().all(|a| a.is_ipv4() == v4) && !server.ip().is_unspecified()
 }
@@ -157,7 +161,7 @@ impl WorkerState {
             for ch in &a.channels {
                 let Some(b) = t.channels.get(&(index, *ch)) else { continue };
                 let Some(&perm) = t.permissions.get(&(index, b.peer.ip())) else { continue };
-                if !carried(a.five_tuple.client, a.five_tuple.server, a.relayed, b.peer) {
+                if !carried(&a.five_tuple, a.relayed, b.peer) {
                     continue;
                 }
                 let expires = a.expires.min(b.expires).min(perm);

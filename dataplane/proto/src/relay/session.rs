@@ -242,7 +242,7 @@ mod tests {
         let mut w = WorkerState::new(RelayConfig::default(), now, 1);
         assert!(w.export(now).is_empty());
         let s = AllocationSnapshot {
-            five_tuple: FiveTuple { client: "127.0.0.1:1".parse().unwrap(), server: "127.0.0.1:2".parse().unwrap() },
+            five_tuple: FiveTuple::udp("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()),
             relayed: "127.0.0.1:3".parse().unwrap(),
             lifetime_left_ms: 0,
             alloc_tid: TransactionId([1; 12]),

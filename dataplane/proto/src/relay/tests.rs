@@ -7,7 +7,7 @@ use crate::wire::{IntegrityKey, MessageWriter};
 const KEY: IntegrityKey = IntegrityKey::from_md5([7; 16]);
 
 fn ft() -> FiveTuple {
-    FiveTuple { client: "192.0.2.10:5000".parse().unwrap(), server: "198.51.100.1:3478".parse().unwrap() }
+    FiveTuple::udp("192.0.2.10:5000".parse().unwrap(), "198.51.100.1:3478".parse().unwrap())
 }
 fn peer() -> SocketAddr {
     "203.0.113.5:6000".parse().unwrap()
@@ -368,7 +368,7 @@ fn requests_verified_with_the_allocations_key_skip_the_budget() {
     assert_eq!(h.state.counters().requests_verified, 3);
     // The same requests under another key, or from another 5-tuple, are not verified.
     assert_eq!(h.client(0, &signed(Method::REFRESH, tid(4), &IntegrityKey::from_md5([1; 16]))), ClientOutput::Drop);
-    let other = FiveTuple { client: "192.0.2.10:5001".parse().unwrap(), server: ft().server };
+    let other = FiveTuple::udp("192.0.2.10:5001".parse().unwrap(), ft().server);
     let r = h.state.handle_client_datagram(t0, &other, &signed(Method::REFRESH, tid(4), &KEY), &mut h.out);
     assert_eq!(r, ClientOutput::Drop, "same source IP, no allocation: on the spent budget");
 }

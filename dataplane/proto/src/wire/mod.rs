@@ -8,6 +8,7 @@ pub mod attr;
 pub mod channel_data;
 pub mod integrity;
 pub mod message;
+pub mod stream;
 pub mod writer;
 
 pub use address::{decode_xor_address, AddressError};

@@ -29,10 +29,15 @@ use tracing::warn;
 use uturn_proto::relay::{AllocationId, PEER_HEADROOM, PEER_TAILROOM};
 
 use crate::bufring::BufRing;
-use crate::core::{ClientVerdict, Io, WorkerCore};
-use crate::gso::{Run, Segment};
-use crate::sys::{sockaddr_from_bytes, RawSockAddr, Waker};
+use crate::core::{ClientVerdict, Io, PeerVerdict, WorkerCore};
+use crate::gso::Run;
+use crate::stream::ConnId;
+use crate::sys::{sockaddr_from_bytes, Waker};
 use crate::worker::Stop;
+
+pub use probe::probe;
+use send::SendSlot;
+use stream::StreamSend;
 
 /// Provided buffers per worker (a power of two).
 const BUF_COUNT: u16 = 4096;
@@ -54,11 +59,6 @@ const SQ_ENTRIES: u32 = 4096;
 const FIXED_RELAYS: u32 = 65_536;
 /// Longest a frozen worker waits for its receives' cancellations and its sends.
 const QUIESCE_LIMIT: Duration = Duration::from_secs(2);
-
-/// `UDP_SEGMENT` (linux/udp.h): the cmsg type that sets the GSO segment size.
-const UDP_SEGMENT: libc::c_int = 103;
-/// Control buffer for one `UDP_SEGMENT` cmsg, as u64s for alignment (CMSG_SPACE(2) = 24 bytes).
-const GSO_CMSG_WORDS: usize = 3;
 
 /// How an operation names its socket: a registered-file slot, or a plain fd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,12 +83,19 @@ macro_rules! with_file {
     };
 }
 
+mod probe;
+mod send;
+mod stream;
+
 const KIND_SHIFT: u32 = 60;
 const KIND_LISTENER: u64 = 1;
 const KIND_RELAY: u64 = 2;
 const KIND_SEND: u64 = 3;
 const KIND_WAKER: u64 = 4;
 const KIND_CANCEL: u64 = 5;
+const KIND_ACCEPT: u64 = 6;
+const KIND_STREAM_RECV: u64 = 7;
+const KIND_STREAM_SEND: u64 = 8;
 const GEN_MASK: u32 = 0x0FFF_FFFF;
 
 fn tag(kind: u64, low: u64) -> u64 {
@@ -96,70 +103,6 @@ fn tag(kind: u64, low: u64) -> u64 {
 }
 fn relay_tag(id: AllocationId) -> u64 {
     tag(KIND_RELAY, ((id.generation & GEN_MASK) as u64) << 32 | id.index as u64)
-}
-
-/// Checks that this kernel and process can run the io_uring backend: a ring can be created
-/// (seccomp may forbid it), a provided-buffer ring registers (5.19+), and a multishot RecvMsg
-/// (6.0+) really delivers a datagram sent to a loopback socket.
-pub fn probe() -> Result<(), String> {
-    let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup: {e}"))?;
-    let mut p = io_uring::Probe::new();
-    ring.submitter().register_probe(&mut p).map_err(|e| format!("io_uring probe: {e}"))?;
-    for (op, name) in
-        [(opcode::RecvMsg::CODE, "RecvMsg"), (opcode::Send::CODE, "Send"), (opcode::AsyncCancel::CODE, "AsyncCancel")]
-    {
-        if !p.is_supported(op) {
-            return Err(format!("io_uring opcode {name} unsupported"));
-        }
-    }
-    let bufs = BufRing::new(&ring, 8, 256, 1).map_err(|e| format!("provided-buffer ring: {e} (needs Linux 5.19+)"));
-    let result = bufs.and_then(|_bufs| probe_multishot(ring));
-    result
-}
-
-/// Arms a multishot RecvMsg on a loopback socket, sends it one datagram and waits (at most 1 s)
-/// for the completion. Consumes the ring so it is gone before the caller frees the buffers.
-fn probe_multishot(mut ring: IoUring) -> Result<(), String> {
-    let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("probe socket: {e}"))?;
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_namelen = NAME_LEN as libc::socklen_t;
-    let sqe = opcode::RecvMsgMulti::new(Fd(sock.as_raw_fd()), &hdr as *const _, 1).build().user_data(1);
-    // SAFETY: `hdr` and the buffer group outlive the operation: the ring is dropped at the end
-    // of this function, before `hdr`, and the caller keeps the buffers alive past that.
-    unsafe { ring.submission().push(&sqe) }.map_err(|_| "probe: SQ full".to_string())?;
-    ring.submit().map_err(|e| format!("probe submit: {e}"))?;
-    sock.send_to(b"uturn io_uring probe", sock.local_addr().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    let ts = Timespec::from(Duration::from_secs(1));
-    let args = SubmitArgs::new().timespec(&ts);
-    let _ = ring.submitter().submit_with_args(1, &args);
-    let cqe = ring.completion().next().ok_or("multishot RecvMsg gave no completion (needs Linux 6.0+)")?;
-    if cqe.result() < 0 {
-        return Err(format!("multishot RecvMsg failed: {}", io::Error::from_raw_os_error(-cqe.result())));
-    }
-    if cqueue::buffer_select(cqe.flags()).is_none() {
-        return Err("multishot RecvMsg did not select a provided buffer".into());
-    }
-    drop(ring);
-    Ok(())
-}
-
-/// One in-flight send: its destination address (and, for a GSO send, its msghdr, iovecs and
-/// control message) must stay put until the completion.
-struct SendSlot {
-    addr: RawSockAddr,
-    /// GSO sends only: the header, one iovec per segment, the `UDP_SEGMENT` cmsg, and the
-    /// provided buffers to recycle on completion.
-    hdr: libc::msghdr,
-    iovs: Vec<libc::iovec>,
-    cmsg: [u64; GSO_CMSG_WORDS],
-    bids: Vec<u16>,
-    /// GSO sends only: the socket and destination, to resend one by one if GSO is refused.
-    gso_dest: Option<(FileRef, SocketAddr)>,
-    /// Provided buffer to recycle when the send completes.
-    bid: Option<u16>,
-    /// Storage for replies (copied, they are small and rare).
-    owned: Vec<u8>,
 }
 
 struct UringIo {
@@ -207,6 +150,10 @@ struct UringIo {
     armed: hashbrown::HashSet<u64>,
     /// Set by a freeze: ended receives are not armed again.
     freezing: bool,
+    /// TCP listener `i`'s descriptor (its accepts name it by fd).
+    stream_listener_fds: Vec<RawFd>,
+    /// The send in flight per connection slot (after `ring`: dropped once the ring is gone).
+    stream_sends: Vec<StreamSend>,
 }
 
 impl UringIo {
@@ -300,137 +247,6 @@ impl UringIo {
             self.push_or_retry(sqe);
         }
     }
-
-    /// Queues a send of `len` bytes at `data` to `to` from `file`, after any waiting GSO run
-    /// (so datagrams leave in the order they were relayed). `bid`, if any, is recycled when the
-    /// send completes; `data` must point into that buffer or is copied into the slot's
-    /// `owned`. Returns false (and sends nothing) when no slot is free.
-    fn send(
-        &mut self,
-        file: FileRef,
-        to: SocketAddr,
-        data: Result<*const u8, &[u8]>,
-        len: usize,
-        bid: Option<u16>,
-    ) -> bool {
-        self.flush_run();
-        self.send_now(file, to, data, len, bid)
-    }
-
-    /// Relays the datagram at `data` (`len` bytes in provided buffer `bid`) to `to` from
-    /// `file`: it joins the waiting GSO run when it can, or starts one. The buffer is always
-    /// taken care of (recycled on completion or on failure).
-    fn relay(&mut self, file: FileRef, to: SocketAddr, data: *const u8, len: usize, bid: u16) {
-        if !self.gso || !self.run.accepts(file, to, len) {
-            self.flush_run();
-        }
-        if self.gso && self.run.accepts(file, to, len) {
-            self.run.push(file, to, Segment { data, len, bid });
-        } else if !self.send_now(file, to, Ok(data), len, Some(bid)) {
-            self.bufs.recycle(bid);
-        }
-    }
-
-    /// Sends the waiting run: a single datagram as a plain send, more as one GSO `SendMsg`.
-    fn flush_run(&mut self) {
-        let Some((file, to, seg)) = self.run.key() else { return };
-        if let [one] = self.run.segments() {
-            let one = *one;
-            self.run.clear();
-            if !self.send_now(file, to, Ok(one.data), one.len, Some(one.bid)) {
-                self.bufs.recycle(one.bid);
-            }
-            return;
-        }
-        let Some(i) = self.free_slots.pop() else {
-            self.send_slots_exhausted += self.run.segments().len() as u64;
-            for s in self.run.segments() {
-                self.bufs.recycle(s.bid);
-            }
-            self.run.clear();
-            return;
-        };
-        let slot = &mut self.slots[i as usize];
-        slot.bid = None;
-        slot.bids.clear();
-        slot.iovs.clear();
-        for s in self.run.segments() {
-            slot.bids.push(s.bid);
-            slot.iovs.push(libc::iovec { iov_base: s.data as *mut libc::c_void, iov_len: s.len });
-        }
-        let segments = self.run.segments().len() as u64;
-        self.run.clear();
-        slot.gso_dest = Some((file, to));
-        let addr_len = slot.addr.set(&to);
-        slot.hdr.msg_name = slot.addr.as_ptr();
-        slot.hdr.msg_namelen = addr_len;
-        slot.hdr.msg_iov = slot.iovs.as_mut_ptr();
-        slot.hdr.msg_iovlen = slot.iovs.len() as _;
-        slot.hdr.msg_control = slot.cmsg.as_mut_ptr().cast();
-        // SAFETY: CMSG_SPACE only computes a size.
-        slot.hdr.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as _;
-        // SAFETY: msg_control points at the slot's `cmsg`, 24 bytes, 8-aligned, which holds
-        // CMSG_SPACE(2) bytes, so the first header and its 2 data bytes lie inside it.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&slot.hdr);
-            (*c).cmsg_level = libc::SOL_UDP;
-            (*c).cmsg_type = UDP_SEGMENT;
-            (*c).cmsg_len = libc::CMSG_LEN(2) as _;
-            libc::CMSG_DATA(c).cast::<u16>().write_unaligned(seg as u16);
-        }
-        let hdr = &slot.hdr as *const libc::msghdr;
-        let sqe = with_file!(file, |t| opcode::SendMsg::new(t, hdr).build().user_data(tag(KIND_SEND, i as u64)));
-        if self.push(&sqe) {
-            self.gso_sends += 1;
-            self.gso_segments += segments;
-        } else {
-            let slot = &mut self.slots[i as usize];
-            for &bid in &slot.bids {
-                self.bufs.recycle(bid);
-            }
-            slot.bids.clear();
-            self.free_slots.push(i);
-        }
-    }
-
-    /// Queues one send now (see [`send`](Self::send), which flushes the GSO run first).
-    fn send_now(
-        &mut self,
-        file: FileRef,
-        to: SocketAddr,
-        data: Result<*const u8, &[u8]>,
-        len: usize,
-        bid: Option<u16>,
-    ) -> bool {
-        let Some(i) = self.free_slots.pop() else {
-            self.send_slots_exhausted += 1;
-            return false;
-        };
-        let slot = &mut self.slots[i as usize];
-        let base = match data {
-            Ok(p) => p,
-            Err(bytes) => {
-                slot.owned.clear();
-                slot.owned.extend_from_slice(bytes);
-                slot.owned.as_ptr()
-            }
-        };
-        slot.bid = bid;
-        let addr_len = slot.addr.set(&to);
-        let addr = slot.addr.as_ptr().cast::<libc::sockaddr>().cast_const();
-        let sqe = with_file!(file, |t| opcode::Send::new(t, base, len as u32)
-            .dest_addr(addr)
-            .dest_addr_len(addr_len)
-            .build()
-            .user_data(tag(KIND_SEND, i as u64)));
-        if !self.push(&sqe) {
-            // Not queued: the slot is free again and the caller recycles the buffer.
-            self.slots[i as usize].bid = None;
-            self.free_slots.push(i);
-            return false;
-        }
-        true
-    }
 }
 
 impl Io for UringIo {
@@ -476,6 +292,14 @@ impl Io for UringIo {
         let file = self.listener_files[listener];
         self.send(file, to, Err(bytes), bytes.len(), None);
     }
+    fn send_to_peer(&mut self, id: AllocationId, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]) {
+        let file = self.relay_file(id.index, socket.as_raw_fd());
+        self.send(file, peer, Err(bytes), bytes.len(), None);
+    }
+    fn close_stream(&mut self, _id: ConnId, _socket: &std::net::TcpStream) {
+        // The shutdown that follows ends the connection's receive and send; their completions
+        // find the slot's generation moved on.
+    }
 }
 
 fn new_ring() -> io::Result<IoUring> {
@@ -517,19 +341,7 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
     let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
     recv_hdr.msg_namelen = NAME_LEN as libc::socklen_t;
     recv_hdr.msg_controllen = 0;
-    let slots: Box<[SendSlot]> = (0..SEND_SLOTS)
-        .map(|_| SendSlot {
-            addr: RawSockAddr::zeroed(),
-            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-            hdr: unsafe { std::mem::zeroed() },
-            iovs: Vec::new(),
-            cmsg: [0; GSO_CMSG_WORDS],
-            bids: Vec::new(),
-            gso_dest: None,
-            bid: None,
-            owned: Vec::new(),
-        })
-        .collect();
+    let slots: Box<[SendSlot]> = (0..SEND_SLOTS).map(|_| SendSlot::new()).collect();
     let mut io = UringIo {
         ring,
         bufs,
@@ -556,7 +368,12 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
         gso_segments: 0,
         armed: hashbrown::HashSet::new(),
         freezing: false,
+        stream_listener_fds: core.stream_listeners.iter().map(|l| l.socket.as_raw_fd()).collect(),
+        stream_sends: Vec::new(),
     };
+    for i in 0..io.stream_listener_fds.len() {
+        io.arm_accept(i);
+    }
     for i in 0..io.listener_files.len() {
         io.arm_recv(io.listener_files[i], tag(KIND_LISTENER, i as u64));
     }
@@ -590,7 +407,10 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
         io.flush_run();
         core.drain_commands(now, &mut io);
         core.expire(now, &mut io);
+        stream::flush_streams(&mut core, &mut io);
     }
+    // Connections do not survive a freeze: their allocations end with them.
+    core.close_connections(Instant::now(), &mut io);
     if stop.freezing() {
         quiesce(&mut core, &mut io, waker);
     } else {
@@ -649,7 +469,8 @@ fn quiesce(core: &mut WorkerCore, io: &mut UringIo, waker: &Waker) {
     loop {
         io.flush_run();
         io.retry_pending();
-        if io.armed.is_empty() && io.free_slots.len() == SEND_SLOTS && io.pending.is_empty() {
+        if io.armed.is_empty() && io.free_slots.len() == SEND_SLOTS && io.pending.is_empty() && !io.stream_sends_busy()
+        {
             break;
         }
         if Instant::now() >= deadline {
@@ -766,6 +587,11 @@ fn dispatch(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res:
             }
         }
         KIND_WAKER => io.arm_waker(waker.raw_fd()),
+        KIND_ACCEPT => stream::on_accept(core, io, now, ud, res, cqueue::more(flags)),
+        KIND_STREAM_RECV => {
+            stream::on_recv(core, io, now, ud, low, res, cqueue::more(flags), cqueue::buffer_select(flags))
+        }
+        KIND_STREAM_SEND => stream::on_send(core, io, now, low, res),
         _ => {}
     }
 }
@@ -827,12 +653,12 @@ fn on_relay(core: &mut WorkerCore, io: &mut UringIo, now: Instant, index: usize,
     }
     let base = buf.as_ptr();
     match core.on_peer(now, index, peer, buf, PAYLOAD_AT..PAYLOAD_AT + n) {
-        Some((listener, client, msg)) => {
+        PeerVerdict::Datagram { listener, client, message } => {
             let file = io.listener_files[listener];
-            // SAFETY: `msg` lies within buffer `bid` (it was framed in place there).
-            let data = unsafe { base.add(msg.start) };
-            io.relay(file, client, data, msg.len(), bid);
+            // SAFETY: `message` lies within buffer `bid` (it was framed in place there).
+            let data = unsafe { base.add(message.start) };
+            io.relay(file, client, data, message.len(), bid);
         }
-        None => io.bufs.recycle(bid),
+        PeerVerdict::Queued | PeerVerdict::Drop => io.bufs.recycle(bid),
     }
 }

@@ -1,0 +1,246 @@
+//! One client connection (TURN over TCP or TLS): its socket, its TLS state, the bytes received
+//! and not yet framed, and the bytes waiting to be written (bounded).
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::Instant;
+
+use uturn_proto::wire::stream::{self, Frame};
+use uturn_proto::FiveTuple;
+
+/// Why a connection was closed (counted per reason, named in logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// The client closed it (EOF) or the socket failed.
+    Peer,
+    /// Bytes that are neither STUN nor ChannelData (the framing is lost, RFC 8656 §12.5).
+    BadFraming,
+    /// The TLS layer failed (bad record, handshake failure, ALPN mismatch).
+    Tls,
+    /// The TLS handshake did not finish in time.
+    HandshakeTimeout,
+    /// A message began and did not complete in time (slowloris).
+    FrameTimeout,
+    /// No allocation and nothing received for the idle timeout.
+    Idle,
+    /// Bytes waited to be written and none were for the stall timeout (a stalled reader).
+    Stalled,
+    /// The relay is stopping.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Lower-case name, as logs and metrics spell it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            CloseReason::Peer => "peer",
+            CloseReason::BadFraming => "bad_framing",
+            CloseReason::Tls => "tls",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::FrameTimeout => "frame_timeout",
+            CloseReason::Idle => "idle",
+            CloseReason::Stalled => "stalled",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A connection's state apart from its I/O.
+pub(crate) struct Connection {
+    pub(crate) socket: TcpStream,
+    pub(crate) five_tuple: FiveTuple,
+    pub(crate) generation: u32,
+    tls: Option<Box<rustls::ServerConnection>>,
+    /// Received plaintext not yet taken as whole messages.
+    pub(crate) inbuf: Vec<u8>,
+    /// Bytes (TLS records over TLS) waiting to be handed to the kernel.
+    pub(crate) out: Vec<u8>,
+    /// Bytes the backend handed to the kernel and has not seen written yet.
+    pub(crate) in_flight: usize,
+    /// Queued for a flush by the backend.
+    pub(crate) dirty: bool,
+    pub(crate) opened: Instant,
+    /// When the last whole message arrived (or the connection opened).
+    pub(crate) last_message: Instant,
+    /// When the first byte of the incomplete message in `inbuf` arrived.
+    pub(crate) partial_since: Option<Instant>,
+    /// When bytes were last written, or the queue was last empty.
+    pub(crate) last_progress: Instant,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        socket: TcpStream,
+        five_tuple: FiveTuple,
+        generation: u32,
+        tls: Option<rustls::ServerConnection>,
+        now: Instant,
+    ) -> Self {
+        Connection {
+            socket,
+            five_tuple,
+            generation,
+            tls: tls.map(Box::new),
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            in_flight: 0,
+            dirty: false,
+            opened: now,
+            last_message: now,
+            partial_since: None,
+            last_progress: now,
+        }
+    }
+
+    /// True while a TLS handshake is in progress.
+    pub(crate) fn handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
+    }
+
+    /// True over TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Bytes queued or in flight, bytes.
+    pub(crate) fn queued(&self) -> usize {
+        self.out.len() + self.in_flight
+    }
+
+    /// Feeds received TLS records; the plaintext goes to `inbuf` (at most `max_inbuf` bytes in
+    /// all, or the framing is taken as lost). Whatever the TLS layer must answer (handshake,
+    /// alerts) goes to `out`.
+    pub(crate) fn receive_tls(&mut self, mut records: &[u8], max_inbuf: usize) -> Result<(), CloseReason> {
+        let Some(tls) = self.tls.as_mut() else { return Ok(()) };
+        while !records.is_empty() {
+            match tls.read_tls(&mut records) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => return Err(CloseReason::Tls),
+            }
+            let state = match tls.process_new_packets() {
+                Ok(s) => s,
+                Err(_) => {
+                    // Send the alert rustls prepared, then close.
+                    let _ = tls.write_tls(&mut self.out);
+                    return Err(CloseReason::Tls);
+                }
+            };
+            let mut want = state.plaintext_bytes_to_read();
+            while want > 0 {
+                if self.inbuf.len() + want > max_inbuf {
+                    return Err(CloseReason::BadFraming);
+                }
+                let start = self.inbuf.len();
+                self.inbuf.resize(start + want, 0);
+                match tls.reader().read(&mut self.inbuf[start..]) {
+                    Ok(n) => {
+                        self.inbuf.truncate(start + n);
+                        want -= n.min(want);
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.inbuf.truncate(start);
+                        break;
+                    }
+                    Err(_) => {
+                        self.inbuf.truncate(start);
+                        return Err(CloseReason::Peer);
+                    }
+                }
+            }
+            if state.peer_has_closed() {
+                return Err(CloseReason::Peer);
+            }
+        }
+        self.pull_tls_output();
+        Ok(())
+    }
+
+    /// Moves what the TLS layer wants to send into `out`.
+    fn pull_tls_output(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            while tls.wants_write() {
+                if tls.write_tls(&mut self.out).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Queues one message (already padded as the stream needs) for the client, encrypting it
+    /// over TLS. False (nothing queued) when it would take the queue past `limit` bytes, or
+    /// while the TLS handshake is not done.
+    pub(crate) fn queue(&mut self, message: &[u8], limit: usize) -> bool {
+        if self.queued() + message.len() > limit {
+            return false;
+        }
+        if self.queued() == 0 {
+            // The stall clock starts when bytes begin to wait.
+            self.last_progress = Instant::now();
+        }
+        match self.tls.as_mut() {
+            None => self.out.extend_from_slice(message),
+            Some(tls) => {
+                if tls.is_handshaking() || tls.writer().write_all(message).is_err() {
+                    return false;
+                }
+                self.pull_tls_output();
+            }
+        }
+        true
+    }
+
+    /// Asks TLS for a close_notify (sent with the next flush).
+    pub(crate) fn send_close_notify(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.send_close_notify();
+        }
+        self.pull_tls_output();
+    }
+
+    /// The backend wrote `n` bytes that were in flight.
+    pub(crate) fn written(&mut self, n: usize, now: Instant) {
+        self.in_flight = self.in_flight.saturating_sub(n);
+        self.last_progress = now;
+    }
+
+    /// Takes the next whole message off `buf[*at..]`: its range, advancing `at` past its
+    /// padding. `Ok(None)` when the rest is incomplete.
+    pub(crate) fn next_message(buf: &[u8], at: &mut usize) -> Result<Option<std::ops::Range<usize>>, CloseReason> {
+        match stream::next_frame(&buf[*at..]) {
+            Frame::Complete { message, consumed } => {
+                let r = *at..*at + message;
+                *at += consumed;
+                Ok(Some(r))
+            }
+            Frame::Incomplete { .. } => Ok(None),
+            Frame::Invalid => Err(CloseReason::BadFraming),
+        }
+    }
+
+    /// Writes `out` to the socket until it would block (the epoll backend): Ok(true) when
+    /// everything was written.
+    pub(crate) fn write_out(&mut self, now: Instant) -> io::Result<bool> {
+        let mut done = 0;
+        let result = loop {
+            if done == self.out.len() {
+                break Ok(true);
+            }
+            match self.socket.write(&self.out[done..]) {
+                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    done += n;
+                    self.last_progress = now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(e),
+            }
+        };
+        self.out.drain(..done);
+        result
+    }
+}
