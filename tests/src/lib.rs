@@ -46,6 +46,10 @@ pub struct Relay {
     child: Child,
     /// The UDP listen address.
     pub addr: SocketAddr,
+    /// The TCP listen address (same port as UDP), when started with [`Relay::start_streams`].
+    pub tcp: Option<SocketAddr>,
+    /// The TLS listen address, when started with [`Relay::start_streams`].
+    pub tls: Option<SocketAddr>,
     _config: Option<tempfile_lite::TempFile>,
     stderr_log: PathBuf,
 }
@@ -88,18 +92,44 @@ impl Relay {
 
     /// [`start`](Self::start) with extra environment variables.
     pub fn start_with_env(backend: &str, config: &str, args: &[&str], env: &[(&str, &str)]) -> Relay {
-        Self::start_bin(&uturn_bin(), backend, config, args, env)
+        Self::start_bin(&uturn_bin(), backend, config, args, env, None)
     }
 
     /// [`start`](Self::start) running the binary at `bin` (a copy a test may replace).
     pub fn start_from(bin: &std::path::Path, backend: &str, config: &str, args: &[&str]) -> Relay {
-        Self::start_bin(bin, backend, config, args, &[])
+        Self::start_bin(bin, backend, config, args, &[], None)
     }
 
-    fn start_bin(bin: &std::path::Path, backend: &str, config: &str, args: &[&str], env: &[(&str, &str)]) -> Relay {
+    /// [`start`](Self::start), also listening on `tcp://` at the UDP port and on `tls://` at
+    /// another port with `tls`'s certificate (TURN over TCP and TLS).
+    pub fn start_streams(backend: &str, config: &str, args: &[&str], tls: &TlsFiles) -> Relay {
+        Self::start_bin(&uturn_bin(), backend, config, args, &[], Some(tls))
+    }
+
+    fn start_bin(
+        bin: &std::path::Path,
+        backend: &str,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        tls: Option<&TlsFiles>,
+    ) -> Relay {
         for _attempt in 0..5 {
             let port = free_udp_port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let (tcp, tls_addr) = match tls {
+                Some(_) => {
+                    let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+                    (Some(SocketAddr::from(([127, 0, 0, 1], port))), Some(t))
+                }
+                None => (None, None),
+            };
+            let mut stream_args: Vec<String> = Vec::new();
+            if let (Some(tcp), Some(t), Some(files)) = (tcp, tls_addr, tls) {
+                stream_args.extend(["--listen".into(), format!("tcp://{tcp}"), "--listen".into(), format!("tls://{t}")]);
+                stream_args.extend(["--tls-cert".into(), files.cert.display().to_string()]);
+                stream_args.extend(["--tls-key".into(), files.key.display().to_string()]);
+            }
             let lo = 49152 + (rand::random::<u16>() % 15000);
             let range = format!("{lo}-{}", lo + 399);
             // A config file that sets the port range keeps it (flags would override it).
@@ -110,6 +140,7 @@ impl Relay {
             let log = std::fs::File::create(&stderr_log).unwrap();
             let child = Command::new(bin)
                 .args(["--listen", &addr.to_string(), "--workers", "2", "--io-backend", backend])
+                .args(&stream_args)
                 .args(range_args)
                 .args(["--log-level", "debug"])
                 .arg("--config")
@@ -121,7 +152,7 @@ impl Relay {
                 .stderr(log)
                 .spawn()
                 .expect("spawn uturn");
-            let mut relay = Relay { child, addr, _config: Some(cfg), stderr_log };
+            let mut relay = Relay { child, addr, tcp, tls: tls_addr, _config: Some(cfg), stderr_log };
             if relay.wait_ready(Duration::from_secs(10)) {
                 return relay;
             }
@@ -211,6 +242,59 @@ impl Drop for Relay {
             eprintln!("--- uturn log ---\n{}", self.log());
         }
         let _ = std::fs::remove_file(&self.stderr_log);
+    }
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1 (ECDSA P-256) and its key, made with
+/// `openssl` at test time in a fresh temp directory, removed on drop.
+pub struct TlsFiles {
+    dir: PathBuf,
+    /// The PEM certificate.
+    pub cert: PathBuf,
+    /// The PEM private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Generates them (panics when `openssl` is missing: scripts/test.sh installs it).
+    pub fn generate() -> TlsFiles {
+        let dir = std::env::temp_dir().join(format!("uturn-test-tls-{}-{}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = TlsFiles { cert: dir.join("cert.pem"), key: dir.join("key.pem"), dir };
+        files.regenerate();
+        files
+    }
+
+    /// Replaces the certificate and key with fresh ones (same paths).
+    pub fn regenerate(&self) {
+        let st = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&self.key)
+            .arg("-out")
+            .arg(&self.cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (Debian package openssl) must be installed");
+        assert!(st.success(), "openssl req failed");
+    }
+
+    /// The certificate's SHA-256 fingerprint as `openssl x509 -fingerprint` prints it.
+    pub fn fingerprint(&self) -> String {
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+            .arg(&self.cert)
+            .output()
+            .expect("openssl");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,11 +1,12 @@
 //! coturn's `turnutils_uclient` against the started uturn binary: channel mode, Send-indication
-//! mode (`-s`), client-to-client (`-y`) and several clients (`-m`), on both I/O backends, with
-//! every message received.
+//! mode (`-s`), client-to-client (`-y`) and several clients (`-m`), over UDP, TCP (`-t`) and TLS
+//! (`-t -S`, a certificate generated at test time), on both I/O backends, with every message
+//! received.
 
 use std::process::Command;
 use std::time::Duration;
 
-use uturn_tests::{free_udp_port, run_with_timeout, Guard, Relay};
+use uturn_tests::{free_udp_port, run_with_timeout, Guard, Relay, TlsFiles};
 
 /// The last "tot_send_msgs=X, tot_recv_msgs=Y" uclient printed.
 fn totals(out: &str) -> (u64, u64) {
@@ -33,11 +34,21 @@ fn start_peer() -> (Guard, u16) {
     (Guard(child), port)
 }
 
-/// Runs uclient with `mode_args` (e.g. `-s`), `messages` per client and `clients` clients, and
-/// asserts every message came back.
-fn uclient(backend: &str, mode_args: &[&str], messages: u64, clients: u64) {
+/// Runs uclient over `transport` (udp, tcp or tls) with `mode_args` (e.g. `-s`), `messages` per
+/// client and `clients` clients, and asserts every message came back.
+fn uclient_over(backend: &str, transport: &str, mode_args: &[&str], messages: u64, clients: u64) {
     // turnutils_uclient picks channel numbers up to 0x7FFF (RFC 5766), see docs/rfc-compliance.md.
-    let relay = Relay::start(backend, "", &["--rfc5766-channels"]);
+    let tls = TlsFiles::generate();
+    let relay = if transport == "udp" {
+        Relay::start(backend, "", &["--rfc5766-channels"])
+    } else {
+        Relay::start_streams(backend, "", &["--rfc5766-channels"], &tls)
+    };
+    let (port, transport_args): (u16, &[&str]) = match transport {
+        "udp" => (relay.addr.port(), &[]),
+        "tcp" => (relay.tcp.unwrap().port(), &["-t"]),
+        _ => (relay.tls.unwrap().port(), &["-t", "-S"]),
+    };
     let client_to_client = mode_args.contains(&"-y");
     let (_peer, peer_port) = if client_to_client {
         (None, 0)
@@ -46,7 +57,7 @@ fn uclient(backend: &str, mode_args: &[&str], messages: u64, clients: u64) {
         (Some(g), p)
     };
     let mut cmd = Command::new("turnutils_uclient");
-    cmd.args(mode_args).args(["-u", "demo", "-w", "demo", "-p", &relay.addr.port().to_string()]).args([
+    cmd.args(transport_args).args(mode_args).args(["-u", "demo", "-w", "demo", "-p", &port.to_string()]).args([
         "-n",
         &messages.to_string(),
         "-l",
@@ -65,22 +76,31 @@ fn uclient(backend: &str, mode_args: &[&str], messages: u64, clients: u64) {
     assert_eq!(sent, received, "{out}");
     assert!(sent >= messages * clients, "sent {sent} < {messages} x {clients}:\n{out}");
     assert!(!relay.log().contains("ERROR"), "{}", relay.log());
+    if transport != "udp" {
+        let log = relay.log();
+        assert!(log.contains(&format!("transport={transport}")), "no {transport} connection in the log:\n{log}");
+        assert!(log.contains("reason=\"connection closed\""), "allocations must end with their connections:\n{log}");
+    }
 }
 
 macro_rules! both_backends {
-    ($($name:ident: $mode:expr, $n:expr, $m:expr;)*) => {
+    ($($name:ident: $transport:expr, $mode:expr, $n:expr, $m:expr;)*) => {
         mod uring {
-            $( #[test] fn $name() { super::uclient("uring", $mode, $n, $m) } )*
+            $( #[test] fn $name() { super::uclient_over("uring", $transport, $mode, $n, $m) } )*
         }
         mod epoll {
-            $( #[test] fn $name() { super::uclient("epoll", $mode, $n, $m) } )*
+            $( #[test] fn $name() { super::uclient_over("epoll", $transport, $mode, $n, $m) } )*
         }
     };
 }
 
 both_backends! {
-    channel_data: &[], 60, 2;
-    send_indications: &["-s"], 60, 2;
-    client_to_client: &["-y"], 60, 2;
-    many_clients_channel_data: &[], 40, 10;
+    channel_data: "udp", &[], 60, 2;
+    send_indications: "udp", &["-s"], 60, 2;
+    client_to_client: "udp", &["-y"], 60, 2;
+    many_clients_channel_data: "udp", &[], 40, 10;
+    tcp_channel_data: "tcp", &[], 100, 4;
+    tcp_send_indications: "tcp", &["-s"], 100, 4;
+    tls_channel_data: "tls", &[], 100, 4;
+    tls_send_indications: "tls", &["-s"], 100, 4;
 }
