@@ -8,6 +8,7 @@
 //! allocations, permissions and channel bindings alive without blocking a traffic loop.
 
 pub mod refresh;
+pub mod stream;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};

@@ -255,6 +255,38 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         "Allocations deleted by a Refresh with LIFETIME 0 that the worker answered.",
         per_worker(&|s| s.counters.deleted_in_worker),
     );
+    family(&mut out, "connections", "gauge", "TCP and TLS client connections open.", per_worker(&|s| s.connections));
+    family(
+        &mut out,
+        "connections_accepted_total",
+        "counter",
+        "TCP and TLS client connections accepted.",
+        per_worker(&|s| s.streams.accepted),
+    );
+    family(
+        &mut out,
+        "connections_refused_total",
+        "counter",
+        "Connections refused at accept by max-connections or max-connections-per-ip.",
+        per_worker(&|s| s.streams.refused),
+    );
+    family(
+        &mut out,
+        "connections_closed_total",
+        "counter",
+        "Client connections closed, by reason.",
+        uturn_dataplane::CLOSE_REASONS
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("reason=\"{r}\""), samples.iter().map(|s| s.streams.closed[i]).sum::<u64>() as f64)),
+    );
+    family(
+        &mut out,
+        "connection_queue_drops_total",
+        "counter",
+        "Messages for a client dropped because its connection's write queue was full.",
+        per_worker(&|s| s.streams.queue_drops),
+    );
     family(&mut out, "permissions", "gauge", "Permissions held (peer IPs).", per_worker(&|s| s.permissions));
     family(&mut out, "channels", "gauge", "Channel bindings held.", per_worker(&|s| s.channels));
     let dir = |f: &dyn Fn(&WorkerSample) -> (u64, u64)| -> Vec<(String, f64)> {

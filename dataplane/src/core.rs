@@ -318,7 +318,10 @@ impl WorkerCore {
     /// Closes connection `id`: ends its allocation (RFC 8656 §3.1), shuts the socket down.
     pub(crate) fn close_connection(&mut self, now: Instant, id: ConnId, reason: CloseReason, io: &mut impl Io) {
         let Some(mut c) = self.streams.remove(id, reason) else { return };
-        if reason != CloseReason::Peer {
+        if reason.is_abortive() {
+            // An abuser's queued bytes (ours and the kernel's) are dropped at once: RST.
+            let _ = socket2::SockRef::from(&c.socket).set_linger(Some(std::time::Duration::ZERO));
+        } else if reason != CloseReason::Peer {
             c.send_close_notify();
             // Best effort: what the client should still hear (an alert, close_notify).
             let _ = std::io::Write::write(&mut c.socket, &c.out);
@@ -364,7 +367,7 @@ impl WorkerCore {
         payload: Range<usize>,
     ) -> PeerVerdict {
         let Some(Some(r)) = self.relays.get(relay) else { return PeerVerdict::Drop };
-        let path = r.client;
+        let (path, alloc, len) = (r.client, r.id, payload.len());
         match self.state.handle_peer_datagram(now, r.id, peer, buf, payload) {
             PeerOutput::ToClient { five_tuple, message } => match path {
                 ClientPath::Datagram(listener) => {
@@ -383,7 +386,9 @@ impl WorkerCore {
                         return PeerVerdict::Drop;
                     }
                     buf[message.end..end].fill(0);
-                    self.streams.queue(conn, &buf[message.start..end]);
+                    if !self.streams.queue(conn, &buf[message.start..end]) {
+                        self.state.uncount_to_client(alloc, len);
+                    }
                     PeerVerdict::Queued
                 }
             },
@@ -573,6 +578,8 @@ impl WorkerCore {
             permissions: t.permissions.len() as u64,
             channels: t.channels.len() as u64,
             control_queue_full: self.control_queue_full,
+            connections: self.streams.len() as u64,
+            streams: self.streams.counters,
         });
     }
 

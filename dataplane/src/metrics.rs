@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use uturn_proto::relay::Counters;
 
+use crate::stream::{StreamCounters, CLOSE_REASONS};
+
+/// Stream values published: open, accepted, refused, queue drops, then one per close reason.
+const STREAM_VALUES: usize = 4 + CLOSE_REASONS.len();
+
 /// How often a busy worker publishes its counters. An idle worker publishes when it wakes,
 /// at least once a second.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
@@ -26,6 +31,7 @@ pub struct WorkerMetrics {
     permissions: AtomicU64,
     channels: AtomicU64,
     control_queue_full: AtomicU64,
+    streams: [AtomicU64; STREAM_VALUES],
 }
 
 impl Default for WorkerMetrics {
@@ -36,6 +42,7 @@ impl Default for WorkerMetrics {
             permissions: AtomicU64::new(0),
             channels: AtomicU64::new(0),
             control_queue_full: AtomicU64::new(0),
+            streams: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -53,6 +60,10 @@ pub struct WorkerSample {
     pub channels: u64,
     /// Requests dropped because the worker's queue to the control plane was full.
     pub control_queue_full: u64,
+    /// TCP and TLS client connections open.
+    pub connections: u64,
+    /// Connection counters (accepted, refused, closed by reason, queue drops).
+    pub streams: StreamCounters,
 }
 
 impl WorkerMetrics {
@@ -65,6 +76,11 @@ impl WorkerMetrics {
         self.permissions.store(sample.permissions, Ordering::Relaxed);
         self.channels.store(sample.channels, Ordering::Relaxed);
         self.control_queue_full.store(sample.control_queue_full, Ordering::Relaxed);
+        let st = &sample.streams;
+        let values = [sample.connections, st.accepted, st.refused, st.queue_drops].into_iter().chain(st.closed);
+        for (a, v) in self.streams.iter().zip(values) {
+            a.store(v, Ordering::Relaxed);
+        }
     }
 
     /// The last published values.
@@ -76,6 +92,13 @@ impl WorkerMetrics {
             permissions: self.permissions.load(Ordering::Relaxed),
             channels: self.channels.load(Ordering::Relaxed),
             control_queue_full: self.control_queue_full.load(Ordering::Relaxed),
+            connections: self.streams[0].load(Ordering::Relaxed),
+            streams: StreamCounters {
+                accepted: self.streams[1].load(Ordering::Relaxed),
+                refused: self.streams[2].load(Ordering::Relaxed),
+                queue_drops: self.streams[3].load(Ordering::Relaxed),
+                closed: std::array::from_fn(|i| self.streams[4 + i].load(Ordering::Relaxed)),
+            },
         }
     }
 }
@@ -93,6 +116,8 @@ mod tests {
             permissions: 4,
             channels: 1,
             control_queue_full: 9,
+            connections: 2,
+            streams: StreamCounters { accepted: 7, refused: 1, queue_drops: 6, closed: [1, 2, 3, 4, 5, 6, 7, 8] },
         };
         m.publish(&s);
         assert_eq!(m.sample(), s);

@@ -126,7 +126,12 @@ impl Relay {
             };
             let mut stream_args: Vec<String> = Vec::new();
             if let (Some(tcp), Some(t), Some(files)) = (tcp, tls_addr, tls) {
-                stream_args.extend(["--listen".into(), format!("tcp://{tcp}"), "--listen".into(), format!("tls://{t}")]);
+                stream_args.extend([
+                    "--listen".into(),
+                    format!("tcp://{tcp}"),
+                    "--listen".into(),
+                    format!("tls://{t}"),
+                ]);
                 stream_args.extend(["--tls-cert".into(), files.cert.display().to_string()]);
                 stream_args.extend(["--tls-key".into(), files.key.display().to_string()]);
             }

@@ -30,6 +30,15 @@ pub(crate) enum CloseReason {
 }
 
 impl CloseReason {
+    /// True for the limits that end an abuser's connection with a reset (SO_LINGER 0), which
+    /// frees what waits in the kernel's send buffer at once instead of draining it first.
+    pub(crate) fn is_abortive(self) -> bool {
+        matches!(
+            self,
+            CloseReason::Stalled | CloseReason::BadFraming | CloseReason::FrameTimeout | CloseReason::HandshakeTimeout
+        )
+    }
+
     /// Lower-case name, as logs and metrics spell it.
     pub(crate) fn name(self) -> &'static str {
         match self {

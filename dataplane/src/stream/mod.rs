@@ -88,7 +88,7 @@ pub(crate) struct StreamListener {
 }
 
 /// Per-worker connection counters.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StreamCounters {
     /// Connections accepted.
     pub accepted: u64,

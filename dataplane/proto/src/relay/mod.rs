@@ -606,6 +606,18 @@ impl WorkerState {
         }
     }
 
+    /// Takes back the count of a peer datagram of `len` payload bytes that
+    /// [`handle_peer_datagram`](Self::handle_peer_datagram) framed but the shell could not send
+    /// (a client connection's write queue was full).
+    pub fn uncount_to_client(&mut self, alloc: AllocationId, len: usize) {
+        self.counters.relayed_to_client = self.counters.relayed_to_client.saturating_sub(1);
+        self.counters.bytes_to_client = self.counters.bytes_to_client.saturating_sub(len as u64);
+        if let Some(a) = self.tables.get_mut(alloc) {
+            a.to_client.packets = a.to_client.packets.saturating_sub(1);
+            a.to_client.bytes = a.to_client.bytes.saturating_sub(len as u64);
+        }
+    }
+
     /// The per-allocation token bucket: refills at `bandwidth` bytes/s up to one second's worth,
     /// and takes `len` bytes or refuses (counted).
     #[inline]
