@@ -82,7 +82,12 @@ impl Client {
     /// the server's realm and re-derives the key. Binds 127.0.0.1:0 for a loopback server, the
     /// wildcard address otherwise (panics if it cannot).
     pub fn new(server: SocketAddr, user: &str, password: &str, realm: &str) -> Client {
-        let local = if server.ip().is_loopback() { "127.0.0.1:0" } else { "0.0.0.0:0" };
+        let local = match (server.is_ipv6(), server.ip().is_loopback()) {
+            (false, true) => "127.0.0.1:0",
+            (false, false) => "0.0.0.0:0",
+            (true, true) => "[::1]:0",
+            (true, false) => "[::]:0",
+        };
         let sock = UdpSocket::bind(local).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
         Client {

@@ -37,9 +37,15 @@ pub struct Cli {
     /// PEM private key for tls:// listen addresses (re-read on SIGHUP).
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
-    /// IP address relayed transport addresses are bound to and advertised with.
+    /// IP address relayed transport addresses are bound to (repeatable: one or more per family;
+    /// allocations spread over those of their family).
     #[arg(long)]
-    pub relay_ip: Option<IpAddr>,
+    pub relay_ip: Vec<IpAddr>,
+    /// PUBLIC/PRIVATE (or PUBLIC alone, for the only relay address of its family): advertise
+    /// PUBLIC in XOR-RELAYED-ADDRESS for relay sockets bound to PRIVATE, behind a 1:1 NAT
+    /// (repeatable).
+    #[arg(long)]
+    pub external_ip: Vec<String>,
     /// Realm for long-term credentials.
     #[arg(long)]
     pub realm: Option<String>,
@@ -116,6 +122,7 @@ pub struct FileConfig {
     listen: Option<Vec<ListenAddr>>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    external_ip: Option<OneOrMany>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     tls_handshake_timeout: Option<u64>,
@@ -123,7 +130,7 @@ pub struct FileConfig {
     stream_idle_timeout: Option<u64>,
     stream_write_queue: Option<usize>,
     stream_stall_timeout: Option<u64>,
-    relay_ip: Option<IpAddr>,
+    relay_ip: Option<OneOrMany>,
     realm: Option<String>,
     users: Option<BTreeMap<String, String>>,
     workers: Option<usize>,
@@ -205,8 +212,11 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// Caps and deadlines of TCP and TLS client connections (docs/security.md).
     pub stream_limits: StreamLimits,
-    /// Relayed transport addresses' IP.
-    pub relay_ip: IpAddr,
+    /// Relayed transport addresses' IPs: one or more per family served.
+    pub relay_ips: Vec<IpAddr>,
+    /// (private, public) pairs: relay sockets bound to the private IP are advertised with the
+    /// public one (`external-ip`, a relay behind a 1:1 NAT).
+    pub external_ips: Vec<(IpAddr, IpAddr)>,
     /// Realm, static users, REST secrets, user store and key cache (docs/credentials.md):
     /// what SIGHUP reloads, as the control plane takes it.
     pub credentials: CredentialConfig,
@@ -309,6 +319,16 @@ impl Config {
         } else {
             f.listen.unwrap_or_else(|| vec!["127.0.0.1:3478".parse().unwrap()])
         };
+        let relay_ips: Vec<IpAddr> = if !cli.relay_ip.is_empty() {
+            cli.relay_ip.clone()
+        } else if let Some(v) = f.relay_ip {
+            v.into_vec()
+                .iter()
+                .map(|s| s.parse().with_context(|| format!("relay-ip {s:?}: not an IP address")))
+                .collect::<Result<_>>()?
+        } else {
+            vec![listen.first().map_or(IpAddr::from([127, 0, 0, 1]), |l| l.addr.ip())]
+        };
         let d = StreamLimits::default();
         let stream_limits = StreamLimits {
             max_connections: f.max_connections.unwrap_or(d.max_connections),
@@ -361,10 +381,15 @@ impl Config {
         let mut deny_peer = f.deny_peer.unwrap_or_default();
         deny_peer.extend(cli.deny_peer.iter().copied());
         let c = Config {
-            relay_ip: cli
-                .relay_ip
-                .or(f.relay_ip)
-                .unwrap_or_else(|| listen.first().map_or(IpAddr::from([127, 0, 0, 1]), |l| l.addr.ip())),
+            relay_ips: relay_ips.clone(),
+            external_ips: parse_external(
+                &if cli.external_ip.is_empty() {
+                    f.external_ip.map(OneOrMany::into_vec).unwrap_or_default()
+                } else {
+                    cli.external_ip.clone()
+                },
+                &relay_ips,
+            )?,
             listen,
             tls_cert: cli.tls_cert.clone().or(f.tls_cert),
             tls_key: cli.tls_key.clone().or(f.tls_key),
@@ -436,7 +461,7 @@ impl Config {
 
     /// True when a listen address or the relay address is not loopback.
     fn serves_beyond_loopback(&self) -> bool {
-        self.listen.iter().map(|a| a.addr.ip()).chain([self.relay_ip]).any(|ip| !ip.is_loopback())
+        self.listen.iter().map(|a| a.addr.ip()).chain(self.relay_ips.iter().copied()).any(|ip| !ip.is_loopback())
     }
 
     /// The UDP listen addresses.
@@ -479,8 +504,11 @@ impl Config {
         if self.credentials.separator.is_ascii_digit() {
             bail!("rest-separator must not be a digit");
         }
-        if self.relay_ip.is_unspecified() {
-            bail!("relay-ip must be a concrete address clients can reach, not {}", self.relay_ip);
+        if let Some(ip) = self.relay_ips.iter().find(|ip| ip.is_unspecified()) {
+            bail!("relay-ip must be a concrete address clients can reach, not {ip}");
+        }
+        if self.relay_ips.is_empty() {
+            bail!("no relay-ip");
         }
         if self.xdp != XdpMode::Off {
             // The program rewrites datagrams to come from the address the client sent to.
@@ -510,7 +538,8 @@ impl Config {
     pub fn restart_only_changes(&self, new: &Config) -> Vec<(&'static str, bool)> {
         vec![
             ("listen", self.listen != new.listen),
-            ("relay-ip", self.relay_ip != new.relay_ip),
+            ("relay-ip", self.relay_ips != new.relay_ips),
+            ("external-ip", self.external_ips != new.external_ips),
             ("realm", self.credentials.realm != new.credentials.realm),
             ("workers", self.workers != new.workers),
             ("port-range", self.port_range != new.port_range),
@@ -524,6 +553,34 @@ impl Config {
             ),
         ]
     }
+}
+
+/// `external-ip` entries: `PUBLIC/PRIVATE`, or `PUBLIC` alone for the only relay address of
+/// its family. The private address must be a relay address.
+fn parse_external(entries: &[String], relay_ips: &[IpAddr]) -> Result<Vec<(IpAddr, IpAddr)>> {
+    let mut out = Vec::new();
+    for e in entries {
+        let (public, private) = match e.split_once('/') {
+            Some((p, q)) => (p, Some(q)),
+            None => (e.as_str(), None),
+        };
+        let public: IpAddr = public.parse().with_context(|| format!("external-ip {e:?}: bad public address"))?;
+        let private: IpAddr = match private {
+            Some(q) => q.parse().with_context(|| format!("external-ip {e:?}: bad private address"))?,
+            None => {
+                let same: Vec<&IpAddr> = relay_ips.iter().filter(|ip| ip.is_ipv4() == public.is_ipv4()).collect();
+                match same.as_slice() {
+                    [only] => **only,
+                    _ => bail!("external-ip {e:?}: name the private relay address (PUBLIC/PRIVATE)"),
+                }
+            }
+        };
+        if !relay_ips.contains(&private) {
+            bail!("external-ip {e:?}: {private} is not a relay-ip");
+        }
+        out.push((private, public));
+    }
+    Ok(out)
 }
 
 fn parse_algorithms(names: Option<&[String]>) -> Result<Vec<PasswordAlgorithm>> {
@@ -563,7 +620,7 @@ mod tests {
         let c = Config::load(&Cli::default()).unwrap();
         assert_eq!(c.udp_listen(), vec!["127.0.0.1:3478".parse::<SocketAddr>().unwrap()]);
         assert!(c.stream_listen().is_empty());
-        assert_eq!(c.relay_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.relay_ips, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(c.credentials.realm, "uturn.local");
         assert_eq!(c.credentials.users.get("demo").map(String::as_str), Some("demo"));
         assert_eq!(c.port_range, (49152, 65535));
@@ -597,7 +654,7 @@ mod tests {
     fn demo_credential_refused_off_loopback() {
         let cli = Cli {
             listen: vec!["0.0.0.0:3478".parse().unwrap()],
-            relay_ip: Some("192.0.2.1".parse().unwrap()),
+            relay_ip: vec!["192.0.2.1".parse().unwrap()],
             ..Cli::default()
         };
         assert!(Config::load(&cli).unwrap_err().to_string().contains("demo"));

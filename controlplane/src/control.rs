@@ -37,8 +37,13 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The policy and credentials the control plane applies.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// IP of relayed transport addresses.
-    pub relay_ip: IpAddr,
+    /// IPs relayed transport addresses are bound to: one or more per family served (RFC 8656
+    /// §7.2: an Allocate that names no family gets IPv4). Allocations of one family spread over
+    /// its addresses in turn, so a node holds more than one port range's worth.
+    pub relay_ips: Vec<IpAddr>,
+    /// Relay addresses behind a 1:1 NAT: (bound private IP, advertised public IP). The
+    /// XOR-RELAYED-ADDRESS of a socket bound to the private one names the public one.
+    pub external_ips: Vec<(IpAddr, IpAddr)>,
     /// Lifetime granted when the client asks for less or nothing.
     pub default_lifetime: Duration,
     /// Longest lifetime granted.
@@ -65,6 +70,8 @@ struct Owner {
     worker: usize,
     /// Its session id.
     session: u64,
+    /// The family of its relayed transport address (peers must match it, RFC 8656 §9.1, §12.2).
+    v6: bool,
 }
 
 /// The control plane's record of one allocation, as a hot upgrade hands it over.
@@ -82,6 +89,10 @@ pub struct OwnerSnapshot {
     pub worker: usize,
     /// Its session id.
     pub session: u64,
+    /// Its relayed transport address is IPv6 (absent in a handover from an older process:
+    /// IPv4).
+    #[serde(default)]
+    pub v6: bool,
 }
 
 /// What the control plane hands to the next process in a hot upgrade.
@@ -135,6 +146,8 @@ pub struct ControlPlane {
     buf: Vec<u8>,
     /// The session id the next allocation gets.
     next_session: u64,
+    /// Which relay address of its family the next allocation tries first.
+    next_relay_ip: usize,
     /// While draining: new Allocates are refused, with 300 and this ALTERNATE-SERVER when one
     /// is set, else 508.
     draining: Option<Option<SocketAddr>>,
@@ -166,6 +179,7 @@ impl ControlPlane {
             buf: vec![0; RESPONSE_BUF],
             policy,
             next_session: 1,
+            next_relay_ip: 0,
             draining: None,
             stats: ControlStats::default(),
             metrics: Arc::new(ControlMetrics::default()),
@@ -205,6 +219,7 @@ impl ControlPlane {
                 lifetime_left_ms: o.expires.saturating_duration_since(now).as_millis() as u64,
                 worker: o.worker,
                 session: o.session,
+                v6: o.v6,
             })
             .collect();
         ControlSnapshot { owners, next_session: self.next_session }
@@ -217,7 +232,7 @@ impl ControlPlane {
             let user: Arc<str> = o.user.into();
             *self.per_user.entry(user.clone()).or_default() += 1;
             let expires = now + Duration::from_millis(o.lifetime_left_ms);
-            let owner = Owner { user, tid: o.tid, expires, worker: o.worker, session: o.session };
+            let owner = Owner { user, tid: o.tid, expires, worker: o.worker, session: o.session, v6: o.v6 };
             if let Some(old) = self.owners.insert(o.five_tuple, owner) {
                 // Not expected (5-tuples are unique); keep the quota honest anyway.
                 if let Some(n) = self.per_user.get_mut(&old.user) {
@@ -453,9 +468,9 @@ impl ControlPlane {
                 let r = self.error(msg, code, Some(&key));
                 Some(reply(ft, r))
             }
-            Ok((lifetime, port)) => {
+            Ok((lifetime, port, v6)) => {
                 let lifetime = cap.map_or(lifetime, |c| lifetime.min(c));
-                let (socket, token) = match self.relay_socket(now, worker, port) {
+                let (socket, token) = match self.relay_socket(now, worker, port, v6) {
                     Ok(Some(pair)) => pair,
                     Ok(None) => {
                         warn!(worker, "relay ports exhausted");
@@ -469,10 +484,14 @@ impl ControlPlane {
                     }
                 };
                 let relayed = socket.local_addr().ok()?;
-                let bytes = self.allocate_success(msg, &ft, &relayed, lifetime, token, &key);
+                let advertised = self.advertised(relayed);
+                let bytes = self.allocate_success(msg, &ft, &advertised, lifetime, token, &key);
                 let session = self.next_session;
                 self.next_session += 1;
-                self.owners.insert(ft, Owner { user: user.clone(), tid, expires: now + lifetime, worker, session });
+                self.owners.insert(
+                    ft,
+                    Owner { user: user.clone(), tid, expires: now + lifetime, worker, session, v6: relayed.is_ipv6() },
+                );
                 *self.per_user.entry(user.clone()).or_default() += 1;
                 self.stats.allocations += 1;
                 self.metrics.granted();
@@ -482,7 +501,8 @@ impl ControlPlane {
                     client = %ft.client,
                     server = %ft.server,
                     %user,
-                    relayed = %relayed,
+                    transport = %ft.transport,
+                    relayed = %advertised,
                     lifetime_s = lifetime.as_secs(),
                     "allocation granted"
                 );
@@ -495,8 +515,9 @@ impl ControlPlane {
         }
     }
 
-    /// Checks an Allocate; returns the lifetime and the relay port request.
-    fn check_allocate(&self, msg: &Message<'_>, user: &str) -> Result<(Duration, PortRequest), ErrorCode> {
+    /// Checks an Allocate; returns the lifetime, the relay port request and whether the
+    /// relayed address is IPv6.
+    fn check_allocate(&self, msg: &Message<'_>, user: &str) -> Result<(Duration, PortRequest, bool), ErrorCode> {
         let transport = msg.get(attr::REQUESTED_TRANSPORT).ok_or(ErrorCode::BadRequest)?;
         if transport.len() != 4 {
             return Err(ErrorCode::BadRequest);
@@ -526,15 +547,16 @@ impl ControlPlane {
         if family.is_some_and(|f| f.len() != 4) || even.is_some_and(|e| e.len() != 1) {
             return Err(ErrorCode::BadRequest);
         }
-        if let Some(f) = family {
-            let want = if self.policy.relay_ip.is_ipv4() { attr::FAMILY_IPV4 } else { attr::FAMILY_IPV6 };
-            match f.first() {
-                Some(&v) if v == want => {}
-                Some(&v) if v == attr::FAMILY_IPV4 || v == attr::FAMILY_IPV6 => {
-                    return Err(ErrorCode::AddressFamilyNotSupported)
-                }
-                _ => return Err(ErrorCode::BadRequest),
-            }
+        // RFC 8656 §7.2: no REQUESTED-ADDRESS-FAMILY means IPv4; a family this relay has no
+        // relay address for earns 440.
+        let v6 = match family.map(|f| f[0]) {
+            None => false,
+            Some(attr::FAMILY_IPV4) => false,
+            Some(attr::FAMILY_IPV6) => true,
+            Some(_) => return Err(ErrorCode::BadRequest),
+        };
+        if !self.policy.relay_ips.iter().any(|ip| ip.is_ipv6() == v6) {
+            return Err(ErrorCode::AddressFamilyNotSupported);
         }
         let quota = |q: u32, n: usize| q != 0 && n >= q as usize;
         if quota(self.policy.total_quota, self.owners.len())
@@ -549,7 +571,7 @@ impl ControlPlane {
             (None, Some(_)) => PortRequest::Even,
             (None, None) => PortRequest::Any,
         };
-        Ok((if lifetime.is_zero() { self.policy.default_lifetime } else { lifetime }, port))
+        Ok((if lifetime.is_zero() { self.policy.default_lifetime } else { lifetime }, port, v6))
     }
 
     /// The granted lifetime: the requested one clamped to [default, max]; zero stays zero
@@ -572,11 +594,33 @@ impl ControlPlane {
         now: Instant,
         worker: usize,
         port: PortRequest,
+        v6: bool,
     ) -> std::io::Result<Option<(UdpSocket, Option<[u8; 8]>)>> {
-        let ip = self.policy.relay_ip;
         if let PortRequest::Reserved(t) = port {
             return Ok(self.reservations.remove(&t).map(|(_, s)| (s, None)));
         }
+        // The family's relay addresses in turn, starting with the next one: allocations spread
+        // over them, and one whose range is full passes to the next.
+        let ips: Vec<IpAddr> = self.policy.relay_ips.iter().copied().filter(|ip| ip.is_ipv6() == v6).collect();
+        let first = self.next_relay_ip;
+        self.next_relay_ip = self.next_relay_ip.wrapping_add(1);
+        for j in 0..ips.len() {
+            let ip = ips[(first + j) % ips.len()];
+            if let Some(bound) = self.relay_socket_on(now, worker, port, ip)? {
+                return Ok(Some(bound));
+            }
+        }
+        Ok(None)
+    }
+
+    /// [`relay_socket`](Self::relay_socket) on one relay address.
+    fn relay_socket_on(
+        &mut self,
+        now: Instant,
+        worker: usize,
+        port: PortRequest,
+        ip: IpAddr,
+    ) -> std::io::Result<Option<(UdpSocket, Option<[u8; 8]>)>> {
         // The worker's own slice first, then the others in turn: 508 only when the whole range
         // is taken.
         let n = self.ports.len();
@@ -600,6 +644,15 @@ impl ControlPlane {
             }
         }
         Ok(None)
+    }
+
+    /// The address to advertise for relayed transport address `bound` (its public one behind a
+    /// 1:1 NAT, `external-ip`).
+    fn advertised(&self, bound: SocketAddr) -> SocketAddr {
+        match self.policy.external_ips.iter().find(|(private, _)| *private == bound.ip()) {
+            Some((_, public)) => SocketAddr::new(*public, bound.port()),
+            None => bound,
+        }
     }
 
     /// Drops reservations nobody claimed in time.
@@ -644,7 +697,8 @@ impl ControlPlane {
         // family earns 443; a malformed value (not 4 bytes, or an unknown family) does not
         // match either, so it gets 443 too (docs/rfc-compliance.md).
         if let Some(f) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
-            let want = if self.policy.relay_ip.is_ipv4() { attr::FAMILY_IPV4 } else { attr::FAMILY_IPV6 };
+            let v6 = self.owners.get(&ft).is_some_and(|o| o.v6);
+            let want = if v6 { attr::FAMILY_IPV6 } else { attr::FAMILY_IPV4 };
             if f.len() != 4 || f[0] != want {
                 return Err(ErrorCode::PeerAddressFamilyMismatch);
             }
@@ -658,9 +712,15 @@ impl ControlPlane {
         Ok(Command::Refresh { five_tuple: ft, tid: msg.transaction_id(), lifetime, key })
     }
 
-    fn check_peer(&self, peer: Result<SocketAddr, uturn_proto::wire::AddressError>) -> Result<SocketAddr, ErrorCode> {
+    /// RFC 8656 §9.1, §12.2: a peer of the other family than `ft`'s relayed address earns 443.
+    fn check_peer(
+        &self,
+        ft: &FiveTuple,
+        peer: Result<SocketAddr, uturn_proto::wire::AddressError>,
+    ) -> Result<SocketAddr, ErrorCode> {
         let peer = peer.map_err(|_| ErrorCode::BadRequest)?;
-        if peer.is_ipv4() != self.policy.relay_ip.is_ipv4() {
+        let v6 = self.owners.get(ft).is_some_and(|o| o.v6);
+        if peer.is_ipv6() != v6 {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
         if !self.policy.peers.allows(peer) {
@@ -671,7 +731,8 @@ impl ControlPlane {
 
     /// RFC 8656 §10.2: every XOR-PEER-ADDRESS must pass, or none is installed.
     fn create_permission(&self, ft: FiveTuple, msg: &Message<'_>, key: IntegrityKey) -> Result<Command, ErrorCode> {
-        let peers = msg.peer_addresses().map(|p| self.check_peer(p).map(|a| a.ip())).collect::<Result<Vec<_>, _>>()?;
+        let peers =
+            msg.peer_addresses().map(|p| self.check_peer(&ft, p).map(|a| a.ip())).collect::<Result<Vec<_>, _>>()?;
         if peers.is_empty() {
             return Err(ErrorCode::BadRequest);
         }
@@ -687,7 +748,7 @@ impl ControlPlane {
         let channel =
             if self.policy.rfc5766_channels { ChannelNumber::new_rfc5766(number) } else { ChannelNumber::new(number) };
         let channel = channel.ok_or(ErrorCode::BadRequest)?;
-        let peer = self.check_peer(msg.xor_address(attr::XOR_PEER_ADDRESS).ok_or(ErrorCode::BadRequest)?)?;
+        let peer = self.check_peer(&ft, msg.xor_address(attr::XOR_PEER_ADDRESS).ok_or(ErrorCode::BadRequest)?)?;
         Ok(Command::ChannelBind { five_tuple: ft, tid: msg.transaction_id(), channel, peer, key })
     }
 }

@@ -65,7 +65,11 @@ fn print_banner(c: &Config) {
     for l in &c.listen {
         println!("  listening   {l}");
     }
-    println!("  relay       {} ports {}-{}", c.relay_ip, c.port_range.0, c.port_range.1);
+    let ips: Vec<String> = c.relay_ips.iter().map(ToString::to_string).collect();
+    println!("  relay       {} ports {}-{}", ips.join(", "), c.port_range.0, c.port_range.1);
+    for (private, public) in &c.external_ips {
+        println!("  external    {private} advertised as {public}");
+    }
     println!("  realm       {}", c.credentials.realm);
     println!("  workers     {}", c.workers);
     if !c.credentials.secrets.is_empty() {

@@ -46,11 +46,11 @@ pub struct PeerPolicy {
 }
 
 impl PeerPolicy {
-    /// The policy for a relay on `relay_ip` listening on `listen`, with the operator's
-    /// `allow`/`deny` CIDRs.
-    pub fn new(relay_ip: IpAddr, listen: &[SocketAddr], allow: &[IpNet], deny: &[IpNet]) -> Self {
+    /// The policy for a relay on `relay_ips` listening on `listen`, with the operator's
+    /// `allow`/`deny` CIDRs. Loopback peers are allowed only when a relay address is loopback.
+    pub fn new(relay_ips: &[IpAddr], listen: &[SocketAddr], allow: &[IpNet], deny: &[IpNet]) -> Self {
         let mut d = nets(DENIED);
-        if !normalize(relay_ip).is_loopback() {
+        if !relay_ips.iter().any(|ip| normalize(*ip).is_loopback()) {
             d.extend(nets(LOOPBACK));
         }
         d.extend(nets(PRIVATE));
@@ -59,7 +59,8 @@ impl PeerPolicy {
         for l in listen {
             if l.ip().is_unspecified() {
                 let lo: IpAddr = if l.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() };
-                own.extend([SocketAddr::new(relay_ip, l.port()), SocketAddr::new(lo, l.port())]);
+                own.extend(relay_ips.iter().map(|ip| SocketAddr::new(*ip, l.port())));
+                own.push(SocketAddr::new(lo, l.port()));
             } else {
                 own.push(*l);
             }
@@ -146,7 +147,7 @@ mod tests {
 
     #[test]
     fn every_spelling_of_every_denied_ipv4_range_is_denied() {
-        let p = PeerPolicy::new(ip("192.0.2.1"), &[], &[], &[]);
+        let p = PeerPolicy::new(&[ip("192.0.2.1")], &[], &[], &[]);
         for v4 in samples(DENIED).into_iter().chain(samples(LOOPBACK)).chain(samples(PRIVATE)) {
             for form in spellings(v4) {
                 assert!(!p.allows(at(form)), "{form} ({v4}) must be denied");
@@ -167,14 +168,14 @@ mod tests {
     #[test]
     fn loopback_relay_may_reach_loopback_but_not_its_listener() {
         let listen: SocketAddr = "127.0.0.1:3478".parse().unwrap();
-        let p = PeerPolicy::new(ip("127.0.0.1"), &[listen], &[], &[]);
+        let p = PeerPolicy::new(&[ip("127.0.0.1")], &[listen], &[], &[]);
         assert!(p.allows("127.0.0.1:5000".parse().unwrap()));
         assert!(p.allows("[::ffff:127.0.0.1]:5000".parse().unwrap()));
         assert!(!p.allows(listen));
         assert!(!p.allows("[::ffff:127.0.0.1]:3478".parse().unwrap()), "listener through a mapped address");
         assert!(!p.allows("0.0.0.0:5000".parse().unwrap()));
         assert!(!p.allows("10.1.2.3:5000".parse().unwrap()), "private stays denied");
-        let any = PeerPolicy::new(ip("192.0.2.1"), &["0.0.0.0:3478".parse().unwrap()], &[], &[]);
+        let any = PeerPolicy::new(&[ip("192.0.2.1")], &["0.0.0.0:3478".parse().unwrap()], &[], &[]);
         assert!(any.allows("198.51.100.7:3478".parse().unwrap()), "another host's port 3478 is fine");
         assert!(!any.allows("192.0.2.1:3478".parse().unwrap()), "the relay IP's listener");
     }
@@ -182,7 +183,7 @@ mod tests {
     #[test]
     fn allow_and_deny_flags() {
         let p = PeerPolicy::new(
-            ip("192.0.2.1"),
+            &[ip("192.0.2.1")],
             &[],
             &["10.0.0.0/8".parse().unwrap()],
             &["198.51.100.0/24".parse().unwrap()],

@@ -144,7 +144,7 @@ fn load_xdp(config: &Config) -> Result<Option<XdpFastPath>> {
         return Ok(None);
     }
     let mut addresses: Vec<std::net::IpAddr> = config.udp_listen().iter().map(|a| a.ip()).collect();
-    addresses.push(config.relay_ip);
+    addresses.extend(config.relay_ips.iter().copied());
     let opts = XdpOptions {
         mode: config.xdp,
         interfaces: config.xdp_interfaces.clone(),
@@ -291,12 +291,13 @@ impl<'a> Server<'a> {
             starts.push(Start::Resume(Box::new(frozen)));
         }
         let policy = Policy {
-            relay_ip: config.relay_ip,
+            relay_ips: config.relay_ips.clone(),
+            external_ips: config.external_ips.clone(),
             default_lifetime: config.default_lifetime,
             max_lifetime: config.max_lifetime,
             user_quota: config.user_quota,
             total_quota: config.total_quota,
-            peers: PeerPolicy::new(config.relay_ip, &config.udp_listen(), &config.allow_peer, &config.deny_peer),
+            peers: PeerPolicy::new(&config.relay_ips, &config.udp_listen(), &config.allow_peer, &config.deny_peer),
             rfc5766_channels: config.rfc5766_channels,
         };
         info!("{}", policy.peers.describe());

@@ -9,12 +9,13 @@ const REALM: &str = "uturn.local";
 
 fn policy() -> Policy {
     Policy {
-        relay_ip: "127.0.0.1".parse().unwrap(),
+        relay_ips: vec!["127.0.0.1".parse().unwrap()],
+        external_ips: vec![],
         default_lifetime: Duration::from_secs(600),
         max_lifetime: Duration::from_secs(3600),
         user_quota: 2,
         total_quota: 0,
-        peers: PeerPolicy::new("127.0.0.1".parse().unwrap(), &[], &[], &[]),
+        peers: PeerPolicy::new(&["127.0.0.1".parse().unwrap()], &[], &[], &[]),
         rfc5766_channels: false,
     }
 }
@@ -423,4 +424,78 @@ fn draining_refuses_allocates_with_508_and_the_owner_records_move_to_the_next_pr
         panic!("no install")
     };
     assert_eq!(second.session, 2, "session ids are not reused after a handover");
+}
+
+/// A control plane relaying on `relay_ips`, with `external` NAT mappings.
+fn with_relays(relay_ips: &[&str], external: &[(&str, &str)]) -> H {
+    let mut h = H::new();
+    h.cp.policy.relay_ips = relay_ips.iter().map(|s| s.parse().unwrap()).collect();
+    h.cp.policy.user_quota = 0;
+    h.cp.policy.total_quota = 0;
+    h.cp.policy.external_ips = external.iter().map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap())).collect();
+    h
+}
+
+/// Allocates on `ft` with the attributes `extra` adds; the Install or the error code.
+fn allocate_on(
+    h: &mut H,
+    ft: FiveTuple,
+    tid: u8,
+    extra: impl Fn(&mut MessageWriter<'_>) -> Result<(), WriteError>,
+) -> Result<(Install, SocketAddr), u16> {
+    let r = reply_bytes(h.send(0, ft, &request(Method::ALLOCATE, tid, None, udp)));
+    let nonce = nonce_of(&r);
+    let req = request(Method::ALLOCATE, tid + 1, Some(("demo", "demo", &nonce)), |w| {
+        udp(w)?;
+        extra(w)
+    });
+    match h.send(0, ft, &req) {
+        Some(ToWorker::Install(i, socket)) => {
+            let m = Message::parse(&i.response).unwrap();
+            let advertised = m.xor_address(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
+            assert_eq!(i.relayed, socket.local_addr().unwrap());
+            Ok((i, advertised))
+        }
+        other => Err(code(&reply_bytes(other)).expect("an error response")),
+    }
+}
+
+#[test]
+fn families_follow_requested_address_family_and_peers_must_match() {
+    let family =
+        |f: u8| move |w: &mut MessageWriter<'_>| w.u32(attr::REQUESTED_ADDRESS_FAMILY, (f as u32) << 24).map(drop);
+    // IPv4 only: IPv6 is not served (440); no family means IPv4 (RFC 8656 §7.2).
+    let mut h = with_relays(&["127.0.0.1"], &[]);
+    assert_eq!(allocate_on(&mut h, ft(1), 10, family(attr::FAMILY_IPV6)).unwrap_err(), 440);
+    let (i, _) = allocate_on(&mut h, ft(2), 20, |_| Ok(())).unwrap();
+    assert!(i.relayed.is_ipv4());
+    // Both families: IPv6 on request; a peer of the other family earns 443.
+    let mut h = with_relays(&["127.0.0.1", "::1"], &[]);
+    let (i, _) = allocate_on(&mut h, ft(3), 30, family(attr::FAMILY_IPV6)).unwrap();
+    assert!(i.relayed.is_ipv6());
+    // The nonce in hand (the Allocate above used the same one) signs a CreatePermission.
+    let nonce = nonce_of(&reply_bytes(h.send(0, ft(3), &request(Method::ALLOCATE, 39, None, udp))));
+    let perm = request(Method::CREATE_PERMISSION, 40, Some(("demo", "demo", &nonce)), |w| {
+        w.xor_address(attr::XOR_PEER_ADDRESS, &"127.0.0.1:5000".parse().unwrap()).map(drop)
+    });
+    let r = reply_bytes(h.send(0, ft(3), &perm));
+    assert_eq!(code(&r), Some(443));
+    let (i, _) = allocate_on(&mut h, ft(4), 50, family(attr::FAMILY_IPV4)).unwrap();
+    assert!(i.relayed.is_ipv4());
+}
+
+#[test]
+fn allocations_spread_over_relay_addresses_and_external_ip_is_advertised() {
+    let mut h = with_relays(&["127.0.0.1", "127.0.0.2"], &[("127.0.0.2", "203.0.113.7")]);
+    let mut bound = Vec::new();
+    for k in 0..4u8 {
+        let (i, advertised) = allocate_on(&mut h, ft(100 + k as u16), 60 + 2 * k, |_| Ok(())).unwrap();
+        if i.relayed.ip() == "127.0.0.2".parse::<IpAddr>().unwrap() {
+            assert_eq!(advertised, SocketAddr::new("203.0.113.7".parse().unwrap(), i.relayed.port()));
+        } else {
+            assert_eq!(advertised, i.relayed);
+        }
+        bound.push(i.relayed.ip());
+    }
+    assert!(bound.contains(&"127.0.0.1".parse().unwrap()) && bound.contains(&"127.0.0.2".parse().unwrap()));
 }
