@@ -15,7 +15,7 @@ use uturn_proto::{FiveTuple, WorkerState};
 
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
-    let ft = FiveTuple { client: "127.0.0.1:5000".parse().unwrap(), server: "127.0.0.1:3478".parse().unwrap() };
+    let ft = FiveTuple::udp("127.0.0.1:5000".parse().unwrap(), "127.0.0.1:3478".parse().unwrap());
     let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let mut s = WorkerState::new(RelayConfig::default(), now, 1);
     let mut out = vec![0u8; 1500];

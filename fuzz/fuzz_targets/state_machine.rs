@@ -12,7 +12,7 @@ use uturn_proto::wire::{ChannelNumber, IntegrityKey, TransactionId};
 use uturn_proto::{FiveTuple, WorkerState};
 
 fn five_tuple(i: u8) -> FiveTuple {
-    FiveTuple { client: SocketAddr::from(([127, 0, 0, 1], 5000 + (i % 4) as u16)), server: "127.0.0.1:3478".parse().unwrap() }
+    FiveTuple::udp(SocketAddr::from(([127, 0, 0, 1], 5000 + (i % 4) as u16)), "127.0.0.1:3478".parse().unwrap())
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -30,9 +30,12 @@ Chromium flags, and why:
   --disable-extensions --disable-default-apps --no-pings --disable-domain-reliability
   --disable-client-side-phishing-detection --metrics-recording-only
                                       Chromium must download or phone home nothing
-  --host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost
+  --host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE <--host>, ...
                                       every name but localhost fails to resolve, so nothing
-                                      can leave the machine by name
+                                      can leave the machine by name. The rules apply to IP
+                                      literals too: TURN over TCP to turn:127.0.0.1 fails with
+                                      ERR_NAME_NOT_RESOLVED unless --host (and --tls-name) are
+                                      excluded as well, so they are
   --allow-loopback-in-peer-connection WebRTC ignores loopback interfaces otherwise, and no
                                       socket opens where lo is the only usable interface
   --disable-features=WebRtcHideLocalIpsWithMdns
@@ -50,8 +53,10 @@ launcher execs it). The browser is ended by its PID at the end, also on failure.
 """
 
 import argparse
+import base64
 import fcntl
 import functools
+import hashlib
 import http.server
 import json
 import os
@@ -135,14 +140,17 @@ class CDP:
 
 
 def spki_of(pem):
-    """base64(sha256(SubjectPublicKeyInfo DER)) of a PEM certificate, via openssl."""
-    cmd = ("openssl x509 -pubkey -noout -in \"$0\" | openssl pkey -pubin -outform der"
-           " | openssl dgst -sha256 -binary | base64")
-    out = subprocess.run(["sh", "-o", "pipefail", "-c", cmd, pem], capture_output=True,
-                         text=True, timeout=10)
-    if out.returncode != 0 or not out.stdout.strip():
-        sys.exit(f"cannot compute the SPKI hash of {pem}: {out.stderr.strip()}")
-    return out.stdout.strip()
+    """base64(sha256(SubjectPublicKeyInfo DER)) of a PEM certificate: the same as
+    openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary
+    | base64, with the last two steps done by hashlib and base64."""
+    try:
+        pub = subprocess.run(["openssl", "x509", "-pubkey", "-noout", "-in", pem],
+                             capture_output=True, check=True, timeout=10).stdout
+        der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "der"], input=pub,
+                             capture_output=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        sys.exit(f"cannot compute the SPKI hash of {pem}: {e} {getattr(e, 'stderr', b'')!r}")
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
 def serve_page():
@@ -156,7 +164,7 @@ def serve_page():
     return server, f"http://localhost:{server.server_address[1]}/{os.path.basename(PAGE)}"
 
 
-def launch_chromium(binary, profile, spki, stderr):
+def launch_chromium(binary, profile, spki, stderr, hosts):
     flags = [
         "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -167,7 +175,8 @@ def launch_chromium(binary, profile, spki, stderr):
         "--allow-loopback-in-peer-connection",
         "--disable-features=WebRtcHideLocalIpsWithMdns",
         "--autoplay-policy=no-user-gesture-required",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost",
+        "--host-resolver-rules=MAP * ~NOTFOUND, " +
+        ", ".join(f"EXCLUDE {h}" for h in dict.fromkeys(["localhost"] + hosts)),
         "--remote-debugging-pipe",
     ]
     if spki:
@@ -204,8 +213,12 @@ def open_page(cdp, url, timeout=10.0):
     raise CDPError(f"page {url} did not load within {timeout:.0f} s")
 
 
+def ice_host(host):
+    return f"[{host}]" if ":" in host else host
+
+
 def ice_url(transport, args):
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    host = ice_host(args.host)
     if transport == "udp":
         return f"turn:{host}:{args.udp_port}?transport=udp"
     if transport == "tcp":
@@ -228,6 +241,14 @@ def run_call(cdp, session, transport, args, timeout_s):
 def check(res, transport, args):
     """The failed checks, as sentences; empty when the call passed."""
     fails = [f"page error: {e}" for e in res.get("errors", [])]
+    fails += [f"ICE candidate error on pc {e.get('pc')}: {e.get('errorCode')} {e.get('errorText')}"
+              f" ({e.get('url')})" for e in res.get("iceErrors") or [] if fails]
+    if res.get("datachannel") is None:  # never connected: the checks below were not reached
+        for side, cands in (res.get("gathered") or {}).items():
+            if not cands:
+                fails.append(f"pc {side}: no relay candidate gathered (no successful Allocate "
+                             f"over {transport} from {res.get('url')})")
+        return fails + ["not reached: data channel, audio and selected pair checks"]
     dc = res.get("datachannel") or {}
     n = args.messages
     if dc.get("receivedByA") != n or dc.get("receivedByB") != n:
@@ -328,6 +349,8 @@ def main():
         print("warning: --tls-port without --cert/--spki: the certificate must be trusted "
               "otherwise", file=sys.stderr)
 
+    # End the browser (finally below) also when this script is sent SIGTERM.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("browser call: terminated"))
     start = time.monotonic()
     deadline = start + args.timeout
     tmp = tempfile.mkdtemp(prefix="browser_call.")
@@ -337,7 +360,8 @@ def main():
     failed = []
     try:
         with open(stderr_path, "wb") as stderr:
-            proc, cdp = launch_chromium(binary, os.path.join(tmp, "profile"), spki, stderr)
+            proc, cdp = launch_chromium(binary, os.path.join(tmp, "profile"), spki, stderr,
+                                         [ice_host(args.host), args.tls_name])
         session = open_page(cdp, url, timeout=min(15.0, deadline - time.monotonic()))
         for t in transports:
             left = deadline - time.monotonic() - 6  # keep time to close the browser
@@ -369,8 +393,9 @@ def main():
                 print("--- page console ---\n" + "\n".join(cdp.console[-20:]))
             try:
                 with open(stderr_path, "rb") as f:
-                    tail = f.read().decode(errors="replace").splitlines()[-30:]
-                print("--- chromium stderr (tail) ---\n" + "\n".join(tail))
+                    lines = f.read().decode(errors="replace").splitlines()
+                    tail = [ln for ln in lines if "dbus" not in ln.lower()][-30:]  # D-Bus noise
+                print("--- chromium stderr (tail, D-Bus lines left out) ---\n" + "\n".join(tail))
             except OSError:
                 pass
         shutil.rmtree(tmp, ignore_errors=True)
