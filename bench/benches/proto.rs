@@ -49,6 +49,7 @@ fn state_with(n: u32) -> WorkerState {
             five_tuple: ft,
             tid: TransactionId([0; 12]),
             relayed: SocketAddr::from(([127, 0, 0, 1], 50000)),
+            additional: None,
             lifetime: Duration::from_secs(3600),
             response: vec![0u8; 100].into(),
             key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),

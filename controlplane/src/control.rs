@@ -72,6 +72,8 @@ struct Owner {
     session: u64,
     /// The family of its relayed transport address (peers must match it, RFC 8656 §9.1, §12.2).
     v6: bool,
+    /// A dual allocation: it has a relayed address of each family, so peers of both are allowed.
+    dual: bool,
 }
 
 /// The control plane's record of one allocation, as a hot upgrade hands it over.
@@ -93,6 +95,9 @@ pub struct OwnerSnapshot {
     /// IPv4).
     #[serde(default)]
     pub v6: bool,
+    /// A dual allocation (a relayed address of each family).
+    #[serde(default)]
+    pub dual: bool,
 }
 
 /// What the control plane hands to the next process in a hot upgrade.
@@ -220,6 +225,7 @@ impl ControlPlane {
                 worker: o.worker,
                 session: o.session,
                 v6: o.v6,
+                dual: o.dual,
             })
             .collect();
         ControlSnapshot { owners, next_session: self.next_session }
@@ -232,7 +238,8 @@ impl ControlPlane {
             let user: Arc<str> = o.user.into();
             *self.per_user.entry(user.clone()).or_default() += 1;
             let expires = now + Duration::from_millis(o.lifetime_left_ms);
-            let owner = Owner { user, tid: o.tid, expires, worker: o.worker, session: o.session, v6: o.v6 };
+            let owner =
+                Owner { user, tid: o.tid, expires, worker: o.worker, session: o.session, v6: o.v6, dual: o.dual };
             if let Some(old) = self.owners.insert(o.five_tuple, owner) {
                 // Not expected (5-tuples are unique); keep the quota honest anyway.
                 if let Some(n) = self.per_user.get_mut(&old.user) {
@@ -468,7 +475,7 @@ impl ControlPlane {
                 let r = self.error(msg, code, Some(&key));
                 Some(reply(ft, r))
             }
-            Ok((lifetime, port, v6)) => {
+            Ok((lifetime, port, v6, dual)) => {
                 let lifetime = cap.map_or(lifetime, |c| lifetime.min(c));
                 let (socket, token) = match self.relay_socket(now, worker, port, v6) {
                     Ok(Some(pair)) => pair,
@@ -485,12 +492,43 @@ impl ControlPlane {
                 };
                 let relayed = socket.local_addr().ok()?;
                 let advertised = self.advertised(relayed);
-                let bytes = self.allocate_success(msg, &ft, &advertised, lifetime, token, &key);
+                // RFC 8656 §7.2: a dual allocation's IPv6 address; a family not served, or
+                // no port left in it, is told in ADDRESS-ERROR-CODE and the IPv4 one stands.
+                let (additional, address_error) = if !dual {
+                    (None, None)
+                } else if !self.policy.relay_ips.iter().any(IpAddr::is_ipv6) {
+                    (None, Some(ErrorCode::AddressFamilyNotSupported))
+                } else {
+                    match self.relay_socket(now, worker, PortRequest::Any, true) {
+                        Ok(Some((s, _))) => (Some(s), None),
+                        Ok(None) | Err(_) => (None, Some(ErrorCode::InsufficientCapacity)),
+                    }
+                };
+                let additional_addr = additional.as_ref().and_then(|s| s.local_addr().ok());
+                let advertised_additional = additional_addr.map(|a| self.advertised(a));
+                let bytes = self.allocate_success(
+                    msg,
+                    &ft,
+                    &advertised,
+                    advertised_additional.as_ref(),
+                    address_error,
+                    lifetime,
+                    token,
+                    &key,
+                );
                 let session = self.next_session;
                 self.next_session += 1;
                 self.owners.insert(
                     ft,
-                    Owner { user: user.clone(), tid, expires: now + lifetime, worker, session, v6: relayed.is_ipv6() },
+                    Owner {
+                        user: user.clone(),
+                        tid,
+                        expires: now + lifetime,
+                        worker,
+                        session,
+                        v6: relayed.is_ipv6(),
+                        dual: additional.is_some(),
+                    },
                 );
                 *self.per_user.entry(user.clone()).or_default() += 1;
                 self.stats.allocations += 1;
@@ -503,21 +541,33 @@ impl ControlPlane {
                     %user,
                     transport = %ft.transport,
                     relayed = %advertised,
+                    additional = ?advertised_additional,
                     lifetime_s = lifetime.as_secs(),
                     "allocation granted"
                 );
                 // The worker keeps the response and answers retransmissions.
                 Some(ToWorker::Install(
-                    Install { five_tuple: ft, tid, relayed, lifetime, response: bytes.into(), key, session, user },
+                    Install {
+                        five_tuple: ft,
+                        tid,
+                        relayed,
+                        additional: additional_addr,
+                        lifetime,
+                        response: bytes.into(),
+                        key,
+                        session,
+                        user,
+                    },
                     socket,
+                    additional,
                 ))
             }
         }
     }
 
-    /// Checks an Allocate; returns the lifetime, the relay port request and whether the
-    /// relayed address is IPv6.
-    fn check_allocate(&self, msg: &Message<'_>, user: &str) -> Result<(Duration, PortRequest, bool), ErrorCode> {
+    /// Checks an Allocate; returns the lifetime, the relay port request, whether the relayed
+    /// address is IPv6, and whether an IPv6 one is asked for besides (a dual allocation).
+    fn check_allocate(&self, msg: &Message<'_>, user: &str) -> Result<(Duration, PortRequest, bool, bool), ErrorCode> {
         let transport = msg.get(attr::REQUESTED_TRANSPORT).ok_or(ErrorCode::BadRequest)?;
         if transport.len() != 4 {
             return Err(ErrorCode::BadRequest);
@@ -558,6 +608,13 @@ impl ControlPlane {
         if !self.policy.relay_ips.iter().any(|ip| ip.is_ipv6() == v6) {
             return Err(ErrorCode::AddressFamilyNotSupported);
         }
+        // RFC 8656 §7.2 item 7: ADDITIONAL-ADDRESS-FAMILY asks for an IPv6 address besides the
+        // IPv4 one; any other value is a 400.
+        let dual = match msg.get(attr::ADDITIONAL_ADDRESS_FAMILY) {
+            None => false,
+            Some(f) if f.len() == 4 && f[0] == attr::FAMILY_IPV6 => true,
+            Some(_) => return Err(ErrorCode::BadRequest),
+        };
         let quota = |q: u32, n: usize| q != 0 && n >= q as usize;
         if quota(self.policy.total_quota, self.owners.len())
             || quota(self.policy.user_quota, self.per_user.get(user).copied().unwrap_or(0) as usize)
@@ -571,7 +628,7 @@ impl ControlPlane {
             (None, Some(_)) => PortRequest::Even,
             (None, None) => PortRequest::Any,
         };
-        Ok((if lifetime.is_zero() { self.policy.default_lifetime } else { lifetime }, port, v6))
+        Ok((if lifetime.is_zero() { self.policy.default_lifetime } else { lifetime }, port, v6, dual))
     }
 
     /// The granted lifetime: the requested one clamped to [default, max]; zero stays zero
@@ -662,11 +719,14 @@ impl ControlPlane {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn allocate_success(
         &mut self,
         msg: &Message<'_>,
         ft: &FiveTuple,
         relayed: &SocketAddr,
+        additional: Option<&SocketAddr>,
+        address_error: Option<ErrorCode>,
         lifetime: Duration,
         token: Option<[u8; 8]>,
         key: &IntegrityKey,
@@ -674,6 +734,16 @@ impl ControlPlane {
         let n = (|| {
             let mut w = response::start(&mut self.buf, Method::ALLOCATE, Class::Success, msg.transaction_id())?;
             w.xor_address(attr::XOR_RELAYED_ADDRESS, relayed)?;
+            if let Some(a) = additional {
+                w.xor_address(attr::XOR_RELAYED_ADDRESS, a)?;
+            }
+            if let Some(code) = address_error {
+                // RFC 8656 §18.12: the family not allocated, then class and number.
+                let n = code.code();
+                let mut v = vec![attr::FAMILY_IPV6, 0, (n / 100) as u8, (n % 100) as u8];
+                v.extend_from_slice(code.reason().as_bytes());
+                w.bytes(attr::ADDRESS_ERROR_CODE, &v)?;
+            }
             w.xor_address(attr::XOR_MAPPED_ADDRESS, &ft.client)?;
             w.u32(attr::LIFETIME, lifetime.as_secs() as u32)?;
             if let Some(t) = token {
@@ -697,9 +767,9 @@ impl ControlPlane {
         // family earns 443; a malformed value (not 4 bytes, or an unknown family) does not
         // match either, so it gets 443 too (docs/rfc-compliance.md).
         if let Some(f) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
-            let v6 = self.owners.get(&ft).is_some_and(|o| o.v6);
+            let (v6, dual) = self.owners.get(&ft).map_or((false, false), |o| (o.v6, o.dual));
             let want = if v6 { attr::FAMILY_IPV6 } else { attr::FAMILY_IPV4 };
-            if f.len() != 4 || f[0] != want {
+            if f.len() != 4 || (f[0] != want && !(dual && f[0] == attr::FAMILY_IPV6)) {
                 return Err(ErrorCode::PeerAddressFamilyMismatch);
             }
         }
@@ -719,8 +789,8 @@ impl ControlPlane {
         peer: Result<SocketAddr, uturn_proto::wire::AddressError>,
     ) -> Result<SocketAddr, ErrorCode> {
         let peer = peer.map_err(|_| ErrorCode::BadRequest)?;
-        let v6 = self.owners.get(ft).is_some_and(|o| o.v6);
-        if peer.is_ipv6() != v6 {
+        let (v6, dual) = self.owners.get(ft).map_or((false, false), |o| (o.v6, o.dual));
+        if peer.is_ipv6() != v6 && !dual {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
         if !self.policy.peers.allows(peer) {

@@ -279,11 +279,16 @@ impl<'a> Server<'a> {
             };
             let listeners: Vec<UdpSocket> = fds.by_ref().take(h.workers[i].listeners).map(UdpSocket::from).collect();
             let allocs = std::mem::take(&mut snapshots.as_mut().expect("handover")[i]);
-            let sockets: Vec<UdpSocket> = fds.by_ref().take(allocs.len()).map(UdpSocket::from).collect();
-            if sockets.len() != allocs.len() {
-                bail!("worker {i}: {} relay sockets for {} allocations", sockets.len(), allocs.len());
+            let mut taken = Vec::with_capacity(allocs.len());
+            for snap in allocs {
+                let socket = fds.next().map(UdpSocket::from);
+                let additional = if snap.additional.is_some() { fds.next().map(UdpSocket::from) } else { None };
+                match socket {
+                    Some(s) if snap.additional.is_none() || additional.is_some() => taken.push((snap, s, additional)),
+                    _ => bail!("worker {i}: relay sockets missing in the handover"),
+                }
             }
-            let (frozen, refused) = FrozenWorker::adopt(cfg, now, listeners, allocs.into_iter().zip(sockets).collect())
+            let (frozen, refused) = FrozenWorker::adopt(cfg, now, listeners, taken)
                 .with_context(|| format!("worker {i}: taking over its sockets"))?;
             for (session, e) in refused {
                 warn!(worker = i, session, "hot upgrade: allocation not taken over: {e:?}");
@@ -534,7 +539,7 @@ impl<'a> Server<'a> {
     fn push(&mut self, worker: usize, msg: ToWorker) {
         if let Err(rejected) = self.workers[worker].send(msg) {
             self.control.stats.queue_full += 1;
-            if let ToWorker::Install(i, _socket) = rejected {
+            if let ToWorker::Install(i, _socket, _additional) = rejected {
                 // The socket closes here; forget the allocation the worker never saw.
                 self.control.install_dropped(&i);
             }

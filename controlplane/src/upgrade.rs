@@ -32,7 +32,8 @@ pub const SERVING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything but the descriptors. Descriptors follow in this order: the admin listener (if
 /// `admin`), the metrics listener (if `metrics`), then per worker its listeners and then its
-/// allocations' relay sockets, in the order of `workers[i].allocations`.
+/// allocations' relay sockets, in the order of `workers[i].allocations` (a dual allocation's
+/// second relay socket right after its first).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Handover {
     /// The nonce secret, so nonces already handed out stay valid.
@@ -67,7 +68,11 @@ impl Handover {
     pub fn fd_count(&self) -> usize {
         self.admin as usize
             + self.metrics as usize
-            + self.workers.iter().map(|w| w.listeners + w.allocations.len()).sum::<usize>()
+            + self
+                .workers
+                .iter()
+                .map(|w| w.listeners + w.allocations.iter().map(|a| 1 + a.additional.is_some() as usize).sum::<usize>())
+                .sum::<usize>()
     }
 }
 

@@ -39,11 +39,17 @@ pub(crate) trait Io {
     fn register_relay(&mut self, id: AllocationId, socket: &UdpSocket);
     /// Stop receiving on a relay socket about to be closed.
     fn deregister_relay(&mut self, id: AllocationId, socket: &UdpSocket);
+    /// Start receiving on a dual allocation's second relay socket (tagged as `id`'s additional).
+    fn register_additional(&mut self, id: AllocationId, socket: &UdpSocket);
+    /// Stop receiving on a dual allocation's second relay socket about to be closed.
+    fn deregister_additional(&mut self, id: AllocationId, socket: &UdpSocket);
     /// Send `bytes` (a STUN response) to `to` from listener `listener`.
     fn send_reply(&mut self, listener: usize, to: SocketAddr, bytes: &[u8]);
     /// Send `bytes` (copied: they sit in a connection's buffer) from allocation `id`'s relay
     /// socket to `peer`.
     fn send_to_peer(&mut self, id: AllocationId, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]);
+    /// Send `bytes` (copied) from a dual allocation's second relay socket to `peer`.
+    fn send_to_peer_additional(&mut self, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]);
     /// Forget a connection about to be closed (its socket is shut down right after).
     fn close_stream(&mut self, id: ConnId, socket: &TcpStream);
 }
@@ -80,8 +86,22 @@ pub(crate) struct Listener {
 pub(crate) struct Relay {
     pub(crate) id: AllocationId,
     pub(crate) socket: UdpSocket,
+    /// A dual allocation's second relay socket (the other family, RFC 8656 §7.2).
+    pub(crate) additional: Option<UdpSocket>,
     /// How the allocation's client is reached.
     pub(crate) client: ClientPath,
+}
+
+impl Relay {
+    /// The socket that sends to `peer` (the one of its family) and whether it is the
+    /// additional one.
+    #[inline]
+    pub(crate) fn socket_for(&self, peer: &SocketAddr) -> (&UdpSocket, bool) {
+        match &self.additional {
+            Some(a) if self.socket.local_addr().is_ok_and(|l| l.is_ipv4() != peer.is_ipv4()) => (a, true),
+            _ => (&self.socket, false),
+        }
+    }
 }
 
 /// Where a client datagram goes.
@@ -304,7 +324,12 @@ impl WorkerCore {
                 }
                 ClientVerdict::ToPeer { relay, peer, payload } => {
                     if let Some(Some(r)) = self.relays.get(relay) {
-                        io.send_to_peer(r.id, &r.socket, peer, &message[payload]);
+                        let (socket, additional) = r.socket_for(&peer);
+                        if additional {
+                            io.send_to_peer_additional(socket, peer, &message[payload]);
+                        } else {
+                            io.send_to_peer(r.id, socket, peer, &message[payload]);
+                        }
                     }
                 }
             }
@@ -418,7 +443,7 @@ impl WorkerCore {
     pub(crate) fn drain_commands(&mut self, now: Instant, io: &mut impl Io) {
         while let Ok(msg) = self.commands.try_recv() {
             let (cmd, socket) = match msg {
-                ToWorker::Install(i, s) => (Command::Install(i), Some(s)),
+                ToWorker::Install(i, s, a) => (Command::Install(i), Some((s, a))),
                 ToWorker::Command(c) => (c, None),
                 ToWorker::Sessions(reply) => {
                     self.collect_offloaded();
@@ -452,12 +477,19 @@ impl WorkerCore {
                     // takes the slot (its end is reported by the next `expire`).
                     if let Some(old) = self.relays[slot].take() {
                         io.deregister_relay(old.id, &old.socket);
+                        if let Some(a) = &old.additional {
+                            io.deregister_additional(old.id, a);
+                        }
                     }
+                    let (socket, additional) = socket;
                     let session = self.session_of(&out.five_tuple);
                     match path {
                         Some(client) => {
                             io.register_relay(id, &socket);
-                            self.relays[slot] = Some(Relay { id, socket, client });
+                            if let Some(a) = &additional {
+                                io.register_additional(id, a);
+                            }
+                            self.relays[slot] = Some(Relay { id, socket, additional, client });
                             debug!(worker = self.index, session, client = %out.five_tuple.client, "allocation installed");
                         }
                         None => {
@@ -630,6 +662,9 @@ impl WorkerCore {
             if matches!(slot, Some(r) if r.id == id) {
                 if let Some(r) = slot.take() {
                     io.deregister_relay(id, &r.socket);
+                    if let Some(a) = &r.additional {
+                        io.deregister_additional(id, a);
+                    }
                 }
             }
         }

@@ -20,6 +20,8 @@ const WAKER: Token = Token(usize::MAX);
 const STREAM_LISTENER_BASE: usize = 1 << 15;
 /// Relay slot `i` is `RELAY_BASE + i`.
 const RELAY_BASE: usize = 1 << 16;
+/// A dual allocation's second relay socket of slot `i` is `ADDITIONAL_BASE + i`.
+const ADDITIONAL_BASE: usize = 1 << 32;
 /// Connection slot `i` is `CONN_BASE + i` (a closed connection is deregistered before its slot
 /// is reused, so no event of it reaches the next tenant).
 const CONN_BASE: usize = 1 << 40;
@@ -50,6 +52,18 @@ impl Io for EpollIo {
     fn send_to_peer(&mut self, _id: AllocationId, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]) {
         let _ = socket.send_to(bytes, peer);
     }
+    fn send_to_peer_additional(&mut self, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]) {
+        let _ = socket.send_to(bytes, peer);
+    }
+    fn register_additional(&mut self, id: AllocationId, socket: &UdpSocket) {
+        let fd = socket.as_raw_fd();
+        let token = Token(ADDITIONAL_BASE + id.index as usize);
+        let _ = self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE);
+    }
+    fn deregister_additional(&mut self, _id: AllocationId, socket: &UdpSocket) {
+        let fd = socket.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+    }
     fn close_stream(&mut self, _id: ConnId, socket: &TcpStream) {
         let fd = socket.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
@@ -76,6 +90,9 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
     // reports it readable at once.
     for r in core.relays.iter().flatten() {
         io.register_relay(r.id, &r.socket);
+        if let Some(a) = &r.additional {
+            io.register_additional(r.id, a);
+        }
     }
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; BUF_LEN];
@@ -104,7 +121,10 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
                 Token(t) if t < RELAY_BASE => {
                     accept_all(&mut core, &mut io, &stream_listeners, t - STREAM_LISTENER_BASE, now)
                 }
-                Token(t) if t < CONN_BASE => drain_relay(&mut core, &mut io, t - RELAY_BASE, &mut buf, now),
+                Token(t) if t < ADDITIONAL_BASE => {
+                    drain_relay(&mut core, &mut io, t - RELAY_BASE, false, &mut buf, now)
+                }
+                Token(t) if t < CONN_BASE => drain_relay(&mut core, &mut io, t - ADDITIONAL_BASE, true, &mut buf, now),
                 Token(t) => {
                     let index = (t - CONN_BASE) as u32;
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
@@ -167,21 +187,29 @@ fn drain_listener(core: &mut WorkerCore, io: &mut EpollIo, listener: usize, buf:
             }
             ClientVerdict::ToPeer { relay, peer, payload } => {
                 if let Some(Some(r)) = core.relays.get(relay) {
-                    let _ = r.socket.send_to(&buf[payload], peer);
+                    let _ = r.socket_for(&peer).0.send_to(&buf[payload], peer);
                 }
             }
         }
     }
 }
 
-fn drain_relay(core: &mut WorkerCore, io: &mut EpollIo, slot: usize, buf: &mut [u8], now: Instant) {
+/// Reads relay slot `slot`'s socket (its `additional` one for a dual allocation's second
+/// address) until it would block.
+fn drain_relay(core: &mut WorkerCore, io: &mut EpollIo, slot: usize, additional: bool, buf: &mut [u8], now: Instant) {
     if !matches!(core.relays.get(slot), Some(Some(_))) {
         return;
     }
     let mut errors = 0;
     loop {
         let result = match core.relays.get(slot) {
-            Some(Some(r)) => r.socket.recv_from(&mut buf[PEER_HEADROOM..BUF_LEN - PEER_TAILROOM]),
+            Some(Some(r)) => {
+                let socket = if additional { r.additional.as_ref() } else { Some(&r.socket) };
+                match socket {
+                    Some(s) => s.recv_from(&mut buf[PEER_HEADROOM..BUF_LEN - PEER_TAILROOM]),
+                    None => return,
+                }
+            }
             _ => return,
         };
         let (n, peer) = match received(result, &mut errors) {

@@ -15,9 +15,9 @@ use uturn_proto::FiveTuple;
 /// What the control plane pushes into a worker.
 #[derive(Debug)]
 pub enum ToWorker {
-    /// Install an allocation whose relayed transport address is `socket` (already bound,
-    /// non-blocking).
-    Install(Install, UdpSocket),
+    /// Install an allocation whose relayed transport address is the first socket (already
+    /// bound, non-blocking); a dual allocation's second relayed address is the second.
+    Install(Install, UdpSocket, Option<UdpSocket>),
     /// Any other command (Refresh, CreatePermission, ChannelBind, or a reply to send).
     Command(Command),
     /// Send this worker's index and its live sessions to the sender (the admin API).

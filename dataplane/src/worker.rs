@@ -115,13 +115,14 @@ impl FrozenWorker {
         self.listeners.iter().map(|l| &l.socket)
     }
 
-    /// A snapshot of every live allocation at `now`, with its relay socket.
-    pub fn export(&self, now: Instant) -> Vec<(AllocationSnapshot, &UdpSocket)> {
+    /// A snapshot of every live allocation at `now`, with its relay socket (and a dual
+    /// allocation's second one).
+    pub fn export(&self, now: Instant) -> Vec<(AllocationSnapshot, &UdpSocket, Option<&UdpSocket>)> {
         self.state
             .export(now)
             .into_iter()
             .filter_map(|(id, snap)| match self.relays.get(id.index as usize) {
-                Some(Some(r)) if r.id == id => Some((snap, &r.socket)),
+                Some(Some(r)) if r.id == id => Some((snap, &r.socket, r.additional.as_ref())),
                 _ => None,
             })
             .collect()
@@ -139,7 +140,7 @@ impl FrozenWorker {
         cfg: &WorkerConfig,
         now: Instant,
         listeners: Vec<UdpSocket>,
-        allocations: Vec<(AllocationSnapshot, UdpSocket)>,
+        allocations: Vec<(AllocationSnapshot, UdpSocket, Option<UdpSocket>)>,
     ) -> io::Result<(FrozenWorker, Vec<(u64, ImportError)>)> {
         if listeners.len() != cfg.listen.len() {
             return Err(io::Error::other(format!(
@@ -161,17 +162,20 @@ impl FrozenWorker {
         let mut state = new_state(cfg);
         let mut relays: Vec<Option<Relay>> = Vec::new();
         let mut refused = Vec::new();
-        for (snap, socket) in allocations {
+        for (snap, socket, additional) in allocations {
             let (session, ft) = (snap.session, snap.five_tuple);
             match state.import(now, snap) {
                 Ok(id) => {
                     socket.set_nonblocking(true)?;
+                    if let Some(a) = &additional {
+                        a.set_nonblocking(true)?;
+                    }
                     let slot = id.index as usize;
                     if relays.len() <= slot {
                         relays.resize_with(slot + 1, || None);
                     }
                     let listener = cfg.listen.iter().position(|a| *a == ft.server).unwrap_or(0);
-                    relays[slot] = Some(Relay { id, socket, client: ClientPath::Datagram(listener) });
+                    relays[slot] = Some(Relay { id, socket, additional, client: ClientPath::Datagram(listener) });
                 }
                 Err(e) => refused.push((session, e)),
             }

@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         five_tuple: ft,
         tid: TransactionId([1; 12]),
         relayed: "127.0.0.1:50000".parse().unwrap(),
+        additional: None,
         lifetime: Duration::from_secs(600),
         response: vec![0u8; 20].into(),
         key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),

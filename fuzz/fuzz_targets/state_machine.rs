@@ -35,6 +35,7 @@ fuzz_target!(|data: &[u8]| {
                     five_tuple: ft,
                     tid,
                     relayed: SocketAddr::from(([127, 0, 0, 1], 50000 + who as u16)),
+                    additional: None,
                     lifetime: Duration::from_secs(1 + (d as u64 % 20)),
                     response: vec![d; 20].into(),
                     key: uturn_proto::wire::IntegrityKey::from_md5([1; 16]),

@@ -112,7 +112,7 @@ fn challenge_then_allocate_installs_a_signed_allocation() {
         udp(w)?;
         w.u32(attr::LIFETIME, 99_999).map(drop)
     });
-    let Some(ToWorker::Install(install, socket)) = h.send(1, ft(1000), &req) else { panic!("no install") };
+    let Some(ToWorker::Install(install, socket, _)) = h.send(1, ft(1000), &req) else { panic!("no install") };
     assert_eq!(install.lifetime, Duration::from_secs(3600), "clamped to max-lifetime");
     assert_eq!(socket.local_addr().unwrap(), install.relayed);
     let m = Message::parse(&install.response).unwrap();
@@ -196,7 +196,7 @@ fn even_port_with_reservation() {
         udp(w)?;
         w.bytes(attr::EVEN_PORT, &[0x80]).map(drop)
     });
-    let Some(ToWorker::Install(first, _s1)) = h.send(0, ft(1000), &req) else { panic!() };
+    let Some(ToWorker::Install(first, _s1, _)) = h.send(0, ft(1000), &req) else { panic!() };
     assert_eq!(first.relayed.port() % 2, 0);
     let token = Message::parse(&first.response).unwrap().get(attr::RESERVATION_TOKEN).unwrap().to_vec();
     let nonce2 = nonce_of(&reply_bytes(h.send(0, ft(1001), &request(Method::ALLOCATE, 3, None, udp))));
@@ -204,7 +204,7 @@ fn even_port_with_reservation() {
         udp(w)?;
         w.bytes(attr::RESERVATION_TOKEN, &token).map(drop)
     });
-    let Some(ToWorker::Install(second, _s2)) = h.send(1, ft(1001), &claim) else { panic!() };
+    let Some(ToWorker::Install(second, _s2, _)) = h.send(1, ft(1001), &claim) else { panic!() };
     assert_eq!(second.relayed.port(), first.relayed.port() + 1);
 }
 
@@ -288,8 +288,8 @@ fn a_full_slice_borrows_from_the_others_before_508() {
     let challenger = Challenger::new(REALM, NonceKey::new([3; 32], 10), Challenger::origin_for(t0));
     let policy = Policy { user_quota: 0, ..policy() };
     let mut h = H { cp: ControlPlane::new(policy, credentials(), 2, (lo, lo + 1), challenger), t0 };
-    let Some(ToWorker::Install(first, _a)) = allocate_with(&mut h, 0, ft(1000), 1, |_| Ok(())) else { panic!() };
-    let Some(ToWorker::Install(second, _b)) = allocate_with(&mut h, 0, ft(1001), 3, |_| Ok(())) else {
+    let Some(ToWorker::Install(first, _a, _)) = allocate_with(&mut h, 0, ft(1000), 1, |_| Ok(())) else { panic!() };
+    let Some(ToWorker::Install(second, _b, _)) = allocate_with(&mut h, 0, ft(1001), 3, |_| Ok(())) else {
         panic!("worker 0's slice is full but worker 1's port is free")
     };
     let mut ports = [first.relayed.port(), second.relayed.port()];
@@ -301,9 +301,9 @@ fn a_full_slice_borrows_from_the_others_before_508() {
 #[test]
 fn a_lapsed_allocation_does_not_block_a_new_allocate() {
     let mut h = H::new();
-    let Some(ToWorker::Install(old, _s)) = allocate_with(&mut h, 0, ft(1000), 1, |_| Ok(())) else { panic!() };
+    let Some(ToWorker::Install(old, _s, _)) = allocate_with(&mut h, 0, ft(1000), 1, |_| Ok(())) else { panic!() };
     // 600 s later (no Refresh, and the worker has not reported yet) the 5-tuple is free again.
-    let Some(ToWorker::Install(new, _t)) = allocate_with(&mut h, 600, ft(1000), 3, |_| Ok(())) else {
+    let Some(ToWorker::Install(new, _t, _)) = allocate_with(&mut h, 600, ft(1000), 3, |_| Ok(())) else {
         panic!("lapsed allocation still blocks its 5-tuple")
     };
     assert_eq!(h.cp.allocations(), 1);
@@ -397,7 +397,7 @@ fn a_store_user_parks_the_request_then_is_served_from_the_cache() {
 fn draining_refuses_allocates_with_508_and_the_owner_records_move_to_the_next_process() {
     let mut h = H::new();
     let nonce = nonce_of(&reply_bytes(h.send(0, ft(1000), &request(Method::ALLOCATE, 1, None, udp))));
-    let Some(ToWorker::Install(first, _socket)) =
+    let Some(ToWorker::Install(first, _socket, _)) =
         h.send(0, ft(1000), &request(Method::ALLOCATE, 2, Some(("demo", "demo", &nonce)), udp))
     else {
         panic!("no install")
@@ -418,7 +418,7 @@ fn draining_refuses_allocates_with_508_and_the_owner_records_move_to_the_next_pr
     let (worker, cmd) = next.cp.revoke_session(1).expect("the imported session can be revoked");
     assert!(worker == 0 && matches!(cmd, ToWorker::Command(Command::Revoke { tid, .. }) if tid == first.tid));
     let nonce = nonce_of(&reply_bytes(next.send(0, ft(1002), &request(Method::ALLOCATE, 4, None, udp))));
-    let Some(ToWorker::Install(second, _s)) =
+    let Some(ToWorker::Install(second, _s, _)) =
         next.send(0, ft(1002), &request(Method::ALLOCATE, 5, Some(("demo", "demo", &nonce)), udp))
     else {
         panic!("no install")
@@ -450,7 +450,7 @@ fn allocate_on(
         extra(w)
     });
     match h.send(0, ft, &req) {
-        Some(ToWorker::Install(i, socket)) => {
+        Some(ToWorker::Install(i, socket, _)) => {
             let m = Message::parse(&i.response).unwrap();
             let advertised = m.xor_address(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap();
             assert_eq!(i.relayed, socket.local_addr().unwrap());

@@ -75,10 +75,14 @@ impl Server<'_> {
             let listeners: Vec<RawFd> = f.listeners().map(|s| s.as_raw_fd()).collect();
             let exported = f.export(now);
             fds.extend(&listeners);
-            fds.extend(exported.iter().map(|(_, s)| s.as_raw_fd()));
+            // Each relay socket, a dual allocation's second one right after it.
+            for (_, s, a) in &exported {
+                fds.push(s.as_raw_fd());
+                fds.extend(a.map(|a| a.as_raw_fd()));
+            }
             workers.push(WorkerHandover {
                 listeners: listeners.len(),
-                allocations: exported.into_iter().map(|(snap, _)| snap).collect(),
+                allocations: exported.into_iter().map(|(snap, _, _)| snap).collect(),
             });
         }
         let allocations: usize = workers.iter().map(|w| w.allocations.len()).sum();

@@ -96,10 +96,15 @@ const KIND_CANCEL: u64 = 5;
 const KIND_ACCEPT: u64 = 6;
 const KIND_STREAM_RECV: u64 = 7;
 const KIND_STREAM_SEND: u64 = 8;
-const GEN_MASK: u32 = 0x0FFF_FFFF;
+const GEN_MASK: u32 = 0x07FF_FFFF;
+/// Set in a relay tag's generation field for a dual allocation's second relay socket.
+const ADDITIONAL_BIT: u32 = 0x0800_0000;
 
 fn tag(kind: u64, low: u64) -> u64 {
     (kind << KIND_SHIFT) | low
+}
+fn additional_tag(id: AllocationId) -> u64 {
+    relay_tag(id) | (ADDITIONAL_BIT as u64) << 32
 }
 fn relay_tag(id: AllocationId) -> u64 {
     tag(KIND_RELAY, ((id.generation & GEN_MASK) as u64) << 32 | id.index as u64)
@@ -292,6 +297,20 @@ impl Io for UringIo {
         let file = self.listener_files[listener];
         self.send(file, to, Err(bytes), bytes.len(), None);
     }
+    fn send_to_peer_additional(&mut self, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]) {
+        self.send(FileRef::Raw(socket.as_raw_fd()), peer, Err(bytes), bytes.len(), None);
+    }
+    fn register_additional(&mut self, id: AllocationId, socket: &UdpSocket) {
+        // Second sockets are named by their fd (the registered table has one slot per index).
+        self.arm_recv(FileRef::Raw(socket.as_raw_fd()), additional_tag(id));
+    }
+    fn deregister_additional(&mut self, id: AllocationId, _socket: &UdpSocket) {
+        let ud = additional_tag(id);
+        self.pending.retain(|e| e.get_user_data() != ud);
+        self.armed.remove(&ud);
+        let sqe = opcode::AsyncCancel::new(ud).build().user_data(tag(KIND_CANCEL, 0));
+        self.push_or_retry(sqe);
+    }
     fn send_to_peer(&mut self, id: AllocationId, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]) {
         let file = self.relay_file(id.index, socket.as_raw_fd());
         self.send(file, peer, Err(bytes), bytes.len(), None);
@@ -380,6 +399,9 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
     // A resumed worker's allocations.
     for r in core.relays.iter().flatten() {
         io.register_relay(r.id, &r.socket);
+        if let Some(a) = &r.additional {
+            io.register_additional(r.id, a);
+        }
     }
     io.arm_waker(waker.raw_fd());
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(SQ_ENTRIES as usize * 4);
@@ -568,15 +590,22 @@ fn dispatch(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res:
         }
         KIND_RELAY => {
             let index = (low & 0xFFFF_FFFF) as usize;
-            let generation = (low >> 32) as u32;
+            let additional = (low >> 32) as u32 & ADDITIONAL_BIT != 0;
+            let generation = (low >> 32) as u32 & GEN_MASK;
             let live = matches!(core.relays.get(index), Some(Some(r)) if r.id.generation & GEN_MASK == generation);
             if !cqueue::more(flags) {
                 io.armed.remove(&ud);
             }
             if live && !cqueue::more(flags) && res != -libc::ECANCELED && !io.freezing {
                 if let Some(Some(r)) = core.relays.get(index) {
-                    let (file, id) = (io.relay_file(r.id.index, r.socket.as_raw_fd()), r.id);
-                    io.arm_recv(file, relay_tag(id));
+                    match (&r.additional, additional) {
+                        (Some(a), true) => io.arm_recv(FileRef::Raw(a.as_raw_fd()), additional_tag(r.id)),
+                        (_, true) => {}
+                        _ => {
+                            let (file, id) = (io.relay_file(r.id.index, r.socket.as_raw_fd()), r.id);
+                            io.arm_recv(file, relay_tag(id));
+                        }
+                    }
                 }
             }
             let Some(bid) = cqueue::buffer_select(flags) else { return };
@@ -618,7 +647,10 @@ fn on_listener(core: &mut WorkerCore, io: &mut UringIo, now: Instant, listener: 
     match core.on_client(now, listener, from, datagram) {
         ClientVerdict::ToPeer { relay, peer, payload } => {
             let file = match core.relays.get(relay) {
-                Some(Some(r)) => io.relay_file(r.id.index, r.socket.as_raw_fd()),
+                Some(Some(r)) => match r.socket_for(&peer) {
+                    (s, true) => FileRef::Raw(s.as_raw_fd()),
+                    (s, false) => io.relay_file(r.id.index, s.as_raw_fd()),
+                },
                 _ => {
                     io.bufs.recycle(bid);
                     return;

@@ -270,6 +270,7 @@ impl WorkerState {
         let id = self.tables.insert(Allocation {
             five_tuple,
             relayed: i.relayed,
+            additional: i.additional,
             expires,
             alloc_tid: i.tid,
             alloc_response: i.response,

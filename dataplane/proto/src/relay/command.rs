@@ -19,6 +19,8 @@ pub struct Install {
     pub tid: TransactionId,
     /// The relayed transport address.
     pub relayed: SocketAddr,
+    /// A dual allocation's second relayed transport address (the other family).
+    pub additional: Option<SocketAddr>,
     /// Granted lifetime.
     pub lifetime: Duration,
     /// The signed Allocate success response, resent verbatim to retransmissions.

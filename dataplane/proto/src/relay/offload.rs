@@ -161,7 +161,8 @@ impl WorkerState {
             for ch in &a.channels {
                 let Some(b) = t.channels.get(&(index, *ch)) else { continue };
                 let Some(&perm) = t.permissions.get(&(index, b.peer.ip())) else { continue };
-                if !carried(&a.five_tuple, a.relayed, b.peer) {
+                let Some(relayed) = a.relayed_for(&b.peer) else { continue };
+                if !carried(&a.five_tuple, relayed, b.peer) {
                     continue;
                 }
                 let expires = a.expires.min(b.expires).min(perm);
@@ -170,7 +171,7 @@ impl WorkerState {
                     alloc: id,
                     client: a.five_tuple.client,
                     server: a.five_tuple.server,
-                    relayed: a.relayed,
+                    relayed,
                     peer: b.peer,
                     channel: *ch,
                     expires,

@@ -44,6 +44,8 @@ pub struct SessionInfo {
     pub server: SocketAddr,
     /// The relayed transport address.
     pub relayed: SocketAddr,
+    /// A dual allocation's second relayed transport address.
+    pub additional: Option<SocketAddr>,
     /// Seconds since the allocation was made.
     pub age_s: u64,
     /// Seconds until it expires unless refreshed.
@@ -67,6 +69,9 @@ pub struct AllocationSnapshot {
     pub five_tuple: FiveTuple,
     /// The relayed transport address (the socket travels beside the snapshot).
     pub relayed: SocketAddr,
+    /// A dual allocation's second relayed transport address (its socket follows the first).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub additional: Option<SocketAddr>,
     /// Milliseconds until the allocation expires unless refreshed.
     pub lifetime_left_ms: u64,
     /// Transaction ID of the Allocate that made it.
@@ -113,6 +118,7 @@ fn info(now: Instant, tables: &super::Tables, id: AllocationId, a: &Allocation) 
         client: a.five_tuple.client,
         server: a.five_tuple.server,
         relayed: a.relayed,
+        additional: a.additional,
         age_s: now.saturating_duration_since(a.created).as_secs(),
         expires_in_s: a.expires.saturating_duration_since(now).as_secs(),
         permissions: a
@@ -164,6 +170,7 @@ impl WorkerState {
                 let snap = AllocationSnapshot {
                     five_tuple: a.five_tuple,
                     relayed: a.relayed,
+                    additional: a.additional,
                     lifetime_left_ms: left_ms(a.expires, now),
                     alloc_tid: a.alloc_tid,
                     alloc_response: a.alloc_response.to_vec(),
@@ -199,6 +206,7 @@ impl WorkerState {
         let id = self.tables.insert(Allocation {
             five_tuple: s.five_tuple,
             relayed: s.relayed,
+            additional: s.additional,
             expires,
             alloc_tid: s.alloc_tid,
             alloc_response: s.alloc_response.into(),
@@ -244,6 +252,7 @@ mod tests {
         let s = AllocationSnapshot {
             five_tuple: FiveTuple::udp("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()),
             relayed: "127.0.0.1:3".parse().unwrap(),
+            additional: None,
             lifetime_left_ms: 0,
             alloc_tid: TransactionId([1; 12]),
             alloc_response: vec![],

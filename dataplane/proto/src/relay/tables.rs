@@ -19,6 +19,9 @@ pub struct Allocation {
     pub five_tuple: FiveTuple,
     /// The relayed transport address.
     pub relayed: SocketAddr,
+    /// A dual allocation's second relayed transport address, of the other family (RFC 8656
+    /// §7.2, ADDITIONAL-ADDRESS-FAMILY).
+    pub additional: Option<SocketAddr>,
     /// When the allocation expires unless refreshed.
     pub expires: Instant,
     /// Transaction ID of the Allocate that created it.
@@ -47,6 +50,19 @@ pub struct Allocation {
     pub to_peer: Traffic,
     /// Application data relayed from peers to the client.
     pub to_client: Traffic,
+}
+
+impl Allocation {
+    /// The relayed transport address that reaches `peer`: the one of its family (RFC 8656 §9.1:
+    /// a peer of neither family has no permission, so nothing is relayed to it).
+    #[inline]
+    pub fn relayed_for(&self, peer: &SocketAddr) -> Option<SocketAddr> {
+        if self.relayed.is_ipv4() == peer.is_ipv4() {
+            Some(self.relayed)
+        } else {
+            self.additional.filter(|a| a.is_ipv4() == peer.is_ipv4())
+        }
+    }
 }
 
 /// A channel binding (RFC 8656 §12).

@@ -44,6 +44,9 @@ pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
 pub const RESERVATION_TOKEN: u16 = 0x0022;
 /// ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §18.11), comprehension-optional.
 pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
+/// ADDRESS-ERROR-CODE (RFC 8656 §18.12), comprehension-optional: why a dual allocation's family
+/// was not allocated (family, reserved, class, number, reason phrase).
+pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
 /// PASSWORD-ALGORITHMS (RFC 8489 §14.11), comprehension-optional: the algorithms a server
 /// offers, and the list a client echoes.
 pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
