@@ -540,6 +540,12 @@ impl Config {
             ("listen", self.listen != new.listen),
             ("relay-ip", self.relay_ips != new.relay_ips),
             ("external-ip", self.external_ips != new.external_ips),
+            // The certificate files at these paths are re-read on SIGHUP; the paths are not.
+            ("tls-cert / tls-key paths", self.tls_cert != new.tls_cert || self.tls_key != new.tls_key),
+            (
+                "max-connections, max-connections-per-ip, tls-handshake-timeout, stream-*",
+                format!("{:?}", self.stream_limits) != format!("{:?}", new.stream_limits),
+            ),
             ("realm", self.credentials.realm != new.credentials.realm),
             ("workers", self.workers != new.workers),
             ("port-range", self.port_range != new.port_range),
