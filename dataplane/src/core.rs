@@ -88,6 +88,8 @@ pub(crate) struct Relay {
     pub(crate) socket: UdpSocket,
     /// A dual allocation's second relay socket (the other family, RFC 8656 §7.2).
     pub(crate) additional: Option<UdpSocket>,
+    /// The first socket's family is IPv6 (so the second one's is IPv4).
+    pub(crate) first_v6: bool,
     /// How the allocation's client is reached.
     pub(crate) client: ClientPath,
 }
@@ -98,9 +100,15 @@ impl Relay {
     #[inline]
     pub(crate) fn socket_for(&self, peer: &SocketAddr) -> (&UdpSocket, bool) {
         match &self.additional {
-            Some(a) if self.socket.local_addr().is_ok_and(|l| l.is_ipv4() != peer.is_ipv4()) => (a, true),
+            Some(a) if self.first_v6 != peer.is_ipv6() => (a, true),
             _ => (&self.socket, false),
         }
+    }
+
+    /// A relay whose first socket is `socket` (its family read once, here).
+    pub(crate) fn new(id: AllocationId, socket: UdpSocket, additional: Option<UdpSocket>, client: ClientPath) -> Self {
+        let first_v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+        Relay { id, socket, additional, first_v6, client }
     }
 }
 
@@ -489,7 +497,7 @@ impl WorkerCore {
                             if let Some(a) = &additional {
                                 io.register_additional(id, a);
                             }
-                            self.relays[slot] = Some(Relay { id, socket, additional, client });
+                            self.relays[slot] = Some(Relay::new(id, socket, additional, client));
                             debug!(worker = self.index, session, client = %out.five_tuple.client, "allocation installed");
                         }
                         None => {

@@ -175,7 +175,7 @@ impl FrozenWorker {
                         relays.resize_with(slot + 1, || None);
                     }
                     let listener = cfg.listen.iter().position(|a| *a == ft.server).unwrap_or(0);
-                    relays[slot] = Some(Relay { id, socket, additional, client: ClientPath::Datagram(listener) });
+                    relays[slot] = Some(Relay::new(id, socket, additional, ClientPath::Datagram(listener)));
                 }
                 Err(e) => refused.push((session, e)),
             }
