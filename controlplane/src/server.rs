@@ -278,6 +278,8 @@ impl<'a> Server<'a> {
                 continue;
             };
             let listeners: Vec<UdpSocket> = fds.by_ref().take(h.workers[i].listeners).map(UdpSocket::from).collect();
+            let stream_listeners: Vec<TcpListener> =
+                fds.by_ref().take(h.workers[i].stream_listeners).map(TcpListener::from).collect();
             let allocs = std::mem::take(&mut snapshots.as_mut().expect("handover")[i]);
             let mut taken = Vec::with_capacity(allocs.len());
             for snap in allocs {
@@ -288,7 +290,7 @@ impl<'a> Server<'a> {
                     _ => bail!("worker {i}: relay sockets missing in the handover"),
                 }
             }
-            let (frozen, refused) = FrozenWorker::adopt(cfg, now, listeners, taken)
+            let (frozen, refused) = FrozenWorker::adopt(cfg, now, listeners, stream_listeners, taken)
                 .with_context(|| format!("worker {i}: taking over its sockets"))?;
             for (session, e) in refused {
                 warn!(worker = i, session, "hot upgrade: allocation not taken over: {e:?}");

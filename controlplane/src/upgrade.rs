@@ -31,7 +31,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SERVING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything but the descriptors. Descriptors follow in this order: the admin listener (if
-/// `admin`), the metrics listener (if `metrics`), then per worker its listeners and then its
+/// `admin`), the metrics listener (if `metrics`), then per worker its UDP listeners, its TCP
+/// listeners and then its
 /// allocations' relay sockets, in the order of `workers[i].allocations` (a dual allocation's
 /// second relay socket right after its first).
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,8 +58,12 @@ pub struct Handover {
 /// One worker's part of the handover.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WorkerHandover {
-    /// Listener sockets that follow (one per listen address).
+    /// Listener sockets that follow (one per UDP listen address).
     pub listeners: usize,
+    /// TCP listener sockets that follow those (one per TCP or TLS listen address; 0 from a
+    /// process that did not hand them over, and the new one binds its own).
+    #[serde(default)]
+    pub stream_listeners: usize,
     /// Its allocations; a relay socket follows for each.
     pub allocations: Vec<AllocationSnapshot>,
 }
@@ -71,7 +76,11 @@ impl Handover {
             + self
                 .workers
                 .iter()
-                .map(|w| w.listeners + w.allocations.iter().map(|a| 1 + a.additional.is_some() as usize).sum::<usize>())
+                .map(|w| {
+                    w.listeners
+                        + w.stream_listeners
+                        + w.allocations.iter().map(|a| 1 + a.additional.is_some() as usize).sum::<usize>()
+                })
                 .sum::<usize>()
     }
 }

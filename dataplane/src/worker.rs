@@ -115,6 +115,11 @@ impl FrozenWorker {
         self.listeners.iter().map(|l| &l.socket)
     }
 
+    /// The TCP listener sockets, in the order of the worker's `stream_listen` addresses.
+    pub fn stream_listeners(&self) -> impl Iterator<Item = &std::net::TcpListener> {
+        self.stream_listeners.iter().map(|l| &l.socket)
+    }
+
     /// A snapshot of every live allocation at `now`, with its relay socket (and a dual
     /// allocation's second one).
     pub fn export(&self, now: Instant) -> Vec<(AllocationSnapshot, &UdpSocket, Option<&UdpSocket>)> {
@@ -134,12 +139,15 @@ impl FrozenWorker {
     }
 
     /// A worker for `cfg` that serves another process's sockets: `listeners` in the order of
-    /// `cfg.listen` (each must be bound to its address), and each allocation with its relay
-    /// socket. Snapshots the tables refuse are returned with their error (their sockets close).
+    /// `cfg.listen` (each must be bound to its address), `stream_listeners` in the order of
+    /// `cfg.stream_listen` (none: it binds its own; connections that queued meanwhile in the old
+    /// process's backlog are then reset when it exits), and each allocation with its relay
+    /// socket(s). Snapshots the tables refuse are returned with their error (their sockets close).
     pub fn adopt(
         cfg: &WorkerConfig,
         now: Instant,
         listeners: Vec<UdpSocket>,
+        stream_listeners: Vec<std::net::TcpListener>,
         allocations: Vec<(AllocationSnapshot, UdpSocket, Option<UdpSocket>)>,
     ) -> io::Result<(FrozenWorker, Vec<(u64, ImportError)>)> {
         if listeners.len() != cfg.listen.len() {
@@ -180,7 +188,28 @@ impl FrozenWorker {
                 Err(e) => refused.push((session, e)),
             }
         }
-        let stream_listeners = bind_stream_listeners(cfg)?;
+        let stream_listeners = if stream_listeners.is_empty() {
+            bind_stream_listeners(cfg)?
+        } else {
+            if stream_listeners.len() != cfg.stream_listen.len() {
+                return Err(io::Error::other(format!(
+                    "worker {}: {} TCP listeners handed over for {} tcp/tls listen addresses",
+                    cfg.index,
+                    stream_listeners.len(),
+                    cfg.stream_listen.len()
+                )));
+            }
+            let mut ls = Vec::with_capacity(stream_listeners.len());
+            for (socket, l) in stream_listeners.into_iter().zip(&cfg.stream_listen) {
+                let bound = socket.local_addr()?;
+                if bound != l.addr {
+                    return Err(io::Error::other(format!("TCP listener bound to {bound}, configured {l}")));
+                }
+                socket.set_nonblocking(true)?;
+                ls.push(StreamListener { socket, addr: l.addr, transport: l.transport });
+            }
+            ls
+        };
         Ok((FrozenWorker { state, listeners: ls, stream_listeners, relays, routes: None }, refused))
     }
 }

@@ -411,3 +411,84 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     assert!(relay.terminate(Duration::from_secs(2)).is_some_and(|s| s.success()));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The PID holding a listening TCP socket on `port` (from /proc), as `udp_port_owners` does for UDP.
+fn tcp_listen_owners(port: u16) -> HashSet<u32> {
+    let mut inodes = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let p = f.get(1).and_then(|l| l.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            // State 0A: LISTEN.
+            if p == Some(port) && f.get(3) == Some(&"0A") {
+                inodes.insert(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    let mut pids = HashSet::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            if let Ok(t) = std::fs::read_link(fd.path()) {
+                if inodes.contains(&*t.to_string_lossy()) {
+                    pids.insert(pid);
+                }
+            }
+        }
+    }
+    pids
+}
+
+/// A hot upgrade with TCP and TLS listeners: the TCP listeners move to the new process (the
+/// same sockets), connections open at the freeze are closed with their allocations (TLS state
+/// cannot move; docs/operations.md), and new TCP and TLS connections relay on the new process.
+#[test]
+fn a_hot_upgrade_hands_over_the_tcp_listeners() {
+    use uturn_bench::client::stream::StreamClient;
+    let tls = uturn_tests::TlsFiles::generate();
+    let mut relay = Relay::start_streams("uring", "", &[], &tls);
+    let (tcp, tls_addr) = (relay.tcp.unwrap(), relay.tls.unwrap());
+    let peer = peer_socket();
+    let old_pid = relay.pid();
+    let mut before = StreamClient::connect(tcp, false, "demo", "demo", "uturn.local").unwrap();
+    before.allocate().unwrap();
+    assert_eq!(tcp_listen_owners(tls_addr.port()), HashSet::from([old_pid]));
+    relay.signal("USR2");
+    assert!(relay.wait_log("the new process serves", Duration::from_secs(20)), "{}", relay.log());
+    let log = relay.log();
+    let new_pid: u32 = log
+        .lines()
+        .find(|l| l.contains("the new process serves"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("the log names the new PID");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(relay.terminate_after(Duration::from_secs(10)).is_some_and(|s| s.success()), "old process exits");
+        assert!(before.closed_within(Duration::from_secs(3)), "a connection open at the freeze is closed");
+        assert!(relay.log().contains("reason=\"connection closed\""));
+        assert_eq!(tcp_listen_owners(tcp.port()), HashSet::from([new_pid]), "the same TCP listener, new owner");
+        assert_eq!(tcp_listen_owners(tls_addr.port()), HashSet::from([new_pid]));
+        for (addr, over_tls) in [(tcp, false), (tls_addr, true)] {
+            let mut c = StreamClient::connect(addr, over_tls, "demo", "demo", "uturn.local").unwrap();
+            let relayed = c.allocate().unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
+            c.bind_channel(0x4000, peer.local_addr().unwrap()).unwrap();
+            c.send_channel_data(0x4000, b"after the upgrade").unwrap();
+            let mut buf = [0u8; 64];
+            let (n, from) = peer.recv_from(&mut buf).expect("relayed by the new process");
+            assert_eq!((&buf[..n], from), (&b"after the upgrade"[..], relayed));
+        }
+    }));
+    let _ = Command::new("kill").args(["-TERM", &new_pid.to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while alive(new_pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive(new_pid) {
+        let _ = Command::new("kill").args(["-KILL", &new_pid.to_string()]).status();
+    }
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

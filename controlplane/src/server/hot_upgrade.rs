@@ -73,8 +73,10 @@ impl Server<'_> {
         let mut workers = Vec::with_capacity(frozen.len());
         for f in &frozen {
             let listeners: Vec<RawFd> = f.listeners().map(|s| s.as_raw_fd()).collect();
+            let stream_listeners: Vec<RawFd> = f.stream_listeners().map(|s| s.as_raw_fd()).collect();
             let exported = f.export(now);
             fds.extend(&listeners);
+            fds.extend(&stream_listeners);
             // Each relay socket, a dual allocation's second one right after it.
             for (_, s, a) in &exported {
                 fds.push(s.as_raw_fd());
@@ -82,6 +84,7 @@ impl Server<'_> {
             }
             workers.push(WorkerHandover {
                 listeners: listeners.len(),
+                stream_listeners: stream_listeners.len(),
                 allocations: exported.into_iter().map(|(snap, _, _)| snap).collect(),
             });
         }
