@@ -11,3 +11,4 @@ pub mod netns;
 pub mod payload;
 pub mod procstat;
 pub mod stats;
+pub mod streamload;

@@ -37,6 +37,17 @@ use uturn_bench::procstat;
 use uturn_bench::stats::{latency_histogram, ClientStats, Latency};
 use uturn_proto::wire::{attr, Class, Message, MessageWriter, Method, TransactionId};
 
+/// How the clients reach the relay (RFC 8656 §3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// One ChannelData per datagram.
+    Udp,
+    /// ChannelData framed on TCP connections.
+    Tcp,
+    /// ChannelData framed on TLS connections (ALPN stun.turn).
+    Tls,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 enum Mode {
@@ -135,6 +146,10 @@ struct Args {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// Client transport: udp, or tcp / tls (the server is then the relay's tcp:// or tls://
+    /// address; channel mode, one-way, `--clients` connections; see `uturn_bench::streamload`).
+    #[arg(long, value_enum, default_value = "udp")]
+    transport: Transport,
     /// Label for the JSON report (the contestant's name in scripts/bench-compare.sh).
     #[arg(long, default_value = "")]
     contestant: String,
@@ -226,6 +241,9 @@ fn main() {
     if let Some(c) = args.cpu {
         core_affinity::set_for_current(core_affinity::CoreId { id: c });
     }
+    if args.transport != Transport::Udp {
+        return streams(&args);
+    }
     let result = check_args(&args).and_then(|()| match args.mode {
         Mode::Allocs => allocs(&args),
         Mode::Hold => hold(&args),
@@ -235,6 +253,41 @@ fn main() {
     if let Err(e) = result {
         eprintln!("uturn-load: {e}");
         std::process::exit(1);
+    }
+}
+
+/// `--transport tcp|tls`: one-way ChannelData over connections.
+fn streams(args: &Args) {
+    let cfg = uturn_bench::streamload::StreamLoad {
+        server: args.server,
+        tls: args.transport == Transport::Tls,
+        user: args.user.clone(),
+        password: args.password.clone(),
+        clients: args.clients.max(1),
+        rate: args.rate,
+        size: args.size,
+        warmup: args.warmup,
+        duration: args.duration,
+        server_pid: args.server_pid,
+    };
+    match uturn_bench::streamload::run(&cfg) {
+        Ok(r) if args.json => println!("{}", serde_json::to_string(&r).expect("a report serializes")),
+        Ok(r) => println!(
+            "{}: {} connections, offered {} pps, sent {}, delivered {} ({:.0} pps), loss {:.3}%, server CPU {} us/pkt, RSS {} KiB",
+            r.transport,
+            r.clients,
+            r.offered_pps,
+            r.sent,
+            r.delivered,
+            r.delivered_pps,
+            r.loss_pct,
+            r.server_cpu_us_per_pkt.map_or("-".into(), |c| format!("{c:.2}")),
+            r.server_rss_bytes.map_or("-".into(), |b| (b / 1024).to_string()),
+        ),
+        Err(e) => {
+            eprintln!("uturn-load: {e}");
+            std::process::exit(1);
+        }
     }
 }
 
