@@ -150,12 +150,18 @@ fn json_logs_are_one_object_per_line() {
 
 /// The PID whose open sockets include the UDP socket bound to `port` (from /proc).
 fn udp_port_owners(port: u16) -> HashSet<u32> {
+    socket_owners(&["/proc/net/udp", "/proc/net/udp6"], port, None)
+}
+
+/// The PIDs holding a socket of `tables` bound to `port`, in kernel state `state` if given
+/// (`0A`: LISTEN), from /proc.
+fn socket_owners(tables: &[&str], port: u16, state: Option<&str>) -> HashSet<u32> {
     let mut inodes = HashSet::new();
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+    for table in tables {
         for line in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             let p = f.get(1).and_then(|l| l.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
-            if p == Some(port) {
+            if p == Some(port) && state.is_none_or(|st| f.get(3) == Some(&st)) {
                 inodes.insert(format!("socket:[{}]", f[9]));
             }
         }
@@ -412,32 +418,9 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The PID holding a listening TCP socket on `port` (from /proc), as `udp_port_owners` does for UDP.
+/// The PID holding a listening TCP socket on `port` (from /proc).
 fn tcp_listen_owners(port: u16) -> HashSet<u32> {
-    let mut inodes = HashSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        for line in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let p = f.get(1).and_then(|l| l.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
-            // State 0A: LISTEN.
-            if p == Some(port) && f.get(3) == Some(&"0A") {
-                inodes.insert(format!("socket:[{}]", f[9]));
-            }
-        }
-    }
-    let mut pids = HashSet::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else { continue };
-        for fd in fds.flatten() {
-            if let Ok(t) = std::fs::read_link(fd.path()) {
-                if inodes.contains(&*t.to_string_lossy()) {
-                    pids.insert(pid);
-                }
-            }
-        }
-    }
-    pids
+    socket_owners(&["/proc/net/tcp", "/proc/net/tcp6"], port, Some("0A"))
 }
 
 /// A hot upgrade with TCP and TLS listeners: the TCP listeners move to the new process (the

@@ -126,7 +126,7 @@ fn slowloris_idle_and_handshake_deadlines_cut_connections_off() {
     let req = uturn_tests::build(
         uturn_tests::uturn_proto::wire::Method::BINDING,
         uturn_tests::uturn_proto::wire::Class::Request,
-        uturn_tests::uturn_proto::wire::TransactionId(rand_tid()),
+        uturn_tests::uturn_proto::wire::TransactionId(rand::random()),
         None,
         |_| Ok(()),
     );
@@ -159,13 +159,6 @@ fn slowloris_idle_and_handshake_deadlines_cut_connections_off() {
     let n = std::io::Read::read(&mut &silent, &mut buf);
     assert!(matches!(n, Ok(0) | Err(_)), "the server kept a silent TLS connection: {n:?}");
     assert!(relay.wait_log("reason=\"handshake_timeout\"", Duration::from_secs(2)), "{}", relay.log());
-}
-
-fn rand_tid() -> [u8; 12] {
-    let mut t = [0u8; 12];
-    let now = Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64;
-    t[..8].copy_from_slice(&now.to_be_bytes());
-    t
 }
 
 /// Connections that stay open (a Binding answered) out of `n` attempts.
