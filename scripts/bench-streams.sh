@@ -34,13 +34,9 @@ ulimit -n 65536 2>/dev/null || true
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
   -keyout "$OUT/key.pem" -out "$OUT/cert.pem" >/dev/null 2>&1
 
+# stop_server (kills the relay by its PID) and SERVER_PID come from bench-lib.sh.
+. scripts/bench-lib.sh
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-SERVER_PID=""
-stop_server() {
-  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
-  SERVER_PID=""
-}
 trap stop_server EXIT
 
 # start NAME: the relay listening on UDP+TCP $PLAIN and TLS $SECURE.
