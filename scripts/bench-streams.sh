@@ -97,27 +97,27 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 clients, idle = int(sys.argv[2]), int(sys.argv[3])
 def cpu(r):
     return r.get("server_cpu_us_per_pkt") or r.get("server_cpu_us_per_packet")
+def us(c):
+    return f"{c:.2f}" if c else "-"
+def runs(name, t, n):
+    return [r for r in rows if r["contestant"] == name and r["transport"] == t and r.get("clients", clients) == n]
+names = list(dict.fromkeys(r["contestant"] for r in rows))
 print("\n| relay | transport | offered pps | loss % | server CPU us/pkt |")
 print("|---|---|---:|---:|---:|")
 for r in rows:
     if r.get("clients", clients) == clients:
-        c = cpu(r)
-        print(f"| {r['contestant']} | {r['transport']} | {r['offered_pps']} | {r['loss_pct']:.3f} | {c:.2f} |" if c else
-              f"| {r['contestant']} | {r['transport']} | {r['offered_pps']} | {r['loss_pct']:.3f} | - |")
+        print(f"| {r['contestant']} | {r['transport']} | {r['offered_pps']} | {r['loss_pct']:.3f} | {us(cpu(r))} |")
 print("\n| relay | transport | highest rate with loss < 0.1 % | CPU us/pkt there |")
 print("|---|---|---:|---:|")
-for name in dict.fromkeys(r["contestant"] for r in rows):
+for name in names:
     for t in ("udp", "tcp", "tls"):
-        ok = [r for r in rows if r["contestant"] == name and r["transport"] == t
-              and r.get("clients", clients) == clients and r["loss_pct"] < 0.1]
-        best = max(ok, key=lambda r: r["offered_pps"], default=None)
-        print(f"| {name} | {t} | {best['offered_pps'] if best else '-'} | {cpu(best) or 0:.2f} |" if best else f"| {name} | {t} | - | - |")
+        best = max((r for r in runs(name, t, clients) if r["loss_pct"] < 0.1), key=lambda r: r["offered_pps"], default=None)
+        print(f"| {name} | {t} | {best['offered_pps']} | {us(cpu(best))} |" if best else f"| {name} | {t} | - | - |")
 print(f"\n| relay | transport | memory per idle allocation (RSS with {idle} minus {clients} connections) |")
 print("|---|---|---:|")
-for name in dict.fromkeys(r["contestant"] for r in rows):
+for name in names:
     for t in ("tcp", "tls"):
-        many = [r for r in rows if r["contestant"] == name and r["transport"] == t and r.get("clients") == idle]
-        few = [r for r in rows if r["contestant"] == name and r["transport"] == t and r.get("clients") == clients]
+        many, few = runs(name, t, idle), runs(name, t, clients)
         if many and few and many[0].get("server_rss_bytes") and few[-1].get("server_rss_bytes"):
             per = (many[0]["server_rss_bytes"] - few[-1]["server_rss_bytes"]) / (idle - clients)
             print(f"| {name} | {t} | {per/1024:.1f} KiB |")
