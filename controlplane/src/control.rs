@@ -74,6 +74,8 @@ struct Owner {
     v6: bool,
     /// A dual allocation: it has a relayed address of each family, so peers of both are allowed.
     dual: bool,
+    /// A TCP allocation (RFC 6062): its relayed transport address, a listener of the TCP relay.
+    tcp: Option<SocketAddr>,
 }
 
 /// The control plane's record of one allocation, as a hot upgrade hands it over.
@@ -156,6 +158,9 @@ pub struct ControlPlane {
     /// While draining: new Allocates are refused, with 300 and this ALTERNATE-SERVER when one
     /// is set, else 508.
     draining: Option<Option<SocketAddr>>,
+    /// TCP allocations (RFC 6062), when a TCP relay runs: without one, REQUESTED-TRANSPORT TCP
+    /// earns 442.
+    tcp: Option<tcp::TcpAllocations>,
     /// Counters.
     pub stats: ControlStats,
     /// What the metrics endpoint shows.
@@ -186,6 +191,7 @@ impl ControlPlane {
             next_session: 1,
             next_relay_ip: 0,
             draining: None,
+            tcp: None,
             stats: ControlStats::default(),
             metrics: Arc::new(ControlMetrics::default()),
         }
@@ -214,9 +220,11 @@ impl ControlPlane {
 
     /// The owner records and session counter, for the next process (hot upgrade).
     pub fn export(&self, now: Instant) -> ControlSnapshot {
+        // TCP allocations end with their connections at the freeze: none is handed over.
         let owners = self
             .owners
             .iter()
+            .filter(|(_, o)| o.tcp.is_none())
             .map(|(ft, o)| OwnerSnapshot {
                 five_tuple: *ft,
                 user: o.user.to_string(),
@@ -238,8 +246,16 @@ impl ControlPlane {
             let user: Arc<str> = o.user.into();
             *self.per_user.entry(user.clone()).or_default() += 1;
             let expires = now + Duration::from_millis(o.lifetime_left_ms);
-            let owner =
-                Owner { user, tid: o.tid, expires, worker: o.worker, session: o.session, v6: o.v6, dual: o.dual };
+            let owner = Owner {
+                user,
+                tid: o.tid,
+                expires,
+                worker: o.worker,
+                session: o.session,
+                v6: o.v6,
+                dual: o.dual,
+                tcp: None,
+            };
             if let Some(old) = self.owners.insert(o.five_tuple, owner) {
                 // Not expected (5-tuples are unique); keep the quota honest anyway.
                 if let Some(n) = self.per_user.get_mut(&old.user) {
@@ -277,6 +293,9 @@ impl ControlPlane {
                 if *n == 0 {
                     self.per_user.remove(&o.user);
                 }
+            }
+            if let Some(relayed) = o.tcp {
+                self.tcp_released(*ft, relayed);
             }
             debug!(client = %ft.client, user = %o.user, "allocation released");
         }
@@ -342,6 +361,10 @@ impl ControlPlane {
         self.expire_reservations(now);
         let (user, key, expires_unix) = match self.authenticate(now, &ft, &msg, known) {
             Auth::Ok { user, key, expires_unix } => (user, key, expires_unix),
+            // A refused ConnectionBind's connection is framed again (RFC 6062 §5.4).
+            Auth::Reply(response) if msg.method() == Method::CONNECTION_BIND => {
+                return Some(ToWorker::BindFailed { five_tuple: ft, response })
+            }
             Auth::Reply(bytes) => return Some(reply(ft, bytes)),
             Auth::Pending(lookup) => {
                 self.park(now, lookup, worker, ft, bytes, received);
@@ -357,6 +380,8 @@ impl ControlPlane {
         // the request's own attributes, unknown comprehension-required ones (420) first.
         match msg.method() {
             Method::ALLOCATE => self.allocate(now, worker, ft, &msg, Granted { user, key, cap }),
+            // RFC 6062 §5.4: on a new connection, which has no allocation.
+            Method::CONNECTION_BIND => self.connection_bind(worker, ft, &msg, user, key),
             m => {
                 // RFC 8656 §5: requests on an allocation need its 5-tuple and its credentials.
                 let owner = match self.owners.get(&ft) {
@@ -369,13 +394,16 @@ impl ControlPlane {
                     Some(_) => Ok(()),
                 };
                 let cmd = owner.and_then(|()| match m {
-                    Method::REFRESH => self.refresh(now, ft, &msg, key, cap),
-                    Method::CREATE_PERMISSION => self.create_permission(ft, &msg, key),
-                    Method::CHANNEL_BIND => self.channel_bind(ft, &msg, key),
+                    Method::REFRESH => self.refresh(now, ft, &msg, key, cap).map(Some),
+                    Method::CREATE_PERMISSION => self.create_permission(ft, &msg, key).map(Some),
+                    Method::CHANNEL_BIND => self.channel_bind(ft, &msg, key).map(Some),
+                    // RFC 6062 §5.2: the TCP relay answers.
+                    Method::CONNECT => self.connect(ft, &msg, key).map(|()| None),
                     _ => Err(ErrorCode::BadRequest),
                 });
                 match cmd {
-                    Ok(c) => Some(ToWorker::Command(c)),
+                    Ok(None) => None,
+                    Ok(Some(c)) => Some(ToWorker::Command(c)),
                     Err(code) => {
                         let r = self.error(&msg, code, Some(&key));
                         Some(reply(ft, r))
@@ -465,17 +493,21 @@ impl ControlPlane {
             self.metrics.refused(ErrorCode::TryAlternate.code());
             let n = response::try_alternate(&mut self.buf, Method::ALLOCATE, tid, &alt, Some(&key)).unwrap_or(0);
             return Some(reply(ft, self.buf[..n].to_vec()));
-        } else if !msg.unknown_required().is_empty() {
+        } else if !msg.unknown_required().is_empty() && !tcp::dont_fragment_only(msg) {
             Err(ErrorCode::UnknownAttribute)
         } else {
-            self.check_allocate(msg, &user)
+            self.check_allocate(&ft, msg, &user)
         };
         match checked {
             Err(code) => {
                 let r = self.error(msg, code, Some(&key));
                 Some(reply(ft, r))
             }
-            Ok((lifetime, port, v6, dual)) => {
+            Ok(Checked { lifetime, tcp: true, v6, .. }) => {
+                let lifetime = cap.map_or(lifetime, |c| lifetime.min(c));
+                self.allocate_tcp(now, worker, ft, msg, Granted { user, key, cap: None }, lifetime, v6)
+            }
+            Ok(Checked { lifetime, port, v6, dual, tcp: false }) => {
                 let lifetime = cap.map_or(lifetime, |c| lifetime.min(c));
                 let (socket, token) = match self.relay_socket(now, worker, port, v6) {
                     Ok(Some(pair)) => pair,
@@ -528,6 +560,7 @@ impl ControlPlane {
                         session,
                         v6: relayed.is_ipv6(),
                         dual: additional.is_some(),
+                        tcp: None,
                     },
                 );
                 *self.per_user.entry(user.clone()).or_default() += 1;
@@ -565,19 +598,31 @@ impl ControlPlane {
         }
     }
 
-    /// Checks an Allocate; returns the lifetime, the relay port request, whether the relayed
-    /// address is IPv6, and whether an IPv6 one is asked for besides (a dual allocation).
-    fn check_allocate(&self, msg: &Message<'_>, user: &str) -> Result<(Duration, PortRequest, bool, bool), ErrorCode> {
+    /// Checks an Allocate on `ft` (RFC 8656 §7.2, RFC 6062 §5.1): what to allocate.
+    fn check_allocate(&self, ft: &FiveTuple, msg: &Message<'_>, user: &str) -> Result<Checked, ErrorCode> {
         let transport = msg.get(attr::REQUESTED_TRANSPORT).ok_or(ErrorCode::BadRequest)?;
         if transport.len() != 4 {
             return Err(ErrorCode::BadRequest);
         }
-        if transport[0] != attr::TRANSPORT_UDP {
-            return Err(ErrorCode::UnsupportedTransportProtocol);
-        }
+        let tcp = match transport[0] {
+            attr::TRANSPORT_UDP => false,
+            attr::TRANSPORT_TCP if self.tcp.is_some() => true,
+            _ => return Err(ErrorCode::UnsupportedTransportProtocol),
+        };
         let family = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
         let token = msg.get(attr::RESERVATION_TOKEN);
         let even = msg.get(attr::EVEN_PORT);
+        // RFC 6062 §5.1: a TCP allocation only over TCP or TLS, and without the UDP-only
+        // attributes; ADDITIONAL-ADDRESS-FAMILY (no dual TCP allocation) is refused the same way.
+        if tcp
+            && (ft.transport == uturn_proto::Transport::Udp
+                || token.is_some()
+                || even.is_some()
+                || msg.get(attr::DONT_FRAGMENT).is_some()
+                || msg.get(attr::ADDITIONAL_ADDRESS_FAMILY).is_some())
+        {
+            return Err(ErrorCode::BadRequest);
+        }
         if (family.is_some() || even.is_some()) && token.is_some() {
             return Err(ErrorCode::BadRequest);
         }
@@ -628,7 +673,8 @@ impl ControlPlane {
             (None, Some(_)) => PortRequest::Even,
             (None, None) => PortRequest::Any,
         };
-        Ok((if lifetime.is_zero() { self.policy.default_lifetime } else { lifetime }, port, v6, dual))
+        let lifetime = if lifetime.is_zero() { self.policy.default_lifetime } else { lifetime };
+        Ok(Checked { lifetime, port, v6, dual, tcp })
     }
 
     /// The granted lifetime: the requested one clamped to [default, max]; zero stays zero
@@ -806,11 +852,16 @@ impl ControlPlane {
         if peers.is_empty() {
             return Err(ErrorCode::BadRequest);
         }
+        self.tcp_permit(&ft, &peers);
         Ok(Command::CreatePermission { five_tuple: ft, tid: msg.transaction_id(), peers, key })
     }
 
     /// RFC 8656 §12.2: CHANNEL-NUMBER in 0x4000-0x4FFF and one allowed XOR-PEER-ADDRESS.
     fn channel_bind(&self, ft: FiveTuple, msg: &Message<'_>, key: IntegrityKey) -> Result<Command, ErrorCode> {
+        // RFC 6062: a TCP allocation's data flows on data connections, never on channels.
+        if self.owners.get(&ft).is_some_and(|o| o.tcp.is_some()) {
+            return Err(ErrorCode::BadRequest);
+        }
         let number = match msg.u32_attr(attr::CHANNEL_NUMBER) {
             Some(Ok(v)) => (v >> 16) as u16,
             _ => return Err(ErrorCode::BadRequest),
@@ -821,6 +872,20 @@ impl ControlPlane {
         let peer = self.check_peer(&ft, msg.xor_address(attr::XOR_PEER_ADDRESS).ok_or(ErrorCode::BadRequest)?)?;
         Ok(Command::ChannelBind { five_tuple: ft, tid: msg.transaction_id(), channel, peer, key })
     }
+}
+
+/// What a checked Allocate asks for.
+struct Checked {
+    /// The lifetime, before the credential's cap.
+    lifetime: Duration,
+    /// Which relay port.
+    port: PortRequest,
+    /// The relayed address is IPv6.
+    v6: bool,
+    /// An IPv6 relayed address besides the IPv4 one (a dual allocation).
+    dual: bool,
+    /// A TCP allocation (RFC 6062).
+    tcp: bool,
 }
 
 /// Which relay port an Allocate asks for (RFC 8656 §7.2, §18.7, §18.10).
@@ -839,5 +904,6 @@ fn reply(five_tuple: FiveTuple, bytes: Vec<u8>) -> ToWorker {
 }
 
 mod auth;
+mod tcp;
 #[cfg(test)]
 mod tests;

@@ -13,4 +13,5 @@ pub mod policy;
 pub mod ports;
 pub mod server;
 pub mod store;
+pub mod tcp_relay;
 pub mod upgrade;

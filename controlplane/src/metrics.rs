@@ -287,6 +287,13 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         "Messages for a client dropped because its connection's write queue was full.",
         per_worker(&|s| s.streams.queue_drops),
     );
+    family(
+        &mut out,
+        "tcp_data_bytes_total",
+        "counter",
+        "Bytes relayed between the data connections of TCP allocations (RFC 6062), both directions.",
+        per_worker(&|s| s.streams.data_bytes),
+    );
     family(&mut out, "permissions", "gauge", "Permissions held (peer IPs).", per_worker(&|s| s.permissions));
     family(&mut out, "channels", "gauge", "Channel bindings held.", per_worker(&|s| s.channels));
     let dir = |f: &dyn Fn(&WorkerSample) -> (u64, u64)| -> Vec<(String, f64)> {

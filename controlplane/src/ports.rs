@@ -52,6 +52,17 @@ impl PortSlice {
     /// Binds a relay socket on `ip` at a random free port of the slice (an even one when `even`,
     /// RFC 8656 §18.7). Returns `None` when every port is taken (508 Insufficient Capacity).
     pub fn bind(&mut self, ip: IpAddr, even: bool) -> io::Result<Option<UdpSocket>> {
+        self.bind_with(ip, even, bind_relay)
+    }
+
+    /// [`bind`](Self::bind) with another socket type: `bind` binds one address, and an
+    /// `AddrInUse` from it moves on to the next port (a TCP allocation's listener, RFC 6062).
+    pub fn bind_with<T>(
+        &mut self,
+        ip: IpAddr,
+        even: bool,
+        mut bind: impl FnMut(SocketAddr) -> io::Result<T>,
+    ) -> io::Result<Option<T>> {
         self.randomize();
         for _ in 0..self.len() {
             let port = self.next;
@@ -59,7 +70,7 @@ impl PortSlice {
             if even && port % 2 == 1 {
                 continue;
             }
-            match bind_relay(SocketAddr::new(ip, port)) {
+            match bind(SocketAddr::new(ip, port)) {
                 Ok(s) => return Ok(Some(s)),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
                 Err(e) => return Err(e),

@@ -175,6 +175,9 @@ struct Server<'a> {
     xdp: Option<XdpFastPath>,
     /// The TLS server side of `tls://` listen addresses (its certificate reloads on SIGHUP).
     tls: Option<TlsServer>,
+    /// What the TCP relay (RFC 6062 TCP allocations; runs with `tcp://` or `tls://` listen
+    /// addresses) has for the workers.
+    tcp_events: Option<crossbeam_channel::Receiver<(usize, ToWorker)>>,
 }
 
 /// How the serving loop ended.
@@ -323,7 +326,15 @@ impl<'a> Server<'a> {
             upgrade: None,
             xdp,
             tls,
+            tcp_events: None,
         };
+        if !config.stream_listen().is_empty() {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let relay = crate::tcp_relay::TcpRelay::spawn(tx, std::thread::current(), config.permission_lifetime)
+                .context("starting the TCP relay")?;
+            server.control.set_tcp_relay(relay);
+            server.tcp_events = Some(rx);
+        }
         for (cfg, start) in server.worker_cfgs.clone().into_iter().zip(starts) {
             let (events_tx, rx) = crossbeam_channel::unbounded::<FromWorker>();
             let sender = EventSender::new(events_tx, std::thread::current());
@@ -450,6 +461,7 @@ impl<'a> Server<'a> {
                 self.push(worker, msg);
             }
             handled += self.admin_requests();
+            handled += self.tcp_relay_events();
             if signals.reload.swap(false, Ordering::Relaxed) {
                 reload(&mut self.control, self.config, reloader);
                 self.reload_tls();
@@ -534,16 +546,31 @@ impl<'a> Server<'a> {
                 self.push(worker, msg);
             }
             FromWorker::Released { five_tuple, tid } => self.control.released(&five_tuple, tid),
+            FromWorker::DataClosed { connection_id } => self.control.tcp_data_closed(connection_id),
         }
+    }
+
+    /// Pushes what the TCP relay has for the workers; returns how many.
+    fn tcp_relay_events(&mut self) -> usize {
+        let Some(rx) = &self.tcp_events else { return 0 };
+        let events: Vec<(usize, ToWorker)> = rx.try_iter().collect();
+        let n = events.len();
+        for (worker, msg) in events {
+            self.push(worker, msg);
+        }
+        n
     }
 
     /// Queues `msg` to `worker`; a full queue drops it (and an Install's allocation is forgotten).
     fn push(&mut self, worker: usize, msg: ToWorker) {
         if let Err(rejected) = self.workers[worker].send(msg) {
             self.control.stats.queue_full += 1;
-            if let ToWorker::Install(i, _socket, _additional) = rejected {
+            match rejected {
                 // The socket closes here; forget the allocation the worker never saw.
-                self.control.install_dropped(&i);
+                ToWorker::Install(i, _, _) | ToWorker::InstallTcp(i) => self.control.install_dropped(&i),
+                // The peer data connection closes here.
+                ToWorker::BindData { connection_id, .. } => self.control.tcp_data_closed(connection_id),
+                _ => {}
             }
         }
     }

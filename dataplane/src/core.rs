@@ -12,12 +12,12 @@ use tracing::{debug, info, warn};
 use uturn_proto::relay::{AllocationId, ClientOutput, Command, Effect, Ended, OffloadEvent, PeerOutput, Traffic};
 use uturn_proto::wire::stream::channel_data_padding;
 use uturn_proto::wire::{self as wire, DatagramKind};
-use uturn_proto::wire::{Class, Message, TransactionId};
+use uturn_proto::wire::{Class, Message, Method, TransactionId};
 use uturn_proto::{FiveTuple, Transport, WorkerState};
 
 use crate::messages::{EventSender, FromWorker, ToWorker};
 use crate::metrics::{WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
-use crate::stream::{CloseReason, ConnId, Connection, StreamListener, Streams};
+use crate::stream::{CloseReason, ConnId, Connection, Role, StreamListener, Streams};
 use crate::xdp::WorkerRoutes;
 
 /// Reply buffer size, bytes: every STUN response uturn builds fits.
@@ -50,6 +50,9 @@ pub(crate) trait Io {
     fn send_to_peer(&mut self, id: AllocationId, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]);
     /// Send `bytes` (copied) from a dual allocation's second relay socket to `peer`.
     fn send_to_peer_additional(&mut self, socket: &UdpSocket, peer: SocketAddr, bytes: &[u8]);
+    /// Start receiving on a connection the worker did not accept (an RFC 6062 peer data
+    /// connection); false when it cannot (the caller closes it).
+    fn open_stream(&mut self, id: ConnId, socket: &TcpStream) -> bool;
     /// Forget a connection about to be closed (its socket is shut down right after).
     fn close_stream(&mut self, id: ConnId, socket: &TcpStream);
 }
@@ -268,6 +271,9 @@ impl WorkerCore {
     /// or TLS fails.
     pub(crate) fn on_stream_data(&mut self, now: Instant, id: ConnId, bytes: &[u8], io: &mut impl Io) {
         let Some(c) = self.streams.get_mut(id) else { return };
+        if c.role != Role::Framed {
+            return self.on_unframed(now, id, bytes, io);
+        }
         let ft = c.five_tuple;
         let mut inbuf = std::mem::take(&mut c.inbuf);
         let received = if c.is_tls() {
@@ -299,7 +305,9 @@ impl WorkerCore {
         match result {
             Ok(()) => {
                 if let Some(c) = self.streams.get_mut(id) {
-                    c.partial_since = if inbuf.is_empty() { None } else { c.partial_since.or(Some(now)) };
+                    // Bytes held after a ConnectionBind are data, not a message in progress.
+                    let partial = !inbuf.is_empty() && c.role == Role::Framed;
+                    c.partial_since = if partial { c.partial_since.or(Some(now)) } else { None };
                     c.inbuf = inbuf;
                 }
             }
@@ -325,6 +333,14 @@ impl WorkerCore {
             }
             let message = &buf[r];
             match self.on_message(now, ft, message) {
+                ClientVerdict::Done if is_connection_bind(message) => {
+                    // RFC 6062 §5.4: what follows a ConnectionBind is the data connection's
+                    // data, kept as it is until the control plane answers.
+                    if let Some(c) = self.streams.get_mut(id) {
+                        c.role = Role::Binding;
+                    }
+                    return Ok(at);
+                }
                 ClientVerdict::Done => {}
                 ClientVerdict::Reply(n) => {
                     let reply = &self.reply[..n];
@@ -376,6 +392,7 @@ impl WorkerCore {
             self.close_relay(ended.id, io);
             self.release(ended.five_tuple, ended.tid);
         }
+        self.close_partner(now, c.role, io);
     }
 
     /// Closes every connection (shutdown or freeze).
@@ -452,7 +469,15 @@ impl WorkerCore {
         while let Ok(msg) = self.commands.try_recv() {
             let (cmd, socket) = match msg {
                 ToWorker::Install(i, s, a) => (Command::Install(i), Some((s, a))),
+                ToWorker::InstallTcp(i) => {
+                    self.install_tcp(now, i);
+                    continue;
+                }
                 ToWorker::Command(c) => (c, None),
+                msg @ (ToWorker::BindData { .. } | ToWorker::BindFailed { .. } | ToWorker::CloseData { .. }) => {
+                    self.data_command(now, msg, io);
+                    continue;
+                }
                 ToWorker::Sessions(reply) => {
                     self.collect_offloaded();
                     let _ = reply.send((self.index, self.state.sessions(now)));
@@ -695,3 +720,10 @@ impl WorkerCore {
         }
     }
 }
+
+/// True for a ConnectionBind request (RFC 6062 §4.4): message type 0x000B.
+fn is_connection_bind(message: &[u8]) -> bool {
+    message.len() >= 2 && u16::from_be_bytes([message[0], message[1]]) == Method::CONNECTION_BIND.0
+}
+
+mod tcp_data;

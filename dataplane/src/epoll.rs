@@ -64,6 +64,11 @@ impl Io for EpollIo {
         let fd = socket.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
     }
+    fn open_stream(&mut self, id: ConnId, socket: &TcpStream) -> bool {
+        let fd = socket.as_raw_fd();
+        let token = Token(CONN_BASE + id.index as usize);
+        self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE).is_ok()
+    }
     fn close_stream(&mut self, _id: ConnId, socket: &TcpStream) {
         let fd = socket.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));

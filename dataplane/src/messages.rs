@@ -1,6 +1,6 @@
 //! The queue messages between the control plane and a worker.
 
-use std::net::UdpSocket;
+use std::net::{TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::Thread;
@@ -18,8 +18,39 @@ pub enum ToWorker {
     /// Install an allocation whose relayed transport address is the first socket (already
     /// bound, non-blocking); a dual allocation's second relayed address is the second.
     Install(Install, UdpSocket, Option<UdpSocket>),
+    /// Install a TCP allocation (RFC 6062 §5.1): no relay socket here, the control plane's TCP
+    /// relay holds its listener, and the worker ends it with the client's connection.
+    InstallTcp(Install),
     /// Any other command (Refresh, CreatePermission, ChannelBind, or a reply to send).
     Command(Command),
+    /// RFC 6062 §5.4: the ConnectionBind received on `five_tuple` (a client connection of this
+    /// worker) succeeded: queue `response`, then relay bytes as they are between that
+    /// connection (now a client data connection) and `peer` (the peer data connection, connected
+    /// and non-blocking), in both directions, until either closes.
+    BindData {
+        /// The client data connection's 5-tuple.
+        five_tuple: FiveTuple,
+        /// The peer data connection.
+        peer: TcpStream,
+        /// Its CONNECTION-ID, reported back in [`FromWorker::DataClosed`].
+        connection_id: u32,
+        /// The signed ConnectionBind success response.
+        response: Vec<u8>,
+    },
+    /// RFC 6062 §5.4: the ConnectionBind received on `five_tuple` failed: queue `response` (an
+    /// error) and go on reading STUN messages on that connection.
+    BindFailed {
+        /// The connection's 5-tuple.
+        five_tuple: FiveTuple,
+        /// The error response.
+        response: Vec<u8>,
+    },
+    /// Close the client data connection `five_tuple` and its peer data connection (their TCP
+    /// allocation ended, RFC 6062 §5.5).
+    CloseData {
+        /// The client data connection's 5-tuple.
+        five_tuple: FiveTuple,
+    },
     /// Send this worker's index and its live sessions to the sender (the admin API).
     Sessions(Sender<(usize, Vec<SessionInfo>)>),
 }
@@ -116,5 +147,11 @@ pub enum FromWorker {
         five_tuple: FiveTuple,
         /// Transaction ID of the Allocate that made the allocation.
         tid: TransactionId,
+    },
+    /// The data connection pair of CONNECTION-ID `connection_id` (RFC 6062) closed, or its
+    /// [`ToWorker::BindData`] found the client data connection gone.
+    DataClosed {
+        /// The CONNECTION-ID.
+        connection_id: u32,
     },
 }

@@ -14,8 +14,9 @@ use uturn_proto::relay::Counters;
 
 use crate::stream::{StreamCounters, CLOSE_REASONS};
 
-/// Stream values published: open, accepted, refused, queue drops, then one per close reason.
-const STREAM_VALUES: usize = 4 + CLOSE_REASONS.len();
+/// Stream values published: open, accepted, refused, queue drops, data bytes, then one per
+/// close reason.
+const STREAM_VALUES: usize = 5 + CLOSE_REASONS.len();
 
 /// How often a busy worker publishes its counters. An idle worker publishes when it wakes,
 /// at least once a second.
@@ -77,7 +78,8 @@ impl WorkerMetrics {
         self.channels.store(sample.channels, Ordering::Relaxed);
         self.control_queue_full.store(sample.control_queue_full, Ordering::Relaxed);
         let st = &sample.streams;
-        let values = [sample.connections, st.accepted, st.refused, st.queue_drops].into_iter().chain(st.closed);
+        let values =
+            [sample.connections, st.accepted, st.refused, st.queue_drops, st.data_bytes].into_iter().chain(st.closed);
         for (a, v) in self.streams.iter().zip(values) {
             a.store(v, Ordering::Relaxed);
         }
@@ -97,7 +99,8 @@ impl WorkerMetrics {
                 accepted: self.streams[1].load(Ordering::Relaxed),
                 refused: self.streams[2].load(Ordering::Relaxed),
                 queue_drops: self.streams[3].load(Ordering::Relaxed),
-                closed: std::array::from_fn(|i| self.streams[4 + i].load(Ordering::Relaxed)),
+                data_bytes: self.streams[4].load(Ordering::Relaxed),
+                closed: std::array::from_fn(|i| self.streams[5 + i].load(Ordering::Relaxed)),
             },
         }
     }
@@ -117,7 +120,13 @@ mod tests {
             channels: 1,
             control_queue_full: 9,
             connections: 2,
-            streams: StreamCounters { accepted: 7, refused: 1, queue_drops: 6, closed: [1, 2, 3, 4, 5, 6, 7, 8] },
+            streams: StreamCounters {
+                accepted: 7,
+                refused: 1,
+                queue_drops: 6,
+                data_bytes: 11,
+                closed: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            },
         };
         m.publish(&s);
         assert_eq!(m.sample(), s);

@@ -27,10 +27,15 @@ pub enum ErrorCode {
     AddressFamilyNotSupported,
     /// 441: credentials differ from those of the allocation.
     WrongCredentials,
-    /// 442: REQUESTED-TRANSPORT other than UDP.
+    /// 442: REQUESTED-TRANSPORT other than UDP and TCP.
     UnsupportedTransportProtocol,
     /// 443: the peer address family differs from the relayed address's.
     PeerAddressFamilyMismatch,
+    /// 446: a Connect to a peer that already has a connection on this TCP allocation
+    /// (RFC 6062 §5.2).
+    ConnectionAlreadyExists,
+    /// 447: the TCP connection to the peer failed or timed out (RFC 6062 §5.2).
+    ConnectionTimeoutOrFailure,
     /// 486: a per-user or total allocation quota is reached.
     AllocationQuotaReached,
     /// 500: the server could not complete the request.
@@ -54,6 +59,8 @@ impl ErrorCode {
             ErrorCode::WrongCredentials => 441,
             ErrorCode::UnsupportedTransportProtocol => 442,
             ErrorCode::PeerAddressFamilyMismatch => 443,
+            ErrorCode::ConnectionAlreadyExists => 446,
+            ErrorCode::ConnectionTimeoutOrFailure => 447,
             ErrorCode::AllocationQuotaReached => 486,
             ErrorCode::ServerError => 500,
             ErrorCode::InsufficientCapacity => 508,
@@ -74,6 +81,8 @@ impl ErrorCode {
             ErrorCode::WrongCredentials => "Wrong Credentials",
             ErrorCode::UnsupportedTransportProtocol => "Unsupported Transport Protocol",
             ErrorCode::PeerAddressFamilyMismatch => "Peer Address Family Mismatch",
+            ErrorCode::ConnectionAlreadyExists => "Connection Already Exists",
+            ErrorCode::ConnectionTimeoutOrFailure => "Connection Timeout or Failure",
             ErrorCode::AllocationQuotaReached => "Allocation Quota Reached",
             ErrorCode::ServerError => "Server Error",
             ErrorCode::InsufficientCapacity => "Insufficient Capacity",

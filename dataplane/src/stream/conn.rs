@@ -8,6 +8,8 @@ use std::time::Instant;
 use uturn_proto::wire::stream::{self, Frame};
 use uturn_proto::FiveTuple;
 
+use super::ConnId;
+
 /// Why a connection was closed (counted per reason, named in logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseReason {
@@ -27,6 +29,34 @@ pub(crate) enum CloseReason {
     Stalled,
     /// The relay is stopping.
     Shutdown,
+    /// The other connection of its RFC 6062 data connection pair closed, or their TCP
+    /// allocation ended.
+    DataClosed,
+    /// The other connection of its data connection pair could not take its bytes (its write
+    /// queue was full: the reader there is slower than this sender).
+    Overrun,
+}
+
+/// What a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// STUN messages and ChannelData, framed (a control connection, RFC 8656 §3.1).
+    Framed,
+    /// A ConnectionBind went to the control plane (RFC 6062 §5.4): the bytes after it wait,
+    /// unframed, in `inbuf` until the answer.
+    Binding,
+    /// A client data connection (RFC 6062 §5.4): its bytes go as they are to `partner`.
+    ClientData {
+        /// The peer data connection.
+        partner: ConnId,
+        /// The pair's CONNECTION-ID.
+        connection_id: u32,
+    },
+    /// A peer data connection: its bytes go as they are to `partner`.
+    PeerData {
+        /// The client data connection.
+        partner: ConnId,
+    },
 }
 
 impl CloseReason {
@@ -35,7 +65,11 @@ impl CloseReason {
     pub(crate) fn is_abortive(self) -> bool {
         matches!(
             self,
-            CloseReason::Stalled | CloseReason::BadFraming | CloseReason::FrameTimeout | CloseReason::HandshakeTimeout
+            CloseReason::Stalled
+                | CloseReason::BadFraming
+                | CloseReason::FrameTimeout
+                | CloseReason::HandshakeTimeout
+                | CloseReason::Overrun
         )
     }
 
@@ -50,6 +84,8 @@ impl CloseReason {
             CloseReason::Idle => "idle",
             CloseReason::Stalled => "stalled",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::DataClosed => "data_closed",
+            CloseReason::Overrun => "overrun",
         }
     }
 }
@@ -59,6 +95,8 @@ pub(crate) struct Connection {
     pub(crate) socket: TcpStream,
     pub(crate) five_tuple: FiveTuple,
     pub(crate) generation: u32,
+    /// What it carries (framed messages, or RFC 6062 data).
+    pub(crate) role: Role,
     tls: Option<Box<rustls::ServerConnection>>,
     /// Received plaintext not yet taken as whole messages.
     pub(crate) inbuf: Vec<u8>,
@@ -89,6 +127,7 @@ impl Connection {
             socket,
             five_tuple,
             generation,
+            role: Role::Framed,
             tls: tls.map(Box::new),
             inbuf: Vec::new(),
             out: Vec::new(),

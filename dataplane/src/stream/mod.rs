@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use hashbrown::HashMap;
 use uturn_proto::{FiveTuple, Transport};
 
-pub(crate) use conn::{CloseReason, Connection};
+pub(crate) use conn::{CloseReason, Connection, Role};
 
 /// Limits on client connections (TURN over TCP and TLS).
 #[derive(Debug, Clone)]
@@ -98,11 +98,23 @@ pub struct StreamCounters {
     pub closed: [u64; CLOSE_REASONS.len()],
     /// Messages for a client dropped because its write queue was full.
     pub queue_drops: u64,
+    /// Bytes relayed between RFC 6062 data connections (both directions).
+    pub data_bytes: u64,
 }
 
 /// The reasons a connection closes, as metrics label them.
-pub const CLOSE_REASONS: [&str; 8] =
-    ["peer", "bad_framing", "tls", "handshake_timeout", "frame_timeout", "idle", "stalled", "shutdown"];
+pub const CLOSE_REASONS: [&str; 10] = [
+    "peer",
+    "bad_framing",
+    "tls",
+    "handshake_timeout",
+    "frame_timeout",
+    "idle",
+    "stalled",
+    "shutdown",
+    "data_closed",
+    "overrun",
+];
 
 /// One worker's client connections.
 pub(crate) struct Streams {
@@ -181,6 +193,27 @@ impl Streams {
         Some(id)
     }
 
+    /// Takes in a peer data connection (RFC 6062) that the control plane's TCP relay accepted
+    /// or connected: no per-source cap (the relay capped it per allocation), but it counts in
+    /// the total. Its role is set by the caller.
+    pub(crate) fn adopt_peer(&mut self, now: Instant, socket: std::net::TcpStream, five_tuple: FiveTuple) -> ConnId {
+        self.total.0.fetch_add(1, Ordering::Relaxed);
+        let _ = socket.set_nodelay(true);
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push((0, None));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let generation = self.slots[index as usize].0;
+        let id = ConnId { index, generation };
+        self.slots[index as usize].1 = Some(Connection::new(socket, five_tuple, generation, None, now));
+        self.by_five_tuple.insert(five_tuple, id);
+        self.open += 1;
+        id
+    }
+
     /// The connection `id` names, if it is still open.
     pub(crate) fn get_mut(&mut self, id: ConnId) -> Option<&mut Connection> {
         match self.slots.get_mut(id.index as usize) {
@@ -241,10 +274,13 @@ impl Streams {
         self.free.push(id.index);
         self.by_five_tuple.remove(&c.five_tuple);
         let ip = c.five_tuple.client.ip();
-        if let Some(n) = self.per_source.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_source.remove(&ip);
+        // Peer data connections are not counted per source (see `adopt_peer`).
+        if !matches!(c.role, Role::PeerData { .. }) {
+            if let Some(n) = self.per_source.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_source.remove(&ip);
+                }
             }
         }
         self.open -= 1;
@@ -276,7 +312,10 @@ impl Streams {
                 Some(CloseReason::FrameTimeout)
             } else if c.queued() > 0 && now.duration_since(c.last_progress) >= l.stall_timeout {
                 Some(CloseReason::Stalled)
-            } else if now.duration_since(c.last_message) >= l.idle_timeout && !has_allocation(&c.five_tuple) {
+            } else if now.duration_since(c.last_message) >= l.idle_timeout
+                && matches!(c.role, Role::Framed | Role::Binding)
+                && !has_allocation(&c.five_tuple)
+            {
                 Some(CloseReason::Idle)
             } else {
                 None

@@ -315,6 +315,10 @@ impl Io for UringIo {
         let file = self.relay_file(id.index, socket.as_raw_fd());
         self.send(file, peer, Err(bytes), bytes.len(), None);
     }
+    fn open_stream(&mut self, id: ConnId, socket: &std::net::TcpStream) -> bool {
+        self.arm_stream_recv(id, std::os::fd::AsRawFd::as_raw_fd(socket));
+        true
+    }
     fn close_stream(&mut self, _id: ConnId, _socket: &std::net::TcpStream) {
         // The shutdown that follows ends the connection's receive and send; their completions
         // find the slot's generation moved on.

@@ -49,7 +49,7 @@ impl UringIo {
         self.push_or_retry(sqe);
     }
 
-    fn arm_stream_recv(&mut self, id: ConnId, fd: RawFd) {
+    pub(super) fn arm_stream_recv(&mut self, id: ConnId, fd: RawFd) {
         let ud = conn_tag(KIND_STREAM_RECV, id);
         self.armed.insert(ud);
         let sqe = opcode::RecvMulti::new(Fd(fd), BGID).build().user_data(ud);

@@ -151,6 +151,14 @@ impl WorkerState {
         None
     }
 
+    /// Marks allocation `id` as a TCP allocation (RFC 6062): the shell installed it without a
+    /// relay socket, and Send indications on it are dropped.
+    pub fn mark_tcp(&mut self, id: AllocationId) {
+        if let Some(a) = self.tables.get_mut(id) {
+            a.tcp = true;
+        }
+    }
+
     /// Ends the allocation on `ft`, if any, because its client's TCP or TLS connection closed
     /// (RFC 8656 §3.1: an allocation over a stream lives no longer than its connection). Returns
     /// its end for the shell to report; the connection's next allocation is a new one.
@@ -284,6 +292,7 @@ impl WorkerState {
             created: now,
             to_peer: Traffic::default(),
             to_client: Traffic::default(),
+            tcp: false,
         });
         self.counters.allocations_created += 1;
         self.timers.schedule(expires, Timer::Allocation(id));

@@ -520,7 +520,16 @@ impl WorkerState {
                 self.counters.requests_forwarded += 1;
                 ClientOutput::Authenticate { verified }
             }
-            Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND => {
+            // RFC 6062 §5.4: ConnectionBind only over TCP or TLS (400 over UDP). It comes on a
+            // new connection without an allocation, so it is never verified here.
+            Method::CONNECTION_BIND if ft.transport == Transport::Udp => {
+                self.answer(response::error(out, method, msg.transaction_id(), ErrorCode::BadRequest, &[], None))
+            }
+            Method::REFRESH
+            | Method::CREATE_PERMISSION
+            | Method::CHANNEL_BIND
+            | Method::CONNECT
+            | Method::CONNECTION_BIND => {
                 if method == Method::REFRESH && verified {
                     if let Some(n) = self.delete_verified(now, ft, msg, out) {
                         self.counters.requests_answered += 1;
@@ -566,7 +575,13 @@ impl WorkerState {
             return ClientOutput::Drop;
         };
         let alloc = match self.tables.lookup(ft) {
-            Some(id) if self.tables.get(id).is_some_and(|a| a.expires > now) => id,
+            Some(id) if self.tables.get(id).is_some_and(|a| a.expires > now && !a.tcp) => id,
+            // RFC 6062 §4: a TCP allocation's data flows on its data connections, never in
+            // Send indications.
+            Some(id) if self.tables.get(id).is_some_and(|a| a.tcp) => {
+                self.counters.dropped_indications += 1;
+                return ClientOutput::Drop;
+            }
             _ => {
                 self.counters.no_allocation += 1;
                 return ClientOutput::Drop;

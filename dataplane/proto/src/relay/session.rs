@@ -220,6 +220,7 @@ impl WorkerState {
             created: now.checked_sub(Duration::from_millis(s.age_ms)).unwrap_or(now),
             to_peer: s.to_peer,
             to_client: s.to_client,
+            tcp: false,
         });
         self.timers.schedule(expires, Timer::Allocation(id));
         for (ip, left) in s.permissions {

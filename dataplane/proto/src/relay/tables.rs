@@ -50,6 +50,10 @@ pub struct Allocation {
     pub to_peer: Traffic,
     /// Application data relayed from peers to the client.
     pub to_client: Traffic,
+    /// A TCP allocation (RFC 6062): its relayed transport address is a TCP listener that the
+    /// control plane's TCP relay holds, and its data flows on separate connections, so Send
+    /// indications on it are dropped.
+    pub tcp: bool,
 }
 
 impl Allocation {

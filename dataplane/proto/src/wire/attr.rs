@@ -52,6 +52,9 @@ pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
 pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
 /// ALTERNATE-SERVER (RFC 8489 §14.15).
 pub const ALTERNATE_SERVER: u16 = 0x8023;
+/// CONNECTION-ID (RFC 6062 §6.2.1): a 32-bit id naming a peer data connection of a TCP
+/// allocation.
+pub const CONNECTION_ID: u16 = 0x002A;
 /// SOFTWARE (RFC 8489 §14.14).
 pub const SOFTWARE: u16 = 0x8022;
 /// FINGERPRINT (RFC 8489 §14.7).
@@ -59,6 +62,8 @@ pub const FINGERPRINT: u16 = 0x8028;
 
 /// REQUESTED-TRANSPORT protocol number for UDP (RFC 8656 §18.8).
 pub const TRANSPORT_UDP: u8 = 17;
+/// REQUESTED-TRANSPORT protocol number for TCP (RFC 6062 §5.1: a TCP allocation).
+pub const TRANSPORT_TCP: u8 = 6;
 /// REQUESTED-ADDRESS-FAMILY value for IPv4 (RFC 8656 §18.6).
 pub const FAMILY_IPV4: u8 = 0x01;
 /// REQUESTED-ADDRESS-FAMILY value for IPv6 (RFC 8656 §18.6).
@@ -98,5 +103,6 @@ pub const fn is_understood(typ: u16) -> bool {
             | REQUESTED_TRANSPORT
             | XOR_MAPPED_ADDRESS
             | RESERVATION_TOKEN
+            | CONNECTION_ID
     )
 }

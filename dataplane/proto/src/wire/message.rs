@@ -39,6 +39,14 @@ impl Method {
     pub const CREATE_PERMISSION: Method = Method(0x008);
     /// ChannelBind (RFC 8656 §12).
     pub const CHANNEL_BIND: Method = Method(0x009);
+    /// Connect: open a TCP connection to a peer from a TCP allocation (RFC 6062 §4.3).
+    pub const CONNECT: Method = Method(0x00A);
+    /// ConnectionBind: make a new client connection the data connection of a peer connection
+    /// (RFC 6062 §4.4).
+    pub const CONNECTION_BIND: Method = Method(0x00B);
+    /// ConnectionAttempt, indication only: a peer connected to a TCP allocation's relayed
+    /// transport address (RFC 6062 §4.5).
+    pub const CONNECTION_ATTEMPT: Method = Method(0x00C);
 
     /// The method's name as the RFCs spell it, for logs.
     pub fn name(self) -> &'static str {
@@ -50,6 +58,9 @@ impl Method {
             Method::DATA => "Data",
             Method::CREATE_PERMISSION => "CreatePermission",
             Method::CHANNEL_BIND => "ChannelBind",
+            Method::CONNECT => "Connect",
+            Method::CONNECTION_BIND => "ConnectionBind",
+            Method::CONNECTION_ATTEMPT => "ConnectionAttempt",
             _ => "unknown",
         }
     }
