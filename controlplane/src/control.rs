@@ -446,7 +446,7 @@ impl ControlPlane {
         }
         let n = self
             .challenger
-            .write(&mut self.buf, msg.method(), msg.transaction_id(), code, now, &ft.client)
+            .write(&mut self.buf, msg.method(), msg.transaction_id(), code, now, &ft.nonce_address())
             .unwrap_or(0);
         self.buf[..n].to_vec()
     }

@@ -77,7 +77,7 @@ impl ControlPlane {
                 return Auth::Reply(self.error(msg, code, None));
             }
         };
-        if self.challenger.check(nonce, now, &ft.client) != NonceCheck::Valid {
+        if self.challenger.check(nonce, now, &ft.nonce_address()) != NonceCheck::Valid {
             self.metrics.auth(AuthOutcome::StaleNonce);
             return Auth::Reply(self.challenge(now, ft, msg, ErrorCode::StaleNonce));
         }

@@ -61,6 +61,17 @@ impl FiveTuple {
     pub fn udp(client: SocketAddr, server: SocketAddr) -> Self {
         FiveTuple { client, server, transport: Transport::Udp }
     }
+
+    /// The client address a NONCE is bound to (RFC 8489 §9.2): the whole transport address
+    /// over UDP; over TCP and TLS the IP with port 0, because one client opens several
+    /// connections with the same credentials and nonce (RFC 6062 data connections: a
+    /// ConnectionBind carries the nonce of the control connection).
+    pub fn nonce_address(&self) -> SocketAddr {
+        match self.transport {
+            Transport::Udp => self.client,
+            _ => SocketAddr::new(self.client.ip(), 0),
+        }
+    }
 }
 
 /// A listen address with its transport: `udp://IP:PORT`, `tcp://IP:PORT`, `tls://IP:PORT`, or a

@@ -484,7 +484,7 @@ impl WorkerState {
         let Some(parts) = msg.integrity_parts() else { return false };
         let Some(a) = self.tables.lookup(ft).and_then(|id| self.tables.get(id)) else { return false };
         if let Some(c) = &self.challenger {
-            if !msg.nonce().is_some_and(|n| c.check(n, now, &ft.client) == NonceCheck::Valid) {
+            if !msg.nonce().is_some_and(|n| c.check(n, now, &ft.nonce_address()) == NonceCheck::Valid) {
                 return false;
             }
         }
@@ -552,7 +552,8 @@ impl WorkerState {
             return None;
         }
         let c = self.challenger.as_ref()?;
-        let written = c.write(out, msg.method(), msg.transaction_id(), ErrorCode::Unauthenticated, now, &ft.client);
+        let written =
+            c.write(out, msg.method(), msg.transaction_id(), ErrorCode::Unauthenticated, now, &ft.nonce_address());
         Some(self.answer(written))
     }
 
