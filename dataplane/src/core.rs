@@ -55,6 +55,10 @@ pub(crate) trait Io {
     fn open_stream(&mut self, id: ConnId, socket: &TcpStream) -> bool;
     /// Forget a connection about to be closed (its socket is shut down right after).
     fn close_stream(&mut self, id: ConnId, socket: &TcpStream);
+    /// Stop reading connection `id` for now (its [`Connection::paused`] is set).
+    fn pause_stream(&mut self, id: ConnId, socket: &TcpStream);
+    /// Read connection `id` again (its [`Connection::paused`] is cleared).
+    fn resume_stream(&mut self, id: ConnId, socket: &TcpStream);
 }
 
 /// Where an allocation's client is reached.

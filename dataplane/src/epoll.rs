@@ -31,6 +31,8 @@ const BUF_LEN: usize = PEER_HEADROOM + 65_536 + PEER_TAILROOM;
 struct EpollIo {
     poll: Poll,
     listeners: Vec<UdpSocket>,
+    /// Connection slots to read again after a pause (their readiness edge may have passed).
+    resumed: Vec<u32>,
 }
 
 impl Io for EpollIo {
@@ -69,6 +71,12 @@ impl Io for EpollIo {
         let token = Token(CONN_BASE + id.index as usize);
         self.poll.registry().register(&mut SourceFd(&fd), token, Interest::READABLE | Interest::WRITABLE).is_ok()
     }
+    fn pause_stream(&mut self, _id: ConnId, _socket: &TcpStream) {
+        // `drain_stream` stops at a paused connection.
+    }
+    fn resume_stream(&mut self, id: ConnId, _socket: &TcpStream) {
+        self.resumed.push(id.index);
+    }
     fn close_stream(&mut self, _id: ConnId, socket: &TcpStream) {
         let fd = socket.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
@@ -90,7 +98,7 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
     for (i, l) in stream_listeners.iter().enumerate() {
         poll.registry().register(&mut SourceFd(&l.as_raw_fd()), Token(STREAM_LISTENER_BASE + i), Interest::READABLE)?;
     }
-    let mut io = EpollIo { poll, listeners };
+    let mut io = EpollIo { poll, listeners, resumed: Vec::new() };
     // A resumed worker's allocations: registering a socket that already holds datagrams
     // reports it readable at once.
     for r in core.relays.iter().flatten() {
@@ -110,7 +118,7 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
             .min(core.longest_sleep());
         // Commands queued after this check find the flag set and write the eventfd.
         waker.sleeping(true);
-        let timeout = if core.commands_pending() { Duration::ZERO } else { timeout };
+        let timeout = if core.commands_pending() || !io.resumed.is_empty() { Duration::ZERO } else { timeout };
         let polled = io.poll.poll(&mut events, Some(timeout));
         waker.sleeping(false);
         if let Err(e) = polled {
@@ -148,6 +156,16 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
         core.drain_commands(now, &mut io);
         core.expire(now, &mut io);
         flush_streams(&mut core, &mut io, now);
+        // Bounded: a pair that pauses again waits for the next turn of the loop.
+        for _ in 0..4 {
+            if io.resumed.is_empty() {
+                break;
+            }
+            for index in std::mem::take(&mut io.resumed) {
+                drain_stream(&mut core, &mut io, index, &mut buf, now);
+            }
+            flush_streams(&mut core, &mut io, now);
+        }
     }
     // Connections do not survive a freeze: their allocations end with them.
     core.close_connections(Instant::now(), &mut io);
@@ -256,6 +274,9 @@ fn accept_all(core: &mut WorkerCore, io: &mut EpollIo, listeners: &[TcpListener]
 fn drain_stream(core: &mut WorkerCore, io: &mut EpollIo, index: u32, buf: &mut [u8], now: Instant) {
     loop {
         let Some(c) = core.streams.slot_mut(index) else { return };
+        if c.paused {
+            return;
+        }
         let id = ConnId { index, generation: c.generation };
         match c.socket.read(buf) {
             Ok(0) => return core.close_connection(now, id, CloseReason::Peer, io),
@@ -275,6 +296,8 @@ fn flush_streams(core: &mut WorkerCore, io: &mut EpollIo, now: Instant) {
         c.dirty = false;
         if c.write_out(now).is_err() {
             core.close_connection(now, id, CloseReason::Peer, io);
+        } else {
+            core.on_written(id, io);
         }
     }
 }

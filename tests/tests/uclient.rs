@@ -1,7 +1,7 @@
 //! coturn's `turnutils_uclient` against the started uturn binary: channel mode, Send-indication
 //! mode (`-s`), client-to-client (`-y`) and several clients (`-m`), over UDP, TCP (`-t`) and TLS
-//! (`-t -S`, a certificate generated at test time), on both I/O backends, with every message
-//! received.
+//! (`-t -S`, a certificate generated at test time), and RFC 6062 TCP allocations (`-T`, over TCP
+//! and TLS), on both I/O backends, with every message received.
 
 use std::process::Command;
 use std::time::Duration;
@@ -49,7 +49,10 @@ fn uclient_over(backend: &str, transport: &str, mode_args: &[&str], messages: u6
         "tcp" => (relay.tcp.unwrap().port(), &["-t"]),
         _ => (relay.tls.unwrap().port(), &["-t", "-S"]),
     };
-    let client_to_client = mode_args.contains(&"-y");
+    // `-T` (RFC 6062 TCP allocations) implies client-to-client: each client Connects to the
+    // relayed address of every later one.
+    let tcp_allocations = mode_args.contains(&"-T");
+    let client_to_client = mode_args.contains(&"-y") || tcp_allocations;
     let (_peer, peer_port) = if client_to_client {
         (None, 0)
     } else {
@@ -76,6 +79,16 @@ fn uclient_over(backend: &str, transport: &str, mode_args: &[&str], messages: u6
     assert_eq!(sent, received, "{out}");
     assert!(sent >= messages * clients, "sent {sent} < {messages} x {clients}:\n{out}");
     assert!(!relay.log().contains("ERROR"), "{}", relay.log());
+    if tcp_allocations {
+        // Both data connections of each Connect (the Connect side and the ConnectionAttempt
+        // side) were bound.
+        let pairs = clients * (clients - 1);
+        assert!(out.contains(&format!("{pairs} connections are completed")), "not every data connection bound:\n{out}");
+        assert_eq!(
+            relay.log().matches("INFO uturn_controlplane::tcp_relay: data connection bound").count() as u64,
+            pairs
+        );
+    }
     if transport != "udp" {
         let log = relay.log();
         assert!(log.contains(&format!("transport={transport}")), "no {transport} connection in the log:\n{log}");
@@ -103,4 +116,6 @@ both_backends! {
     tcp_send_indications: "tcp", &["-s"], 100, 4;
     tls_channel_data: "tls", &[], 100, 4;
     tls_send_indications: "tls", &["-s"], 100, 4;
+    tcp_allocations_over_tcp: "tcp", &["-T"], 30, 4;
+    tcp_allocations_over_tls: "tls", &["-T"], 30, 4;
 }

@@ -217,8 +217,19 @@ impl StreamClient {
         &mut self,
         f: impl Fn(&mut uturn_proto::wire::MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>,
     ) -> Result<Response, String> {
+        self.allocate_transport(17, f)
+    }
+
+    /// [`allocate_with`](Self::allocate_with) with REQUESTED-TRANSPORT `protocol` (17 UDP, 6
+    /// TCP: an RFC 6062 TCP allocation).
+    pub fn allocate_transport(
+        &mut self,
+        protocol: u8,
+        f: impl Fn(&mut uturn_proto::wire::MessageWriter<'_>) -> Result<(), uturn_proto::wire::WriteError>,
+    ) -> Result<Response, String> {
+        let transport = (protocol as u32) << 24;
         let req = build(Method::ALLOCATE, Class::Request, TransactionId(rand::random()), None, |w| {
-            w.u32(attr::REQUESTED_TRANSPORT, 17 << 24).map(drop)
+            w.u32(attr::REQUESTED_TRANSPORT, transport).map(drop)
         });
         let r = self.transact(&req)?;
         if r.code() != Some(401) {
@@ -226,7 +237,7 @@ impl StreamClient {
         }
         self.creds.learn_challenge(&r.msg())?;
         let r = self.transact_authenticated(Method::ALLOCATE, |w| {
-            w.u32(attr::REQUESTED_TRANSPORT, 17 << 24)?;
+            w.u32(attr::REQUESTED_TRANSPORT, transport)?;
             f(w)
         })?;
         match error_code(&r.msg()) {
@@ -264,6 +275,33 @@ impl StreamClient {
         d.extend_from_slice(payload);
         d.resize((d.len() + 3) & !3, 0);
         self.send_raw(&d)
+    }
+
+    /// Takes the realm, key and nonce `other` learned (an RFC 6062 data connection signs its
+    /// ConnectionBind with the control connection's credentials).
+    pub fn adopt_credentials(&mut self, other: &StreamClient) {
+        self.creds.realm = other.creds.realm.clone();
+        self.creds.key = other.creds.key;
+        self.creds.nonce = other.creds.nonce.clone();
+    }
+
+    /// Bytes as they arrive, unframed (an RFC 6062 data connection): what is buffered, else
+    /// what arrives within `limit` (empty on timeout). An error once the server has closed.
+    pub fn recv_raw(&mut self, limit: Duration) -> io::Result<Vec<u8>> {
+        if !self.inbuf.is_empty() {
+            return Ok(std::mem::take(&mut self.inbuf));
+        }
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 16384];
+        while Instant::now() < deadline {
+            match self.conn.read(&mut buf) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed by the server")),
+                Ok(n) => return Ok(buf[..n].to_vec()),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Vec::new())
     }
 
     /// True once the server has closed the connection (waits at most `limit`, discarding what

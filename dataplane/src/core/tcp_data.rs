@@ -168,10 +168,43 @@ impl WorkerCore {
         };
         if queued {
             self.streams.counters.data_bytes += n as u64;
+            self.pause_if_full(id, partner, io);
         } else {
             let gone = self.streams.get_mut(partner).is_none();
             let reason = if gone { CloseReason::DataClosed } else { CloseReason::Overrun };
             self.close_connection(now, id, reason, io);
+        }
+    }
+
+    /// Backpressure: stops reading `id` while its partner has more than a quarter of its write
+    /// queue waiting, so a fast sender never overruns a slow reader's queue.
+    fn pause_if_full(&mut self, id: ConnId, partner: ConnId, io: &mut impl Io) {
+        let high = self.streams.limits.write_queue / 4;
+        if self.streams.get_mut(partner).is_none_or(|p| p.queued() < high) {
+            return;
+        }
+        if let Some(c) = self.streams.get_mut(id) {
+            if !c.paused {
+                c.paused = true;
+                io.pause_stream(id, &c.socket);
+            }
+        }
+    }
+
+    /// Bytes of connection `id` were written: when its queue has drained below an eighth of
+    /// the limit, the other connection of its data pair is read again.
+    pub(crate) fn on_written(&mut self, id: ConnId, io: &mut impl Io) {
+        let low = self.streams.limits.write_queue / 8;
+        let Some(c) = self.streams.get_mut(id) else { return };
+        let partner = match c.role {
+            Role::ClientData { partner, .. } | Role::PeerData { partner } if c.queued() < low => partner,
+            _ => return,
+        };
+        if let Some(p) = self.streams.get_mut(partner) {
+            if p.paused {
+                p.paused = false;
+                io.resume_stream(partner, &p.socket);
+            }
         }
     }
 

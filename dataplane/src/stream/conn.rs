@@ -97,6 +97,9 @@ pub(crate) struct Connection {
     pub(crate) generation: u32,
     /// What it carries (framed messages, or RFC 6062 data).
     pub(crate) role: Role,
+    /// Not read for now: the other connection of its data pair has too much queued
+    /// (backpressure: the kernel's receive window then holds the sender back).
+    pub(crate) paused: bool,
     tls: Option<Box<rustls::ServerConnection>>,
     /// Received plaintext not yet taken as whole messages.
     pub(crate) inbuf: Vec<u8>,
@@ -128,6 +131,7 @@ impl Connection {
             five_tuple,
             generation,
             role: Role::Framed,
+            paused: false,
             tls: tls.map(Box::new),
             inbuf: Vec::new(),
             out: Vec::new(),
@@ -232,10 +236,18 @@ impl Connection {
         match self.tls.as_mut() {
             None => self.out.extend_from_slice(message),
             Some(tls) => {
-                if tls.is_handshaking() || tls.writer().write_all(message).is_err() {
+                if tls.is_handshaking() {
                     return false;
                 }
-                self.pull_tls_output();
+                // In records' worth at a time: rustls buffers at most 64 KiB of plaintext, and
+                // relayed data (RFC 6062) may come in larger pieces.
+                for piece in message.chunks(16 * 1024) {
+                    let Some(tls) = self.tls.as_mut() else { return false };
+                    if tls.writer().write_all(piece).is_err() {
+                        return false;
+                    }
+                    self.pull_tls_output();
+                }
             }
         }
         true

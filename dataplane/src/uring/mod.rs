@@ -319,6 +319,12 @@ impl Io for UringIo {
         self.arm_stream_recv(id, std::os::fd::AsRawFd::as_raw_fd(socket));
         true
     }
+    fn pause_stream(&mut self, id: ConnId, _socket: &std::net::TcpStream) {
+        self.cancel_stream_recv(id);
+    }
+    fn resume_stream(&mut self, id: ConnId, socket: &std::net::TcpStream) {
+        self.rearm_stream_recv(id, std::os::fd::AsRawFd::as_raw_fd(socket));
+    }
     fn close_stream(&mut self, _id: ConnId, _socket: &std::net::TcpStream) {
         // The shutdown that follows ends the connection's receive and send; their completions
         // find the slot's generation moved on.

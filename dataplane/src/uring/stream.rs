@@ -11,7 +11,7 @@ use std::time::Instant;
 use io_uring::opcode;
 use io_uring::types::Fd;
 
-use super::{tag, UringIo, BGID, GEN_MASK, KIND_ACCEPT, KIND_STREAM_RECV, KIND_STREAM_SEND};
+use super::{tag, UringIo, BGID, GEN_MASK, KIND_ACCEPT, KIND_CANCEL, KIND_STREAM_RECV, KIND_STREAM_SEND};
 use crate::core::WorkerCore;
 use crate::stream::{CloseReason, ConnId};
 
@@ -54,6 +54,24 @@ impl UringIo {
         self.armed.insert(ud);
         let sqe = opcode::RecvMulti::new(Fd(fd), BGID).build().user_data(ud);
         self.push_or_retry(sqe);
+    }
+
+    /// Ends connection `id`'s multishot receive (backpressure); its last completion does not
+    /// re-arm it while the connection is paused.
+    pub(super) fn cancel_stream_recv(&mut self, id: ConnId) {
+        let ud = conn_tag(KIND_STREAM_RECV, id);
+        if self.armed.contains(&ud) {
+            let sqe = opcode::AsyncCancel::new(ud).build().user_data(tag(KIND_CANCEL, 0));
+            self.push_or_retry(sqe);
+        }
+    }
+
+    /// Arms connection `id`'s receive again unless it is still armed (a cancelled one that has
+    /// not ended re-arms itself at its last completion, the connection being unpaused).
+    pub(super) fn rearm_stream_recv(&mut self, id: ConnId, fd: RawFd) {
+        if !self.armed.contains(&conn_tag(KIND_STREAM_RECV, id)) {
+            self.arm_stream_recv(id, fd);
+        }
     }
 
     /// True while a connection send is in flight.
@@ -180,15 +198,15 @@ pub(super) fn on_recv(
             if let Some(b) = b {
                 io.bufs.recycle(b);
             }
-            // Out of provided buffers: the multishot ended and is armed again below; any other
-            // error ends the connection.
-            if n < 0 && n != -libc::ENOBUFS {
+            // Out of provided buffers, or cancelled for backpressure: the multishot ended and is
+            // armed again below (unless paused); any other error ends the connection.
+            if n < 0 && n != -libc::ENOBUFS && n != -libc::ECANCELED {
                 return core.close_connection(now, id, CloseReason::Peer, io);
             }
         }
     }
     if !more && !io.freezing {
-        if let Some(c) = core.streams.get_mut(id) {
+        if let Some(c) = core.streams.get_mut(id).filter(|c| !c.paused) {
             let fd = c.socket.as_raw_fd();
             io.arm_stream_recv(id, fd);
         }
@@ -222,6 +240,9 @@ pub(super) fn on_send(core: &mut WorkerCore, io: &mut UringIo, now: Instant, low
     s.buf.clear();
     if s.buf.capacity() > KEEP_SEND_CAPACITY {
         s.buf = Vec::new();
+    }
+    if live.is_some() {
+        core.on_written(id, io);
     }
     // Whatever queued meanwhile (on this connection, or a new tenant of the slot) goes now.
     if let Some(c) = core.streams.slot_mut(index) {
