@@ -499,3 +499,56 @@ fn allocations_spread_over_relay_addresses_and_external_ip_is_advertised() {
     }
     assert!(bound.contains(&"127.0.0.1".parse().unwrap()) && bound.contains(&"127.0.0.2".parse().unwrap()));
 }
+
+fn tcp_ft(port: u16) -> FiveTuple {
+    FiveTuple {
+        client: SocketAddr::from(([127, 0, 0, 1], port)),
+        server: "127.0.0.1:3478".parse().unwrap(),
+        transport: uturn_proto::Transport::Tcp,
+    }
+}
+
+/// A TCP Allocate (REQUESTED-TRANSPORT 6) on `ft` after its 401; the answer and the nonce.
+fn tcp_allocate(h: &mut H, ft: FiveTuple, tid: u8) -> (Option<ToWorker>, Vec<u8>) {
+    let tcp = |w: &mut MessageWriter<'_>| w.u32(attr::REQUESTED_TRANSPORT, 6 << 24).map(drop);
+    let nonce = nonce_of(&reply_bytes(h.send(0, ft, &request(Method::ALLOCATE, tid, None, tcp))));
+    let out = h.send(0, ft, &request(Method::ALLOCATE, tid + 1, Some(("demo", "demo", &nonce)), tcp));
+    (out, nonce)
+}
+
+#[test]
+fn tcp_allocations_follow_rfc_6062_section_5_1() {
+    let mut h = H::new();
+    // Without a TCP relay (no TCP or TLS listener): 442, as for any other transport.
+    assert_eq!(code(&reply_bytes(tcp_allocate(&mut h, tcp_ft(1000), 1).0)), Some(442));
+    let (tx, _rx) = crossbeam_channel::unbounded();
+    let relay = crate::tcp_relay::TcpRelay::spawn(tx, std::thread::current(), Duration::from_secs(300)).unwrap();
+    h.cp.set_tcp_relay(relay);
+    // Over UDP: 400.
+    assert_eq!(code(&reply_bytes(tcp_allocate(&mut h, ft(1001), 3).0)), Some(400));
+    // Over TCP: installed without a relay socket; the relayed address listens.
+    let (out, nonce) = tcp_allocate(&mut h, tcp_ft(1002), 5);
+    let Some(ToWorker::InstallTcp(install)) = out else { panic!("no TCP install: {out:?}") };
+    assert!(std::net::TcpStream::connect(install.relayed).is_ok(), "relayed address not listening");
+    // RFC 6062: no channels on a TCP allocation.
+    let bind = request(Method::CHANNEL_BIND, 7, Some(("demo", "demo", &nonce)), |w| {
+        w.u32(attr::CHANNEL_NUMBER, 0x4000 << 16)?;
+        w.xor_address(attr::XOR_PEER_ADDRESS, &"127.0.0.1:9".parse().unwrap()).map(drop)
+    });
+    assert_eq!(code(&reply_bytes(h.send(0, tcp_ft(1002), &bind))), Some(400));
+    // A ConnectionBind on the control connection itself (it holds the allocation): 400.
+    let cb = request(Method::CONNECTION_BIND, 8, Some(("demo", "demo", &nonce)), |w| {
+        w.bytes(attr::CONNECTION_ID, &[0, 0, 0, 1]).map(drop)
+    });
+    match h.send(0, tcp_ft(1002), &cb) {
+        Some(ToWorker::BindFailed { response, .. }) => assert_eq!(code(&response), Some(400)),
+        other => panic!("expected BindFailed, got {other:?}"),
+    }
+    // The end of the allocation closes its listener (the relay thread does it at once).
+    h.cp.released(&tcp_ft(1002), install.tid);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::net::TcpStream::connect(install.relayed).is_ok() {
+        assert!(Instant::now() < deadline, "the relayed listener outlived its allocation");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
