@@ -396,7 +396,7 @@ impl WorkerCore {
             self.close_relay(ended.id, io);
             self.release(ended.five_tuple, ended.tid);
         }
-        self.close_partner(now, c.role, io);
+        self.close_partner(now, c.role, reason, io);
     }
 
     /// Closes every connection (shutdown or freeze).

@@ -165,8 +165,35 @@ fn relays_both_ways(backend: &str, tls: bool) {
     data2.send_raw(b"pong").unwrap();
     assert_eq!(read_peer(&mut incoming, 4), b"pong");
 
-    // One side of a pair closes: the other closes.
-    drop(data2);
+    // The peer sends 1 MB and closes at once, to a client that reads slowly (so bytes wait in
+    // the relay when the peer's close arrives): every byte still arrives, then the data
+    // connection closes.
+    data2.set_recv_buffer(16 * 1024);
+    let last: Vec<u8> = (0..1_000_000u32).map(|i| (i % 249) as u8).collect();
+    let sent = last.clone();
+    let closer = std::thread::spawn(move || {
+        let ok = incoming.write_all(&sent).is_ok();
+        drop(incoming);
+        ok
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    while got.len() < last.len() && Instant::now() < deadline {
+        match data2.recv_raw(Duration::from_millis(200)) {
+            Ok(b) => got.extend(b),
+            Err(_) => break,
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(got == last, "the peer's last bytes before its close were lost: {} of {}", got.len(), last.len());
+    assert!(closer.join().unwrap());
+    assert!(data2.closed_within(Duration::from_secs(3)), "data connection outlived its peer connection");
+    // The client data side closes: the peer side closes.
+    let mut incoming = TcpStream::connect(relayed).unwrap();
+    let (id3, _) = connection_attempt(&mut ctl).expect("ConnectionAttempt");
+    let (data3, r) = data_connection(&relay, tls, &ctl, id3);
+    assert_eq!(r.code(), None);
+    drop(data3);
     assert!(peer_closed_within(&mut incoming, Duration::from_secs(3)), "peer connection outlived its data connection");
 
     // §5.5 / RFC 8656 §3.1: the control connection closes, the allocation ends, and its

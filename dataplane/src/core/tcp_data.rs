@@ -196,6 +196,12 @@ impl WorkerCore {
     pub(crate) fn on_written(&mut self, id: ConnId, io: &mut impl Io) {
         let low = self.streams.limits.write_queue / 8;
         let Some(c) = self.streams.get_mut(id) else { return };
+        if c.close_when_flushed {
+            if c.queued() == 0 {
+                self.close_connection(Instant::now(), id, CloseReason::DataClosed, io);
+            }
+            return;
+        }
         let partner = match c.role {
             Role::ClientData { partner, .. } | Role::PeerData { partner } if c.queued() < low => partner,
             _ => return,
@@ -208,17 +214,30 @@ impl WorkerCore {
         }
     }
 
-    /// After connection of `role` closed: closes the other one of its data pair, and reports
+    /// After connection of `role` closed for `reason`: closes the other one of its data pair
+    /// (at once, or after writing what waits for it when this one ended with EOF), and reports
     /// the pair's end once (from the client data side).
-    pub(super) fn close_partner(&mut self, now: Instant, role: Role, io: &mut impl Io) {
-        match role {
+    pub(super) fn close_partner(&mut self, now: Instant, role: Role, reason: CloseReason, io: &mut impl Io) {
+        let partner = match role {
             Role::ClientData { partner, connection_id } => {
                 self.data_closed(connection_id);
-                self.close_connection(now, partner, CloseReason::DataClosed, io);
+                partner
             }
-            Role::PeerData { partner } => self.close_connection(now, partner, CloseReason::DataClosed, io),
-            Role::Framed | Role::Binding => {}
+            Role::PeerData { partner } => partner,
+            Role::Framed | Role::Binding => return,
+        };
+        if reason == CloseReason::Peer {
+            if let Some(p) = self.streams.get_mut(partner).filter(|p| p.queued() > 0) {
+                // Not read any more: its bytes would have nowhere to go.
+                p.close_when_flushed = true;
+                if !p.paused {
+                    p.paused = true;
+                    io.pause_stream(partner, &p.socket);
+                }
+                return;
+            }
         }
+        self.close_connection(now, partner, CloseReason::DataClosed, io);
     }
 
     fn data_closed(&mut self, connection_id: u32) {

@@ -100,6 +100,9 @@ pub(crate) struct Connection {
     /// Not read for now: the other connection of its data pair has too much queued
     /// (backpressure: the kernel's receive window then holds the sender back).
     pub(crate) paused: bool,
+    /// The other connection of its data pair closed (EOF): this one closes once what waits
+    /// for it is written, so a peer's last bytes before its close still arrive.
+    pub(crate) close_when_flushed: bool,
     tls: Option<Box<rustls::ServerConnection>>,
     /// Received plaintext not yet taken as whole messages.
     pub(crate) inbuf: Vec<u8>,
@@ -132,6 +135,7 @@ impl Connection {
             generation,
             role: Role::Framed,
             paused: false,
+            close_when_flushed: false,
             tls: tls.map(Box::new),
             inbuf: Vec::new(),
             out: Vec::new(),
