@@ -1,5 +1,5 @@
-# Shared by bench-compare.sh and bench-ab.sh (sourced, not run): starting and stopping one
-# contestant pinned to SERVER_CPUS. Needs BIN (the release build folder) and OUT (scratch
+# Shared by bench-compare.sh, bench-ab.sh, bench-streams.sh and bench-tcp-relay.sh (sourced,
+# not run): starting and stopping one contestant pinned to SERVER_CPUS. Needs BIN (the release build folder) and OUT (scratch
 # folder) set; sets SERVER_PID. Everything listens on 127.0.0.1.
 
 free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -52,4 +52,37 @@ start_server() {
   esac
   SERVER_PID=$!
   sleep 1
+}
+
+# test_certificate: $OUT/cert.pem and $OUT/key.pem, self-signed for CN localhost (2048-bit RSA).
+test_certificate() {
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$OUT/key.pem" -out "$OUT/cert.pem" >/dev/null 2>&1
+}
+
+# start_stream_relay NAME UTURN_TOML COTURN_ARG...: `uturn` or `coturn` (COTURN_BIN) with one
+# worker / relay thread on SERVER_CPUS, listening on UDP and TCP at $PLAIN and on TLS at $SECURE
+# (fresh ports, set here) with test_certificate's files. UTURN_TOML is added to uturn's config
+# file; the COTURN_ARGs to coturn's command line. Sets SERVER_PID.
+start_stream_relay() {
+  local name=$1 toml=$2; shift 2
+  PLAIN=$(free_port); SECURE=$(free_port)
+  case $name in
+    uturn)
+      printf 'listen = ["udp://127.0.0.1:%s", "tcp://127.0.0.1:%s", "tls://127.0.0.1:%s"]\ntls-cert = "%s"\ntls-key = "%s"\n%s\n' \
+        "$PLAIN" "$PLAIN" "$SECURE" "$OUT/cert.pem" "$OUT/key.pem" "$toml" > "$OUT/uturn.toml"
+      taskset -c "$SERVER_CPUS" "$BIN/uturn" --config "$OUT/uturn.toml" --workers 1 --log-level warn \
+        --port-range 20000-30000 >/dev/null 2>>"$OUT/uturn.log" &
+      ;;
+    coturn)
+      taskset -c "$SERVER_CPUS" "${COTURN_BIN:-turnserver}" -n --listening-ip=127.0.0.1 --listening-port="$PLAIN" \
+        --tls-listening-port="$SECURE" --cert="$OUT/cert.pem" --pkey="$OUT/key.pem" --no-dtls \
+        --relay-ip=127.0.0.1 --lt-cred-mech --user=demo:demo --realm=uturn.local --no-cli "$@" \
+        --relay-threads=1 --min-port=30001 --max-port=60000 --allow-loopback-peers \
+        --pidfile="$OUT/coturn.pid" --log-file="$OUT/coturn.log" --simple-log >/dev/null 2>&1 &
+      ;;
+    *) echo "unknown contestant $name" >&2; return 2 ;;
+  esac
+  SERVER_PID=$!
+  sleep 1.5
 }

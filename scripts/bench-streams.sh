@@ -30,41 +30,14 @@ mkdir -p "$OUT"
 COTURN_BIN=${COTURN_BIN:-$(./scripts/build-coturn.sh 2>/dev/null || command -v turnserver)}
 ulimit -n 65536 2>/dev/null || true
 
-# A test certificate for both relays (CN localhost).
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
-  -keyout "$OUT/key.pem" -out "$OUT/cert.pem" >/dev/null 2>&1
-
-# stop_server (kills the relay by its PID) and SERVER_PID come from bench-lib.sh.
+# stop_server, test_certificate and start_stream_relay (which sets PLAIN, SECURE and
+# SERVER_PID) come from bench-lib.sh.
 . scripts/bench-lib.sh
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 trap stop_server EXIT
+test_certificate
 
 # start NAME: the relay listening on UDP+TCP $PLAIN and TLS $SECURE.
-start() {
-  PLAIN=$(port); SECURE=$(port)
-  case $1 in
-    uturn)
-      cat > "$OUT/uturn.toml" <<EOF
-unauth-rate = 0
-listen = ["udp://127.0.0.1:$PLAIN", "tcp://127.0.0.1:$PLAIN", "tls://127.0.0.1:$SECURE"]
-tls-cert = "$OUT/cert.pem"
-tls-key = "$OUT/key.pem"
-max-connections-per-ip = 4096
-EOF
-      taskset -c "$SERVER_CPUS" "$BIN/uturn" --config "$OUT/uturn.toml" --workers 1 --log-level warn \
-        --port-range 20000-30000 >/dev/null 2>>"$OUT/uturn.log" &
-      ;;
-    coturn)
-      taskset -c "$SERVER_CPUS" "$COTURN_BIN" -n --listening-ip=127.0.0.1 --listening-port="$PLAIN" \
-        --tls-listening-port="$SECURE" --cert="$OUT/cert.pem" --pkey="$OUT/key.pem" --no-dtls \
-        --relay-ip=127.0.0.1 --lt-cred-mech --user=demo:demo --realm=uturn.local --no-cli --no-tcp-relay \
-        --relay-threads=1 --min-port=30001 --max-port=60000 --allow-loopback-peers \
-        --pidfile="$OUT/coturn.pid" --log-file="$OUT/coturn.log" --simple-log >/dev/null 2>&1 &
-      ;;
-  esac
-  SERVER_PID=$!
-  sleep 1.5
-}
+start() { start_stream_relay "$1" "$(printf 'unauth-rate = 0\nmax-connections-per-ip = 4096')" --no-tcp-relay; }
 
 # load NAME TRANSPORT RATE CLIENTS: one run, its JSON report appended with the contestant.
 load() {

@@ -512,16 +512,8 @@ impl ControlPlane {
                 let lifetime = cap.map_or(lifetime, |c| lifetime.min(c));
                 let (socket, token) = match self.relay_socket(now, worker, port, v6) {
                     Ok(Some(pair)) => pair,
-                    Ok(None) => {
-                        warn!(worker, "relay ports exhausted");
-                        let r = self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
-                        return Some(reply(ft, r));
-                    }
-                    Err(e) => {
-                        warn!(worker, "binding a relay socket failed: {e}");
-                        let r = self.error(msg, ErrorCode::ServerError, Some(&key));
-                        return Some(reply(ft, r));
-                    }
+                    Ok(None) => return Some(self.not_bound(worker, ft, msg, &key, None)),
+                    Err(e) => return Some(self.not_bound(worker, ft, msg, &key, Some(e))),
                 };
                 let relayed = socket.local_addr().ok()?;
                 let advertised = self.advertised(relayed);
@@ -597,6 +589,30 @@ impl ControlPlane {
                 ))
             }
         }
+    }
+
+    /// The answer to an Allocate whose relayed transport address could not be bound: 508 when
+    /// every port is taken (`error` is `None`), 500 when binding failed otherwise.
+    fn not_bound(
+        &mut self,
+        worker: usize,
+        ft: FiveTuple,
+        msg: &Message<'_>,
+        key: &IntegrityKey,
+        error: Option<std::io::Error>,
+    ) -> ToWorker {
+        let code = match error {
+            None => {
+                warn!(worker, "relay ports exhausted");
+                ErrorCode::InsufficientCapacity
+            }
+            Some(e) => {
+                warn!(worker, "binding a relayed transport address failed: {e}");
+                ErrorCode::ServerError
+            }
+        };
+        let r = self.error(msg, code, Some(key));
+        reply(ft, r)
     }
 
     /// Checks an Allocate on `ft` (RFC 8656 §7.2, RFC 6062 §5.1): what to allocate.

@@ -8,14 +8,14 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::info;
 use uturn_dataplane::ToWorker;
 use uturn_proto::relay::Install;
 use uturn_proto::response::ErrorCode;
 use uturn_proto::wire::{attr, IntegrityKey, Message};
 use uturn_proto::{FiveTuple, Transport};
 
-use super::{reply, ControlPlane, Granted, Owner};
+use super::{ControlPlane, Granted, Owner};
 use crate::tcp_relay::{self, TcpCommand, TcpRelay};
 
 /// The TCP relay and the relayed transport addresses its listeners hold (never bound twice:
@@ -62,16 +62,8 @@ impl ControlPlane {
         let Granted { user, key, .. } = granted;
         let listener = match self.tcp_listener(worker, v6) {
             Ok(Some(l)) => l,
-            Ok(None) => {
-                warn!(worker, "relay ports exhausted (TCP)");
-                let r = self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
-                return Some(reply(ft, r));
-            }
-            Err(e) => {
-                warn!(worker, "binding a TCP relayed address failed: {e}");
-                let r = self.error(msg, ErrorCode::ServerError, Some(&key));
-                return Some(reply(ft, r));
-            }
+            Ok(None) => return Some(self.not_bound(worker, ft, msg, &key, None)),
+            Err(e) => return Some(self.not_bound(worker, ft, msg, &key, Some(e))),
         };
         let relayed = listener.local_addr().ok()?;
         let advertised = self.advertised(relayed);

@@ -175,6 +175,20 @@ impl Streams {
             self.counters.refused += 1;
             return None;
         }
+        let id = self.insert(now, socket, five_tuple, tls);
+        *self.per_source.entry(ip).or_default() += 1;
+        self.counters.accepted += 1;
+        Some(id)
+    }
+
+    /// Puts a connection in a free slot (counted in `open`; the caller counted it in `total`).
+    fn insert(
+        &mut self,
+        now: Instant,
+        socket: std::net::TcpStream,
+        five_tuple: FiveTuple,
+        tls: Option<rustls::ServerConnection>,
+    ) -> ConnId {
         let _ = socket.set_nodelay(true);
         let index = match self.free.pop() {
             Some(i) => i,
@@ -187,10 +201,8 @@ impl Streams {
         let id = ConnId { index, generation };
         self.slots[index as usize].1 = Some(Connection::new(socket, five_tuple, generation, tls, now));
         self.by_five_tuple.insert(five_tuple, id);
-        *self.per_source.entry(ip).or_default() += 1;
         self.open += 1;
-        self.counters.accepted += 1;
-        Some(id)
+        id
     }
 
     /// Takes in a peer data connection (RFC 6062) that the control plane's TCP relay accepted
@@ -198,20 +210,7 @@ impl Streams {
     /// the total. Its role is set by the caller.
     pub(crate) fn adopt_peer(&mut self, now: Instant, socket: std::net::TcpStream, five_tuple: FiveTuple) -> ConnId {
         self.total.0.fetch_add(1, Ordering::Relaxed);
-        let _ = socket.set_nodelay(true);
-        let index = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push((0, None));
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let generation = self.slots[index as usize].0;
-        let id = ConnId { index, generation };
-        self.slots[index as usize].1 = Some(Connection::new(socket, five_tuple, generation, None, now));
-        self.by_five_tuple.insert(five_tuple, id);
-        self.open += 1;
-        id
+        self.insert(now, socket, five_tuple, None)
     }
 
     /// The connection `id` names, if it is still open.
