@@ -14,7 +14,7 @@
 //! over a channel plus a waker, and what must reach a worker goes out as `(worker, message)`
 //! pairs that the control thread pushes (so worker queues keep one producer).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -194,8 +194,9 @@ struct TcpAllocation {
     token: Token,
     /// Peer IPs allowed to connect, until when.
     permissions: HashMap<IpAddr, Instant>,
-    /// Its connections (connecting, pending, bound).
-    connections: usize,
+    /// The peers of its connections (connecting, pending, bound): one connection each, so a
+    /// second Connect to one is 446 (RFC 6062 §5.2).
+    peers: HashSet<SocketAddr>,
 }
 
 /// A Connect in progress.
@@ -298,7 +299,7 @@ impl Relay {
                     relayed,
                     token,
                     permissions: HashMap::new(),
-                    connections: 0,
+                    peers: HashSet::new(),
                 };
                 if let Some(old) = self.allocations.insert(five_tuple, a) {
                     self.drop_allocation(five_tuple, old);
@@ -322,7 +323,7 @@ impl Relay {
             }
             TcpCommand::DataClosed { connection_id } => {
                 if let Some(b) = self.bound.remove(&connection_id) {
-                    self.release_slot(&b.alloc);
+                    self.release_slot(&b.alloc, b.peer);
                     debug!(connection_id, peer = %b.peer, "data connection closed");
                 }
             }
@@ -351,16 +352,10 @@ impl Relay {
         }
     }
 
-    /// True when allocation `alloc` has a connection to `peer` in any state (RFC 6062 §5.2: 446).
-    fn has_connection(&self, alloc: &FiveTuple, peer: SocketAddr) -> bool {
-        self.connecting.values().any(|c| c.alloc == *alloc && c.peer == peer)
-            || self.pending.values().any(|p| p.alloc == *alloc && p.peer == peer)
-            || self.bound.values().any(|b| b.alloc == *alloc && b.peer == peer)
-    }
-
-    fn release_slot(&mut self, alloc: &FiveTuple) {
+    /// A connection of allocation `alloc` to `peer` ended.
+    fn release_slot(&mut self, alloc: &FiveTuple, peer: SocketAddr) {
         if let Some(a) = self.allocations.get_mut(alloc) {
-            a.connections = a.connections.saturating_sub(1);
+            a.peers.remove(&peer);
         }
     }
 
@@ -379,11 +374,11 @@ impl Relay {
             };
             // §5.3: no permission, closed at once (dropping the stream closes it).
             let permitted = a.permissions.get(&peer.ip()).is_some_and(|&until| until > now);
-            if !permitted || a.connections >= MAX_CONNECTIONS_PER_ALLOCATION {
+            if !permitted || a.peers.len() >= MAX_CONNECTIONS_PER_ALLOCATION {
                 debug!(session = a.session, %peer, permitted, "peer connection refused");
                 continue;
             }
-            a.connections += 1;
+            a.peers.insert(peer);
             let (worker, session) = (a.worker, a.session);
             let id = self.new_connection_id();
             self.pending.insert(id, Pending { alloc: ft, peer, stream, deadline: now + BIND_TIMEOUT });
@@ -400,10 +395,10 @@ impl Relay {
             return self.answer_error(None, ft, Method::CONNECT, tid, ErrorCode::AllocationMismatch, key);
         };
         let (worker, relayed, session) = (a.worker, a.relayed, a.session);
-        if self.has_connection(&ft, peer) {
+        if a.peers.contains(&peer) {
             return self.answer_error(Some(worker), ft, Method::CONNECT, tid, ErrorCode::ConnectionAlreadyExists, key);
         }
-        if a.connections >= MAX_CONNECTIONS_PER_ALLOCATION {
+        if a.peers.len() >= MAX_CONNECTIONS_PER_ALLOCATION {
             return self.answer_error(Some(worker), ft, Method::CONNECT, tid, ErrorCode::InsufficientCapacity, key);
         }
         let started = relay_socket(relayed).and_then(|s| match s.connect(&peer.into()) {
@@ -434,7 +429,7 @@ impl Relay {
             return self.answer_error(Some(worker), ft, Method::CONNECT, tid, ErrorCode::ServerError, key);
         }
         if let Some(a) = self.allocations.get_mut(&ft) {
-            a.connections += 1;
+            a.peers.insert(peer);
         }
         self.connecting
             .insert(id, Connecting { alloc: ft, peer, stream, token, tid, key, deadline: now + CONNECT_TIMEOUT });
@@ -458,7 +453,7 @@ impl Relay {
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
         let Some(worker) = self.allocations.get(&c.alloc).map(|a| a.worker) else { return };
         if failed {
-            self.release_slot(&c.alloc);
+            self.release_slot(&c.alloc, c.peer);
             debug!(peer = %c.peer, "Connect failed: 447");
             return self.answer_error(
                 Some(worker),
@@ -490,7 +485,7 @@ impl Relay {
             return self.send(worker, ToWorker::BindFailed { five_tuple: data, response });
         };
         if p.stream.set_nonblocking(true).is_err() {
-            self.release_slot(&p.alloc);
+            self.release_slot(&p.alloc, p.peer);
             let n =
                 response::error(&mut self.buf, Method::CONNECTION_BIND, tid, ErrorCode::ServerError, &[], Some(&key))
                     .unwrap_or(0);
@@ -536,7 +531,7 @@ impl Relay {
             self.tokens.remove(&c.token);
             let fd = c.stream.as_raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-            self.release_slot(&c.alloc);
+            self.release_slot(&c.alloc, c.peer);
             let worker = self.allocations.get(&c.alloc).map(|a| a.worker);
             self.answer_error(worker, c.alloc, Method::CONNECT, c.tid, ErrorCode::ConnectionTimeoutOrFailure, c.key);
         }
@@ -544,7 +539,7 @@ impl Relay {
         for id in unbound {
             if let Some(p) = self.pending.remove(&id) {
                 debug!(connection_id = id, peer = %p.peer, "peer connection closed: no ConnectionBind in 30 s");
-                self.release_slot(&p.alloc);
+                self.release_slot(&p.alloc, p.peer);
             }
         }
         for a in self.allocations.values_mut() {
