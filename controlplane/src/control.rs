@@ -543,22 +543,17 @@ impl ControlPlane {
                 );
                 let session = self.next_session;
                 self.next_session += 1;
-                self.owners.insert(
-                    ft,
-                    Owner {
-                        user: user.clone(),
-                        tid,
-                        expires: now + lifetime,
-                        worker,
-                        session,
-                        v6: relayed.is_ipv6(),
-                        dual: additional.is_some(),
-                        tcp: None,
-                    },
-                );
-                *self.per_user.entry(user.clone()).or_default() += 1;
-                self.stats.allocations += 1;
-                self.metrics.granted();
+                let owner = Owner {
+                    user: user.clone(),
+                    tid,
+                    expires: now + lifetime,
+                    worker,
+                    session,
+                    v6: relayed.is_ipv6(),
+                    dual: additional.is_some(),
+                    tcp: None,
+                };
+                self.record_grant(ft, owner);
                 info!(
                     session,
                     worker,
@@ -589,6 +584,14 @@ impl ControlPlane {
                 ))
             }
         }
+    }
+
+    /// Records a granted allocation's owner and counts it (quota, counters, metrics).
+    fn record_grant(&mut self, ft: FiveTuple, owner: Owner) {
+        *self.per_user.entry(owner.user.clone()).or_default() += 1;
+        self.owners.insert(ft, owner);
+        self.stats.allocations += 1;
+        self.metrics.granted();
     }
 
     /// The answer to an Allocate whose relayed transport address could not be bound: 508 when

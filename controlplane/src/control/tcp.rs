@@ -81,10 +81,7 @@ impl ControlPlane {
             dual: false,
             tcp: Some(relayed),
         };
-        self.owners.insert(ft, owner);
-        *self.per_user.entry(user.clone()).or_default() += 1;
-        self.stats.allocations += 1;
-        self.metrics.granted();
+        self.record_grant(ft, owner);
         let tcp = self.tcp.as_mut()?;
         tcp.ports.insert(relayed);
         let listen = TcpCommand::Listen { five_tuple: ft, worker, session, user: user.clone(), listener };
