@@ -294,6 +294,7 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         "Bytes relayed between the data connections of TCP allocations (RFC 6062), both directions.",
         per_worker(&|s| s.streams.data_bytes),
     );
+    render_holds(&mut out, samples);
     family(&mut out, "permissions", "gauge", "Permissions held (peer IPs).", per_worker(&|s| s.permissions));
     family(&mut out, "channels", "gauge", "Channel bindings held.", per_worker(&|s| s.channels));
     let dir = |f: &dyn Fn(&WorkerSample) -> (u64, u64)| -> Vec<(String, f64)> {
@@ -440,6 +441,51 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         writeln!(out, "uturn_allocate_latency_seconds_sum {}", c.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
     let _ = writeln!(out, "uturn_allocate_latency_seconds_count {count}");
     out
+}
+
+/// Order within a 5-tuple: datagrams held behind a request at the control plane, what the
+/// bounds dropped, holds released without an answer, and the request turnaround histogram.
+fn render_holds(out: &mut String, samples: &[WorkerSample]) {
+    let per_worker = |f: &dyn Fn(&WorkerSample) -> u64| -> Vec<(String, f64)> {
+        samples.iter().enumerate().map(|(i, s)| (format!("worker=\"{i}\""), f(s) as f64)).collect()
+    };
+    family(
+        out,
+        "held_datagrams_total",
+        "counter",
+        "Datagrams of a 5-tuple held while its request was at the control plane, then handled in order.",
+        per_worker(&|s| s.holds.held),
+    );
+    family(
+        out,
+        "hold_drops_total",
+        "counter",
+        "Datagrams dropped because a 5-tuple's or the worker's hold was full.",
+        per_worker(&|s| s.holds.dropped),
+    );
+    family(
+        out,
+        "holds_expired_total",
+        "counter",
+        "Holds released after 1 s without the control plane's answer.",
+        per_worker(&|s| s.holds.expired),
+    );
+    let mut t = uturn_dataplane::Turnaround::default();
+    for s in samples {
+        t.add(&s.turnaround);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP uturn_request_turnaround_seconds From a worker receiving a request to the control plane's answer applied in the worker.\n# TYPE uturn_request_turnaround_seconds histogram"
+    );
+    let mut cumulative = 0;
+    for (le, b) in uturn_dataplane::TURNAROUND_BUCKETS.iter().zip(t.buckets) {
+        cumulative += b;
+        let _ = writeln!(out, "uturn_request_turnaround_seconds_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "uturn_request_turnaround_seconds_bucket{{le=\"+Inf\"}} {}", t.count);
+    let _ = writeln!(out, "uturn_request_turnaround_seconds_sum {}", t.sum_ns as f64 / 1e9);
+    let _ = writeln!(out, "uturn_request_turnaround_seconds_count {}", t.count);
 }
 
 /// The kernel's drop counts summed over this process's UDP sockets: (listeners, relays), told

@@ -15,8 +15,9 @@ use uturn_proto::wire::{self as wire, DatagramKind};
 use uturn_proto::wire::{Class, Message, Method, TransactionId};
 use uturn_proto::{FiveTuple, Transport, WorkerState};
 
+use crate::hold::{HoldLimits, Holds};
 use crate::messages::{EventSender, FromWorker, ToWorker};
-use crate::metrics::{WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
+use crate::metrics::{Turnaround, WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
 use crate::stream::{CloseReason, ConnId, Connection, Role, StreamListener, Streams};
 use crate::xdp::WorkerRoutes;
 
@@ -161,6 +162,13 @@ pub(crate) struct WorkerCore {
     offload_credit: Vec<(AllocationId, Traffic, Traffic)>,
     /// Route map updates the kernel refused (a full map): those bindings stay on the socket path.
     pub(crate) offload_refused: u64,
+    /// Each 5-tuple's datagrams held behind its request at the control plane (order within a
+    /// 5-tuple, `hold.rs`).
+    holds: Holds,
+    /// From a request's receipt to its answer applied, for the requests held for.
+    turnaround: Turnaround,
+    /// 5-tuples whose hold is overdue (reused buffer).
+    overdue_holds: Vec<FiveTuple>,
     /// Test hook, compiled only with the `fault-injection` feature (which only the end-to-end
     /// tests enable): panic on a datagram carrying [`crate::fault::MARKER`].
     #[cfg(feature = "fault-injection")]
@@ -200,6 +208,9 @@ impl WorkerCore {
             offload_events: Vec::new(),
             offload_credit: Vec::new(),
             offload_refused: 0,
+            holds: Holds::new(HoldLimits::default()),
+            turnaround: Turnaround::default(),
+            overdue_holds: Vec::new(),
             #[cfg(feature = "fault-injection")]
             fault_injection: crate::fault::enabled(),
         }
@@ -228,6 +239,12 @@ impl WorkerCore {
     /// One message from a client (a UDP datagram, or one framed on a connection).
     #[inline]
     fn on_message(&mut self, now: Instant, five_tuple: &FiveTuple, datagram: &[u8]) -> ClientVerdict {
+        if self.holds.holds(five_tuple) {
+            // A request of this 5-tuple is at the control plane: what follows it waits, in
+            // order, and is handled once the answer is applied (or dropped past the bounds).
+            self.holds.push(five_tuple, datagram);
+            return ClientVerdict::Done;
+        }
         match self.state.handle_client_datagram(now, five_tuple, datagram, &mut self.reply) {
             ClientOutput::Relay { alloc, peer, payload } => {
                 ClientVerdict::ToPeer { relay: alloc.index as usize, peer, payload }
@@ -248,7 +265,11 @@ impl WorkerCore {
                         verified,
                         received: now,
                     };
-                    let _ = self.events.send(req);
+                    if self.events.send(req).is_ok() {
+                        if let Some(tid) = held_for(datagram) {
+                            self.holds.begin(*five_tuple, tid, now);
+                        }
+                    }
                 }
                 ClientVerdict::Done
             }
@@ -350,22 +371,60 @@ impl WorkerCore {
                     let reply = &self.reply[..n];
                     self.streams.queue(id, reply);
                 }
-                ClientVerdict::ToPeer { relay, peer, payload } => {
-                    if let Some(Some(r)) = self.relays.get(relay) {
-                        let (socket, additional) = r.socket_for(&peer);
-                        if additional {
-                            io.send_to_peer_additional(socket, peer, &message[payload]);
-                        } else {
-                            io.send_to_peer(r.id, socket, peer, &message[payload]);
-                        }
-                    }
-                }
+                ClientVerdict::ToPeer { relay, peer, payload } => self.send_to_peer(relay, peer, &message[payload], io),
             }
         }
         if at < buf.len() && wire::classify(&buf[at..]) == DatagramKind::Other {
             return Err(CloseReason::BadFraming);
         }
         Ok(at)
+    }
+
+    /// Sends `payload` (copied) from relay slot `relay`'s socket of `peer`'s family to `peer`.
+    fn send_to_peer(&mut self, relay: usize, peer: SocketAddr, payload: &[u8], io: &mut impl Io) {
+        if let Some(Some(r)) = self.relays.get(relay) {
+            let (socket, additional) = r.socket_for(&peer);
+            if additional {
+                io.send_to_peer_additional(socket, peer, payload);
+            } else {
+                io.send_to_peer(r.id, socket, peer, payload);
+            }
+        }
+    }
+
+    /// The control plane answered request `tid` of `ft` (the answer is applied): records the
+    /// turnaround and, when nothing else of `ft` is pending, handles its held datagrams.
+    fn answered(&mut self, now: Instant, ft: &FiveTuple, tid: TransactionId, io: &mut impl Io) {
+        if self.holds.is_empty() {
+            return;
+        }
+        if let Some((took, done)) = self.holds.answered(ft, tid, Instant::now()) {
+            self.turnaround.record(took);
+            if done {
+                self.release_hold(now, ft, io);
+            }
+        }
+    }
+
+    /// Handles `ft`'s held datagrams in arrival order, as if they had just arrived; a request
+    /// among them that goes to the control plane holds the rest again.
+    fn release_hold(&mut self, now: Instant, ft: &FiveTuple, io: &mut impl Io) {
+        for datagram in self.holds.release(ft) {
+            match self.on_message(now, ft, &datagram) {
+                ClientVerdict::Done => {}
+                ClientVerdict::Reply(n) => match self.path_of(ft) {
+                    Some(ClientPath::Datagram(listener)) => io.send_reply(listener, ft.client, &self.reply[..n]),
+                    Some(ClientPath::Stream(conn)) => {
+                        let reply = &self.reply[..n];
+                        self.streams.queue(conn, reply);
+                    }
+                    None => {}
+                },
+                ClientVerdict::ToPeer { relay, peer, payload } => {
+                    self.send_to_peer(relay, peer, &datagram[payload], io)
+                }
+            }
+        }
     }
 
     /// Closes connection `id`: ends its allocation (RFC 8656 §3.1), shuts the socket down.
@@ -381,6 +440,7 @@ impl WorkerCore {
         }
         io.close_stream(id, &c.socket);
         let _ = c.socket.shutdown(std::net::Shutdown::Both);
+        self.holds.forget(&c.five_tuple);
         debug!(
             worker = self.index,
             client = %c.five_tuple.client,
@@ -454,7 +514,10 @@ impl WorkerCore {
     /// worker sees none of their traffic, so it wakes every [`PUBLISH_INTERVAL`] to credit it.
     /// With connections open it wakes every second to apply their deadlines.
     pub(crate) fn longest_sleep(&self) -> std::time::Duration {
-        if self.routes.is_some() {
+        if let Some(d) = self.holds.next_deadline() {
+            // A held 5-tuple is released at its deadline even without an answer.
+            d.saturating_duration_since(Instant::now()).max(std::time::Duration::from_millis(1))
+        } else if self.routes.is_some() {
             PUBLISH_INTERVAL
         } else if self.streams.len() > 0 {
             std::time::Duration::from_secs(1)
@@ -471,21 +534,33 @@ impl WorkerCore {
     /// Applies every queued control-plane command.
     pub(crate) fn drain_commands(&mut self, now: Instant, io: &mut impl Io) {
         while let Ok(msg) = self.commands.try_recv() {
+            let answers = answer_of(&msg);
+            self.apply(now, msg, io);
+            if let Some((ft, tid)) = answers {
+                self.answered(now, &ft, tid, io);
+            }
+        }
+        self.offload_credit.clear();
+    }
+
+    /// Applies one control-plane message.
+    fn apply(&mut self, now: Instant, msg: ToWorker, io: &mut impl Io) {
+        {
             let (cmd, socket) = match msg {
                 ToWorker::Install(i, s, a) => (Command::Install(i), Some((s, a))),
                 ToWorker::InstallTcp(i) => {
                     self.install_tcp(now, i);
-                    continue;
+                    return;
                 }
                 ToWorker::Command(c) => (c, None),
                 msg @ (ToWorker::BindData { .. } | ToWorker::BindFailed { .. } | ToWorker::CloseData { .. }) => {
                     self.data_command(now, msg, io);
-                    continue;
+                    return;
                 }
                 ToWorker::Sessions(reply) => {
                     self.collect_offloaded();
                     let _ = reply.send((self.index, self.state.sessions(now)));
-                    continue;
+                    return;
                 }
             };
             // Described only when debug logging is on (no allocation per command otherwise).
@@ -536,7 +611,7 @@ impl WorkerCore {
                                 self.log_end(now, &ended);
                                 self.release(ended.five_tuple, ended.tid);
                             }
-                            continue;
+                            return;
                         }
                     }
                 }
@@ -562,7 +637,6 @@ impl WorkerCore {
                 }
             }
         }
-        self.offload_credit.clear();
     }
 
     /// Applies the route changes the tables made to the XDP maps. A removed route's traffic is
@@ -624,6 +698,13 @@ impl WorkerCore {
         }
         self.offload_credit.clear();
         self.expired = expired;
+        let mut overdue = std::mem::take(&mut self.overdue_holds);
+        self.holds.overdue(now, &mut overdue);
+        for ft in overdue.drain(..) {
+            // The control plane never answered (dropped under overload): handle what waited.
+            self.release_hold(now, &ft, io);
+        }
+        self.overdue_holds = overdue;
         let tables = self.state.tables();
         for (id, reason) in self.streams.overdue(now, |ft| tables.lookup(ft).is_some()) {
             self.close_connection(now, id, reason, io);
@@ -647,6 +728,8 @@ impl WorkerCore {
             permissions: t.permissions.len() as u64,
             channels: t.channels.len() as u64,
             control_queue_full: self.control_queue_full,
+            holds: self.holds.counters,
+            turnaround: self.turnaround,
             connections: self.streams.len() as u64,
             streams: self.streams.counters,
         });
@@ -722,6 +805,36 @@ impl WorkerCore {
             }
             _ => self.streams.lookup(ft).map(ClientPath::Stream),
         }
+    }
+}
+
+/// The transaction ID of a request whose 5-tuple waits for its answer: every request the worker
+/// forwards but Connect and ConnectionBind (RFC 6062), whose answers wait for a peer's TCP
+/// connection and whose data connection holds its own bytes.
+fn held_for(request: &[u8]) -> Option<TransactionId> {
+    let t = request.get(..20)?;
+    let method = u16::from_be_bytes([t[0], t[1]]);
+    if method == Method::CONNECT.0 || method == Method::CONNECTION_BIND.0 {
+        return None;
+    }
+    Some(TransactionId(t[8..20].try_into().ok()?))
+}
+
+/// The request a control-plane message answers, as (5-tuple, transaction ID): an Install, a
+/// Refresh, CreatePermission or ChannelBind to apply, or a reply the control plane built (a
+/// response carries its request's transaction ID).
+fn answer_of(msg: &ToWorker) -> Option<(FiveTuple, TransactionId)> {
+    match msg {
+        ToWorker::Install(i, ..) | ToWorker::InstallTcp(i) => Some((i.five_tuple, i.tid)),
+        ToWorker::Command(
+            Command::Refresh { five_tuple, tid, .. }
+            | Command::CreatePermission { five_tuple, tid, .. }
+            | Command::ChannelBind { five_tuple, tid, .. },
+        ) => Some((*five_tuple, *tid)),
+        ToWorker::Command(Command::Reply { five_tuple, bytes }) => {
+            Some((*five_tuple, TransactionId(bytes.get(8..20)?.try_into().ok()?)))
+        }
+        _ => None,
     }
 }
 

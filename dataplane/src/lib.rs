@@ -26,6 +26,7 @@ mod epoll;
 mod fault;
 mod fdpass;
 mod gso;
+mod hold;
 mod messages;
 mod metrics;
 mod socket;
@@ -36,8 +37,9 @@ mod worker;
 mod xdp;
 
 pub use fdpass::{inheritable, inherited_stream, recv_fds, send_fds, FDS_PER_MESSAGE};
+pub use hold::{HoldCounters, HoldLimits};
 pub use messages::{EventSender, FromWorker, ToWorker, UnverifiedGauge};
-pub use metrics::{WorkerMetrics, WorkerSample, PUBLISH_INTERVAL};
+pub use metrics::{Turnaround, WorkerMetrics, WorkerSample, PUBLISH_INTERVAL, TURNAROUND_BUCKETS};
 pub use socket::{attach_reuseport_cpu, bind_listener, bind_relay, bind_stream_listener};
 pub use stream::tls::{TlsError, TlsServer, ALPN_STUN_TURN};
 pub use stream::{ConnectionCount, StreamCounters, StreamLimits, CLOSE_REASONS};

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use uturn_proto::relay::Counters;
 
+use crate::hold::HoldCounters;
 use crate::stream::{StreamCounters, CLOSE_REASONS};
 
 /// Stream values published: open, accepted, refused, queue drops, data bytes, then one per
@@ -21,6 +22,46 @@ const STREAM_VALUES: usize = 5 + CLOSE_REASONS.len();
 /// How often a busy worker publishes its counters. An idle worker publishes when it wakes,
 /// at least once a second.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Upper bounds of the request turnaround histogram's buckets, seconds (the last bucket, +Inf,
+/// is implicit).
+pub const TURNAROUND_BUCKETS: [f64; 14] =
+    [0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0];
+
+/// The time from a request's receipt in the worker to the control plane's answer applied in the
+/// worker (the Install, permission or channel binding in its tables, the response sent), for
+/// the requests a 5-tuple's datagrams are held behind: a histogram over
+/// [`TURNAROUND_BUCKETS`] plus the total and count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Turnaround {
+    /// Requests per bucket: `buckets[i]` counts turnarounds at most `TURNAROUND_BUCKETS[i]`
+    /// seconds and over the bucket before; the last counts the rest (not cumulative).
+    pub buckets: [u64; TURNAROUND_BUCKETS.len() + 1],
+    /// Requests recorded.
+    pub count: u64,
+    /// Sum of their turnarounds, nanoseconds.
+    pub sum_ns: u64,
+}
+
+impl Turnaround {
+    /// Records one turnaround.
+    pub(crate) fn record(&mut self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let i = TURNAROUND_BUCKETS.iter().position(|le| secs <= *le).unwrap_or(TURNAROUND_BUCKETS.len());
+        self.buckets[i] += 1;
+        self.count += 1;
+        self.sum_ns += took.as_nanos() as u64;
+    }
+
+    /// Adds `other`'s counts (a sum over workers).
+    pub fn add(&mut self, other: &Turnaround) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum_ns += other.sum_ns;
+    }
+}
 
 /// One worker's published counters and table sizes. Written only by its worker, read by the
 /// exporter; aligned so that two workers' metrics never share a cache line.
@@ -33,6 +74,10 @@ pub struct WorkerMetrics {
     channels: AtomicU64,
     control_queue_full: AtomicU64,
     streams: [AtomicU64; STREAM_VALUES],
+    /// Held, dropped, expired.
+    holds: [AtomicU64; 3],
+    /// Buckets, then count and sum (ns).
+    turnaround: [AtomicU64; TURNAROUND_BUCKETS.len() + 3],
 }
 
 impl Default for WorkerMetrics {
@@ -44,6 +89,8 @@ impl Default for WorkerMetrics {
             channels: AtomicU64::new(0),
             control_queue_full: AtomicU64::new(0),
             streams: std::array::from_fn(|_| AtomicU64::new(0)),
+            holds: std::array::from_fn(|_| AtomicU64::new(0)),
+            turnaround: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -65,6 +112,10 @@ pub struct WorkerSample {
     pub connections: u64,
     /// Connection counters (accepted, refused, closed by reason, queue drops).
     pub streams: StreamCounters,
+    /// Datagrams held behind a request at the control plane (order within a 5-tuple).
+    pub holds: HoldCounters,
+    /// Request turnaround, receipt to answer applied.
+    pub turnaround: Turnaround,
 }
 
 impl WorkerMetrics {
@@ -81,6 +132,14 @@ impl WorkerMetrics {
         let values =
             [sample.connections, st.accepted, st.refused, st.queue_drops, st.data_bytes].into_iter().chain(st.closed);
         for (a, v) in self.streams.iter().zip(values) {
+            a.store(v, Ordering::Relaxed);
+        }
+        let h = &sample.holds;
+        for (a, v) in self.holds.iter().zip([h.held, h.dropped, h.expired]) {
+            a.store(v, Ordering::Relaxed);
+        }
+        let t = &sample.turnaround;
+        for (a, v) in self.turnaround.iter().zip(t.buckets.iter().copied().chain([t.count, t.sum_ns])) {
             a.store(v, Ordering::Relaxed);
         }
     }
@@ -101,6 +160,19 @@ impl WorkerMetrics {
                 queue_drops: self.streams[3].load(Ordering::Relaxed),
                 data_bytes: self.streams[4].load(Ordering::Relaxed),
                 closed: std::array::from_fn(|i| self.streams[5 + i].load(Ordering::Relaxed)),
+            },
+            holds: HoldCounters {
+                held: self.holds[0].load(Ordering::Relaxed),
+                dropped: self.holds[1].load(Ordering::Relaxed),
+                expired: self.holds[2].load(Ordering::Relaxed),
+            },
+            turnaround: {
+                let n = TURNAROUND_BUCKETS.len() + 1;
+                Turnaround {
+                    buckets: std::array::from_fn(|i| self.turnaround[i].load(Ordering::Relaxed)),
+                    count: self.turnaround[n].load(Ordering::Relaxed),
+                    sum_ns: self.turnaround[n + 1].load(Ordering::Relaxed),
+                }
             },
         }
     }
@@ -126,6 +198,13 @@ mod tests {
                 queue_drops: 6,
                 data_bytes: 11,
                 closed: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            },
+            holds: HoldCounters { held: 3, dropped: 2, expired: 1 },
+            turnaround: {
+                let mut t = Turnaround::default();
+                t.record(Duration::from_micros(40));
+                t.record(Duration::from_secs(2));
+                t
             },
         };
         m.publish(&s);
