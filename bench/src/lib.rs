@@ -9,6 +9,7 @@ pub mod client;
 pub mod mmsg;
 pub mod netns;
 pub mod payload;
+pub mod pipeline;
 pub mod procstat;
 pub mod stats;
 pub mod streamload;

@@ -53,6 +53,7 @@ launcher execs it). The browser is ended by its PID at the end, also on failure.
 """
 
 import argparse
+import statistics
 import base64
 import fcntl
 import functools
@@ -333,6 +334,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=50, help="seconds for the whole run")
     ap.add_argument("--messages", type=int, default=20, help="data channel messages each way")
     ap.add_argument("--min-audio-packets", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="calls per transport (each prints its connect time; the median closes)")
     ap.add_argument("--chromium", help="browser binary (default: /usr/lib/chromium/chromium, "
                                        "else /usr/bin/chromium)")
     args = ap.parse_args()
@@ -363,7 +366,8 @@ def main():
             proc, cdp = launch_chromium(binary, os.path.join(tmp, "profile"), spki, stderr,
                                          [ice_host(args.host), args.tls_name])
         session = open_page(cdp, url, timeout=min(15.0, deadline - time.monotonic()))
-        for t in transports:
+        connect_ms = {t: [] for t in transports}
+        for t in [t for t in transports for _ in range(max(1, args.repeat))]:
             left = deadline - time.monotonic() - 6  # keep time to close the browser
             if left < 3:
                 failed.append(t)
@@ -380,6 +384,13 @@ def main():
                 print(f"browser call over {t}: FAILED:\n  " + "\n  ".join(fails), flush=True)
             else:
                 print(f"browser call over {t}: ok", flush=True)
+                if res.get("connectMs") is not None:
+                    connect_ms[t].append(res["connectMs"])
+                    print(f"connect time over {t}: {res['connectMs']} ms", flush=True)
+        for t, ms in connect_ms.items():
+            if ms:
+                print(f"median connect time over {t}: {statistics.median(ms)} ms over {len(ms)} calls "
+                      f"({', '.join(map(str, ms))})", flush=True)
     except (CDPError, OSError) as e:
         failed.append("setup")
         print(f"browser call: FAILED: {e}", flush=True)
