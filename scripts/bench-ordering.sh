@@ -53,14 +53,19 @@ for round in $(seq 1 "$ROUNDS"); do
   for c in "${contestants[@]}"; do
     port=$(free_port)
     start "$c" "$port"
-    name=${c##*/}
+    name=$c
+    case $c in
+      uturn@*) # another build: named by its commit when it lies in a git checkout
+        rev=$(git -C "$(dirname "${c#uturn@}")" rev-parse --short HEAD 2>/dev/null || echo other)
+        name="uturn@$rev" ;;
+    esac
     timeout 120 "$BIN"/uturn-pipeline --server 127.0.0.1:"$port" --pairs "$PAIRS" --requests "$REQUESTS" \
       --contestant "$name" --json >> "$results"
     if [ "$ICE" = 1 ]; then
       timeout 150 python3 tests/python/browser_call.py --host 127.0.0.1 --udp-port "$port" \
         --repeat "$CALLS" --timeout 140 --messages 5 --min-audio-packets 5 > "$OUT/ice.txt" 2>&1 \
         || { echo "browser calls through $name failed:" >&2; tail -20 "$OUT/ice.txt" >&2; exit 1; }
-      grep -o 'connect time over udp: [0-9]* ms' "$OUT/ice.txt" | grep -v median | awk -v n="$name" '{print n, $5}' \
+      grep -o '^connect time over udp: [0-9]* ms' "$OUT/ice.txt" | awk -v n="$name" '{print n, $5}' \
         >> "$OUT/ice.tsv"
     fi
     stop_server

@@ -123,14 +123,14 @@ pub fn run(run: &PipelineRun) -> Result<PipelineReport, String> {
     // Turnaround: requests on the allocation, one at a time.
     let peer = peer_on(22, 0).map_err(|e| e.to_string())?.local_addr().map_err(|e| e.to_string())?;
     c.try_create_permission(&[peer])?;
-    c.try_channel_bind(0x7000, peer)?;
+    c.try_channel_bind(0x4FFF, peer)?;
     let (mut perm, mut bind) = (latency_histogram(), latency_histogram());
     let mut unanswered = 0;
     for k in 0..run.requests * 2 {
         let (req, h) = if k % 2 == 0 {
             (create_permission(&c, peer), &mut perm)
         } else {
-            (channel_bind(&c, 0x7000, peer), &mut bind)
+            (channel_bind(&c, 0x4FFF, peer), &mut bind)
         };
         let sent = Instant::now();
         c.send_raw(&req);
