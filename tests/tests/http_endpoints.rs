@@ -338,3 +338,142 @@ fn hundreds_of_idle_connections_hold_no_thread_and_are_closed() {
     assert_eq!(answered, vec![true, true], "legitimate requests are answered during the flood");
     assert!(relayed && turn.relays(b"after the idle flood"), "the relay keeps relaying");
 }
+
+/// `Host: VALUE` as a header line.
+fn host(value: &str) -> String {
+    format!("Host: {value}")
+}
+
+#[test]
+fn an_endpoint_without_a_token_answers_only_loopback_hosts_and_no_cross_site_change() {
+    let (a, m) = (free_tcp_port(), free_tcp_port());
+    let admin: SocketAddr = format!("127.0.0.1:{a}").parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{m}").parse().unwrap();
+    let relay =
+        Relay::start("epoll", "", &["--admin-listen", &admin.to_string(), "--metrics-listen", &metrics.to_string()]);
+    let turn = Turn::new(&relay);
+    // DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends its own
+    // name as Host.
+    for (addr, path) in [(admin, "/sessions"), (metrics, "/metrics")] {
+        let port = addr.port();
+        let (status, body) = request("GET", addr, path, &[host(&format!("evil.example:{port}"))]);
+        assert_eq!(status, 403, "{path}: {body}");
+        assert_eq!(request("GET", addr, path, &[host(&format!("127.0.0.1:{}", port ^ 1))]).0, 403, "another port");
+        assert_eq!(request("GET", addr, path, &[]).0, 403, "no Host");
+        for ok in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+            assert_eq!(request("GET", addr, path, &[host(&ok)]).0, 200, "{path} with Host {ok}");
+        }
+    }
+    let own = host(&admin.to_string());
+    // A web page's plain form POST, with the headers a browser adds, and without them (an older
+    // browser): neither drains the relay.
+    let form = [
+        own.clone(),
+        "Origin: http://evil.example".into(),
+        "Sec-Fetch-Site: cross-site".into(),
+        "Content-Type: application/x-www-form-urlencoded".into(),
+    ];
+    let (status, body) = request("POST", admin, "/drain", &form);
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(request("POST", admin, "/drain", &[own.clone(), "Content-Type: text/plain".into()]).0, 403);
+    assert_eq!(request("POST", admin, "/drain", &[own.clone(), "Origin: null".into()]).0, 403);
+    // A page's fetch() DELETE (its preflight gets no CORS answer; sent anyway, it is refused).
+    let fetch = [own.clone(), "Origin: http://evil.example".into(), "Sec-Fetch-Site: cross-site".into()];
+    assert_eq!(request("DELETE", admin, "/users/demo/sessions", &fetch).0, 403);
+    assert_eq!(request("GET", admin, "/ready", std::slice::from_ref(&own)).0, 200, "not draining");
+    let (status, sessions) = request("GET", admin, "/sessions", std::slice::from_ref(&own));
+    assert!(status == 200 && sessions.contains("\"user\":\"demo\""), "the session lives on: {sessions}");
+    assert!(turn.relays(b"still relaying"));
+    // Same-origin and command-line requests still work.
+    let same = [own.clone(), format!("Origin: http://{admin}"), "Sec-Fetch-Site: same-origin".into()];
+    assert_eq!(request("DELETE", admin, "/sessions/424242", &same).0, 404, "routed (no such session)");
+    let (status, body) = request("POST", admin, "/drain", std::slice::from_ref(&own));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(request("GET", admin, "/ready", std::slice::from_ref(&own)).0, 503);
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .unwrap_or(false)
+}
+
+/// Ends the process `pid` that a hot upgrade started (TERM, then KILL after 3 s).
+fn end(pid: u32) {
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive(pid) {
+        let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+}
+
+/// The PID of the process a hot upgrade started, from the old process's log.
+fn upgraded_pid(log: &str) -> Option<u32> {
+    log.lines()
+        .find(|l| l.contains("hot upgrade: new process started"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+}
+
+/// A hot upgrade whose configuration moves the admin endpoint to another port and drops the
+/// token: the new process serves the new port without a token, and the old port (with its
+/// token rule) is gone, never served without a token.
+#[test]
+fn a_hot_upgrade_that_moves_admin_listen_rebinds_it() {
+    let (p, q) = (free_tcp_port(), free_tcp_port());
+    let old: SocketAddr = format!("127.0.0.1:{p}").parse().unwrap();
+    let new: SocketAddr = format!("127.0.0.1:{q}").parse().unwrap();
+    let mut relay = Relay::start("epoll", &format!("admin-listen = \"{old}\"\nadmin-token = \"{TOKEN}\"\n"), &[]);
+    assert_eq!(request("GET", old, "/sessions", &[host(&old.to_string())]).0, 401);
+    std::fs::write(relay.config_path(), format!("admin-listen = \"{new}\"\n")).unwrap();
+    relay.signal("USR2");
+    let served = relay.wait_log("the new process serves", Duration::from_secs(20));
+    let new_pid = upgraded_pid(&relay.log());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(served, "{}", relay.log());
+        assert!(relay.terminate_after(Duration::from_secs(10)).is_some_and(|s| s.success()), "old process exits");
+        let (status, body) = request("GET", old, "/sessions", &[host(&old.to_string())]);
+        assert_eq!(status, 0, "the old admin port is closed, not served without its token: {status} {body}");
+        let (status, body) = request("GET", new, "/sessions", &[host(&new.to_string())]);
+        assert_eq!(status, 200, "the new admin address serves: {body}\n{}", relay.log());
+    }));
+    if let Some(pid) = new_pid {
+        end(pid);
+    }
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// The review's case: admin on 0.0.0.0 with a token, changed to loopback without one. The new
+/// address cannot be bound beside the old listener, so the upgrade is refused and the old
+/// process keeps serving, token required.
+#[test]
+fn a_hot_upgrade_that_would_drop_the_token_is_refused() {
+    let p = free_tcp_port();
+    let any: SocketAddr = format!("0.0.0.0:{p}").parse().unwrap();
+    let lo: SocketAddr = format!("127.0.0.1:{p}").parse().unwrap();
+    let relay = Relay::start("epoll", &format!("admin-listen = \"{any}\"\nadmin-token = \"{TOKEN}\"\n"), &[]);
+    let turn = Turn::new(&relay);
+    assert_eq!(request("GET", lo, "/sessions", &[host(&lo.to_string())]).0, 401);
+    std::fs::write(relay.config_path(), format!("admin-listen = \"{lo}\"\n")).unwrap();
+    relay.signal("USR2");
+    let failed = relay.wait_log("hot upgrade failed", Duration::from_secs(20));
+    let new_pid = upgraded_pid(&relay.log());
+    let log = relay.log();
+    if let Some(pid) = new_pid.filter(|_| log.contains("the new process serves")) {
+        end(pid);
+    }
+    assert!(failed, "{log}");
+    assert!(log.contains("admin-listen changed"), "{log}");
+    assert!(!log.contains("the new process serves"), "{log}");
+    let (status, body) = request("GET", lo, "/sessions", &[host(&lo.to_string())]);
+    assert_eq!(status, 401, "the token is still required: {body}");
+    let with_token = [host(&lo.to_string()), format!("Authorization: Bearer {TOKEN}")];
+    assert_eq!(request("GET", lo, "/sessions", &with_token).0, 200);
+    assert!(turn.relays(b"the old process serves on"));
+}
