@@ -94,7 +94,8 @@ impl AdminApi {
         let (tx, requests) = crossbeam_channel::bounded(64);
         let handler = move |r: &Request| {
             let (status, body) = route(r, addr.port(), token.as_deref(), &tx, &control);
-            let content_type = if body.starts_with(['{', '[']) { "application/json" } else { "text/plain; charset=utf-8" };
+            let content_type =
+                if body.starts_with(['{', '[']) { "application/json" } else { "text/plain; charset=utf-8" };
             Response { status, content_type, body }
         };
         let server = HttpServer::start("uturn-admin", listener, Arc::new(handler))?;
@@ -103,7 +104,13 @@ impl AdminApi {
     }
 }
 
-fn route(request: &Request, port: u16, token: Option<&str>, tx: &Sender<AdminRequest>, control: &Thread) -> (u16, String) {
+fn route(
+    request: &Request,
+    port: u16,
+    token: Option<&str>,
+    tx: &Sender<AdminRequest>,
+    control: &Thread,
+) -> (u16, String) {
     match token {
         Some(t) => {
             let want = format!("Bearer {t}");

@@ -684,8 +684,7 @@ mod tests {
         let cli = Cli { metrics_listen: Some("0.0.0.0:9478".parse().unwrap()), ..Cli::default() };
         assert!(Config::load(&cli).unwrap_err().to_string().contains("metrics-allow-remote"));
         assert!(Config::load(&Cli { metrics_allow_remote: true, ..cli }).is_ok());
-        let f: FileConfig =
-            toml::from_str("metrics-listen = \"0.0.0.0:9478\"\nmetrics-allow-remote = true\n").unwrap();
+        let f: FileConfig = toml::from_str("metrics-listen = \"0.0.0.0:9478\"\nmetrics-allow-remote = true\n").unwrap();
         assert!(Config::merge(f, &Cli::default()).is_ok());
         let on_loopback = Cli { metrics_listen: Some("127.0.0.1:9478".parse().unwrap()), ..Cli::default() };
         assert!(Config::load(&on_loopback).is_ok());

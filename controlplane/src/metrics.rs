@@ -179,11 +179,15 @@ impl MetricsExporter {
 /// readlink per open descriptor and a parse of `/proc/self/net/udp{,6}`, O(allocations).
 pub const DROP_COUNTS_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Drops at (listener, relay) sockets; `None` where /proc cannot be read.
+type RxqDrops = Option<(u64, u64)>;
+
 /// The kernel's receive-queue drop counts, read at most once per interval.
 #[derive(Debug)]
 struct DropCounts {
     interval: Duration,
-    last: Mutex<Option<(Instant, Option<(u64, u64)>)>>,
+    /// When the last reading was taken, and what it found.
+    last: Mutex<Option<(Instant, RxqDrops)>>,
     /// Readings taken (the test counts them).
     readings: AtomicU64,
 }

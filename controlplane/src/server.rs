@@ -420,7 +420,10 @@ impl<'a> Server<'a> {
         if let Some(addr) = c.metrics_listen {
             let listener = endpoint_listener("metrics-listen", addr, metrics)?;
             if !listener.local_addr()?.ip().is_loopback() && !c.metrics_allow_remote {
-                bail!("the metrics endpoint on {} is off loopback and metrics-allow-remote is not set", listener.local_addr()?);
+                bail!(
+                    "the metrics endpoint on {} is off loopback and metrics-allow-remote is not set",
+                    listener.local_addr()?
+                );
             }
             let keep = listener.try_clone()?;
             let sources = Sources {

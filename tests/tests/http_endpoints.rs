@@ -136,14 +136,14 @@ fn closed_by_server(s: &mut TcpStream, deadline: Instant) -> bool {
 /// Starts a relay with `/metrics` and a token-protected admin port on loopback.
 fn relay_with_endpoints() -> (Relay, Target, Target) {
     let (m, a) = (free_tcp_port(), free_tcp_port());
-    let metrics = Target {
-        name: "metrics",
-        addr: format!("127.0.0.1:{m}").parse().unwrap(),
-        path: "/metrics",
-        token: None,
+    let metrics =
+        Target { name: "metrics", addr: format!("127.0.0.1:{m}").parse().unwrap(), path: "/metrics", token: None };
+    let admin = Target {
+        name: "admin",
+        addr: format!("127.0.0.1:{a}").parse().unwrap(),
+        path: "/sessions",
+        token: Some(TOKEN),
     };
-    let admin =
-        Target { name: "admin", addr: format!("127.0.0.1:{a}").parse().unwrap(), path: "/sessions", token: Some(TOKEN) };
     let relay = Relay::start(
         "epoll",
         "",
@@ -394,7 +394,7 @@ fn an_endpoint_without_a_token_answers_only_loopback_hosts_and_no_cross_site_cha
 
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
         .unwrap_or(false)
 }
 
