@@ -1,6 +1,13 @@
 //! The admin endpoint (`--admin-listen IP:PORT`): a small HTTP/1.1 API for operators and for
 //! `uturn admin revoke`. It is loopback only unless a bearer token (`--admin-token`) is set.
 //!
+//! Served by [`crate::http_endpoint`] (bounded head, body, time and connections). Without a
+//! token the endpoint trusts its loopback address, so it answers only requests whose `Host`
+//! names a loopback IP or `localhost` with its port (DNS rebinding), 403 otherwise. Requests
+//! that change state (POST, DELETE) are refused with 403 when they look cross-site: a
+//! `Sec-Fetch-Site` other than `same-origin`/`none`, an `Origin` other than the endpoint's own,
+//! or a content type an HTML form can send, so a web page cannot drain or revoke.
+//!
 //! Routes (JSON answers):
 //! - `GET /health`: 200 `ok` while the control loop runs.
 //! - `GET /ready`: 200 while serving, 503 while draining (load balancers stop sending).
@@ -18,12 +25,16 @@
 //! loop asks every worker, and the workers answer this thread directly.
 
 use std::net::TcpListener;
-use std::thread::{JoinHandle, Thread};
+use std::sync::Arc;
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use tracing::{info, warn};
+use hyper::http::Method;
+use tracing::info;
 use uturn_proto::relay::SessionInfo;
+
+use crate::http_endpoint::{cross_site, host_is_loopback, HttpServer, Request, Response};
 
 /// How long the HTTP thread waits for the control loop.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -68,8 +79,7 @@ pub struct AdminRequest {
 
 /// A running admin endpoint.
 pub struct AdminApi {
-    server: std::sync::Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
+    _server: HttpServer,
     /// Requests for the control loop.
     pub requests: Receiver<AdminRequest>,
 }
@@ -77,76 +87,66 @@ pub struct AdminApi {
 impl AdminApi {
     /// Serves on `listener` (bound to the admin address, or handed over by the previous
     /// process); each request unparks `control`. `token`: the bearer token required in
-    /// `Authorization` (required by the configuration off loopback).
+    /// `Authorization` (required by the configuration off loopback); without one, only
+    /// requests whose Host is loopback with the listener's port are answered.
     pub fn start(listener: TcpListener, token: Option<String>, control: Thread) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
-        let server = tiny_http::Server::from_listener(listener, None).map_err(std::io::Error::other)?;
-        let server = std::sync::Arc::new(server);
         let (tx, requests) = crossbeam_channel::bounded(64);
-        let s = server.clone();
-        let thread = std::thread::Builder::new()
-            .name("uturn-admin".into())
-            .spawn(move || serve(&s, token.as_deref(), &tx, &control))?;
+        let handler = move |r: &Request| {
+            let (status, body) = route(r, addr.port(), token.as_deref(), &tx, &control);
+            let content_type =
+                if body.starts_with(['{', '[']) { "application/json" } else { "text/plain; charset=utf-8" };
+            Response { status, content_type, body }
+        };
+        let server = HttpServer::start("uturn-admin", listener, Arc::new(handler))?;
         info!(%addr, "admin endpoint listening");
-        Ok(AdminApi { server, thread: Some(thread), requests })
-    }
-}
-
-impl Drop for AdminApi {
-    fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn serve(server: &tiny_http::Server, token: Option<&str>, tx: &Sender<AdminRequest>, control: &Thread) {
-    for request in server.incoming_requests() {
-        let (status, body) = route(&request, token, tx, control);
-        let response = tiny_http::Response::from_string(body).with_status_code(status);
-        if let Err(e) = request.respond(response) {
-            warn!("admin endpoint: answering failed: {e}");
-        }
+        Ok(AdminApi { _server: server, requests })
     }
 }
 
 fn route(
-    request: &tiny_http::Request,
+    request: &Request,
+    port: u16,
     token: Option<&str>,
     tx: &Sender<AdminRequest>,
     control: &Thread,
 ) -> (u16, String) {
-    if let Some(t) = token {
-        let want = format!("Bearer {t}");
-        let ok = request
-            .headers()
-            .iter()
-            .any(|h| h.field.equiv("Authorization") && constant_time_eq(h.value.as_str().as_bytes(), want.as_bytes()));
-        if !ok {
-            return (401, "{\"error\":\"bearer token required\"}".into());
+    match token {
+        Some(t) => {
+            let want = format!("Bearer {t}");
+            let ok = request
+                .headers
+                .get_all(hyper::http::header::AUTHORIZATION)
+                .iter()
+                .any(|v| constant_time_eq(v.as_bytes(), want.as_bytes()));
+            if !ok {
+                return (401, "{\"error\":\"bearer token required\"}".into());
+            }
         }
+        None if !host_is_loopback(&request.headers, port) => {
+            return (403, format!("{{\"error\":\"Host must be a loopback address or localhost with port {port}\"}}"));
+        }
+        None => {}
     }
-    let url = request.url();
-    let path = url.split('?').next().unwrap_or("");
-    use tiny_http::Method::{Delete, Get, Post};
+    if let Some(why) = cross_site(&request.method, &request.headers) {
+        return (403, format!("{{\"error\":\"cross-site request refused: {why}\"}}"));
+    }
+    let path = request.path.as_str();
+    let method = &request.method;
+    let (get, delete, post) = (method == Method::GET, method == Method::DELETE, method == Method::POST);
     let session_id = path.strip_prefix("/sessions/").map(|id| id.parse::<u64>());
-    match (request.method(), path.strip_prefix("/users/").and_then(|r| r.strip_suffix("/sessions"))) {
-        (Delete, Some(name)) => {
-            let Some(user) = percent_decode(name) else { return (400, "{\"error\":\"bad user name\"}".into()) };
-            ask(tx, control, AdminAction::Revoke(user))
-        }
-        (Get, _) if path == "/health" => (200, "ok".into()),
-        (Get, _) if path == "/ready" => ask(tx, control, AdminAction::Ready),
-        (Get, _) if path == "/sessions" => ask(tx, control, AdminAction::Sessions(None)),
-        (Post, _) if path == "/drain" => ask(tx, control, AdminAction::Drain),
-        (Get | Delete, _) if matches!(session_id, Some(Err(_))) => (400, "{\"error\":\"bad session id\"}".into()),
-        (Get, _) if matches!(session_id, Some(Ok(_))) => {
-            ask(tx, control, AdminAction::Sessions(session_id.and_then(Result::ok)))
-        }
-        (Delete, _) if matches!(session_id, Some(Ok(_))) => {
-            ask(tx, control, AdminAction::RevokeSession(session_id.and_then(Result::ok).unwrap_or(0)))
-        }
+    if let (true, Some(name)) = (delete, path.strip_prefix("/users/").and_then(|r| r.strip_suffix("/sessions"))) {
+        let Some(user) = percent_decode(name) else { return (400, "{\"error\":\"bad user name\"}".into()) };
+        return ask(tx, control, AdminAction::Revoke(user));
+    }
+    match session_id {
+        _ if get && path == "/health" => (200, "ok".into()),
+        _ if get && path == "/ready" => ask(tx, control, AdminAction::Ready),
+        _ if get && path == "/sessions" => ask(tx, control, AdminAction::Sessions(None)),
+        _ if post && path == "/drain" => ask(tx, control, AdminAction::Drain),
+        Some(Err(_)) if get || delete => (400, "{\"error\":\"bad session id\"}".into()),
+        Some(Ok(id)) if get => ask(tx, control, AdminAction::Sessions(Some(id))),
+        Some(Ok(id)) if delete => ask(tx, control, AdminAction::RevokeSession(id)),
         _ => (404, "{\"error\":\"no such route\"}".into()),
     }
 }

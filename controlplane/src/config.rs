@@ -91,9 +91,13 @@ pub struct Cli {
     /// Bearer token the admin endpoint requires.
     #[arg(long)]
     pub admin_token: Option<String>,
-    /// Prometheus endpoint IP:PORT (`GET /metrics`; off by default).
+    /// Prometheus endpoint IP:PORT (`GET /metrics`; off by default; loopback only unless
+    /// --metrics-allow-remote).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Let `metrics-listen` be off loopback (the endpoint has no authentication).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
     /// Log format: text or json (one JSON object per line).
     #[arg(long)]
     pub log_format: Option<String>,
@@ -164,6 +168,7 @@ pub struct FileConfig {
     admin_listen: Option<SocketAddr>,
     admin_token: Option<String>,
     metrics_listen: Option<SocketAddr>,
+    metrics_allow_remote: Option<bool>,
     log_format: Option<String>,
     alternate_server: Option<SocketAddr>,
     drain_timeout: Option<u64>,
@@ -229,6 +234,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Prometheus endpoint address (off by default).
     pub metrics_listen: Option<SocketAddr>,
+    /// True when `metrics-listen` may be off loopback (an explicit opt-in: no authentication).
+    pub metrics_allow_remote: bool,
     /// Logs as JSON objects, one per line (`log-format = "json"`), instead of text.
     pub log_json: bool,
     /// ALTERNATE-SERVER offered with 300 while draining; without it a draining relay answers
@@ -411,6 +418,7 @@ impl Config {
             admin_listen: cli.admin_listen.or(f.admin_listen),
             admin_token: cli.admin_token.clone().or(f.admin_token),
             metrics_listen: cli.metrics_listen.or(f.metrics_listen),
+            metrics_allow_remote: cli.metrics_allow_remote || f.metrics_allow_remote.unwrap_or(false),
             log_json: match cli.log_format.clone().or(f.log_format).as_deref().unwrap_or("text") {
                 "text" => false,
                 "json" => true,
@@ -500,6 +508,9 @@ impl Config {
         }
         if self.admin_listen.is_some_and(|a| !a.ip().is_loopback()) && self.admin_token.is_none() {
             bail!("admin-listen off loopback needs admin-token");
+        }
+        if self.metrics_listen.is_some_and(|a| !a.ip().is_loopback()) && !self.metrics_allow_remote {
+            bail!("metrics-listen off loopback needs metrics-allow-remote (the endpoint has no authentication)");
         }
         if self.credentials.separator.is_ascii_digit() {
             bail!("rest-separator must not be a digit");
@@ -666,6 +677,17 @@ mod tests {
         assert!(Config::load(&cli).unwrap_err().to_string().contains("demo"));
         let cli = Cli { user: vec!["alice:secret".into()], ..cli };
         assert!(!Config::load(&cli).unwrap().is_loopback_demo());
+    }
+
+    #[test]
+    fn metrics_off_loopback_needs_the_opt_in() {
+        let cli = Cli { metrics_listen: Some("0.0.0.0:9478".parse().unwrap()), ..Cli::default() };
+        assert!(Config::load(&cli).unwrap_err().to_string().contains("metrics-allow-remote"));
+        assert!(Config::load(&Cli { metrics_allow_remote: true, ..cli }).is_ok());
+        let f: FileConfig = toml::from_str("metrics-listen = \"0.0.0.0:9478\"\nmetrics-allow-remote = true\n").unwrap();
+        assert!(Config::merge(f, &Cli::default()).is_ok());
+        let on_loopback = Cli { metrics_listen: Some("127.0.0.1:9478".parse().unwrap()), ..Cli::default() };
+        assert!(Config::load(&on_loopback).is_ok());
     }
 
     #[test]

@@ -5,18 +5,21 @@
 //! - each worker's [`WorkerMetrics`], which the worker publishes a few times a second;
 //! - the control plane's [`ControlMetrics`] (atomics the control thread adds to);
 //! - the kernel's per-socket receive-queue drop counts (what `SO_RXQ_OVFL` reports), read from
-//!   `/proc/self/net/udp` and `udp6` for this process's sockets at each scrape.
+//!   `/proc/self/net/udp` and `udp6` for this process's sockets, at most once per
+//!   [`DROP_COUNTS_INTERVAL`] (a reading costs O(open descriptors)).
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use hyper::http::Method;
+use tracing::info;
 use uturn_dataplane::{WorkerMetrics, WorkerSample};
+
+use crate::http_endpoint::{host_is_loopback, HttpServer, Request, Response};
 
 /// Allocate error codes counted one by one (others count as `other`).
 const CODES: [u16; 14] = [300, 400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 486, 500, 508];
@@ -141,43 +144,71 @@ pub struct Sources {
 
 /// A running metrics endpoint.
 pub struct MetricsExporter {
-    server: Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
+    _server: HttpServer,
 }
 
 impl MetricsExporter {
     /// Serves `GET /metrics` on `listener` (bound to `metrics-listen`, or handed over by the
-    /// previous process) from `sources`.
+    /// previous process) from `sources`, through [`crate::http_endpoint`]'s bounds. On a
+    /// loopback listener only requests whose Host is loopback with its port are answered (403
+    /// otherwise: DNS rebinding). The kernel's drop counts are read at most once per
+    /// [`DROP_COUNTS_INTERVAL`].
     pub fn start(listener: TcpListener, sources: Sources) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
-        let server = Arc::new(tiny_http::Server::from_listener(listener, None).map_err(std::io::Error::other)?);
-        let s = server.clone();
-        let thread = std::thread::Builder::new().name("uturn-metrics".into()).spawn(move || {
-            for request in s.incoming_requests() {
-                let path = request.url().split('?').next().unwrap_or("").to_string();
-                let response = if path == "/metrics" && *request.method() == tiny_http::Method::Get {
-                    let header = tiny_http::Header::from_bytes("Content-Type", "text/plain; version=0.0.4")
-                        .expect("static header");
-                    tiny_http::Response::from_string(render(&sources)).with_header(header)
-                } else {
-                    tiny_http::Response::from_string("not found\n").with_status_code(404)
-                };
-                if let Err(e) = request.respond(response) {
-                    warn!("metrics endpoint: answering failed: {e}");
-                }
+        let drops = DropCounts::new(DROP_COUNTS_INTERVAL);
+        let handler = move |r: &Request| {
+            let text = "text/plain; charset=utf-8";
+            if addr.ip().is_loopback() && !host_is_loopback(&r.headers, addr.port()) {
+                let body = format!("Host must be a loopback address or localhost with port {}\n", addr.port());
+                return Response { status: 403, content_type: text, body };
             }
-        })?;
+            if r.path == "/metrics" && r.method == Method::GET {
+                let body = render_with(&sources, drops.get(&sources.listen_ports));
+                Response { status: 200, content_type: "text/plain; version=0.0.4", body }
+            } else {
+                Response { status: 404, content_type: text, body: "not found\n".into() }
+            }
+        };
+        let server = HttpServer::start("uturn-metrics", listener, Arc::new(handler))?;
         info!(%addr, "metrics endpoint listening on /metrics");
-        Ok(MetricsExporter { server, thread: Some(thread) })
+        Ok(MetricsExporter { _server: server })
     }
 }
 
-impl Drop for MetricsExporter {
-    fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+/// How long one reading of the kernel's drop counts serves scrapes: each reading costs a
+/// readlink per open descriptor and a parse of `/proc/self/net/udp{,6}`, O(allocations).
+pub const DROP_COUNTS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Drops at (listener, relay) sockets; `None` where /proc cannot be read.
+type RxqDrops = Option<(u64, u64)>;
+
+/// The kernel's receive-queue drop counts, read at most once per interval.
+#[derive(Debug)]
+struct DropCounts {
+    interval: Duration,
+    /// When the last reading was taken, and what it found.
+    last: Mutex<Option<(Instant, RxqDrops)>>,
+    /// Readings taken (the test counts them).
+    readings: AtomicU64,
+}
+
+impl DropCounts {
+    fn new(interval: Duration) -> Self {
+        DropCounts { interval, last: Mutex::new(None), readings: AtomicU64::new(0) }
+    }
+
+    /// The counts, read again when the last reading is older than the interval.
+    fn get(&self, listen_ports: &[u16]) -> Option<(u64, u64)> {
+        let Ok(mut last) = self.last.lock() else { return receive_queue_drops(listen_ports) };
+        if let Some((at, counts)) = *last {
+            if at.elapsed() < self.interval {
+                return counts;
+            }
         }
+        let counts = receive_queue_drops(listen_ports);
+        self.readings.fetch_add(1, Ordering::Relaxed);
+        *last = Some((Instant::now(), counts));
+        counts
     }
 }
 
@@ -195,8 +226,13 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: impl In
 
 /// The exposition text for one scrape.
 pub fn render(src: &Sources) -> String {
+    render_with(src, receive_queue_drops(&src.listen_ports))
+}
+
+/// The exposition text with the kernel's drop counts `rxq` (listeners, relays) already read.
+fn render_with(src: &Sources, rxq: Option<(u64, u64)>) -> String {
     let samples: Vec<WorkerSample> = src.workers.iter().map(|w| w.sample()).collect();
-    render_samples(src, &samples, receive_queue_drops(&src.listen_ports))
+    render_samples(src, &samples, rxq)
 }
 
 /// Drop reasons: label and the worker counter (or extra) each comes from.
@@ -568,6 +604,22 @@ mod tests {
             assert!(l.starts_with("uturn_"), "{l}");
             assert!(l.rsplit(' ').next().unwrap().parse::<f64>().is_ok(), "{l}");
         }
+    }
+
+    #[test]
+    fn drop_counts_are_read_once_per_interval() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        let cached = DropCounts::new(Duration::from_secs(3600));
+        for _ in 0..100 {
+            assert_eq!(cached.get(&[port]), Some((0, 0)));
+        }
+        assert_eq!(cached.readings.load(Ordering::Relaxed), 1, "100 scrapes in the interval, one reading");
+        let fresh = DropCounts::new(Duration::ZERO);
+        for _ in 0..3 {
+            fresh.get(&[port]);
+        }
+        assert_eq!(fresh.readings.load(Ordering::Relaxed), 3, "past the interval every scrape reads again");
     }
 
     #[test]

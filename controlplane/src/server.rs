@@ -1,7 +1,7 @@
 //! Starting and stopping uturn: the workers (one per core), the control thread, and the queues
 //! between them.
 
-use std::net::{TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -178,6 +178,26 @@ struct Server<'a> {
     /// What the TCP relay (RFC 6062 TCP allocations; runs with `tcp://` or `tls://` listen
     /// addresses) has for the workers.
     tcp_events: Option<crossbeam_channel::Receiver<(usize, ToWorker)>>,
+}
+
+/// The listener of an HTTP endpoint configured at `addr` (`setting` names it in errors): the one
+/// a hot upgrade handed over when it is bound to that address, else a new one bound there.
+/// A handed-over listener on another address is closed here (the old process closes its copy
+/// when it exits), so the new configuration's address and token rule always go together. Where
+/// the new address cannot be bound beside the old one (0.0.0.0:P to 127.0.0.1:P), the upgrade
+/// is refused: the old process keeps serving with its rule, and a restart moves the endpoint.
+fn endpoint_listener(setting: &str, addr: SocketAddr, inherited: Option<TcpListener>) -> Result<TcpListener> {
+    if let Some(l) = inherited {
+        let was = l.local_addr()?;
+        if was.ip() == addr.ip() && (was.port() == addr.port() || addr.port() == 0) {
+            return Ok(l);
+        }
+        drop(l);
+        return TcpListener::bind(addr).with_context(|| {
+            format!("{setting} changed from {was} to {addr}, which cannot be bound beside the old process's listener: restart instead of upgrading")
+        });
+    }
+    TcpListener::bind(addr).with_context(|| format!("{setting} {addr}"))
 }
 
 /// How the serving loop ended.
@@ -383,24 +403,28 @@ impl<'a> Server<'a> {
         Ok(server)
     }
 
-    /// The admin and metrics endpoints, on handed-over listeners or freshly bound ones.
+    /// The admin and metrics endpoints, on handed-over listeners or freshly bound ones (see
+    /// [`endpoint_listener`]).
     fn start_endpoints(&mut self, admin: Option<TcpListener>, metrics: Option<TcpListener>) -> Result<()> {
         let c = self.config;
         if let Some(addr) = c.admin_listen {
-            let listener = match admin {
-                Some(l) => l,
-                None => TcpListener::bind(addr).with_context(|| format!("admin endpoint on {addr}"))?,
-            };
+            let listener = endpoint_listener("admin-listen", addr, admin)?;
+            if !listener.local_addr()?.ip().is_loopback() && c.admin_token.is_none() {
+                bail!("the admin endpoint on {} is off loopback and admin-token is not set", listener.local_addr()?);
+            }
             let keep = listener.try_clone()?;
             let api = AdminApi::start(listener, c.admin_token.clone(), std::thread::current())
                 .with_context(|| format!("admin endpoint on {addr}"))?;
             self.admin = Some((api, keep));
         }
         if let Some(addr) = c.metrics_listen {
-            let listener = match metrics {
-                Some(l) => l,
-                None => TcpListener::bind(addr).with_context(|| format!("metrics endpoint on {addr}"))?,
-            };
+            let listener = endpoint_listener("metrics-listen", addr, metrics)?;
+            if !listener.local_addr()?.ip().is_loopback() && !c.metrics_allow_remote {
+                bail!(
+                    "the metrics endpoint on {} is off loopback and metrics-allow-remote is not set",
+                    listener.local_addr()?
+                );
+            }
             let keep = listener.try_clone()?;
             let sources = Sources {
                 workers: self.worker_cfgs.iter().map(|w| w.metrics.clone()).collect(),
