@@ -27,8 +27,14 @@ fn chromium_calls_through_uturn_over_udp_tcp_and_tls() {
         .arg(&tls.cert);
     let (ok, out) = run_with_timeout(&mut cmd, Duration::from_secs(60));
     assert!(ok, "the browser call failed:\n{out}\n--- uturn log ---\n{}", relay.log());
+    // The connect time of each call (creating the PCs to both connected), for the record
+    // (scripts/bench-ordering.sh compares it with coturn's).
+    for line in out.lines().filter(|l| l.starts_with("connect time over")) {
+        eprintln!("{line}");
+    }
     for t in ["udp", "tcp", "tls"] {
         assert!(out.contains(&format!("browser call over {t}: ok")), "{t}:\n{out}");
+        assert!(out.contains(&format!("connect time over {t}: ")), "{t}: no connect time:\n{out}");
         assert!(out.contains(&format!("\"relayProtocol\": \"{t}\"")), "{t}:\n{out}");
     }
     let log = relay.log();
