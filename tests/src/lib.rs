@@ -136,10 +136,12 @@ impl Relay {
                 stream_args.extend(["--tls-key".into(), files.key.display().to_string()]);
             }
             // A relay port range clear of the listen ports (uturn refuses a TCP listener inside it).
-            let taken = [Some(port), tls_addr.map(|t| t.port())];
+            let mut taken: Vec<u16> =
+                args.iter().filter_map(|a| a.parse::<SocketAddr>().ok()).map(|a| a.port()).collect();
+            taken.extend([Some(port), tls_addr.map(|t| t.port())].into_iter().flatten());
             let lo = loop {
                 let lo = 49152 + (rand::random::<u16>() % 15000);
-                if !taken.iter().flatten().any(|p| (lo..=lo + 399).contains(p)) {
+                if !taken.iter().any(|p| (lo..=lo + 399).contains(p)) {
                     break lo;
                 }
             };
