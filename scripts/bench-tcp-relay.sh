@@ -34,7 +34,9 @@ trap stop_server EXIT
 test_certificate
 
 # start NAME: the relay listening on UDP+TCP $PLAIN and TLS $SECURE.
-start() { start_stream_relay "$1" "$(printf '')"; }
+# The peers listen on 127.0.0.1, the relay's own address: TCP allocations reach them only
+# through allow-peer (coturn: --allow-loopback-peers).
+start() { start_stream_relay "$1" 'allow-peer = ["127.0.0.1/32"]'; }
 
 for round in $(seq "$ROUNDS"); do
   for name in $CONTESTANTS; do

@@ -176,6 +176,7 @@ pub struct FileConfig {
     xdp: Option<String>,
     xdp_interfaces: Option<Vec<String>>,
     xdp_routes: Option<u32>,
+    max_peer_connections_per_user: Option<usize>,
 }
 
 /// A key that takes one string or a list of them.
@@ -296,6 +297,10 @@ pub struct Config {
     /// (`unauth_rate / workers`, rounded up) with a burst of the same size; more are dropped
     /// silently. 0: unlimited. Default [`DEFAULT_UNAUTH_RATE`].
     pub unauth_rate: u32,
+    /// RFC 6062 peer connections (connecting, pending and bound) all the TCP allocations of
+    /// one user may hold at once (default 1,024); more earn 508 (Connect) or are closed at
+    /// accept. They count in `max-connections` too.
+    pub max_peer_connections_per_user: usize,
 }
 
 /// Default `unauth-rate`, requests/s per source: 500 clients behind one NAT address that each
@@ -452,6 +457,7 @@ impl Config {
             max_channels: f.max_channels.unwrap_or(128),
             max_bandwidth: f.max_bandwidth.unwrap_or(0),
             unauth_rate: f.unauth_rate.unwrap_or(DEFAULT_UNAUTH_RATE),
+            max_peer_connections_per_user: f.max_peer_connections_per_user.unwrap_or(1024),
         };
         c.validate()?;
         Ok(c)
@@ -536,6 +542,10 @@ impl Config {
         if self.permission_lifetime.is_zero() || self.channel_lifetime.is_zero() || self.nonce_lifetime.is_zero() {
             bail!("permission-lifetime, channel-lifetime and nonce-lifetime must be positive");
         }
+        if self.max_peer_connections_per_user == 0 {
+            bail!("max-peer-connections-per-user must be positive");
+        }
+        self.check_ports_outside_relay_range()?;
         // Refuse the publicly known demo credential anywhere but loopback.
         if self.has_demo_user() && self.serves_beyond_loopback() {
             bail!("refusing to serve the demo credential (demo:demo) on a non-loopback address: set users with --user or [users]");
@@ -545,6 +555,31 @@ impl Config {
 }
 
 impl Config {
+    /// Refuses a TCP listener of the relay's own on a port of `port-range` at an IP that a relay
+    /// address shares: a `tcp://` or `tls://` listen address, `admin-listen` or
+    /// `metrics-listen`. A TCP allocation's relayed transport address is bound with
+    /// SO_REUSEPORT (its Connects leave from it), so on such a port it would join the client
+    /// listeners' group and take other clients' connections (docs/security.md). Checked at
+    /// start and on SIGHUP (a refused file keeps the running configuration).
+    fn check_ports_outside_relay_range(&self) -> Result<()> {
+        let (lo, hi) = self.port_range;
+        let stream = self.stream_listen().into_iter().map(|l| (l.to_string(), l.addr));
+        let admin = self.admin_listen.map(|a| ("admin-listen".to_string(), a));
+        let metrics = self.metrics_listen.map(|a| ("metrics-listen".to_string(), a));
+        for (what, addr) in stream.chain(admin).chain(metrics) {
+            let shared = addr.ip().is_unspecified()
+                || self.relay_ips.iter().any(|ip| crate::policy::normalize(*ip) == crate::policy::normalize(addr.ip()));
+            if shared && (lo..=hi).contains(&addr.port()) {
+                bail!(
+                    "{what}: port {} is inside port-range {lo}-{hi}, where TCP allocations bind their relayed \
+                     addresses; move the listener or the range",
+                    addr.port()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Keys SIGHUP does not reload, each with whether `new` differs from `self` in it.
     pub fn restart_only_changes(&self, new: &Config) -> Vec<(&'static str, bool)> {
         vec![
@@ -564,6 +599,7 @@ impl Config {
             ("password-algorithms", self.password_algorithms != new.password_algorithms),
             ("nonce-lifetime", self.nonce_lifetime != new.nonce_lifetime),
             ("unauth-rate", self.unauth_rate != new.unauth_rate),
+            ("max-peer-connections-per-user", self.max_peer_connections_per_user != new.max_peer_connections_per_user),
             (
                 "xdp",
                 self.xdp != new.xdp || self.xdp_interfaces != new.xdp_interfaces || self.xdp_routes != new.xdp_routes,
@@ -703,6 +739,30 @@ mod tests {
         assert!(c.credentials.users.contains_key("bob") && !c.credentials.users.contains_key("demo"));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
         assert!(parse_range("5-1").is_err());
+    }
+
+    #[test]
+    fn listeners_inside_the_relay_port_range_are_refused() {
+        let load = |toml_text: &str| {
+            let f: FileConfig = toml::from_str(toml_text).unwrap();
+            Config::merge(f, &Cli::default())
+        };
+        let base = "port-range = \"50000-50100\"\nrelay-ip = \"127.0.0.1\"\n";
+        for (listen, what) in [
+            ("listen = [\"127.0.0.1:3478\", \"tcp://127.0.0.1:50050\"]\n", "tcp://127.0.0.1:50050"),
+            ("listen = [\"127.0.0.1:3478\", \"tcp://0.0.0.0:50000\"]\n", "tcp://0.0.0.0:50000"),
+            ("listen = [\"127.0.0.1:3478\"]\nadmin-listen = \"127.0.0.1:50100\"\n", "admin-listen"),
+            ("listen = [\"127.0.0.1:3478\"]\nmetrics-listen = \"0.0.0.0:50001\"\n", "metrics-listen"),
+        ] {
+            let err = load(&format!("{base}{listen}")).err().unwrap_or_else(|| panic!("{listen} accepted"));
+            let msg = format!("{err:#}");
+            assert!(msg.contains(what) && msg.contains("port-range 50000-50100"), "{msg}");
+        }
+        // Outside the range, or on an IP no relay address shares: fine.
+        load(&format!("{base}listen = [\"127.0.0.1:3478\", \"tcp://127.0.0.1:50101\"]\n")).unwrap();
+        load(&format!("{base}listen = [\"127.0.0.1:3478\", \"tcp://127.0.0.2:50050\"]\n")).unwrap();
+        // UDP listen ports in the range do not share a group with TCP relayed addresses.
+        load(&format!("{base}listen = [\"127.0.0.1:50050\"]\n")).unwrap();
     }
 
     #[test]

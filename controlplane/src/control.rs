@@ -780,11 +780,13 @@ impl ControlPlane {
         peer: Result<SocketAddr, uturn_proto::wire::AddressError>,
     ) -> Result<SocketAddr, ErrorCode> {
         let peer = peer.map_err(|_| ErrorCode::BadRequest)?;
-        let (v6, dual) = self.owners.get(ft).map_or((false, false), |o| (o.v6, o.dual));
+        let (v6, dual, tcp) = self.owners.get(ft).map_or((false, false, false), |o| (o.v6, o.dual, o.tcp.is_some()));
         if peer.is_ipv6() != v6 && !dual {
             return Err(ErrorCode::PeerAddressFamilyMismatch);
         }
-        if !self.policy.peers.allows(peer) {
+        // A TCP allocation may not reach the relay's own addresses on any port (RFC 8656 §21).
+        let allowed = if tcp { self.policy.peers.allows_tcp(peer) } else { self.policy.peers.allows(peer) };
+        if !allowed {
             return Err(ErrorCode::Forbidden);
         }
         Ok(peer)

@@ -1,7 +1,12 @@
 //! Peer address policy (RFC 8656 §21.1, §21.2.3; RFC 6156 §9.1): which peers a client may get
-//! a permission or a channel for. Checked by the control plane on every path that names a peer
-//! (CreatePermission, ChannelBind: 403); Send indications and peer datagrams need a permission,
-//! so they inherit it.
+//! a permission or a channel for, or Connect to (RFC 6062). Checked by the control plane on every
+//! path that names a peer (CreatePermission, ChannelBind, Connect: 403); Send indications and
+//! peer datagrams need a permission, so they inherit it.
+//!
+//! The relay's own services are never peers: every listener of its own (UDP, TCP and TLS client
+//! listeners, admin, metrics) is denied always, and a TCP allocation is denied the relay's own
+//! addresses on any port unless `allow-peer` lists them (RFC 8656 §21: a loop through the relay
+//! would make the client's traffic come from the relay itself).
 //!
 //! Every address is normalised first: IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible
 //! (::a.b.c.d) and NAT64 (64:ff9b::/96) forms are judged as the IPv4 address they carry, so
@@ -34,50 +39,109 @@ fn nets(list: &[&str]) -> Vec<IpNet> {
     list.iter().map(|s| s.parse().expect("built-in CIDR")).collect()
 }
 
-/// The peer policy. Order: the relay's own listening addresses are always refused; then an
-/// `allow` entry admits; then the default denials, `deny` entries and private ranges refuse.
+/// The relay's own addresses, as the peer policy sees them.
+#[derive(Debug, Clone, Default)]
+pub struct OwnAddresses {
+    /// Relay IPs (`relay-ip`).
+    pub relay_ips: Vec<IpAddr>,
+    /// Every listener of the process: UDP, TCP and TLS listen addresses, `admin-listen`,
+    /// `metrics-listen`.
+    pub listeners: Vec<SocketAddr>,
+    /// `external-ip` pairs (public, private).
+    pub external: Vec<(IpAddr, IpAddr)>,
+    /// The host's interface addresses (used when a listener's IP is unspecified: it answers on
+    /// all of them).
+    pub host: Vec<IpAddr>,
+}
+
+/// The peer policy. Order: the relay's own listeners are always refused (and, for a TCP
+/// allocation, its own addresses unless `allow` lists them); then an `allow` entry admits; then
+/// the default denials, `deny` entries and private ranges refuse.
 #[derive(Debug, Clone)]
 pub struct PeerPolicy {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
-    /// The relay's own listening transport addresses (an unspecified listen IP expands to the
-    /// relay IP and loopback).
+    /// The relay's own listening transport addresses with a concrete IP (and their
+    /// `external-ip` public forms).
     own: Vec<SocketAddr>,
+    /// Ports of listeners on an unspecified IP (0.0.0.0, ::): denied at every own address.
+    own_any_ip: Vec<u16>,
+    /// The relay's own IPs, normalised: relay IPs, listen IPs, `external-ip` public addresses,
+    /// and, when a listener's IP is unspecified, the host's addresses.
+    own_ips: Vec<IpAddr>,
+    /// A listener's IP is unspecified: every loopback address is the relay's own too.
+    own_loopback: bool,
 }
 
 impl PeerPolicy {
-    /// The policy for a relay on `relay_ips` listening on `listen`, with the operator's
-    /// `allow`/`deny` CIDRs. Loopback peers are allowed only when a relay address is loopback.
-    pub fn new(relay_ips: &[IpAddr], listen: &[SocketAddr], allow: &[IpNet], deny: &[IpNet]) -> Self {
+    /// The policy for a relay with addresses `own`, with the operator's `allow`/`deny` CIDRs.
+    /// Loopback peers are allowed only when a relay address is loopback.
+    pub fn new(own: &OwnAddresses, allow: &[IpNet], deny: &[IpNet]) -> Self {
+        let relay_ips = &own.relay_ips;
         let mut d = nets(DENIED);
         if !relay_ips.iter().any(|ip| normalize(*ip).is_loopback()) {
             d.extend(nets(LOOPBACK));
         }
         d.extend(nets(PRIVATE));
         d.extend_from_slice(deny);
-        let mut own = Vec::new();
-        for l in listen {
+        let public_of = |ip: IpAddr| own.external.iter().filter(move |(_, private)| *private == ip).map(|(p, _)| *p);
+        let mut listeners = Vec::new();
+        let mut own_any_ip = Vec::new();
+        let mut own_ips: Vec<IpAddr> = relay_ips.iter().copied().flat_map(|ip| public_of(ip).chain([ip])).collect();
+        let mut own_loopback = false;
+        for l in &own.listeners {
             if l.ip().is_unspecified() {
-                let lo: IpAddr = if l.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() };
-                own.extend(relay_ips.iter().map(|ip| SocketAddr::new(*ip, l.port())));
-                own.push(SocketAddr::new(lo, l.port()));
+                own_any_ip.push(l.port());
+                own_loopback = true;
             } else {
-                own.push(*l);
+                listeners.push(*l);
+                listeners.extend(public_of(l.ip()).map(|p| SocketAddr::new(p, l.port())));
+                own_ips.push(l.ip());
             }
         }
-        PeerPolicy { allow: allow.to_vec(), deny: d, own }
+        if own_loopback {
+            own_ips.extend_from_slice(&own.host);
+        }
+        for ip in &mut own_ips {
+            *ip = normalize(*ip);
+        }
+        own_ips.sort();
+        own_ips.dedup();
+        own_any_ip.sort_unstable();
+        own_any_ip.dedup();
+        PeerPolicy { allow: allow.to_vec(), deny: d, own: listeners, own_any_ip, own_ips, own_loopback }
     }
 
-    /// True when a client may reach `peer`.
+    /// True when `ip` (normalised) is one of the relay's own addresses.
+    fn is_own_ip(&self, ip: IpAddr) -> bool {
+        (self.own_loopback && ip.is_loopback()) || self.own_ips.contains(&ip)
+    }
+
+    /// True when a client may reach `peer` (UDP allocations; for TCP ones see
+    /// [`allows_tcp`](Self::allows_tcp)).
     pub fn allows(&self, peer: SocketAddr) -> bool {
         let ip = normalize(peer.ip());
         if self.own.iter().any(|l| l.port() == peer.port() && normalize(l.ip()) == ip) {
+            return false;
+        }
+        if self.own_any_ip.contains(&peer.port()) && self.is_own_ip(ip) {
             return false;
         }
         if self.allow.iter().any(|n| n.contains(&ip)) {
             return true;
         }
         !self.deny.iter().any(|n| n.contains(&ip) || n.contains(&peer.ip()))
+    }
+
+    /// True when a TCP allocation (RFC 6062) may reach `peer`: as [`allows`](Self::allows), and
+    /// not at an address of the relay's own on any port (its other TCP services: SSH, a local
+    /// Redis, another allocation's relayed address) unless `allow-peer` lists that address.
+    pub fn allows_tcp(&self, peer: SocketAddr) -> bool {
+        let ip = normalize(peer.ip());
+        if self.is_own_ip(ip) && !self.allow.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        self.allows(peer)
     }
 
     /// One line for the startup log.
@@ -119,6 +183,16 @@ mod tests {
     fn at(ip: IpAddr) -> SocketAddr {
         SocketAddr::new(ip, 5000)
     }
+    fn own(relay_ips: &[&str], listeners: &[&str]) -> OwnAddresses {
+        OwnAddresses {
+            relay_ips: relay_ips.iter().map(|s| ip(s)).collect(),
+            listeners: listeners.iter().map(|s| s.parse().unwrap()).collect(),
+            ..OwnAddresses::default()
+        }
+    }
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
 
     /// Every IPv6 spelling of an IPv4 address.
     fn spellings(v4: Ipv4Addr) -> Vec<IpAddr> {
@@ -147,7 +221,7 @@ mod tests {
 
     #[test]
     fn every_spelling_of_every_denied_ipv4_range_is_denied() {
-        let p = PeerPolicy::new(&[ip("192.0.2.1")], &[], &[], &[]);
+        let p = PeerPolicy::new(&own(&["192.0.2.1"], &[]), &[], &[]);
         for v4 in samples(DENIED).into_iter().chain(samples(LOOPBACK)).chain(samples(PRIVATE)) {
             for form in spellings(v4) {
                 assert!(!p.allows(at(form)), "{form} ({v4}) must be denied");
@@ -168,14 +242,14 @@ mod tests {
     #[test]
     fn loopback_relay_may_reach_loopback_but_not_its_listener() {
         let listen: SocketAddr = "127.0.0.1:3478".parse().unwrap();
-        let p = PeerPolicy::new(&[ip("127.0.0.1")], &[listen], &[], &[]);
+        let p = PeerPolicy::new(&own(&["127.0.0.1"], &["127.0.0.1:3478"]), &[], &[]);
         assert!(p.allows("127.0.0.1:5000".parse().unwrap()));
         assert!(p.allows("[::ffff:127.0.0.1]:5000".parse().unwrap()));
         assert!(!p.allows(listen));
         assert!(!p.allows("[::ffff:127.0.0.1]:3478".parse().unwrap()), "listener through a mapped address");
         assert!(!p.allows("0.0.0.0:5000".parse().unwrap()));
         assert!(!p.allows("10.1.2.3:5000".parse().unwrap()), "private stays denied");
-        let any = PeerPolicy::new(&[ip("192.0.2.1")], &["0.0.0.0:3478".parse().unwrap()], &[], &[]);
+        let any = PeerPolicy::new(&own(&["192.0.2.1"], &["0.0.0.0:3478"]), &[], &[]);
         assert!(any.allows("198.51.100.7:3478".parse().unwrap()), "another host's port 3478 is fine");
         assert!(!any.allows("192.0.2.1:3478".parse().unwrap()), "the relay IP's listener");
     }
@@ -183,8 +257,7 @@ mod tests {
     #[test]
     fn allow_and_deny_flags() {
         let p = PeerPolicy::new(
-            &[ip("192.0.2.1")],
-            &[],
+            &own(&["192.0.2.1"], &[]),
             &["10.0.0.0/8".parse().unwrap()],
             &["198.51.100.0/24".parse().unwrap()],
         );
@@ -193,5 +266,40 @@ mod tests {
         assert!(!p.allows(at(ip("192.168.1.1"))));
         assert!(!p.allows(at(ip("198.51.100.9"))));
         assert!(p.describe().contains("10.0.0.0/8"));
+    }
+
+    #[test]
+    fn every_own_listener_is_denied_and_tcp_allocations_are_denied_own_addresses() {
+        // Concrete listeners: UDP, TCP, TLS, admin and metrics alike (the policy sees addresses).
+        let mut o = own(&["192.0.2.1"], &["192.0.2.1:3478", "192.0.2.1:5349", "127.0.0.1:8080", "127.0.0.1:9090"]);
+        o.external = vec![(ip("203.0.113.5"), ip("192.0.2.1"))];
+        let p = PeerPolicy::new(&o, &["127.0.0.0/8".parse().unwrap()], &[]);
+        for l in ["192.0.2.1:3478", "192.0.2.1:5349", "127.0.0.1:8080", "127.0.0.1:9090", "203.0.113.5:3478"] {
+            assert!(!p.allows(sa(l)), "{l}: an own listener, even with allow-peer");
+            assert!(!p.allows_tcp(sa(l)), "{l}");
+        }
+        // Other ports of the relay's addresses: fine for UDP allocations, not for TCP ones
+        // (unless allow-peer lists them: 127.0.0.0/8 here).
+        for other in ["192.0.2.1:22", "203.0.113.5:6379", "[::ffff:192.0.2.1]:22"] {
+            assert!(p.allows(sa(other)), "{other}");
+            assert!(!p.allows_tcp(sa(other)), "{other}: the relay's own address, TCP");
+        }
+        assert!(p.allows_tcp(sa("127.0.0.1:6379")), "allow-peer lists 127.0.0.0/8");
+        assert!(p.allows_tcp(sa("198.51.100.7:22")), "another host");
+        let allowed = PeerPolicy::new(&o, &["192.0.2.1/32".parse().unwrap()], &[]);
+        assert!(allowed.allows_tcp(sa("192.0.2.1:22")));
+        assert!(!allowed.allows_tcp(sa("192.0.2.1:3478")), "the listener stays denied");
+
+        // A listener on 0.0.0.0: loopback and every host address at its port, and every one of
+        // them for TCP allocations.
+        let mut o = own(&["192.0.2.1"], &["0.0.0.0:3478", "0.0.0.0:9090"]);
+        o.host = vec![ip("127.0.0.1"), ip("192.0.2.1"), ip("198.51.100.20")];
+        let p = PeerPolicy::new(&o, &[], &[]);
+        for l in ["198.51.100.20:3478", "198.51.100.20:9090", "192.0.2.1:9090", "127.0.0.5:3478"] {
+            assert!(!p.allows(sa(l)), "{l}");
+        }
+        assert!(p.allows(sa("198.51.100.20:22")));
+        assert!(!p.allows_tcp(sa("198.51.100.20:22")), "a host address");
+        assert!(p.allows_tcp(sa("198.51.100.21:22")));
     }
 }

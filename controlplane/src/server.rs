@@ -327,7 +327,7 @@ impl<'a> Server<'a> {
             max_lifetime: config.max_lifetime,
             user_quota: config.user_quota,
             total_quota: config.total_quota,
-            peers: PeerPolicy::new(&config.relay_ips, &config.udp_listen(), &config.allow_peer, &config.deny_peer),
+            peers: PeerPolicy::new(&own_addresses(config), &config.allow_peer, &config.deny_peer),
             rfc5766_channels: config.rfc5766_channels,
         };
         info!("{}", policy.peers.describe());
@@ -350,9 +350,16 @@ impl<'a> Server<'a> {
         };
         if !config.stream_listen().is_empty() {
             let (tx, rx) = crossbeam_channel::unbounded();
-            let relay = crate::tcp_relay::TcpRelay::spawn(tx, std::thread::current(), config.permission_lifetime)
-                .context("starting the TCP relay")?;
-            server.control.set_tcp_relay(relay);
+            let limits = crate::tcp_relay::PeerLimits {
+                connections: connections.clone(),
+                max_connections: config.stream_limits.max_connections,
+                per_user: config.max_peer_connections_per_user,
+            };
+            let relay =
+                crate::tcp_relay::TcpRelay::spawn(tx, std::thread::current(), config.permission_lifetime, limits)
+                    .context("starting the TCP relay")?;
+            let listen_ports = config.stream_listen().iter().map(|l| l.addr.port()).collect();
+            server.control.set_tcp_relay(relay, listen_ports);
             server.tcp_events = Some(rx);
         }
         for (cfg, start) in server.worker_cfgs.clone().into_iter().zip(starts) {
@@ -697,6 +704,29 @@ impl<'a> Server<'a> {
 }
 
 mod hot_upgrade;
+
+/// The relay's own addresses for the peer policy: every listener of the process (UDP, TCP, TLS,
+/// admin, metrics), the relay and external IPs, and the host's addresses (a listener on an
+/// unspecified IP answers on all of them; read once at start).
+fn own_addresses(config: &Config) -> crate::policy::OwnAddresses {
+    let mut listeners: Vec<std::net::SocketAddr> = config.listen.iter().map(|l| l.addr).collect();
+    listeners.extend(config.admin_listen);
+    listeners.extend(config.metrics_listen);
+    let host = if listeners.iter().any(|l| l.ip().is_unspecified()) {
+        uturn_dataplane::local_addresses().unwrap_or_else(|e| {
+            warn!("cannot list the host's addresses ({e}); peers on them are judged by the other rules");
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
+    crate::policy::OwnAddresses {
+        relay_ips: config.relay_ips.clone(),
+        listeners,
+        external: config.external_ips.clone(),
+        host,
+    }
+}
 
 /// SIGHUP: re-reads the configuration and replaces the credentials; keys that need a restart
 /// are logged when they changed. Existing allocations are untouched.

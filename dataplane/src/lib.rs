@@ -40,9 +40,9 @@ pub use fdpass::{inheritable, inherited_stream, recv_fds, send_fds, FDS_PER_MESS
 pub use hold::{HoldCounters, HoldLimits};
 pub use messages::{EventSender, FromWorker, ToWorker, UnverifiedGauge};
 pub use metrics::{Turnaround, WorkerMetrics, WorkerSample, PUBLISH_INTERVAL, TURNAROUND_BUCKETS};
-pub use socket::{attach_reuseport_cpu, bind_listener, bind_relay, bind_stream_listener};
+pub use socket::{attach_reuseport_cpu, bind_listener, bind_relay, bind_stream_listener, local_addresses};
 pub use stream::tls::{TlsError, TlsServer, ALPN_STUN_TURN};
-pub use stream::{ConnectionCount, StreamCounters, StreamLimits, CLOSE_REASONS};
+pub use stream::{ConnectionCount, ConnectionSlot, StreamCounters, StreamLimits, CLOSE_REASONS};
 pub use sys::raise_fd_limit;
 pub use uring::probe as probe_uring;
 pub use worker::{spawn, FrozenWorker, IoBackend, Start, WorkerConfig, WorkerExit, WorkerHandle};

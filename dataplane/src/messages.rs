@@ -36,6 +36,9 @@ pub enum ToWorker {
         connection_id: u32,
         /// The signed ConnectionBind success response.
         response: Vec<u8>,
+        /// The `max-connections` slot the peer connection holds (given back if this message is
+        /// dropped).
+        slot: crate::stream::ConnectionSlot,
     },
     /// RFC 6062 §5.4: the ConnectionBind received on `five_tuple` failed: queue `response` (an
     /// error) and go on reading STUN messages on that connection.

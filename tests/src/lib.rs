@@ -135,7 +135,16 @@ impl Relay {
                 stream_args.extend(["--tls-cert".into(), files.cert.display().to_string()]);
                 stream_args.extend(["--tls-key".into(), files.key.display().to_string()]);
             }
-            let lo = 49152 + (rand::random::<u16>() % 15000);
+            // A relay port range clear of the listen ports (uturn refuses a TCP listener inside it).
+            let mut taken: Vec<u16> =
+                args.iter().filter_map(|a| a.parse::<SocketAddr>().ok()).map(|a| a.port()).collect();
+            taken.extend([Some(port), tls_addr.map(|t| t.port())].into_iter().flatten());
+            let lo = loop {
+                let lo = 49152 + (rand::random::<u16>() % 15000);
+                if !taken.iter().any(|p| (lo..=lo + 399).contains(p)) {
+                    break lo;
+                }
+            };
             let range = format!("{lo}-{}", lo + 399);
             // A config file that sets the port range keeps it (flags would override it).
             let range_args: Vec<&str> =

@@ -2,7 +2,8 @@
 //! connections, on both I/O backends: Connect and ConnectionAttempt, ConnectionBind on a new
 //! connection (whichever worker the kernel gives it to), bytes both ways as they are, the
 //! 446/447/400 errors, a peer without a permission closed at once, and every connection
-//! closed when the allocation's control connection closes (§5.5).
+//! closed when the allocation's control connection closes (§5.5); peer connections held to
+//! `max-connections`, and the relay's own services refused as peers.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -10,7 +11,11 @@ use std::time::{Duration, Instant};
 
 use uturn_bench::client::stream::StreamClient;
 use uturn_tests::uturn_proto::wire::{attr, Class, Message, Method};
-use uturn_tests::{Client, Relay, Response, TlsFiles};
+use uturn_tests::{uturn_cli, Client, Relay, Response, TlsFiles};
+
+/// The peers here listen on 127.0.0.1, the relay's own address: a TCP allocation reaches them
+/// only when `allow-peer` lists it (docs/security.md).
+const ALLOW_LOOPBACK: &str = "allow-peer = [\"127.0.0.1/32\"]\n";
 
 fn control(relay: &Relay, tls: bool) -> StreamClient {
     let addr = if tls { relay.tls.unwrap() } else { relay.tcp.unwrap() };
@@ -103,7 +108,7 @@ fn connection_attempt(c: &mut StreamClient) -> Option<(u32, SocketAddr)> {
 
 fn relays_both_ways(backend: &str, tls: bool) {
     let files = TlsFiles::generate();
-    let relay = Relay::start_streams(backend, "", &[], &files);
+    let relay = Relay::start_streams(backend, ALLOW_LOOPBACK, &[], &files);
     let peer = TcpListener::bind("127.0.0.1:0").unwrap();
     let peer_addr = peer.local_addr().unwrap();
     let (mut ctl, relayed) = tcp_allocation(&relay, tls);
@@ -208,7 +213,7 @@ fn relays_both_ways(backend: &str, tls: bool) {
 
 fn permission_and_policy(backend: &str) {
     let files = TlsFiles::generate();
-    let relay = Relay::start_streams(backend, "", &[], &files);
+    let relay = Relay::start_streams(backend, ALLOW_LOOPBACK, &[], &files);
     let (mut ctl, relayed) = tcp_allocation(&relay, false);
     // §5.3: no permission for the peer: closed at once, and the client hears nothing.
     let mut uninvited = TcpStream::connect(relayed).unwrap();
@@ -250,6 +255,127 @@ fn permission_and_policy(backend: &str) {
     let r = udp.unauthenticated(Method::CONNECTION_BIND, |w| w.bytes(attr::CONNECTION_ID, &[0, 0, 0, 1]).map(drop));
     assert_eq!(r.code(), Some(400), "ConnectionBind over UDP");
     assert!(!relay.log().contains("panicked"));
+}
+
+/// The ConnectionAttempts that arrive on `c` until none has for 1 s (at most 10 s).
+fn count_attempts(c: &mut StreamClient) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut quiet_since = Instant::now();
+    let mut n = 0;
+    while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_secs(1) {
+        let Ok(Some(m)) = c.recv(Duration::from_millis(100)) else { continue };
+        if Message::parse(&m).is_ok_and(|m| m.method() == Method::CONNECTION_ATTEMPT) {
+            n += 1;
+            quiet_since = Instant::now();
+        }
+    }
+    n
+}
+
+/// A new TCP client connection: true when the relay serves it (a Binding is answered), false
+/// when it was refused (closed at accept).
+fn client_admitted(relay: &Relay) -> bool {
+    let Ok(mut c) = StreamClient::connect(relay.tcp.unwrap(), false, "demo", "demo", "uturn.local") else {
+        return false;
+    };
+    let binding = uturn_tests::build(Method::BINDING, Class::Request, Default::default(), None, |_| Ok(()));
+    c.transact(&binding).is_ok()
+}
+
+/// Pending peer connections take `max-connections` slots (issue 21: 100 pending with a cap of
+/// 30, and new clients still admitted): with 30, a control connection and 29 peers fill the
+/// relay; the other 71 peers are closed at accept, a new client is refused, and the
+/// allocation's end frees the slots.
+fn pending_peers_count_against_max_connections(backend: &str) {
+    let files = TlsFiles::generate();
+    let relay = Relay::start_streams(backend, &format!("max-connections = 30\n{ALLOW_LOOPBACK}"), &[], &files);
+    let (mut ctl, relayed) = tcp_allocation(&relay, false);
+    let r = ctl
+        .transact_authenticated(Method::CREATE_PERMISSION, |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, &"127.0.0.1:1".parse().unwrap()).map(drop)
+        })
+        .unwrap();
+    assert_eq!(r.code(), None);
+    let mut peers: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(relayed).unwrap()).collect();
+    assert_eq!(count_attempts(&mut ctl), 29, "ConnectionAttempts past max-connections");
+    let closed = peers.iter_mut().map(|p| peer_closed_within(p, Duration::from_millis(150))).filter(|c| *c).count();
+    assert_eq!(closed, 71, "peer connections past the cap must be closed");
+    assert!(!client_admitted(&relay), "a new client was admitted past max-connections");
+    // The allocation ends: its pending connections close and give their slots back.
+    drop(ctl);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client_admitted(&relay) {
+        assert!(Instant::now() < deadline, "slots not given back after the allocation's end");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!relay.log().contains("panicked"));
+}
+
+#[test]
+fn uring_pending_peers_count_against_max_connections() {
+    pending_peers_count_against_max_connections("uring")
+}
+
+#[test]
+fn epoll_pending_peers_count_against_max_connections() {
+    pending_peers_count_against_max_connections("epoll")
+}
+
+/// RFC 8656 §21, issue 21: a TCP allocation cannot Connect to the relay's own services: its
+/// TLS listener, admin and metrics endpoints always (403), another TCP server on the relay's
+/// address unless `allow-peer` lists that address.
+#[test]
+fn connect_to_the_relays_own_services_is_403() {
+    let files = TlsFiles::generate();
+    let free = || TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (metrics, admin) = (free(), free());
+    let (m, a) = (metrics.to_string(), admin.to_string());
+    let args = ["--metrics-listen", m.as_str(), "--admin-listen", a.as_str()];
+    let relay = Relay::start_streams("epoll", ALLOW_LOOPBACK, &args, &files);
+    let local = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut ctl, _) = tcp_allocation(&relay, false);
+    for (what, addr) in
+        [("tcp://", relay.tcp.unwrap()), ("tls://", relay.tls.unwrap()), ("metrics", metrics), ("admin", admin)]
+    {
+        assert_eq!(connect(&mut ctl, addr).code(), Some(403), "Connect to the relay's own {what} listener {addr}");
+    }
+    assert_eq!(connect(&mut ctl, local.local_addr().unwrap()).code(), None, "allow-peer lists 127.0.0.1");
+    drop(relay);
+
+    // Without allow-peer, no port of the relay's own address.
+    let relay = Relay::start_streams("epoll", "", &[], &files);
+    let (mut ctl, _) = tcp_allocation(&relay, false);
+    let r = connect(&mut ctl, local.local_addr().unwrap());
+    assert_eq!(r.code(), Some(403), "Connect to another TCP server on the relay's address");
+    assert_eq!(connect(&mut ctl, relay.tls.unwrap()).code(), Some(403));
+}
+
+/// Issue 21: a `tcp://` listen port (or admin, metrics) inside `port-range` would let a TCP
+/// allocation's relayed address join the listeners' SO_REUSEPORT group: refused at start with a
+/// clear error, and on SIGHUP (the running configuration stays).
+#[test]
+fn a_listener_inside_the_relay_port_range_is_refused() {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (lo, hi) = (port.saturating_sub(10).max(1024), port.saturating_add(10));
+    let udp = format!("127.0.0.1:{}", uturn_tests::free_udp_port());
+    let tcp = format!("tcp://127.0.0.1:{port}");
+    let range = format!("{lo}-{hi}");
+    let (code, _, stderr) = uturn_cli(&["--listen", &udp, "--listen", &tcp, "--port-range", &range, "--user", "a:b"]);
+    assert_ne!(code, 0, "started with a tcp:// listener inside port-range");
+    assert!(stderr.contains(&format!("{tcp}: port {port} is inside port-range {range}")), "{stderr}");
+
+    // SIGHUP: a file that puts metrics-listen inside the range is refused.
+    let files = TlsFiles::generate();
+    let range = "61000-61099";
+    let relay = Relay::start_streams("epoll", &format!("port-range = \"{range}\"\n"), &[], &files);
+    std::fs::write(relay.config_path(), format!("port-range = \"{range}\"\nmetrics-listen = \"127.0.0.1:61050\"\n"))
+        .unwrap();
+    relay.signal("HUP");
+    let refused = "configuration not reloaded, the running one stays: metrics-listen: port 61050 is inside port-range";
+    assert!(relay.wait_log(refused, Duration::from_secs(5)), "{}", relay.log());
+    // Still serving, from the running configuration.
+    let (_ctl, relayed) = tcp_allocation(&relay, false);
+    assert!((61000..=61099).contains(&relayed.port()));
 }
 
 #[test]

@@ -39,10 +39,13 @@ fn start_peer() -> (Guard, u16) {
 fn uclient_over(backend: &str, transport: &str, mode_args: &[&str], messages: u64, clients: u64) {
     // turnutils_uclient picks channel numbers up to 0x7FFF (RFC 5766), see docs/rfc-compliance.md.
     let tls = TlsFiles::generate();
+    // With `-T` each client Connects to the others' relayed addresses, which are the relay's
+    // own: a TCP allocation reaches them only through allow-peer (docs/security.md).
+    let config = if mode_args.contains(&"-T") { "allow-peer = [\"127.0.0.1/32\"]\n" } else { "" };
     let relay = if transport == "udp" {
-        Relay::start(backend, "", &["--rfc5766-channels"])
+        Relay::start(backend, config, &["--rfc5766-channels"])
     } else {
-        Relay::start_streams(backend, "", &["--rfc5766-channels"], &tls)
+        Relay::start_streams(backend, config, &["--rfc5766-channels"], &tls)
     };
     let (port, transport_args): (u16, &[&str]) = match transport {
         "udp" => (relay.addr.port(), &[]),

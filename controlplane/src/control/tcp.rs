@@ -24,6 +24,10 @@ use crate::tcp_relay::{self, TcpCommand, TcpRelay};
 pub(super) struct TcpAllocations {
     relay: TcpRelay,
     ports: HashSet<SocketAddr>,
+    /// Ports of the `tcp://` and `tls://` listen addresses: never a relayed transport address,
+    /// whose SO_REUSEPORT would join the client listeners' group and take their connections
+    /// (the configuration refuses such a port range; this holds whatever the range).
+    listen_ports: HashSet<u16>,
 }
 
 /// True when DONT-FRAGMENT is the only unknown comprehension-required attribute of a TCP
@@ -34,9 +38,11 @@ pub(super) fn dont_fragment_only(msg: &Message<'_>) -> bool {
 }
 
 impl ControlPlane {
-    /// Serves TCP allocations through `relay` (without it, REQUESTED-TRANSPORT TCP earns 442).
-    pub fn set_tcp_relay(&mut self, relay: TcpRelay) {
-        self.tcp = Some(TcpAllocations { relay, ports: HashSet::new() });
+    /// Serves TCP allocations through `relay` (without it, REQUESTED-TRANSPORT TCP earns 442);
+    /// `listen_ports` are the ports of the client-facing TCP and TLS listeners, which a relayed
+    /// transport address never takes.
+    pub fn set_tcp_relay(&mut self, relay: TcpRelay, listen_ports: HashSet<u16>) {
+        self.tcp = Some(TcpAllocations { relay, ports: HashSet::new(), listen_ports });
     }
 
     /// A worker reported that data connection pair `connection_id` closed.
@@ -115,7 +121,7 @@ impl ControlPlane {
     /// turn, the worker's port slice first (as for UDP relay sockets).
     fn tcp_listener(&mut self, worker: usize, v6: bool) -> std::io::Result<Option<TcpListener>> {
         let Some(tcp) = self.tcp.as_ref() else { return Ok(None) };
-        let held = &tcp.ports;
+        let (held, listen_ports) = (&tcp.ports, &tcp.listen_ports);
         let ips: Vec<IpAddr> = self.policy.relay_ips.iter().copied().filter(|ip| ip.is_ipv6() == v6).collect();
         let first = self.next_relay_ip;
         self.next_relay_ip = self.next_relay_ip.wrapping_add(1);
@@ -125,7 +131,7 @@ impl ControlPlane {
             for k in 0..n {
                 let slice = &mut self.ports[(worker + k) % n];
                 let bound = slice.bind_with(ip, false, |addr| {
-                    if held.contains(&addr) {
+                    if held.contains(&addr) || listen_ports.contains(&addr.port()) {
                         return Err(std::io::ErrorKind::AddrInUse.into());
                     }
                     tcp_relay::bind_listener(addr)

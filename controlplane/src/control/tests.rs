@@ -15,7 +15,11 @@ fn policy() -> Policy {
         max_lifetime: Duration::from_secs(3600),
         user_quota: 2,
         total_quota: 0,
-        peers: PeerPolicy::new(&["127.0.0.1".parse().unwrap()], &[], &[], &[]),
+        peers: PeerPolicy::new(
+            &crate::policy::OwnAddresses { relay_ips: vec!["127.0.0.1".parse().unwrap()], ..Default::default() },
+            &[],
+            &[],
+        ),
         rfc5766_channels: false,
     }
 }
@@ -522,8 +526,10 @@ fn tcp_allocations_follow_rfc_6062_section_5_1() {
     // Without a TCP relay (no TCP or TLS listener): 442, as for any other transport.
     assert_eq!(code(&reply_bytes(tcp_allocate(&mut h, tcp_ft(1000), 1).0)), Some(442));
     let (tx, _rx) = crossbeam_channel::unbounded();
-    let relay = crate::tcp_relay::TcpRelay::spawn(tx, std::thread::current(), Duration::from_secs(300)).unwrap();
-    h.cp.set_tcp_relay(relay);
+    let limits = crate::tcp_relay::PeerLimits { connections: Default::default(), max_connections: 100, per_user: 100 };
+    let relay =
+        crate::tcp_relay::TcpRelay::spawn(tx, std::thread::current(), Duration::from_secs(300), limits).unwrap();
+    h.cp.set_tcp_relay(relay, Default::default());
     // Over UDP: 400.
     assert_eq!(code(&reply_bytes(tcp_allocate(&mut h, ft(1001), 3).0)), Some(400));
     // Over TCP: installed without a relay socket; the relayed address listens.

@@ -19,7 +19,7 @@ use uturn_proto::{FiveTuple, Transport};
 
 use super::{Io, WorkerCore};
 use crate::messages::{FromWorker, ToWorker};
-use crate::stream::{CloseReason, ConnId, Role};
+use crate::stream::{CloseReason, ConnId, ConnectionSlot, Role};
 
 /// Bytes a client connection may receive after its ConnectionBind before the answer comes;
 /// beyond that it is closed (a client that floods before it is bound).
@@ -57,8 +57,8 @@ impl WorkerCore {
     /// [`ToWorker::CloseData`].
     pub(super) fn data_command(&mut self, now: Instant, msg: ToWorker, io: &mut impl Io) {
         match msg {
-            ToWorker::BindData { five_tuple, peer, connection_id, response } => {
-                self.bind_data(now, five_tuple, peer, connection_id, &response, io)
+            ToWorker::BindData { five_tuple, peer, connection_id, response, slot } => {
+                self.bind_data(now, five_tuple, (peer, slot), connection_id, &response, io)
             }
             ToWorker::BindFailed { five_tuple, response } => {
                 let Some(id) = self.streams.lookup(&five_tuple) else { return };
@@ -84,7 +84,7 @@ impl WorkerCore {
         &mut self,
         now: Instant,
         five_tuple: FiveTuple,
-        peer: TcpStream,
+        (peer, slot): (TcpStream, ConnectionSlot),
         connection_id: u32,
         response: &[u8],
         io: &mut impl Io,
@@ -101,7 +101,7 @@ impl WorkerCore {
         };
         self.streams.queue(client, response);
         let peer_ft = FiveTuple { client: peer_addr, server: relayed, transport: Transport::Tcp };
-        let peer_id = self.streams.adopt_peer(now, peer, peer_ft);
+        let peer_id = self.streams.adopt_peer(now, peer, peer_ft, slot);
         if let Some(c) = self.streams.get_mut(client) {
             c.role = Role::ClientData { partner: peer_id, connection_id };
         }

@@ -69,6 +69,38 @@ impl ConnectionCount {
     pub fn get(&self) -> usize {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// Takes one slot of `max` (RFC 6062: for a peer connection the TCP relay accepts or
+    /// opens), or `None` when all `max` are taken. The slot is given back when dropped, or kept
+    /// by the worker that adopts the connection ([`ToWorker::BindData`](crate::ToWorker)).
+    pub fn try_reserve(&self, max: usize) -> Option<ConnectionSlot> {
+        if self.0.fetch_add(1, Ordering::Relaxed) >= max {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot(Some(self.0.clone())))
+    }
+}
+
+/// One connection counted in a [`ConnectionCount`] (`max-connections`): a peer data connection
+/// (RFC 6062) from the moment the TCP relay accepts or starts it. Dropping it gives the slot
+/// back; a worker that adopts the connection keeps it until the connection closes.
+#[derive(Debug)]
+pub struct ConnectionSlot(Option<Arc<AtomicUsize>>);
+
+impl ConnectionSlot {
+    /// The slot stays counted; the connection that holds it gives it back when it closes.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Some(count) = self.0.take() {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A connection's slot in its worker's slab plus a generation (completions of a closed
@@ -206,10 +238,18 @@ impl Streams {
     }
 
     /// Takes in a peer data connection (RFC 6062) that the control plane's TCP relay accepted
-    /// or connected: no per-source cap (the relay capped it per allocation), but it counts in
-    /// the total. Its role is set by the caller.
-    pub(crate) fn adopt_peer(&mut self, now: Instant, socket: std::net::TcpStream, five_tuple: FiveTuple) -> ConnId {
-        self.total.0.fetch_add(1, Ordering::Relaxed);
+    /// or connected, with the `max-connections` slot the relay took for it then: no per-source
+    /// cap (the relay capped it per allocation and per user), and the total does not grow (the
+    /// slot is already counted; the connection gives it back when it closes). Its role is set
+    /// by the caller.
+    pub(crate) fn adopt_peer(
+        &mut self,
+        now: Instant,
+        socket: std::net::TcpStream,
+        five_tuple: FiveTuple,
+        slot: ConnectionSlot,
+    ) -> ConnId {
+        slot.keep();
         self.insert(now, socket, five_tuple, None)
     }
 
