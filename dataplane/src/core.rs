@@ -124,6 +124,9 @@ impl Relay {
 pub(crate) enum ClientVerdict {
     /// Nothing to send.
     Done,
+    /// A request went to the control plane (which answers); `verified` when its
+    /// MESSAGE-INTEGRITY verified in the worker.
+    Forwarded { verified: bool },
     /// Send `reply()` bytes back to the client.
     Reply(usize),
     /// Send `datagram[payload]` from relay slot `relay` to `peer`.
@@ -238,8 +241,13 @@ impl WorkerCore {
                 let full = self.events.len() >= MAX_PENDING_EVENTS
                     || (!verified && self.events.unverified() >= MAX_PENDING_REQUESTS);
                 if full {
-                    // Never block the data plane on the control plane; the client retransmits.
+                    // Never block the data plane on the control plane; a UDP client retransmits,
+                    // one over TCP/TLS does not and hears 508 instead.
                     self.control_queue_full += 1;
+                    if let Some(n) = crate::stream::refusal(&mut self.reply, five_tuple, datagram) {
+                        self.streams.counters.refusals += 1;
+                        return ClientVerdict::Reply(n);
+                    }
                 } else {
                     let req = FromWorker::Request {
                         worker: self.index,
@@ -249,6 +257,7 @@ impl WorkerCore {
                         received: now,
                     };
                     let _ = self.events.send(req);
+                    return ClientVerdict::Forwarded { verified };
                 }
                 ClientVerdict::Done
             }
@@ -313,6 +322,7 @@ impl WorkerCore {
                     let partial = !inbuf.is_empty() && c.role == Role::Framed;
                     c.partial_since = if partial { c.partial_since.or(Some(now)) } else { None };
                     c.inbuf = inbuf;
+                    c.shrink_buffers();
                 }
             }
             Err(reason) => self.close_connection(now, id, reason, io),
@@ -332,18 +342,24 @@ impl WorkerCore {
         let mut at = 0;
         while let Some(r) = Connection::next_message(buf, &mut at)? {
             if let Some(c) = self.streams.get_mut(id) {
-                c.last_message = now;
                 c.partial_since = None;
             }
             let message = &buf[r];
             match self.on_message(now, ft, message) {
-                ClientVerdict::Done if is_connection_bind(message) => {
+                ClientVerdict::Forwarded { .. } if is_connection_bind(message) => {
                     // RFC 6062 §5.4: what follows a ConnectionBind is the data connection's
-                    // data, kept as it is until the control plane answers.
+                    // data, kept as it is until the control plane answers (only one that went
+                    // there: a refused or dropped one leaves the connection framed).
                     if let Some(c) = self.streams.get_mut(id) {
                         c.role = Role::Binding;
                     }
                     return Ok(at);
+                }
+                // Only traffic that proves the connection in use restarts its idle timer.
+                ClientVerdict::Forwarded { verified } => {
+                    if verified {
+                        self.streams.mark_used(id, now);
+                    }
                 }
                 ClientVerdict::Done => {}
                 ClientVerdict::Reply(n) => {
@@ -351,6 +367,7 @@ impl WorkerCore {
                     self.streams.queue(id, reply);
                 }
                 ClientVerdict::ToPeer { relay, peer, payload } => {
+                    self.streams.mark_used(id, now);
                     if let Some(Some(r)) = self.relays.get(relay) {
                         let (socket, additional) = r.socket_for(&peer);
                         if additional {
@@ -556,6 +573,9 @@ impl WorkerCore {
                     }
                     Some(ClientPath::Stream(conn)) => {
                         let reply = &self.reply[..out.reply_len];
+                        if crate::stream::is_success(reply) {
+                            self.streams.mark_used(conn, now);
+                        }
                         self.streams.queue(conn, reply);
                     }
                     None => {}

@@ -16,7 +16,7 @@ use crate::stream::{StreamCounters, CLOSE_REASONS};
 
 /// Stream values published: open, accepted, refused, queue drops, data bytes, then one per
 /// close reason.
-const STREAM_VALUES: usize = 5 + CLOSE_REASONS.len();
+const STREAM_VALUES: usize = 8 + CLOSE_REASONS.len();
 
 /// How often a busy worker publishes its counters. An idle worker publishes when it wakes,
 /// at least once a second.
@@ -78,8 +78,10 @@ impl WorkerMetrics {
         self.channels.store(sample.channels, Ordering::Relaxed);
         self.control_queue_full.store(sample.control_queue_full, Ordering::Relaxed);
         let st = &sample.streams;
-        let values =
-            [sample.connections, st.accepted, st.refused, st.queue_drops, st.data_bytes].into_iter().chain(st.closed);
+        let values = [sample.connections, st.accepted, st.refused, st.queue_drops, st.data_bytes]
+            .into_iter()
+            .chain(st.closed)
+            .chain([st.rate_limited, st.accept_deferred, st.refusals]);
         for (a, v) in self.streams.iter().zip(values) {
             a.store(v, Ordering::Relaxed);
         }
@@ -101,6 +103,9 @@ impl WorkerMetrics {
                 queue_drops: self.streams[3].load(Ordering::Relaxed),
                 data_bytes: self.streams[4].load(Ordering::Relaxed),
                 closed: std::array::from_fn(|i| self.streams[5 + i].load(Ordering::Relaxed)),
+                rate_limited: self.streams[5 + CLOSE_REASONS.len()].load(Ordering::Relaxed),
+                accept_deferred: self.streams[6 + CLOSE_REASONS.len()].load(Ordering::Relaxed),
+                refusals: self.streams[7 + CLOSE_REASONS.len()].load(Ordering::Relaxed),
             },
         }
     }
