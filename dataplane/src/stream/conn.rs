@@ -160,7 +160,9 @@ impl Connection {
     /// messages (a 64 KiB frame would otherwise pin ~100 KiB per connection for its life).
     pub(crate) fn shrink_buffers(&mut self) {
         for b in [&mut self.inbuf, &mut self.out] {
-            if b.capacity() > KEEP_BUFFER && b.len() <= KEEP_BUFFER {
+            if b.capacity() > KEEP_BUFFER && b.is_empty() {
+                *b = Vec::new();
+            } else if b.capacity() > KEEP_BUFFER && b.len() <= KEEP_BUFFER {
                 b.shrink_to(KEEP_BUFFER);
             }
         }

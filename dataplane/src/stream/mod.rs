@@ -43,9 +43,10 @@ pub struct StreamLimits {
     /// shared by the workers ([`ConnectionCount`]); sources whose keys share a slot share the
     /// count, which only makes the cap stricter.
     pub max_per_source: usize,
-    /// New connections per second (and burst) from one source, per worker, keyed like
-    /// `max_per_source`; beyond it a connection is closed at accept, before any TLS handshake.
-    /// 0 disables it.
+    /// New connections per second (and burst) from one source, keyed like `max_per_source`;
+    /// each worker enforces its share ([`per_worker`](Self::per_worker), as the request budget
+    /// is shared). Beyond it a connection is closed at accept, before any TLS handshake (whose
+    /// CPU cost it bounds). 0 disables it.
     pub connection_rate: u32,
     /// Longest a TLS handshake may take, from accept.
     pub handshake_timeout: Duration,
@@ -60,12 +61,21 @@ pub struct StreamLimits {
     pub stall_timeout: Duration,
 }
 
+impl StreamLimits {
+    /// The limits one of `workers` workers applies: its share of `connection_rate`
+    /// (rounded up); the rest are relay-wide.
+    pub fn per_worker(&self, workers: usize) -> StreamLimits {
+        let connection_rate = self.connection_rate.div_ceil(workers.max(1) as u32);
+        StreamLimits { connection_rate, ..self.clone() }
+    }
+}
+
 impl Default for StreamLimits {
     fn default() -> Self {
         StreamLimits {
             max_connections: 10_000,
             max_per_source: 64,
-            connection_rate: 50,
+            connection_rate: 100,
             handshake_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
