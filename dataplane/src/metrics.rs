@@ -131,6 +131,9 @@ mod tests {
                 queue_drops: 6,
                 data_bytes: 11,
                 closed: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+                rate_limited: 12,
+                accept_deferred: 13,
+                refusals: 14,
             },
         };
         m.publish(&s);

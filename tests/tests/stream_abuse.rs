@@ -37,9 +37,7 @@ fn still_open(s: &TcpStream, wait: Duration) -> bool {
         match (&*s).read(&mut buf) {
             Ok(0) => return false,
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return true
-            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return true,
             Err(_) => return false,
         }
     }
@@ -131,9 +129,15 @@ fn one_host_cannot_hold_every_connection_slot() {
         flood.retain(|s| still_open(s, Duration::from_millis(50)));
         assert_eq!(flood.len(), 8, "{backend}: 4 per host across both workers, {} held", flood.len());
         // A legitimate client from a third host is admitted and keeps its allocation.
-        let mut good =
-            StreamClient::connect_from(SocketAddr::new(ip("127.0.0.3"), 0), server, false, "demo", "demo", "uturn.local")
-                .expect("connect");
+        let mut good = StreamClient::connect_from(
+            SocketAddr::new(ip("127.0.0.3"), 0),
+            server,
+            false,
+            "demo",
+            "demo",
+            "uturn.local",
+        )
+        .expect("connect");
         good.allocate().unwrap_or_else(|e| panic!("{backend}: the legitimate client was refused: {e}"));
         let indication = build(Method::BINDING, Class::Indication, TransactionId([1; 12]), None, |_| Ok(()));
         let started = Instant::now();
@@ -210,9 +214,15 @@ fn new_connections_are_charged_to_a_per_source_rate() {
         let open = burst.iter().filter(|s| still_open(s, Duration::from_millis(50))).count();
         assert!((2..=6).contains(&open), "{backend}: {open} of 30 connections from one source kept");
         // Another source still gets its TLS session.
-        let mut other =
-            StreamClient::connect_from(SocketAddr::new(ip("127.0.0.2"), 0), server, true, "demo", "demo", "uturn.local")
-                .expect("another source's TLS handshake");
+        let mut other = StreamClient::connect_from(
+            SocketAddr::new(ip("127.0.0.2"), 0),
+            server,
+            true,
+            "demo",
+            "demo",
+            "uturn.local",
+        )
+        .expect("another source's TLS handshake");
         assert!(other.transact(&request(Method::BINDING)).is_ok());
         std::thread::sleep(Duration::from_millis(1200));
         let text = scrape(m_addr);

@@ -131,7 +131,14 @@ impl StreamClient {
         Self::over(tcp, server, tls, user, password, realm)
     }
 
-    fn over(tcp: TcpStream, server: SocketAddr, tls: bool, user: &str, password: &str, realm: &str) -> io::Result<Self> {
+    fn over(
+        tcp: TcpStream,
+        server: SocketAddr,
+        tls: bool,
+        user: &str,
+        password: &str,
+        realm: &str,
+    ) -> io::Result<Self> {
         tcp.set_nodelay(true)?;
         tcp.set_read_timeout(Some(Duration::from_millis(500)))?;
         let creds = Client::new(server, user, password, realm);

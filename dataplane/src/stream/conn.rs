@@ -328,3 +328,34 @@ impl Connection {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_shrink_back_after_a_large_frame() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let ft = FiveTuple {
+            client: s.local_addr().unwrap(),
+            server: l.local_addr().unwrap(),
+            transport: uturn_proto::Transport::Tcp,
+        };
+        let mut c = Connection::new(s, ft, 0, None, Instant::now());
+        c.inbuf.extend_from_slice(&[0u8; 65_540]);
+        c.inbuf.drain(..65_000);
+        c.shrink_buffers();
+        assert!(c.inbuf.capacity() <= KEEP_BUFFER && c.inbuf.len() == 540, "{}", c.inbuf.capacity());
+        c.inbuf.clear();
+        c.inbuf.reserve(100_000);
+        c.shrink_buffers();
+        assert_eq!(c.inbuf.capacity(), 0, "an empty large buffer is given back whole");
+        c.out.extend_from_slice(&[1u8; 70_000]);
+        c.shrink_buffers();
+        assert_eq!(c.out.len(), 70_000, "bytes still waiting are kept");
+        c.out.clear();
+        c.shrink_buffers();
+        assert_eq!(c.out.capacity(), 0);
+    }
+}

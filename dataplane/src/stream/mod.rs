@@ -526,3 +526,80 @@ impl Streams {
         due
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_counted_per_source_across_workers_and_ipv6_by_its_64() {
+        let shared = ConnectionCount::default();
+        let (a, b) = (shared.clone(), shared.clone());
+        // Two workers, one IPv6 /64 rotating its addresses: one count.
+        let in_64 = |i: u16| IpAddr::from([0x2001, 0xdb8, 7, 9, i, 0xbeef, i, 1]);
+        let admitted = (0..20u16)
+            .filter(|i| if i % 2 == 0 { a.try_add_source(in_64(*i), 4) } else { b.try_add_source(in_64(*i), 4) })
+            .count();
+        assert_eq!(admitted, 4);
+        assert_eq!(shared.from_source(in_64(99)), 4);
+        // IPv4-mapped is the IPv4 source; another /64 has its own count (one of three other
+        // prefixes at least: a slot collision only makes the cap stricter).
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(a.try_add_source(v4, 1));
+        assert!(!b.try_add_source("::ffff:192.0.2.1".parse().unwrap(), 1));
+        let others =
+            (1..4u16).filter(|p| a.try_add_source(IpAddr::from([0x2001, 0xdb8, 7, 9 + p, 0, 0, 0, 1]), 4)).count();
+        assert!(others >= 2, "{others}");
+        // Closing frees the place, from either worker.
+        b.remove_source(in_64(1000));
+        assert!(a.try_add_source(in_64(5), 4));
+        a.remove_source(v4);
+        assert_eq!(shared.from_source(v4), 0);
+        a.remove_source(v4);
+        assert_eq!(shared.from_source(v4), 0, "never below zero");
+    }
+
+    #[test]
+    fn accept_backoff_doubles_to_its_cap_and_resets() {
+        let t0 = Instant::now();
+        let mut b = AcceptBackoff::default();
+        assert_eq!(b.wait(t0), Duration::MAX);
+        assert!(b.defer(1, t0).is_some(), "the first one is logged");
+        assert_eq!(b.wait(t0), ACCEPT_BACKOFF_MIN);
+        assert!(b.deferred(1) && !b.deferred(0));
+        assert!(b.take_due(t0).is_empty());
+        assert_eq!(b.take_due(t0 + ACCEPT_BACKOFF_MIN), vec![1]);
+        let mut delays = Vec::new();
+        for _ in 0..10 {
+            assert!(b.defer(1, t0).is_none(), "one warning per 10 s");
+            delays.push(b.wait(t0));
+        }
+        assert_eq!(delays[0], ACCEPT_BACKOFF_MIN * 2);
+        assert_eq!(*delays.last().unwrap(), ACCEPT_BACKOFF_MAX);
+        b.succeeded();
+        b.take_due(t0 + ACCEPT_BACKOFF_MAX);
+        b.defer(1, t0);
+        assert_eq!(b.wait(t0), ACCEPT_BACKOFF_MIN);
+    }
+
+    #[test]
+    fn streams_are_refused_with_508_and_udp_is_not() {
+        use uturn_proto::wire::{MessageWriter, Method, TransactionId};
+        let mut req = [0u8; 64];
+        let n =
+            MessageWriter::new(&mut req, Method::ALLOCATE, Class::Request, TransactionId([3; 12])).unwrap().finish();
+        let ft = |transport| FiveTuple {
+            client: "192.0.2.1:5000".parse().unwrap(),
+            server: "192.0.2.2:3478".parse().unwrap(),
+            transport,
+        };
+        let mut out = [0u8; 512];
+        assert_eq!(refusal(&mut out, &ft(Transport::Udp), &req[..n]), None);
+        let len = refusal(&mut out, &ft(Transport::Tls), &req[..n]).expect("a 508");
+        let m = Message::parse(&out[..len]).unwrap();
+        assert_eq!((m.class(), m.transaction_id()), (Class::Error, TransactionId([3; 12])));
+        let code = m.get(uturn_proto::wire::attr::ERROR_CODE).unwrap();
+        assert_eq!(code[2] as u16 * 100 + code[3] as u16, 508);
+        assert!(!is_success(&out[..len]));
+    }
+}
