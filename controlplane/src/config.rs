@@ -129,6 +129,7 @@ pub struct FileConfig {
     external_ip: Option<OneOrMany>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
+    connections_per_second_per_ip: Option<u32>,
     tls_handshake_timeout: Option<u64>,
     stream_frame_timeout: Option<u64>,
     stream_idle_timeout: Option<u64>,
@@ -345,6 +346,7 @@ impl Config {
         let stream_limits = StreamLimits {
             max_connections: f.max_connections.unwrap_or(d.max_connections),
             max_per_source: f.max_connections_per_ip.unwrap_or(d.max_per_source),
+            connection_rate: f.connections_per_second_per_ip.unwrap_or(d.connection_rate),
             handshake_timeout: f.tls_handshake_timeout.map_or(d.handshake_timeout, Duration::from_secs),
             frame_timeout: f.stream_frame_timeout.map_or(d.frame_timeout, Duration::from_secs),
             idle_timeout: f.stream_idle_timeout.map_or(d.idle_timeout, Duration::from_secs),
@@ -589,7 +591,7 @@ impl Config {
             // The certificate files at these paths are re-read on SIGHUP; the paths are not.
             ("tls-cert / tls-key paths", self.tls_cert != new.tls_cert || self.tls_key != new.tls_key),
             (
-                "max-connections, max-connections-per-ip, tls-handshake-timeout, stream-*",
+                "max-connections, max-connections-per-ip, connections-per-second-per-ip, tls-handshake-timeout, stream-*",
                 format!("{:?}", self.stream_limits) != format!("{:?}", new.stream_limits),
             ),
             ("realm", self.credentials.realm != new.credentials.realm),

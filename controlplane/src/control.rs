@@ -136,6 +136,9 @@ pub struct ControlStats {
     /// Requests dropped because the parking table or the lookup queue was full, or their
     /// lookup took longer than 5 s.
     pub parked_dropped: u64,
+    /// Requests over TCP/TLS answered 508 because their store lookup could not be queued or
+    /// parked, or did not end in time (over UDP those are dropped: the client retransmits).
+    pub busy_refusals: u64,
 }
 
 /// The control plane's state. Single-threaded: one control thread owns it.
@@ -162,6 +165,10 @@ pub struct ControlPlane {
     /// TCP allocations (RFC 6062), when a TCP relay runs: without one, REQUESTED-TRANSPORT TCP
     /// earns 442.
     tcp: Option<tcp::TcpAllocations>,
+    /// Allocates refused because every relay port was taken (a rate-limited log).
+    ports_exhausted: refusals::RefusalLog,
+    /// Allocates refused because no relay socket could be had (out of descriptors or memory).
+    bind_refusals: refusals::RefusalLog,
     /// Counters.
     pub stats: ControlStats,
     /// What the metrics endpoint shows.
@@ -193,6 +200,10 @@ impl ControlPlane {
             next_relay_ip: 0,
             draining: None,
             tcp: None,
+            ports_exhausted: refusals::RefusalLog::new("Allocates refused: relay ports exhausted (508)"),
+            bind_refusals: refusals::RefusalLog::new(
+                "Allocates refused: no relay socket, out of descriptors or memory (508)",
+            ),
             stats: ControlStats::default(),
             metrics: Arc::new(ControlMetrics::default()),
         }
@@ -368,12 +379,14 @@ impl ControlPlane {
             }
             Auth::Reply(bytes) => return Some(reply(ft, bytes)),
             Auth::Pending(lookup) => {
-                self.park(now, lookup, worker, ft, bytes, received);
-                return None;
+                if self.park(now, lookup, worker, ft, bytes, received) {
+                    return None;
+                }
+                return self.refuse_busy(ft, &msg);
             }
             Auth::Drop => {
                 self.stats.parked_dropped += 1;
-                return None;
+                return self.refuse_busy(ft, &msg);
             }
         };
         let cap = self.credential_cap(expires_unix);
@@ -595,7 +608,8 @@ impl ControlPlane {
     }
 
     /// The answer to an Allocate whose relayed transport address could not be bound: 508 when
-    /// every port is taken (`error` is `None`), 500 when binding failed otherwise.
+    /// every port is taken (`error` is `None`) or the process is out of descriptors or memory
+    /// (both logged as rate-limited summaries), 500 when binding failed otherwise.
     fn not_bound(
         &mut self,
         worker: usize,
@@ -604,9 +618,15 @@ impl ControlPlane {
         key: &IntegrityKey,
         error: Option<std::io::Error>,
     ) -> ToWorker {
+        let now = Instant::now();
         let code = match error {
             None => {
-                warn!(worker, "relay ports exhausted");
+                self.ports_exhausted.record(now, worker, || "every relay port is taken".into());
+                ErrorCode::InsufficientCapacity
+            }
+            // RFC 8656 §7.2: a capacity limit is 508 (the client tries another server).
+            Some(e) if refusals::is_capacity_error(&e) => {
+                self.bind_refusals.record(now, worker, || e.to_string());
                 ErrorCode::InsufficientCapacity
             }
             Some(e) => {
@@ -840,6 +860,7 @@ fn reply(five_tuple: FiveTuple, bytes: Vec<u8>) -> ToWorker {
 }
 
 mod auth;
+mod refusals;
 mod relay_ports;
 mod tcp;
 #[cfg(test)]

@@ -308,6 +308,27 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
     );
     family(
         &mut out,
+        "connections_rate_limited_total",
+        "counter",
+        "Connections refused at accept because their source (IPv4 address, IPv6 /64) opened more per second than connections-per-second-per-ip (also in connections_refused_total).",
+        per_worker(&|s| s.streams.rate_limited),
+    );
+    family(
+        &mut out,
+        "accepts_deferred_total",
+        "counter",
+        "Accepts of TCP/TLS connections put off because the process was out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), each retried after a backoff.",
+        per_worker(&|s| s.streams.accept_deferred),
+    );
+    family(
+        &mut out,
+        "stream_requests_refused_total",
+        "counter",
+        "Requests over TCP/TLS answered 508 instead of dropped because this worker's queue to the control plane was full.",
+        per_worker(&|s| s.streams.refusals),
+    );
+    family(
+        &mut out,
         "connections_closed_total",
         "counter",
         "Client connections closed, by reason.",

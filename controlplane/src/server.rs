@@ -257,7 +257,8 @@ impl<'a> Server<'a> {
                 core: if cores.is_empty() { None } else { Some(cores[index % cores.len()]) },
                 listen: config.udp_listen(),
                 stream_listen: config.stream_listen(),
-                stream_limits: config.stream_limits.clone(),
+                // Like the request budget: each worker takes its share of the per-source rate.
+                stream_limits: config.stream_limits.per_worker(config.workers),
                 tls: tls.clone(),
                 connections: connections.clone(),
                 backend,

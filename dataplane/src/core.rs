@@ -125,6 +125,9 @@ impl Relay {
 pub(crate) enum ClientVerdict {
     /// Nothing to send.
     Done,
+    /// A request went to the control plane (which answers); `verified` when its
+    /// MESSAGE-INTEGRITY verified in the worker.
+    Forwarded { verified: bool },
     /// Send `reply()` bytes back to the client.
     Reply(usize),
     /// Send `datagram[payload]` from relay slot `relay` to `peer`.
@@ -255,8 +258,13 @@ impl WorkerCore {
                 let full = self.events.len() >= MAX_PENDING_EVENTS
                     || (!verified && self.events.unverified() >= MAX_PENDING_REQUESTS);
                 if full {
-                    // Never block the data plane on the control plane; the client retransmits.
+                    // Never block the data plane on the control plane; a UDP client retransmits,
+                    // one over TCP/TLS does not and hears 508 instead.
                     self.control_queue_full += 1;
+                    if let Some(n) = crate::stream::refusal(&mut self.reply, five_tuple, datagram) {
+                        self.streams.counters.refusals += 1;
+                        return ClientVerdict::Reply(n);
+                    }
                 } else {
                     let req = FromWorker::Request {
                         worker: self.index,
@@ -270,6 +278,7 @@ impl WorkerCore {
                             self.holds.begin(*five_tuple, tid, now);
                         }
                     }
+                    return ClientVerdict::Forwarded { verified };
                 }
                 ClientVerdict::Done
             }
@@ -334,6 +343,7 @@ impl WorkerCore {
                     let partial = !inbuf.is_empty() && c.role == Role::Framed;
                     c.partial_since = if partial { c.partial_since.or(Some(now)) } else { None };
                     c.inbuf = inbuf;
+                    c.shrink_buffers();
                 }
             }
             Err(reason) => self.close_connection(now, id, reason, io),
@@ -353,25 +363,34 @@ impl WorkerCore {
         let mut at = 0;
         while let Some(r) = Connection::next_message(buf, &mut at)? {
             if let Some(c) = self.streams.get_mut(id) {
-                c.last_message = now;
                 c.partial_since = None;
             }
             let message = &buf[r];
             match self.on_message(now, ft, message) {
-                ClientVerdict::Done if is_connection_bind(message) => {
+                ClientVerdict::Forwarded { .. } if is_connection_bind(message) => {
                     // RFC 6062 §5.4: what follows a ConnectionBind is the data connection's
-                    // data, kept as it is until the control plane answers.
+                    // data, kept as it is until the control plane answers (only one that went
+                    // there: a refused or dropped one leaves the connection framed).
                     if let Some(c) = self.streams.get_mut(id) {
                         c.role = Role::Binding;
                     }
                     return Ok(at);
+                }
+                // Only traffic that proves the connection in use restarts its idle timer.
+                ClientVerdict::Forwarded { verified } => {
+                    if verified {
+                        self.streams.mark_used(id, now);
+                    }
                 }
                 ClientVerdict::Done => {}
                 ClientVerdict::Reply(n) => {
                     let reply = &self.reply[..n];
                     self.streams.queue(id, reply);
                 }
-                ClientVerdict::ToPeer { relay, peer, payload } => self.send_to_peer(relay, peer, &message[payload], io),
+                ClientVerdict::ToPeer { relay, peer, payload } => {
+                    self.streams.mark_used(id, now);
+                    self.send_to_peer(relay, peer, &message[payload], io)
+                }
             }
         }
         if at < buf.len() && wire::classify(&buf[at..]) == DatagramKind::Other {
@@ -410,7 +429,22 @@ impl WorkerCore {
     /// among them that goes to the control plane holds the rest again.
     fn release_hold(&mut self, now: Instant, ft: &FiveTuple, io: &mut impl Io) {
         for datagram in self.holds.release(ft) {
+            let conn = match self.path_of(ft) {
+                Some(ClientPath::Stream(conn)) => Some(conn),
+                _ => None,
+            };
             match self.on_message(now, ft, &datagram) {
+                ClientVerdict::Forwarded { verified } => match conn {
+                    // As in `take_messages`: a ConnectionBind that went to the control plane
+                    // makes its connection a data connection in waiting.
+                    Some(conn) if is_connection_bind(&datagram) => {
+                        if let Some(c) = self.streams.get_mut(conn) {
+                            c.role = Role::Binding;
+                        }
+                    }
+                    Some(conn) if verified => self.streams.mark_used(conn, now),
+                    _ => {}
+                },
                 ClientVerdict::Done => {}
                 ClientVerdict::Reply(n) => match self.path_of(ft) {
                     Some(ClientPath::Datagram(listener)) => io.send_reply(listener, ft.client, &self.reply[..n]),
@@ -421,6 +455,9 @@ impl WorkerCore {
                     None => {}
                 },
                 ClientVerdict::ToPeer { relay, peer, payload } => {
+                    if let Some(conn) = conn {
+                        self.streams.mark_used(conn, now);
+                    }
                     self.send_to_peer(relay, peer, &datagram[payload], io)
                 }
             }
@@ -631,6 +668,9 @@ impl WorkerCore {
                     }
                     Some(ClientPath::Stream(conn)) => {
                         let reply = &self.reply[..out.reply_len];
+                        if crate::stream::is_success(reply) {
+                            self.streams.mark_used(conn, now);
+                        }
                         self.streams.queue(conn, reply);
                     }
                     None => {}

@@ -11,7 +11,7 @@ use mio::{Events, Interest, Poll, Token};
 use uturn_proto::relay::{AllocationId, PEER_HEADROOM, PEER_TAILROOM};
 
 use crate::core::{ClientVerdict, Io, PeerVerdict, WorkerCore};
-use crate::stream::{CloseReason, ConnId};
+use crate::stream::{AcceptBackoff, CloseReason, ConnId};
 use crate::sys::Waker;
 use crate::worker::Stop;
 
@@ -115,7 +115,8 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
             .poll_timeout()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(1))
-            .min(core.longest_sleep());
+            .min(core.longest_sleep())
+            .min(core.streams.accept_backoff.wait(Instant::now()));
         // Commands queued after this check find the flag set and write the eventfd.
         waker.sleeping(true);
         let timeout = if core.commands_pending() || !io.resumed.is_empty() { Duration::ZERO } else { timeout };
@@ -155,6 +156,10 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
         flush_streams(&mut core, &mut io, now);
         core.drain_commands(now, &mut io);
         core.expire(now, &mut io);
+        // Accepts put off for want of descriptors: the backlog gives no new readiness edge.
+        for i in core.streams.accept_backoff.take_due(now) {
+            accept_all(&mut core, &mut io, &stream_listeners, i, now);
+        }
         flush_streams(&mut core, &mut io, now);
         // Bounded: a pair that pauses again waits for the next turn of the loop.
         for _ in 0..4 {
@@ -204,7 +209,7 @@ fn drain_listener(core: &mut WorkerCore, io: &mut EpollIo, listener: usize, buf:
             Err(()) => return,
         };
         match core.on_client(now, listener, from, &buf[..n]) {
-            ClientVerdict::Done => {}
+            ClientVerdict::Done | ClientVerdict::Forwarded { .. } => {}
             ClientVerdict::Reply(len) => {
                 let _ = io.listeners[listener].send_to(core.reply(len), from);
             }
@@ -253,7 +258,17 @@ fn accept_all(core: &mut WorkerCore, io: &mut EpollIo, listeners: &[TcpListener]
     let Some(listener) = listeners.get(i) else { return };
     let mut errors = 0;
     loop {
-        let socket = match received(listener.accept(), &mut errors) {
+        if core.streams.accept_backoff.deferred(i) {
+            // Out of descriptors a moment ago: the retry timer accepts again.
+            return;
+        }
+        let accepted = listener.accept();
+        if let Err(errno) = accepted.as_ref().map_err(|e| e.raw_os_error().unwrap_or(0)) {
+            if AcceptBackoff::is_resource_error(errno) {
+                return core.streams.defer_accept(core.index, i, now, errno);
+            }
+        }
+        let socket = match received(accepted, &mut errors) {
             Ok(Some((s, _))) => s,
             Ok(None) => continue,
             Err(()) => return,

@@ -17,7 +17,7 @@ use crate::stream::{StreamCounters, CLOSE_REASONS};
 
 /// Stream values published: open, accepted, refused, queue drops, data bytes, then one per
 /// close reason.
-const STREAM_VALUES: usize = 5 + CLOSE_REASONS.len();
+const STREAM_VALUES: usize = 8 + CLOSE_REASONS.len();
 
 /// How often a busy worker publishes its counters. An idle worker publishes when it wakes,
 /// at least once a second.
@@ -129,8 +129,10 @@ impl WorkerMetrics {
         self.channels.store(sample.channels, Ordering::Relaxed);
         self.control_queue_full.store(sample.control_queue_full, Ordering::Relaxed);
         let st = &sample.streams;
-        let values =
-            [sample.connections, st.accepted, st.refused, st.queue_drops, st.data_bytes].into_iter().chain(st.closed);
+        let values = [sample.connections, st.accepted, st.refused, st.queue_drops, st.data_bytes]
+            .into_iter()
+            .chain(st.closed)
+            .chain([st.rate_limited, st.accept_deferred, st.refusals]);
         for (a, v) in self.streams.iter().zip(values) {
             a.store(v, Ordering::Relaxed);
         }
@@ -160,6 +162,9 @@ impl WorkerMetrics {
                 queue_drops: self.streams[3].load(Ordering::Relaxed),
                 data_bytes: self.streams[4].load(Ordering::Relaxed),
                 closed: std::array::from_fn(|i| self.streams[5 + i].load(Ordering::Relaxed)),
+                rate_limited: self.streams[5 + CLOSE_REASONS.len()].load(Ordering::Relaxed),
+                accept_deferred: self.streams[6 + CLOSE_REASONS.len()].load(Ordering::Relaxed),
+                refusals: self.streams[7 + CLOSE_REASONS.len()].load(Ordering::Relaxed),
             },
             holds: HoldCounters {
                 held: self.holds[0].load(Ordering::Relaxed),
@@ -198,6 +203,9 @@ mod tests {
                 queue_drops: 6,
                 data_bytes: 11,
                 closed: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+                rate_limited: 12,
+                accept_deferred: 13,
+                refusals: 14,
             },
             holds: HoldCounters { held: 3, dropped: 2, expired: 1 },
             turnaround: {

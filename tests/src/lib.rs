@@ -106,6 +106,18 @@ impl Relay {
         Self::start_bin(&uturn_bin(), backend, config, args, &[], Some(tls))
     }
 
+    /// [`start_streams`](Self::start_streams) running the program at `bin` (e.g. a wrapper
+    /// that sets a resource limit, then execs [`uturn_bin`]).
+    pub fn start_streams_from(
+        bin: &std::path::Path,
+        backend: &str,
+        config: &str,
+        args: &[&str],
+        tls: &TlsFiles,
+    ) -> Relay {
+        Self::start_bin(bin, backend, config, args, &[], Some(tls))
+    }
+
     fn start_bin(
         bin: &std::path::Path,
         backend: &str,

@@ -36,7 +36,8 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
-    let cfg = PipelineRun { server: a.server, user: a.user, password: a.password, pairs: a.pairs, requests: a.requests };
+    let cfg =
+        PipelineRun { server: a.server, user: a.user, password: a.password, pairs: a.pairs, requests: a.requests };
     match run(&cfg) {
         Ok(r) if a.json => {
             let mut v = serde_json::to_value(&r).expect("a report serializes");

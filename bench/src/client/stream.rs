@@ -92,6 +92,14 @@ impl ServerCertVerifier for AcceptAny {
     }
 }
 
+/// A TCP connection to `server` from local address `from` (bound before it connects), within 5 s.
+pub fn tcp_from(from: SocketAddr, server: SocketAddr) -> io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(server), socket2::Type::STREAM, None)?;
+    s.bind(&from.into())?;
+    s.connect_timeout(&server.into(), Duration::from_secs(5))?;
+    Ok(s.into())
+}
+
 /// A TURN client on one TCP or TLS connection.
 pub struct StreamClient {
     conn: Conn,
@@ -106,6 +114,31 @@ impl StreamClient {
     /// Connects to `server` over TCP, or over TLS with ALPN `stun.turn` when `tls`, within 5 s.
     pub fn connect(server: SocketAddr, tls: bool, user: &str, password: &str, realm: &str) -> io::Result<Self> {
         let tcp = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+        Self::over(tcp, server, tls, user, password, realm)
+    }
+
+    /// [`connect`](Self::connect) from local address `from` (port 0: any), e.g. another
+    /// 127.0.0.0/8 address to stand for another host.
+    pub fn connect_from(
+        from: SocketAddr,
+        server: SocketAddr,
+        tls: bool,
+        user: &str,
+        password: &str,
+        realm: &str,
+    ) -> io::Result<Self> {
+        let tcp = tcp_from(from, server)?;
+        Self::over(tcp, server, tls, user, password, realm)
+    }
+
+    fn over(
+        tcp: TcpStream,
+        server: SocketAddr,
+        tls: bool,
+        user: &str,
+        password: &str,
+        realm: &str,
+    ) -> io::Result<Self> {
         tcp.set_nodelay(true)?;
         tcp.set_read_timeout(Some(Duration::from_millis(500)))?;
         let creds = Client::new(server, user, password, realm);

@@ -147,7 +147,8 @@ impl ControlPlane {
         Some(Duration::from_secs(exp.saturating_sub(crate::credentials::unix_now()).max(1)))
     }
 
-    /// Parks a request until the store answers for `lookup`; drops it when the table is full.
+    /// Parks a request until the store answers for `lookup`; false (not parked, counted) when
+    /// the table is full.
     pub(super) fn park(
         &mut self,
         now: Instant,
@@ -156,10 +157,10 @@ impl ControlPlane {
         five_tuple: FiveTuple,
         bytes: &[u8],
         received: Instant,
-    ) {
+    ) -> bool {
         if self.parked_count >= MAX_PARKED {
             self.stats.parked_dropped += 1;
-            return;
+            return false;
         }
         self.stats.parked += 1;
         self.parked_count += 1;
@@ -171,6 +172,7 @@ impl ControlPlane {
             received,
         });
         self.metrics.set_parked(self.parked_count);
+        true
     }
 
     /// Handles the requests whose store lookups were answered; returns what to push to which
@@ -191,13 +193,28 @@ impl ControlPlane {
         }
         if self.parked_count > 0 {
             let before = self.parked_count;
+            // Over TCP/TLS a request timed out here is answered (508), not dropped.
+            let mut timed_out = Vec::new();
             self.parked.retain(|_, v| {
-                v.retain(|p| now.saturating_duration_since(p.since) < PARK_TIMEOUT);
+                v.retain_mut(|p| {
+                    let keep = now.saturating_duration_since(p.since) < PARK_TIMEOUT;
+                    if !keep && p.five_tuple.transport != uturn_proto::Transport::Udp {
+                        timed_out.push((p.worker, p.five_tuple, std::mem::take(&mut p.bytes)));
+                    }
+                    keep
+                });
                 !v.is_empty()
             });
             self.parked_count = self.parked.values().map(Vec::len).sum();
             self.stats.parked_dropped += (before - self.parked_count) as u64;
+            for (worker, ft, bytes) in timed_out {
+                if let Some(a) = Message::parse(&bytes).ok().and_then(|m| self.refuse_busy(ft, &m)) {
+                    out.push((worker, a));
+                }
+            }
         }
+        self.ports_exhausted.flush(now);
+        self.bind_refusals.flush(now);
         self.metrics.set_parked(self.parked_count);
         out
     }

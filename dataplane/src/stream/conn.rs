@@ -10,6 +10,10 @@ use uturn_proto::FiveTuple;
 
 use super::ConnId;
 
+/// The capacity, bytes, that a connection's receive and send buffers keep between messages
+/// (see [`Connection::shrink_buffers`]); enough for every STUN message of a call.
+pub(crate) const KEEP_BUFFER: usize = 4096;
+
 /// Why a connection was closed (counted per reason, named in logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseReason {
@@ -113,8 +117,11 @@ pub(crate) struct Connection {
     /// Queued for a flush by the backend.
     pub(crate) dirty: bool,
     pub(crate) opened: Instant,
-    /// When the last whole message arrived (or the connection opened).
-    pub(crate) last_message: Instant,
+    /// When the connection last proved itself in use (a request whose MESSAGE-INTEGRITY
+    /// verified, a success answer from the control plane, relayed data), or opened. A message
+    /// that proves nothing (a Binding indication, an unauthenticated request) does not count,
+    /// so it cannot hold a connection open past the idle timeout.
+    pub(crate) last_used: Instant,
     /// When the first byte of the incomplete message in `inbuf` arrived.
     pub(crate) partial_since: Option<Instant>,
     /// When bytes were last written, or the queue was last empty.
@@ -142,9 +149,22 @@ impl Connection {
             in_flight: 0,
             dirty: false,
             opened: now,
-            last_message: now,
+            last_used: now,
             partial_since: None,
             last_progress: now,
+        }
+    }
+
+    /// Gives back what a large message made `inbuf` and `out` grow to, once they hold no more
+    /// than [`KEEP_BUFFER`] bytes: a connection keeps at most that much capacity between
+    /// messages (a 64 KiB frame would otherwise pin ~100 KiB per connection for its life).
+    pub(crate) fn shrink_buffers(&mut self) {
+        for b in [&mut self.inbuf, &mut self.out] {
+            if b.capacity() > KEEP_BUFFER && b.is_empty() {
+                *b = Vec::new();
+            } else if b.capacity() > KEEP_BUFFER && b.len() <= KEEP_BUFFER {
+                b.shrink_to(KEEP_BUFFER);
+            }
         }
     }
 
@@ -306,5 +326,36 @@ impl Connection {
         };
         self.out.drain(..done);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_shrink_back_after_a_large_frame() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let ft = FiveTuple {
+            client: s.local_addr().unwrap(),
+            server: l.local_addr().unwrap(),
+            transport: uturn_proto::Transport::Tcp,
+        };
+        let mut c = Connection::new(s, ft, 0, None, Instant::now());
+        c.inbuf.extend_from_slice(&[0u8; 65_540]);
+        c.inbuf.drain(..65_000);
+        c.shrink_buffers();
+        assert!(c.inbuf.capacity() <= KEEP_BUFFER && c.inbuf.len() == 540, "{}", c.inbuf.capacity());
+        c.inbuf.clear();
+        c.inbuf.reserve(100_000);
+        c.shrink_buffers();
+        assert_eq!(c.inbuf.capacity(), 0, "an empty large buffer is given back whole");
+        c.out.extend_from_slice(&[1u8; 70_000]);
+        c.shrink_buffers();
+        assert_eq!(c.out.len(), 70_000, "bytes still waiting are kept");
+        c.out.clear();
+        c.shrink_buffers();
+        assert_eq!(c.out.capacity(), 0);
     }
 }

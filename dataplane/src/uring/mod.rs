@@ -425,6 +425,7 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(1))
             .min(core.longest_sleep())
+            .min(core.streams.accept_backoff.wait(Instant::now()))
             .max(Duration::from_millis(1));
         let ts = Timespec::from(wait);
         let args = SubmitArgs::new().timespec(&ts);
@@ -439,6 +440,7 @@ pub(crate) fn run(mut core: WorkerCore, waker: &Waker, stop: Stop<'_>) -> io::Re
         io.flush_run();
         core.drain_commands(now, &mut io);
         core.expire(now, &mut io);
+        stream::retry_accepts(&mut core, &mut io, now);
         stream::flush_streams(&mut core, &mut io);
     }
     // Connections do not survive a freeze: their allocations end with them.
@@ -676,7 +678,7 @@ fn on_listener(core: &mut WorkerCore, io: &mut UringIo, now: Instant, listener: 
             let reply = core.reply(n);
             io.send(file, from, Err(reply), n, None);
         }
-        ClientVerdict::Done => io.bufs.recycle(bid),
+        ClientVerdict::Done | ClientVerdict::Forwarded { .. } => io.bufs.recycle(bid),
     }
 }
 

@@ -13,7 +13,7 @@ use io_uring::types::Fd;
 
 use super::{tag, UringIo, BGID, GEN_MASK, KIND_ACCEPT, KIND_CANCEL, KIND_STREAM_RECV, KIND_STREAM_SEND};
 use crate::core::WorkerCore;
-use crate::stream::{CloseReason, ConnId};
+use crate::stream::{AcceptBackoff, CloseReason, ConnId};
 
 /// Send buffers kept for reuse up to this capacity, bytes; larger ones are freed once sent.
 const KEEP_SEND_CAPACITY: usize = 64 * 1024;
@@ -138,9 +138,15 @@ pub(super) fn flush_streams(core: &mut WorkerCore, io: &mut UringIo) {
 /// A completion of TCP listener `i`'s multishot accept: `res` is the new descriptor.
 pub(super) fn on_accept(core: &mut WorkerCore, io: &mut UringIo, now: Instant, ud: u64, res: i32, more: bool) {
     let i = (ud & 0xFFFF_FFFF) as usize;
+    // Out of descriptors (or memory): the multishot accept ended, and armed again at once it
+    // would fail again at once for as long as a connection waits in the backlog (a busy loop).
+    // It is armed again after a backoff instead (`retry_accepts`).
+    let starved = res < 0 && AcceptBackoff::is_resource_error(-res);
     if !more {
         io.armed.remove(&ud);
-        if !io.freezing && i < io.stream_listener_fds.len() {
+        if starved {
+            core.streams.defer_accept(core.index, i, now, -res);
+        } else if !io.freezing && i < io.stream_listener_fds.len() {
             io.arm_accept(i);
         }
     }
@@ -153,6 +159,16 @@ pub(super) fn on_accept(core: &mut WorkerCore, io: &mut UringIo, now: Instant, u
     let fd = socket.as_raw_fd();
     if let Some(id) = core.on_accept(now, i, socket) {
         io.arm_stream_recv(id, fd);
+    }
+}
+
+/// Arms again the accepts put off for want of descriptors whose backoff has passed.
+pub(super) fn retry_accepts(core: &mut WorkerCore, io: &mut UringIo, now: Instant) {
+    for i in core.streams.accept_backoff.take_due(now) {
+        let ud = tag(KIND_ACCEPT, i as u64);
+        if !io.freezing && i < io.stream_listener_fds.len() && !io.armed.contains(&ud) {
+            io.arm_accept(i);
+        }
     }
 }
 

@@ -468,6 +468,14 @@ impl WorkerState {
                     self.counters.requests_verified += 1;
                 } else if !self.unauthenticated.allow(now, ft.client.ip()) {
                     self.counters.rate_limited += 1;
+                    if ft.transport != Transport::Udp {
+                        // Over TCP/TLS the client does not retransmit (RFC 8489 §6.2.2): a drop
+                        // would cost it the whole transaction timeout. Its address is proven by
+                        // the connection, so the answer reflects nothing: 508 (RFC 8656 §6.2).
+                        let tid = msg.transaction_id();
+                        let code = ErrorCode::InsufficientCapacity;
+                        return self.answer(response::error(out, method, tid, code, &[], None));
+                    }
                     return ClientOutput::Drop;
                 }
                 self.client_request(now, ft, msg, method, verified, out)
