@@ -754,7 +754,7 @@ mod tests {
             ("listen = [\"127.0.0.1:3478\", \"tcp://127.0.0.1:50050\"]\n", "tcp://127.0.0.1:50050"),
             ("listen = [\"127.0.0.1:3478\", \"tcp://0.0.0.0:50000\"]\n", "tcp://0.0.0.0:50000"),
             ("listen = [\"127.0.0.1:3478\"]\nadmin-listen = \"127.0.0.1:50100\"\n", "admin-listen"),
-            ("listen = [\"127.0.0.1:3478\"]\nmetrics-listen = \"0.0.0.0:50001\"\n", "metrics-listen"),
+            ("listen = [\"127.0.0.1:3478\"]\nmetrics-listen = \"127.0.0.1:50001\"\n", "metrics-listen"),
         ] {
             let err = load(&format!("{base}{listen}")).err().unwrap_or_else(|| panic!("{listen} accepted"));
             let msg = format!("{err:#}");
