@@ -10,7 +10,7 @@ use crate::response::{self, ErrorCode};
 use crate::wire::{self, attr, ChannelNumber, Class, IntegrityKey, MessageWriter, Method, TransactionId};
 
 use super::{
-    Allocation, AllocationId, Command, CommandOutput, Effect, EndReason, Ended, FiveTuple, Install, Timer, Traffic,
+    Allocation, AllocationId, ChannelList, Command, CommandOutput, Effect, EndReason, Ended, FiveTuple, Install, PermissionList, Timer, Traffic,
     WorkerState,
 };
 
@@ -283,8 +283,8 @@ impl WorkerState {
             alloc_tid: i.tid,
             alloc_response: i.response,
             key: i.key,
-            permissions: Vec::new(),
-            channels: Vec::new(),
+            permissions: PermissionList::new(),
+            channels: ChannelList::new(),
             tokens: self.config.bandwidth.unwrap_or(0),
             refilled: now,
             session: i.session,

@@ -21,7 +21,7 @@ pub use command::{Command, Effect, Install};
 pub use five_tuple::{FiveTuple, ListenAddr, Transport};
 pub use offload::{ChannelRoute, OffloadEvent};
 pub use session::{AllocationSnapshot, ImportError, SessionInfo, Traffic};
-pub use tables::{Allocation, ChannelBinding, Tables};
+pub use tables::{Allocation, ChannelBinding, ChannelList, PermissionList, Tables};
 
 use crate::nonce::{Challenger, NonceCheck};
 use crate::ratelimit::SourceLimiter;
@@ -813,7 +813,7 @@ impl WorkerState {
 
     /// Removes every allocation (shutdown), returning them.
     pub fn drain(&mut self) -> Vec<Ended> {
-        let ids: Vec<AllocationId> = self.tables.by_five_tuple.values().copied().collect();
+        let ids = self.tables.ids();
         let mut all: Vec<Ended> = std::mem::take(&mut self.reaped);
         for id in ids {
             self.touch_offload(id);

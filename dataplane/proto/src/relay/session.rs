@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::wire::{ChannelNumber, IntegrityKey, TransactionId};
 
-use super::{Allocation, AllocationId, FiveTuple, Timer, WorkerState};
+use super::{Allocation, AllocationId, ChannelList, FiveTuple, PermissionList, Timer, WorkerState};
 
 /// Application data relayed one way: datagrams and their payload bytes (the ChannelData or
 /// DATA contents, without headers).
@@ -211,8 +211,8 @@ impl WorkerState {
             alloc_tid: s.alloc_tid,
             alloc_response: s.alloc_response.into(),
             key: s.key,
-            permissions: Vec::new(),
-            channels: Vec::new(),
+            permissions: PermissionList::new(),
+            channels: ChannelList::new(),
             tokens: self.config.bandwidth.unwrap_or(0),
             refilled: now,
             session: s.session,

@@ -2,15 +2,23 @@
 //! 5-tuple to allocation, (allocation, channel) to peer, (allocation, peer) to channel and
 //! (allocation, peer IP) to permission expiry. Removing an allocation removes everything it owns.
 
+use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use smallvec::SmallVec;
 
 use crate::wire::{ChannelNumber, IntegrityKey, TransactionId};
 
 use super::{AllocationId, FiveTuple, Traffic};
+
+/// An allocation's peer IPs with a permission: the first one inline (32 bytes, no heap block for
+/// the common single peer), more on the heap.
+pub type PermissionList = SmallVec<[IpAddr; 1]>;
+/// An allocation's bound channels: up to four inline (24 bytes), more on the heap.
+pub type ChannelList = SmallVec<[ChannelNumber; 4]>;
 
 /// One allocation (RFC 8656 §2.2).
 #[derive(Debug)]
@@ -33,9 +41,9 @@ pub struct Allocation {
     /// budget.
     pub key: IntegrityKey,
     /// Peer IPs with a permission (keys of [`Tables::permissions`]).
-    pub permissions: Vec<IpAddr>,
+    pub permissions: PermissionList,
     /// Bound channels (keys of [`Tables::channels`]).
-    pub channels: Vec<ChannelNumber>,
+    pub channels: ChannelList,
     /// Bandwidth tokens left, bytes (see `RelayConfig::bandwidth`).
     pub tokens: u64,
     /// When `tokens` was last refilled.
@@ -89,8 +97,13 @@ struct Slot {
 pub struct Tables {
     slots: Vec<Slot>,
     free: Vec<u32>,
-    /// 5-tuple -> allocation.
-    pub by_five_tuple: HashMap<FiveTuple, AllocationId>,
+    /// 5-tuple -> allocation: the slab indices of the live allocations, hashed by their
+    /// [`Allocation::five_tuple`] and compared through the slab, so the 68-byte 5-tuple is stored
+    /// once (in the slab) and each bucket here is 4 bytes (see the memory budget in
+    /// docs/architecture.md).
+    by_five_tuple: HashTable<u32>,
+    /// The hasher of `by_five_tuple`.
+    hasher: DefaultHashBuilder,
     /// (allocation slot, channel) -> binding.
     pub channels: HashMap<(u32, ChannelNumber), ChannelBinding>,
     /// (allocation slot, peer transport address) -> channel.
@@ -103,6 +116,21 @@ impl Tables {
     /// Number of live allocations.
     pub fn allocation_count(&self) -> usize {
         self.by_five_tuple.len()
+    }
+
+    /// The ids of the live allocations.
+    pub fn ids(&self) -> Vec<AllocationId> {
+        self.by_five_tuple
+            .iter()
+            .map(|&index| AllocationId { index, generation: self.slots[index as usize].generation })
+            .collect()
+    }
+
+    /// The five-tuple of the allocation in slab slot `index` (a live one: the table holds only
+    /// those).
+    #[inline]
+    fn five_tuple_at(slots: &[Slot], index: u32) -> Option<&FiveTuple> {
+        slots.get(index as usize).and_then(|s| s.allocation.as_ref()).map(|a| &a.five_tuple)
     }
 
     /// Every allocation in the slab with its id.
@@ -127,7 +155,15 @@ impl Tables {
             }
         };
         let id = AllocationId { index, generation: self.slots[index as usize].generation };
-        self.by_five_tuple.insert(ft, id);
+        let Tables { slots, by_five_tuple, hasher, .. } = self;
+        let hash = hasher.hash_one(ft);
+        let same = |&i: &u32| i != index && Tables::five_tuple_at(slots, i) == Some(&ft);
+        if let Ok(old) = by_five_tuple.find_entry(hash, same) {
+            old.remove();
+        }
+        by_five_tuple.insert_unique(hash, index, |&i| {
+            Tables::five_tuple_at(slots, i).map_or(0, |ft| hasher.hash_one(ft))
+        });
         id
     }
 
@@ -158,7 +194,10 @@ impl Tables {
     /// The allocation of a 5-tuple.
     #[inline]
     pub fn lookup(&self, ft: &FiveTuple) -> Option<AllocationId> {
-        self.by_five_tuple.get(ft).copied()
+        let hash = self.hasher.hash_one(ft);
+        let slots = &self.slots;
+        let &index = self.by_five_tuple.find(hash, |&i| Tables::five_tuple_at(slots, i) == Some(ft))?;
+        Some(AllocationId { index, generation: slots[index as usize].generation })
     }
 
     /// Removes allocation `id` with its permissions and channels; returns it if it was live.
@@ -170,7 +209,10 @@ impl Tables {
         let a = slot.allocation.take()?;
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(id.index);
-        self.by_five_tuple.remove(&a.five_tuple);
+        let hash = self.hasher.hash_one(a.five_tuple);
+        if let Ok(entry) = self.by_five_tuple.find_entry(hash, |&i| i == id.index) {
+            entry.remove();
+        }
         for ip in &a.permissions {
             self.permissions.remove(&(id.index, *ip));
         }
@@ -240,7 +282,7 @@ impl Tables {
         }
         let (mut perms, mut chans) = (0, 0);
         for (id, a) in &live {
-            if self.by_five_tuple.get(&a.five_tuple) != Some(id) {
+            if self.lookup(&a.five_tuple) != Some(*id) {
                 return Err(format!("5-tuple {:?} does not map to {:?}", a.five_tuple, id));
             }
             for ip in &a.permissions {
