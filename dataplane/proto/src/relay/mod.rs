@@ -12,6 +12,7 @@ mod five_tuple;
 mod offload;
 mod session;
 mod tables;
+mod timers;
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -26,7 +27,6 @@ pub use tables::{Allocation, ChannelBinding, ChannelList, PermissionList, Tables
 use crate::nonce::{Challenger, NonceCheck};
 use crate::ratelimit::SourceLimiter;
 use crate::response::{self, ErrorCode};
-use crate::timer::TimerWheel;
 use crate::wire::{
     self, address, attr, channel_data, ChannelData, ChannelNumber, Class, DatagramKind, Message, Method, TransactionId,
 };
@@ -315,7 +315,7 @@ pub(super) enum Timer {
 pub struct WorkerState {
     config: RelayConfig,
     tables: Tables,
-    timers: TimerWheel<Timer>,
+    timers: timers::Timers,
     fired: Vec<Timer>,
     counters: Counters,
     /// The per-source budget of requests not verified in the worker.
@@ -338,7 +338,7 @@ impl WorkerState {
         WorkerState {
             config,
             tables: Tables::default(),
-            timers: TimerWheel::new(now, Duration::from_secs(1)),
+            timers: timers::Timers::new(now, Duration::from_secs(1)),
             fired: Vec::new(),
             counters: Counters::default(),
             unauthenticated: SourceLimiter::new(config.unauthenticated_rate, now),
@@ -693,12 +693,10 @@ impl WorkerState {
         if !self.within_bandwidth(now, alloc, len) {
             return PeerOutput::Drop;
         }
-        if let Some(ch) = self.tables.peer_channels.get(&(alloc.index, peer)) {
-            if matches!(self.tables.channels.get(&(alloc.index, *ch)), Some(b) if b.expires > now)
-                && len <= u16::MAX as usize
-            {
+        if let Some((ch, b)) = self.tables.channel_to(alloc.index, peer) {
+            if b.expires > now && len <= u16::MAX as usize {
                 let start = payload.start - channel_data::HEADER_LEN;
-                channel_data::write_header(&mut buf[start..], *ch, len as u16);
+                channel_data::write_header(&mut buf[start..], ch, len as u16);
                 self.count_to_client(alloc, len);
                 return PeerOutput::ToClient { five_tuple, message: start..payload.end };
             }
