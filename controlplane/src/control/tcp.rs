@@ -184,7 +184,7 @@ impl ControlPlane {
 
     /// CreatePermission on `ft`, checked: a TCP allocation's peers from `peers` may connect.
     pub(super) fn tcp_permit(&self, ft: &FiveTuple, peers: &[IpAddr]) {
-        let (Some(tcp), Some(_)) = (&self.tcp, self.owners.get(ft).and_then(|o| o.tcp.as_deref().copied())) else { return };
+        let (Some(tcp), Some(_)) = (&self.tcp, self.owners.get(ft).and_then(|o| o.tcp.as_deref())) else { return };
         tcp.relay.send(TcpCommand::Permit { five_tuple: *ft, peers: peers.to_vec() });
     }
 

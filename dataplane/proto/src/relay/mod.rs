@@ -408,11 +408,11 @@ impl WorkerState {
                 return ClientOutput::Drop;
             }
         };
-        let Some(alloc) = self.tables.lookup(ft) else {
+        let Some((alloc, a)) = self.tables.lookup_allocation(ft) else {
             self.counters.no_allocation += 1;
             return ClientOutput::Drop;
         };
-        if !self.tables.get(alloc).is_some_and(|a| a.expires > now) {
+        if a.expires <= now {
             // RFC 8656 §7: an expired allocation relays nothing, swept or not.
             self.counters.no_allocation += 1;
             return ClientOutput::Drop;

@@ -102,7 +102,9 @@ pub struct Tables {
     /// [`Allocation::five_tuple`] and compared through the slab, so the 68-byte 5-tuple is stored
     /// once (in the slab) and each bucket here is 4 bytes (see the memory budget in
     /// docs/architecture.md).
-    by_five_tuple: HashTable<u32>,
+    /// Each entry is (slab index, the hash's high 32 bits): the probe compares the latter, so it
+    /// stays within the table, and only the one candidate is checked in the slab.
+    by_five_tuple: HashTable<(u32, u32)>,
     /// The hasher of `by_five_tuple`.
     hasher: DefaultHashBuilder,
     /// (allocation slot, channel) -> binding.
@@ -110,7 +112,8 @@ pub struct Tables {
     /// (allocation slot, peer transport address) -> channel: the keys of `channels`, hashed by
     /// the slot and the binding's peer and compared through `channels`, so each bucket is 8
     /// bytes rather than 40 (see [`channel_to`](Self::channel_to)).
-    peer_channels: HashTable<(u32, ChannelNumber)>,
+    /// Each entry is (slot, channel, the hash's high 16 bits), compared like `by_five_tuple`'s.
+    peer_channels: HashTable<(u32, ChannelNumber, u16)>,
     /// (allocation slot, peer IP) -> permission expiry.
     pub permissions: HashMap<(u32, IpAddr), Instant>,
 }
@@ -127,26 +130,20 @@ impl Tables {
     #[inline]
     pub fn channel_to(&self, index: u32, peer: SocketAddr) -> Option<(ChannelNumber, &ChannelBinding)> {
         let hash = self.hasher.hash_one((index, peer));
-        let mut found = None;
-        self.peer_channels.find(hash, |&(i, ch)| {
-            if i != index {
-                return false;
-            }
-            match self.channels.get(&(i, ch)) {
-                Some(b) if b.peer == peer => {
-                    found = Some((ch, b));
-                    true
-                }
-                _ => false,
-            }
-        })?;
-        found
+        let fp = (hash >> 48) as u16;
+        let bound = |ch: ChannelNumber| self.channels.get(&(index, ch)).filter(|b| b.peer == peer).map(|b| (ch, b));
+        let &(_, ch, _) = self.peer_channels.find(hash, |&(i, _, f)| i == index && f == fp)?;
+        if let Some(found) = bound(ch) {
+            return Some(found);
+        }
+        // Another peer of this allocation whose hash shares those bits: look at every candidate.
+        self.peer_channels.iter_hash(hash).find_map(|&(i, ch, f)| if i == index && f == fp { bound(ch) } else { None })
     }
 
     /// Removes `(index, channel)`, bound to `peer`, from `peer_channels`.
     fn unindex_peer(&mut self, index: u32, channel: ChannelNumber, peer: SocketAddr) {
         let hash = self.hasher.hash_one((index, peer));
-        if let Ok(entry) = self.peer_channels.find_entry(hash, |&(i, ch)| i == index && ch == channel) {
+        if let Ok(entry) = self.peer_channels.find_entry(hash, |&(i, ch, _)| i == index && ch == channel) {
             entry.remove();
         }
     }
@@ -155,7 +152,7 @@ impl Tables {
     pub fn ids(&self) -> Vec<AllocationId> {
         self.by_five_tuple
             .iter()
-            .map(|&index| AllocationId { index, generation: self.slots[index as usize].generation })
+            .map(|&(index, _)| AllocationId { index, generation: self.slots[index as usize].generation })
             .collect()
     }
 
@@ -190,11 +187,11 @@ impl Tables {
         let id = AllocationId { index, generation: self.slots[index as usize].generation };
         let Tables { slots, by_five_tuple, hasher, .. } = self;
         let hash = hasher.hash_one(ft);
-        let same = |&i: &u32| i != index && Tables::five_tuple_at(slots, i) == Some(&ft);
+        let same = |&(i, _): &(u32, u32)| i != index && Tables::five_tuple_at(slots, i) == Some(&ft);
         if let Ok(old) = by_five_tuple.find_entry(hash, same) {
             old.remove();
         }
-        by_five_tuple.insert_unique(hash, index, |&i| {
+        by_five_tuple.insert_unique(hash, (index, (hash >> 32) as u32), |&(i, _)| {
             Tables::five_tuple_at(slots, i).map_or(0, |ft| hasher.hash_one(ft))
         });
         id
@@ -227,10 +224,26 @@ impl Tables {
     /// The allocation of a 5-tuple.
     #[inline]
     pub fn lookup(&self, ft: &FiveTuple) -> Option<AllocationId> {
+        self.lookup_allocation(ft).map(|(id, _)| id)
+    }
+
+    /// The allocation of a 5-tuple, with its id (one visit to the slab).
+    #[inline]
+    pub fn lookup_allocation(&self, ft: &FiveTuple) -> Option<(AllocationId, &Allocation)> {
         let hash = self.hasher.hash_one(ft);
-        let slots = &self.slots;
-        let &index = self.by_five_tuple.find(hash, |&i| Tables::five_tuple_at(slots, i) == Some(ft))?;
-        Some(AllocationId { index, generation: slots[index as usize].generation })
+        let fp = (hash >> 32) as u32;
+        let live = |index: u32| match self.slots.get(index as usize) {
+            Some(Slot { generation, allocation: Some(a) }) if a.five_tuple == *ft => {
+                Some((AllocationId { index, generation: *generation }, a))
+            }
+            _ => None,
+        };
+        let &(index, _) = self.by_five_tuple.find(hash, |&(_, f)| f == fp)?;
+        if let Some(id) = live(index) {
+            return Some(id);
+        }
+        // Another 5-tuple whose hash shares those bits: look at every candidate.
+        self.by_five_tuple.iter_hash(hash).find_map(|&(i, f)| if f == fp { live(i) } else { None })
     }
 
     /// Removes allocation `id` with its permissions and channels; returns it if it was live.
@@ -243,7 +256,7 @@ impl Tables {
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(id.index);
         let hash = self.hasher.hash_one(a.five_tuple);
-        if let Ok(entry) = self.by_five_tuple.find_entry(hash, |&i| i == id.index) {
+        if let Ok(entry) = self.by_five_tuple.find_entry(hash, |&(i, _)| i == id.index) {
             entry.remove();
         }
         for ip in &a.permissions {
@@ -289,7 +302,8 @@ impl Tables {
         let new = self.channels.insert((id.index, channel), ChannelBinding { peer, expires }).is_none();
         if new {
             let Tables { channels, peer_channels, hasher, .. } = self;
-            peer_channels.insert_unique(hasher.hash_one((id.index, peer)), (id.index, channel), |&(i, ch)| {
+            let hash = hasher.hash_one((id.index, peer));
+            peer_channels.insert_unique(hash, (id.index, channel, (hash >> 48) as u16), |&(i, ch, _)| {
                 channels.get(&(i, ch)).map_or(0, |b| hasher.hash_one((i, b.peer)))
             });
             if let Some(a) = self.get_mut(id) {
