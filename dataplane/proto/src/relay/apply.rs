@@ -10,8 +10,8 @@ use crate::response::{self, ErrorCode};
 use crate::wire::{self, attr, ChannelNumber, Class, IntegrityKey, MessageWriter, Method, TransactionId};
 
 use super::{
-    Allocation, AllocationId, ChannelList, Command, CommandOutput, Effect, EndReason, Ended, FiveTuple, Install, PermissionList, Timer, Traffic,
-    WorkerState,
+    Allocation, AllocationId, ChannelList, Command, CommandOutput, Effect, EndReason, Ended, FiveTuple, Install,
+    PermissionList, Timer, Traffic, WorkerState,
 };
 
 /// How far ahead of its deadline an allocation may be ended by an Install for a new Allocate on
