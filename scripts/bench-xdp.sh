@@ -165,7 +165,20 @@ for rep in $(seq "$REPEAT"); do
   echo "==> round $rep of $REPEAT"
   for who in $CONTESTANTS; do
     start "$who"
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "  $who did not start, skipped"; SERVER_PID=""; continue; fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      # A contestant asked for must be in the report: no report without its row.
+      SERVER_PID=""
+      echo "bench-xdp: FAILED: contestant $who did not start; no report written. Its log:" >&2
+      case $who in
+        uturn*) tail -5 "$OUT/uturn-xdp.log" >&2 ;;
+        coturn*) tail -5 "$OUT/coturn-xdp.log" >&2 2>/dev/null || true ;;
+        floor) tail -5 "$OUT/floor-xdp.log" >&2 ;;
+      esac
+      case $who in
+        uturn-xdp-*) echo "bench-xdp: is $BIN/uturn built with the XDP program? (clang and libbpf-dev at build time; 'cargo build --release' again after installing them)" >&2 ;;
+      esac
+      exit 1
+    fi
     for rate in $RATES; do
       run "$who" "one-way ${rate}" --rate "$rate"
     done

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use indexmap::IndexMap;
 use tracing::{debug, info, warn};
 use uturn_dataplane::ToWorker;
 use uturn_proto::relay::{Command, Install};
@@ -75,8 +76,9 @@ struct Owner {
     v6: bool,
     /// A dual allocation: it has a relayed address of each family, so peers of both are allowed.
     dual: bool,
-    /// A TCP allocation (RFC 6062): its relayed transport address, a listener of the TCP relay.
-    tcp: Option<SocketAddr>,
+    /// A TCP allocation (RFC 6062): its relayed transport address, a listener of the TCP relay
+    /// (boxed: 8 bytes in every record instead of 32, for the few TCP allocations).
+    tcp: Option<Box<SocketAddr>>,
 }
 
 /// The control plane's record of one allocation, as a hot upgrade hands it over.
@@ -150,7 +152,10 @@ pub struct ControlPlane {
     parked: HashMap<LookupKey, Vec<Parked>>,
     parked_count: usize,
     ports: Vec<PortSlice>,
-    owners: HashMap<FiveTuple, Owner>,
+    /// One record per allocation, in a dense vector indexed by a table of positions (so the
+    /// 68-byte 5-tuple and the record are not spread over a power-of-two table's empty buckets;
+    /// see the memory budget in docs/architecture.md). Removal is `swap_remove`.
+    owners: IndexMap<FiveTuple, Owner, hashbrown::DefaultHashBuilder>,
     per_user: HashMap<Arc<str>, u32>,
     /// Relay sockets held for RESERVATION-TOKENs, with their deadlines.
     reservations: HashMap<[u8; 8], (Instant, UdpSocket)>,
@@ -191,7 +196,7 @@ impl ControlPlane {
             parked: HashMap::new(),
             parked_count: 0,
             ports: PortSlice::split(port_range.0, port_range.1, workers),
-            owners: HashMap::new(),
+            owners: IndexMap::default(),
             per_user: HashMap::new(),
             reservations: HashMap::new(),
             buf: vec![0; RESPONSE_BUF],
@@ -299,14 +304,14 @@ impl ControlPlane {
 
     /// Drops `ft`'s owner record and its quota.
     fn forget(&mut self, ft: &FiveTuple) {
-        if let Some(o) = self.owners.remove(ft) {
+        if let Some(o) = self.owners.swap_remove(ft) {
             if let Some(n) = self.per_user.get_mut(&o.user) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     self.per_user.remove(&o.user);
                 }
             }
-            if let Some(relayed) = o.tcp {
+            if let Some(relayed) = o.tcp.as_deref().copied() {
                 self.tcp_released(*ft, relayed);
             }
             debug!(client = %ft.client, user = %o.user, "allocation released");

@@ -20,6 +20,11 @@
 //! configuration files.
 
 mod bufring;
+#[cfg(test)]
+#[path = "../build_clang.rs"]
+mod build_clang;
+#[cfg(test)]
+mod build_clang_tests;
 mod core;
 mod epoll;
 #[cfg(feature = "fault-injection")]

@@ -140,6 +140,11 @@ struct Args {
     /// Allocs mode: delete each allocation with Refresh LIFETIME 0.
     #[arg(long)]
     delete: bool,
+    /// Hold mode: give each allocation a permission for `--peer`'s IP and channel 0x4000 bound
+    /// to `--peer`, as every call has (nothing is sent to the peer). The hold is meant to end
+    /// well within the permission's 300 s (RFC 8656 §9): neither is refreshed.
+    #[arg(long)]
+    with_channel: bool,
     /// Pin the generator's threads to this core.
     #[arg(long)]
     cpu: Option<usize>,
@@ -956,6 +961,8 @@ struct HoldReport {
     contestant: String,
     server: String,
     allocations: usize,
+    /// Each allocation has a permission and a channel binding (`--with-channel`).
+    with_channel: bool,
     rss_before: u64,
     rss_after: u64,
     user_bytes_per_allocation: f64,
@@ -985,6 +992,10 @@ fn hold(args: &Args) -> Result<(), String> {
     for i in 0..args.count {
         let mut c = new_client(args.server, &args.user, &args.password, args.realm.as_deref());
         c.try_allocate().map_err(|e| format!("allocation {i}: {e}"))?;
+        if args.with_channel {
+            c.try_create_permission(&[args.peer]).map_err(|e| format!("allocation {i}: {e}"))?;
+            c.try_channel_bind(0x4000, args.peer).map_err(|e| format!("allocation {i}: {e}"))?;
+        }
         due.push(Reverse((Instant::now() + interval(c.lifetime), i)));
         held.push(c);
         while let Some(&Reverse((at, j))) = due.peek() {
@@ -1010,6 +1021,7 @@ fn hold(args: &Args) -> Result<(), String> {
         contestant: args.contestant.clone(),
         server: args.server.to_string(),
         allocations: args.count,
+        with_channel: args.with_channel,
         rss_before: rss0,
         rss_after: rss1,
         user_bytes_per_allocation: (rss1 as f64 - rss0 as f64) / n,

@@ -85,7 +85,7 @@ impl ControlPlane {
             session,
             v6: relayed.is_ipv6(),
             dual: false,
-            tcp: Some(relayed),
+            tcp: Some(Box::new(relayed)),
         };
         self.record_grant(ft, owner);
         let tcp = self.tcp.as_mut()?;
@@ -190,7 +190,7 @@ impl ControlPlane {
 
     /// CreatePermission on `ft`, checked: a TCP allocation's peers from `peers` may connect.
     pub(super) fn tcp_permit(&self, ft: &FiveTuple, peers: &[IpAddr]) {
-        let (Some(tcp), Some(_)) = (&self.tcp, self.owners.get(ft).and_then(|o| o.tcp)) else { return };
+        let (Some(tcp), Some(_)) = (&self.tcp, self.owners.get(ft).and_then(|o| o.tcp.as_deref())) else { return };
         tcp.relay.send(TcpCommand::Permit { five_tuple: *ft, peers: peers.to_vec() });
     }
 

@@ -18,7 +18,9 @@ pub struct TimerWheel<T> {
     tick: Duration,
     /// The last tick whose slot has been processed.
     current: u64,
-    slots: Vec<Vec<(u64, T)>>,
+    /// Each entry with its tick's low 32 bits (compared wrapping: 8 bytes less per entry, and
+    /// an allocation with a permission and a channel has three entries).
+    slots: Vec<Vec<(u32, T)>>,
     len: usize,
 }
 
@@ -39,7 +41,7 @@ impl<T: Copy> TimerWheel<T> {
         let d = at.saturating_duration_since(self.origin).as_nanos();
         let t = self.tick.as_nanos();
         let tick = (d.div_ceil(t) as u64).max(self.current + 1);
-        self.slots[(tick % SLOTS as u64) as usize].push((tick, item));
+        self.slots[(tick % SLOTS as u64) as usize].push((tick as u32, item));
         self.len += 1;
     }
 
@@ -55,7 +57,9 @@ impl<T: Copy> TimerWheel<T> {
             let entries = &mut self.slots[slot];
             let before = entries.len();
             entries.retain(|&(due, item)| {
-                if due <= target {
+                // Due at or before `target`, in wrapping 32-bit tick arithmetic (entries are
+                // never filed 2^31 ticks ahead).
+                if (target as u32).wrapping_sub(due) as i32 >= 0 {
                     fired.push(item);
                     false
                 } else {

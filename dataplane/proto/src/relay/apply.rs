@@ -10,8 +10,8 @@ use crate::response::{self, ErrorCode};
 use crate::wire::{self, attr, ChannelNumber, Class, IntegrityKey, MessageWriter, Method, TransactionId};
 
 use super::{
-    Allocation, AllocationId, Command, CommandOutput, Effect, EndReason, Ended, FiveTuple, Install, Timer, Traffic,
-    WorkerState,
+    Allocation, AllocationId, ChannelList, Command, CommandOutput, Effect, EndReason, Ended, FiveTuple, Install,
+    PermissionList, Timer, Traffic, WorkerState,
 };
 
 /// How far ahead of its deadline an allocation may be ended by an Install for a new Allocate on
@@ -106,12 +106,12 @@ impl WorkerState {
                 // A binding past its deadline is unbound (RFC 8656 §12), swept or not: it neither
                 // conflicts nor counts against the cap.
                 self.unbind_if_expired(now, id, channel);
-                if let Some(&other) = self.tables.peer_channels.get(&(id.index, peer)) {
+                if let Some((other, _)) = self.tables.channel_to(id.index, peer) {
                     self.unbind_if_expired(now, id, other);
                 }
                 // RFC 8656 §12.2: a channel and a peer bind one to one.
                 let channel_taken = matches!(self.tables.channels.get(&(id.index, channel)), Some(b) if b.peer != peer);
-                let peer_taken = matches!(self.tables.peer_channels.get(&(id.index, peer)), Some(c) if *c != channel);
+                let peer_taken = matches!(self.tables.channel_to(id.index, peer), Some((c, _)) if c != channel);
                 if channel_taken || peer_taken {
                     return self.refuse(ErrorCode::BadRequest, five_tuple, method, tid, &key, out);
                 }
@@ -278,13 +278,13 @@ impl WorkerState {
         let id = self.tables.insert(Allocation {
             five_tuple,
             relayed: i.relayed,
-            additional: i.additional,
+            additional: i.additional.map(Box::new),
             expires,
             alloc_tid: i.tid,
             alloc_response: i.response,
             key: i.key,
-            permissions: Vec::new(),
-            channels: Vec::new(),
+            permissions: PermissionList::new(),
+            channels: ChannelList::new(),
             tokens: self.config.bandwidth.unwrap_or(0),
             refilled: now,
             session: i.session,

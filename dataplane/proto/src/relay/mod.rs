@@ -12,6 +12,7 @@ mod five_tuple;
 mod offload;
 mod session;
 mod tables;
+mod timers;
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -21,12 +22,11 @@ pub use command::{Command, Effect, Install};
 pub use five_tuple::{FiveTuple, ListenAddr, Transport};
 pub use offload::{ChannelRoute, OffloadEvent};
 pub use session::{AllocationSnapshot, ImportError, SessionInfo, Traffic};
-pub use tables::{Allocation, ChannelBinding, Tables};
+pub use tables::{Allocation, ChannelBinding, ChannelList, PermissionList, Tables};
 
 use crate::nonce::{Challenger, NonceCheck};
 use crate::ratelimit::SourceLimiter;
 use crate::response::{self, ErrorCode};
-use crate::timer::TimerWheel;
 use crate::wire::{
     self, address, attr, channel_data, ChannelData, ChannelNumber, Class, DatagramKind, Message, Method, TransactionId,
 };
@@ -315,7 +315,7 @@ pub(super) enum Timer {
 pub struct WorkerState {
     config: RelayConfig,
     tables: Tables,
-    timers: TimerWheel<Timer>,
+    timers: timers::Timers,
     fired: Vec<Timer>,
     counters: Counters,
     /// The per-source budget of requests not verified in the worker.
@@ -338,7 +338,7 @@ impl WorkerState {
         WorkerState {
             config,
             tables: Tables::default(),
-            timers: TimerWheel::new(now, Duration::from_secs(1)),
+            timers: timers::Timers::new(now, Duration::from_secs(1)),
             fired: Vec::new(),
             counters: Counters::default(),
             unauthenticated: SourceLimiter::new(config.unauthenticated_rate, now),
@@ -408,11 +408,11 @@ impl WorkerState {
                 return ClientOutput::Drop;
             }
         };
-        let Some(alloc) = self.tables.lookup(ft) else {
+        let Some((alloc, a)) = self.tables.lookup_allocation(ft) else {
             self.counters.no_allocation += 1;
             return ClientOutput::Drop;
         };
-        if !self.tables.get(alloc).is_some_and(|a| a.expires > now) {
+        if a.expires <= now {
             // RFC 8656 §7: an expired allocation relays nothing, swept or not.
             self.counters.no_allocation += 1;
             return ClientOutput::Drop;
@@ -701,12 +701,10 @@ impl WorkerState {
         if !self.within_bandwidth(now, alloc, len) {
             return PeerOutput::Drop;
         }
-        if let Some(ch) = self.tables.peer_channels.get(&(alloc.index, peer)) {
-            if matches!(self.tables.channels.get(&(alloc.index, *ch)), Some(b) if b.expires > now)
-                && len <= u16::MAX as usize
-            {
+        if let Some((ch, b)) = self.tables.channel_to(alloc.index, peer) {
+            if b.expires > now && len <= u16::MAX as usize {
                 let start = payload.start - channel_data::HEADER_LEN;
-                channel_data::write_header(&mut buf[start..], *ch, len as u16);
+                channel_data::write_header(&mut buf[start..], ch, len as u16);
                 self.count_to_client(alloc, len);
                 return PeerOutput::ToClient { five_tuple, message: start..payload.end };
             }
@@ -821,7 +819,7 @@ impl WorkerState {
 
     /// Removes every allocation (shutdown), returning them.
     pub fn drain(&mut self) -> Vec<Ended> {
-        let ids: Vec<AllocationId> = self.tables.by_five_tuple.values().copied().collect();
+        let ids = self.tables.ids();
         let mut all: Vec<Ended> = std::mem::take(&mut self.reaped);
         for id in ids {
             self.touch_offload(id);

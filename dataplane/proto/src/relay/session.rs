@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::wire::{ChannelNumber, IntegrityKey, TransactionId};
 
-use super::{Allocation, AllocationId, FiveTuple, Timer, WorkerState};
+use super::{Allocation, AllocationId, ChannelList, FiveTuple, PermissionList, Timer, WorkerState};
 
 /// Application data relayed one way: datagrams and their payload bytes (the ChannelData or
 /// DATA contents, without headers).
@@ -118,7 +118,7 @@ fn info(now: Instant, tables: &super::Tables, id: AllocationId, a: &Allocation) 
         client: a.five_tuple.client,
         server: a.five_tuple.server,
         relayed: a.relayed,
-        additional: a.additional,
+        additional: a.additional.as_deref().copied(),
         age_s: now.saturating_duration_since(a.created).as_secs(),
         expires_in_s: a.expires.saturating_duration_since(now).as_secs(),
         permissions: a
@@ -170,7 +170,7 @@ impl WorkerState {
                 let snap = AllocationSnapshot {
                     five_tuple: a.five_tuple,
                     relayed: a.relayed,
-                    additional: a.additional,
+                    additional: a.additional.as_deref().copied(),
                     lifetime_left_ms: left_ms(a.expires, now),
                     alloc_tid: a.alloc_tid,
                     alloc_response: a.alloc_response.to_vec(),
@@ -206,13 +206,13 @@ impl WorkerState {
         let id = self.tables.insert(Allocation {
             five_tuple: s.five_tuple,
             relayed: s.relayed,
-            additional: s.additional,
+            additional: s.additional.map(Box::new),
             expires,
             alloc_tid: s.alloc_tid,
             alloc_response: s.alloc_response.into(),
             key: s.key,
-            permissions: Vec::new(),
-            channels: Vec::new(),
+            permissions: PermissionList::new(),
+            channels: ChannelList::new(),
             tokens: self.config.bandwidth.unwrap_or(0),
             refilled: now,
             session: s.session,

@@ -2,15 +2,23 @@
 //! 5-tuple to allocation, (allocation, channel) to peer, (allocation, peer) to channel and
 //! (allocation, peer IP) to permission expiry. Removing an allocation removes everything it owns.
 
+use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use smallvec::SmallVec;
 
 use crate::wire::{ChannelNumber, IntegrityKey, TransactionId};
 
 use super::{AllocationId, FiveTuple, Traffic};
+
+/// An allocation's peer IPs with a permission: the first one inline (32 bytes, no heap block for
+/// the common single peer), more on the heap.
+pub type PermissionList = SmallVec<[IpAddr; 1]>;
+/// An allocation's bound channels: up to four inline (24 bytes), more on the heap.
+pub type ChannelList = SmallVec<[ChannelNumber; 4]>;
 
 /// One allocation (RFC 8656 §2.2).
 #[derive(Debug)]
@@ -20,8 +28,9 @@ pub struct Allocation {
     /// The relayed transport address.
     pub relayed: SocketAddr,
     /// A dual allocation's second relayed transport address, of the other family (RFC 8656
-    /// §7.2, ADDITIONAL-ADDRESS-FAMILY).
-    pub additional: Option<SocketAddr>,
+    /// §7.2, ADDITIONAL-ADDRESS-FAMILY); boxed, as few allocations are dual (8 bytes in each
+    /// slot instead of 32).
+    pub additional: Option<Box<SocketAddr>>,
     /// When the allocation expires unless refreshed.
     pub expires: Instant,
     /// Transaction ID of the Allocate that created it.
@@ -33,9 +42,9 @@ pub struct Allocation {
     /// budget.
     pub key: IntegrityKey,
     /// Peer IPs with a permission (keys of [`Tables::permissions`]).
-    pub permissions: Vec<IpAddr>,
+    pub permissions: PermissionList,
     /// Bound channels (keys of [`Tables::channels`]).
-    pub channels: Vec<ChannelNumber>,
+    pub channels: ChannelList,
     /// Bandwidth tokens left, bytes (see `RelayConfig::bandwidth`).
     pub tokens: u64,
     /// When `tokens` was last refilled.
@@ -64,7 +73,7 @@ impl Allocation {
         if self.relayed.is_ipv4() == peer.is_ipv4() {
             Some(self.relayed)
         } else {
-            self.additional.filter(|a| a.is_ipv4() == peer.is_ipv4())
+            self.additional.as_deref().copied().filter(|a| a.is_ipv4() == peer.is_ipv4())
         }
     }
 }
@@ -89,12 +98,22 @@ struct Slot {
 pub struct Tables {
     slots: Vec<Slot>,
     free: Vec<u32>,
-    /// 5-tuple -> allocation.
-    pub by_five_tuple: HashMap<FiveTuple, AllocationId>,
+    /// 5-tuple -> allocation: the slab indices of the live allocations, hashed by their
+    /// [`Allocation::five_tuple`] and compared through the slab, so the 68-byte 5-tuple is stored
+    /// once (in the slab) and each bucket here is 4 bytes (see the memory budget in
+    /// docs/architecture.md).
+    /// Each entry is (slab index, the hash's high 32 bits): the probe compares the latter, so it
+    /// stays within the table, and only the one candidate is checked in the slab.
+    by_five_tuple: HashTable<(u32, u32)>,
+    /// The hasher of `by_five_tuple`.
+    hasher: DefaultHashBuilder,
     /// (allocation slot, channel) -> binding.
     pub channels: HashMap<(u32, ChannelNumber), ChannelBinding>,
-    /// (allocation slot, peer transport address) -> channel.
-    pub peer_channels: HashMap<(u32, SocketAddr), ChannelNumber>,
+    /// (allocation slot, peer transport address) -> channel: the keys of `channels`, hashed by
+    /// the slot and the binding's peer and compared through `channels`, so each bucket is 8
+    /// bytes rather than 40 (see [`channel_to`](Self::channel_to)).
+    /// Each entry is (slot, channel, the hash's high 16 bits), compared like `by_five_tuple`'s.
+    peer_channels: HashTable<(u32, ChannelNumber, u16)>,
     /// (allocation slot, peer IP) -> permission expiry.
     pub permissions: HashMap<(u32, IpAddr), Instant>,
 }
@@ -103,6 +122,45 @@ impl Tables {
     /// Number of live allocations.
     pub fn allocation_count(&self) -> usize {
         self.by_five_tuple.len()
+    }
+
+    /// The channel bound to `peer` on the allocation in slot `index`, with its binding (expired
+    /// or not: the caller checks). One lookup here and one in `channels`, as a map from
+    /// (slot, peer) to channel would take.
+    #[inline]
+    pub fn channel_to(&self, index: u32, peer: SocketAddr) -> Option<(ChannelNumber, &ChannelBinding)> {
+        let hash = self.hasher.hash_one((index, peer));
+        let fp = (hash >> 48) as u16;
+        let bound = |ch: ChannelNumber| self.channels.get(&(index, ch)).filter(|b| b.peer == peer).map(|b| (ch, b));
+        let &(_, ch, _) = self.peer_channels.find(hash, |&(i, _, f)| i == index && f == fp)?;
+        if let Some(found) = bound(ch) {
+            return Some(found);
+        }
+        // Another peer of this allocation whose hash shares those bits: look at every candidate.
+        self.peer_channels.iter_hash(hash).find_map(|&(i, ch, f)| if i == index && f == fp { bound(ch) } else { None })
+    }
+
+    /// Removes `(index, channel)`, bound to `peer`, from `peer_channels`.
+    fn unindex_peer(&mut self, index: u32, channel: ChannelNumber, peer: SocketAddr) {
+        let hash = self.hasher.hash_one((index, peer));
+        if let Ok(entry) = self.peer_channels.find_entry(hash, |&(i, ch, _)| i == index && ch == channel) {
+            entry.remove();
+        }
+    }
+
+    /// The ids of the live allocations.
+    pub fn ids(&self) -> Vec<AllocationId> {
+        self.by_five_tuple
+            .iter()
+            .map(|&(index, _)| AllocationId { index, generation: self.slots[index as usize].generation })
+            .collect()
+    }
+
+    /// The five-tuple of the allocation in slab slot `index` (a live one: the table holds only
+    /// those).
+    #[inline]
+    fn five_tuple_at(slots: &[Slot], index: u32) -> Option<&FiveTuple> {
+        slots.get(index as usize).and_then(|s| s.allocation.as_ref()).map(|a| &a.five_tuple)
     }
 
     /// Every allocation in the slab with its id.
@@ -127,7 +185,15 @@ impl Tables {
             }
         };
         let id = AllocationId { index, generation: self.slots[index as usize].generation };
-        self.by_five_tuple.insert(ft, id);
+        let Tables { slots, by_five_tuple, hasher, .. } = self;
+        let hash = hasher.hash_one(ft);
+        let same = |&(i, _): &(u32, u32)| i != index && Tables::five_tuple_at(slots, i) == Some(&ft);
+        if let Ok(old) = by_five_tuple.find_entry(hash, same) {
+            old.remove();
+        }
+        by_five_tuple.insert_unique(hash, (index, (hash >> 32) as u32), |&(i, _)| {
+            Tables::five_tuple_at(slots, i).map_or(0, |ft| hasher.hash_one(ft))
+        });
         id
     }
 
@@ -158,7 +224,26 @@ impl Tables {
     /// The allocation of a 5-tuple.
     #[inline]
     pub fn lookup(&self, ft: &FiveTuple) -> Option<AllocationId> {
-        self.by_five_tuple.get(ft).copied()
+        self.lookup_allocation(ft).map(|(id, _)| id)
+    }
+
+    /// The allocation of a 5-tuple, with its id (one visit to the slab).
+    #[inline]
+    pub fn lookup_allocation(&self, ft: &FiveTuple) -> Option<(AllocationId, &Allocation)> {
+        let hash = self.hasher.hash_one(ft);
+        let fp = (hash >> 32) as u32;
+        let live = |index: u32| match self.slots.get(index as usize) {
+            Some(Slot { generation, allocation: Some(a) }) if a.five_tuple == *ft => {
+                Some((AllocationId { index, generation: *generation }, a))
+            }
+            _ => None,
+        };
+        let &(index, _) = self.by_five_tuple.find(hash, |&(_, f)| f == fp)?;
+        if let Some(id) = live(index) {
+            return Some(id);
+        }
+        // Another 5-tuple whose hash shares those bits: look at every candidate.
+        self.by_five_tuple.iter_hash(hash).find_map(|&(i, f)| if f == fp { live(i) } else { None })
     }
 
     /// Removes allocation `id` with its permissions and channels; returns it if it was live.
@@ -170,13 +255,16 @@ impl Tables {
         let a = slot.allocation.take()?;
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(id.index);
-        self.by_five_tuple.remove(&a.five_tuple);
+        let hash = self.hasher.hash_one(a.five_tuple);
+        if let Ok(entry) = self.by_five_tuple.find_entry(hash, |&(i, _)| i == id.index) {
+            entry.remove();
+        }
         for ip in &a.permissions {
             self.permissions.remove(&(id.index, *ip));
         }
         for ch in &a.channels {
             if let Some(b) = self.channels.remove(&(id.index, *ch)) {
-                self.peer_channels.remove(&(id.index, b.peer));
+                self.unindex_peer(id.index, *ch, b.peer);
             }
         }
         Some(a)
@@ -213,7 +301,11 @@ impl Tables {
     ) -> bool {
         let new = self.channels.insert((id.index, channel), ChannelBinding { peer, expires }).is_none();
         if new {
-            self.peer_channels.insert((id.index, peer), channel);
+            let Tables { channels, peer_channels, hasher, .. } = self;
+            let hash = hasher.hash_one((id.index, peer));
+            peer_channels.insert_unique(hash, (id.index, channel, (hash >> 48) as u16), |&(i, ch, _)| {
+                channels.get(&(i, ch)).map_or(0, |b| hasher.hash_one((i, b.peer)))
+            });
             if let Some(a) = self.get_mut(id) {
                 a.channels.push(channel);
             }
@@ -224,7 +316,7 @@ impl Tables {
     /// Removes a channel binding.
     pub fn remove_channel(&mut self, id: AllocationId, channel: ChannelNumber) {
         if let Some(b) = self.channels.remove(&(id.index, channel)) {
-            self.peer_channels.remove(&(id.index, b.peer));
+            self.unindex_peer(id.index, channel, b.peer);
             if let Some(a) = self.get_mut(id) {
                 a.channels.retain(|c| *c != channel);
             }
@@ -240,7 +332,7 @@ impl Tables {
         }
         let (mut perms, mut chans) = (0, 0);
         for (id, a) in &live {
-            if self.by_five_tuple.get(&a.five_tuple) != Some(id) {
+            if self.lookup(&a.five_tuple) != Some(*id) {
                 return Err(format!("5-tuple {:?} does not map to {:?}", a.five_tuple, id));
             }
             for ip in &a.permissions {
@@ -250,7 +342,7 @@ impl Tables {
             }
             for ch in &a.channels {
                 let b = self.channels.get(&(id.index, *ch)).ok_or(format!("channel {ch:?} missing"))?;
-                if self.peer_channels.get(&(id.index, b.peer)) != Some(ch) {
+                if self.channel_to(id.index, b.peer).map(|(c, _)| c) != Some(*ch) {
                     return Err(format!("peer {} of channel {ch:?} not indexed", b.peer));
                 }
             }
