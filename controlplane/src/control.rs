@@ -146,6 +146,8 @@ pub struct ControlPlane {
     /// Requests waiting for a store lookup, by what they wait for.
     parked: HashMap<LookupKey, Vec<Parked>>,
     parked_count: usize,
+    /// Bytes of the requests in `parked` (bounded by `auth::MAX_PARKED_BYTES`).
+    parked_bytes: usize,
     ports: Vec<PortSlice>,
     owners: HashMap<FiveTuple, Owner>,
     per_user: HashMap<Arc<str>, u32>,
@@ -183,6 +185,7 @@ impl ControlPlane {
             challenger,
             parked: HashMap::new(),
             parked_count: 0,
+            parked_bytes: 0,
             ports: PortSlice::split(port_range.0, port_range.1, workers),
             owners: HashMap::new(),
             per_user: HashMap::new(),
