@@ -278,3 +278,56 @@ fn known_users_keep_authenticating_through_an_unknown_name_flood_and_a_store_out
     let e = refused(&relay, "stranger-299", "x");
     assert!(e.contains("500") || e.contains("401"), "{e}");
 }
+
+/// Issue 21 §4: TLS to Redis. `rediss://` connects over TLS and verifies the server's
+/// certificate (here a self-signed one, trusted through `SSL_CERT_FILE`); without that trust the
+/// store is unreachable (exit 6), so the certificate is checked, not just accepted.
+#[test]
+fn rediss_store_over_tls_verifies_the_server() {
+    // A CA and a server certificate it signed (webpki refuses a self-signed CA certificate as
+    // the server's own).
+    let tls = uturn_tests::TlsFiles::generate();
+    let dir = tls.cert.parent().unwrap().to_owned();
+    let ca = dir.join("ca.pem");
+    let openssl = |args: &[&str]| {
+        let st = std::process::Command::new("openssl")
+            .current_dir(&dir)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(st.success(), "openssl {args:?}");
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(&[&["req", "-x509", "-days", "2", "-subj", "/CN=uturn test CA", "-keyout", "ca.key", "-out", "ca.pem"][..], &ec].concat());
+    openssl(&[&["req", "-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "srv.csr"][..], &ec].concat());
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    openssl(&[
+        "x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-extfile", "ext.cnf", "-out", "cert.pem",
+    ]);
+    let (_redis, tls_port) = RedisServer::start_tls(&tls);
+    let store = format!("rediss://localhost:{tls_port}/0");
+    let cert = ca.display().to_string();
+    let admin_env = |env: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(uturn_tests::uturn_bin());
+        cmd.args(["admin", "--store", &store]).args(args);
+        match env {
+            Some(file) => cmd.env("SSL_CERT_FILE", file),
+            None => cmd.env("SSL_CERT_FILE", "/nonexistent-uturn-ca.pem"),
+        };
+        let out = cmd.output().expect("uturn admin");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = admin_env(None, &["user", "list"]);
+    assert_eq!(code, 6, "an untrusted certificate is an unreachable store: {err}");
+    let (code, err) =
+        admin_env(Some(&cert), &["user", "add", "alice", "--realm", REALM, "--password", "wonderland"]);
+    assert_eq!(code, 0, "{err}");
+    let relay = Relay::start_with_env(BACKEND, &config(&store), &[], &[("SSL_CERT_FILE", &cert)]);
+    allocate(&relay, "alice", "wonderland").unwrap();
+    assert!(refused(&relay, "alice", "wrong").contains("401"));
+    let log = relay.log();
+    assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+}
