@@ -10,6 +10,7 @@ pub mod credentials;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod secrets;
 pub mod ports;
 pub mod server;
 pub mod store;
