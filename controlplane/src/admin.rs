@@ -278,9 +278,7 @@ fn admin(a: AdminArgs) -> Result<(), Failure> {
             };
             call(&url, "GET", token.as_deref())
         }
-        AdminCommand::Drain => {
-            call(&format!("{}/drain", a.admin_url.trim_end_matches('/')), "POST", token.as_deref())
-        }
+        AdminCommand::Drain => call(&format!("{}/drain", a.admin_url.trim_end_matches('/')), "POST", token.as_deref()),
         AdminCommand::User(cmd) => {
             let url: StoreUrl = a.store.as_deref().ok_or_else(|| usage("--store URL is required"))?.parse()?;
             let create = matches!(cmd, UserCommand::Add(_) | UserCommand::Import { .. });

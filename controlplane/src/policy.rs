@@ -164,9 +164,18 @@ mod tests {
                 assert!(!p.allows(at(form)), "{form} ({v4}) must be denied");
             }
         }
-        for v6 in
-            ["::", "::1", "ff02::1", "fe80::1", "fec0::1", "2001::1", "2001:0:ffff::1", "2002:c000:201::1", "fc00::1", "fd12::1"]
-        {
+        for v6 in [
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+            "fec0::1",
+            "2001::1",
+            "2001:0:ffff::1",
+            "2002:c000:201::1",
+            "fc00::1",
+            "fd12::1",
+        ] {
             assert!(!p.allows(at(ip(v6))), "{v6}");
         }
         for good in

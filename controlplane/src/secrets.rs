@@ -79,7 +79,8 @@ mod tests {
     use super::*;
 
     fn file(tag: &str, text: &str) -> std::path::PathBuf {
-        let p = std::env::temp_dir().join(format!("uturn-secret-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));
+        let p =
+            std::env::temp_dir().join(format!("uturn-secret-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));
         std::fs::write(&p, text).unwrap();
         p
     }

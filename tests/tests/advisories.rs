@@ -102,13 +102,13 @@ fn cve_2026_27624_ipv4_spellings_link_local_and_ula_peers_are_denied() {
         "[::169.254.169.254]:80",      // cloud metadata, IPv4-compatible
         "[::ffff:0:a9fe:a9fe]:80",     // cloud metadata, IPv4-translated
         "[::ffff:10.0.0.1]:5000",
-        "[64:ff9b::c0a8:101]:5000",    // 192.168.1.1
-        "[64:ff9b:1::a00:1]:5000",     // local-use NAT64
-        "[fe80::1]:5000",              // link-local
-        "[fec0::1]:5000",              // site-local
-        "[fd00::1]:5000",              // ULA
+        "[64:ff9b::c0a8:101]:5000", // 192.168.1.1
+        "[64:ff9b:1::a00:1]:5000",  // local-use NAT64
+        "[fe80::1]:5000",           // link-local
+        "[fec0::1]:5000",           // site-local
+        "[fd00::1]:5000",           // ULA
         "[fc00::1]:5000",
-        "[2001::1]:5000",              // Teredo
+        "[2001::1]:5000", // Teredo
         "[ff02::1]:5000",
         "[::]:5000",
     ];

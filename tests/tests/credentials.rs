@@ -432,7 +432,8 @@ fn secrets_from_files_and_the_environment_stay_off_the_command_line() {
     let (code, _, err) = uturn_env(&["admin", "key", "--user", "erin", "--realm", "example.org"], &[]);
     assert_eq!(code, 2, "no password: {err}");
     // A config file may name the files too.
-    let cfg = format!("admin-token-file = \"{token}\"\nstatic-auth-secret-file = \"{secrets}\"\nusers-file = \"{users}\"\n");
+    let cfg =
+        format!("admin-token-file = \"{token}\"\nstatic-auth-secret-file = \"{secrets}\"\nusers-file = \"{users}\"\n");
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let admin2 = format!("127.0.0.1:{admin_port}");
     let relay2 = Relay::start(BACKEND, &cfg, &["--admin-listen", &admin2]);

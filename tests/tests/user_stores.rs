@@ -196,7 +196,9 @@ fn a_flood_of_long_unknown_names_over_tcp_gets_400_and_holds_no_memory() {
     let tls = uturn_tests::TlsFiles::generate();
     let cfg = format!("{}unauth-rate = 0\nuser-cache-negative-size = 1000\n", config(&store));
     let relay = Relay::start_streams(BACKEND, &cfg, &[], &tls);
-    let mut s = uturn_bench::client::stream::StreamClient::connect(relay.tcp.unwrap(), false, "alice", "wonderland", REALM).unwrap();
+    let mut s =
+        uturn_bench::client::stream::StreamClient::connect(relay.tcp.unwrap(), false, "alice", "wonderland", REALM)
+            .unwrap();
     // The nonce is bound to the client's address: learn it on the TCP connection.
     let unsigned = uturn_tests::build(
         Method::ALLOCATE,
@@ -220,7 +222,11 @@ fn a_flood_of_long_unknown_names_over_tcp_gets_400_and_holds_no_memory() {
         assert!(t.elapsed() < Duration::from_secs(60), "bounded in time");
     }
     let after_long = rss(relay.pid());
-    eprintln!("RSS {} KiB, +{} KiB after 1,500 60,000-byte names", before / 1024, (after_long - before.min(after_long)) / 1024);
+    eprintln!(
+        "RSS {} KiB, +{} KiB after 1,500 60,000-byte names",
+        before / 1024,
+        (after_long - before.min(after_long)) / 1024
+    );
     // Just past the limits: 509-byte USERNAME, 764-byte REALM, a 128-character NONCE.
     assert_eq!(s.transact(&allocate_naming(&[b'n'; 509], &realm, &nonce)).unwrap().code(), Some(400));
     assert_eq!(s.transact(&allocate_naming(b"bob", &[b'r'; 764], &nonce)).unwrap().code(), Some(400));
@@ -234,10 +240,7 @@ fn a_flood_of_long_unknown_names_over_tcp_gets_400_and_holds_no_memory() {
         assert!(t.elapsed() < Duration::from_secs(120), "bounded in time");
     }
     let after_cap = rss(relay.pid());
-    eprintln!(
-        "RSS +{} KiB after a further 3,000 508-byte names",
-        after_cap.saturating_sub(before) / 1024
-    );
+    eprintln!("RSS +{} KiB after a further 3,000 508-byte names", after_cap.saturating_sub(before) / 1024);
     // The review measured +89.8 MB for the first flood; stream buffers and allocator slack stay
     // well under 16 MiB.
     assert!(after_long.saturating_sub(before) < 16 << 20, "+{} bytes", after_long - before);
@@ -300,12 +303,32 @@ fn rediss_store_over_tls_verifies_the_server() {
         assert!(st.success(), "openssl {args:?}");
     };
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(&[&["req", "-x509", "-days", "2", "-subj", "/CN=uturn test CA", "-keyout", "ca.key", "-out", "ca.pem"][..], &ec].concat());
+    openssl(
+        &[
+            &["req", "-x509", "-days", "2", "-subj", "/CN=uturn test CA", "-keyout", "ca.key", "-out", "ca.pem"][..],
+            &ec,
+        ]
+        .concat(),
+    );
     openssl(&[&["req", "-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "srv.csr"][..], &ec].concat());
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        .unwrap();
     openssl(&[
-        "x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-        "-extfile", "ext.cnf", "-out", "cert.pem",
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
     ]);
     let (_redis, tls_port) = RedisServer::start_tls(&tls);
     let store = format!("rediss://localhost:{tls_port}/0");
@@ -322,8 +345,7 @@ fn rediss_store_over_tls_verifies_the_server() {
     };
     let (code, err) = admin_env(None, &["user", "list"]);
     assert_eq!(code, 6, "an untrusted certificate is an unreachable store: {err}");
-    let (code, err) =
-        admin_env(Some(&cert), &["user", "add", "alice", "--realm", REALM, "--password", "wonderland"]);
+    let (code, err) = admin_env(Some(&cert), &["user", "add", "alice", "--realm", REALM, "--password", "wonderland"]);
     assert_eq!(code, 0, "{err}");
     let relay = Relay::start_with_env(BACKEND, &config(&store), &[], &[("SSL_CERT_FILE", &cert)]);
     allocate(&relay, "alice", "wonderland").unwrap();

@@ -353,7 +353,7 @@ mod tests {
             c.insert(t, key(&format!("x{n}")), None);
         }
         let (known, unknown) = c.tiers();
-        assert!(known <= 10 && known >= 9, "{known}");
+        assert!((9..=10).contains(&known), "{known}");
         // The negative tier gets an eighth of the bytes.
         assert!(unknown <= 2, "{unknown}");
         assert!(c.bytes() <= 10 * per + 10 * per / 8, "{}", c.bytes());
