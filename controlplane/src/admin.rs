@@ -27,9 +27,13 @@ pub enum Command {
 /// `uturn credential`.
 #[derive(Debug, Args)]
 pub struct CredentialArgs {
-    /// The shared secret (the relay's first static-auth-secret).
+    /// The shared secret (the relay's first static-auth-secret). Prefer --secret-file or
+    /// UTURN_STATIC_AUTH_SECRET: a flag shows in /proc/PID/cmdline.
+    #[arg(long, env = crate::secrets::ENV_STATIC_AUTH_SECRET, hide_env_values = true)]
+    pub secret: Option<String>,
+    /// A file whose first entry is the shared secret (the relay's --static-auth-secret-file).
     #[arg(long)]
-    pub secret: String,
+    pub secret_file: Option<std::path::PathBuf>,
     /// How long the credential lives: 8h, 30m, 90s, 1d or seconds.
     #[arg(long, default_value = "8h")]
     pub ttl: String,
@@ -53,9 +57,12 @@ pub struct AdminArgs {
     /// The running relay's admin endpoint (for `revoke`).
     #[arg(long, default_value = "http://127.0.0.1:3480")]
     pub admin_url: String,
-    /// Bearer token of the admin endpoint.
-    #[arg(long)]
+    /// Bearer token of the admin endpoint (or UTURN_ADMIN_TOKEN).
+    #[arg(long, env = crate::secrets::ENV_ADMIN_TOKEN, hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// A file holding the bearer token of the admin endpoint.
+    #[arg(long)]
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub action: AdminCommand,
@@ -75,9 +82,9 @@ pub enum AdminCommand {
         /// Realm.
         #[arg(long)]
         realm: String,
-        /// Password.
-        #[arg(long)]
-        password: String,
+        /// The password.
+        #[command(flatten)]
+        password: PasswordArg,
         /// Print the SHA-256 key instead of the MD5 one.
         #[arg(long)]
         sha256: bool,
@@ -136,6 +143,31 @@ pub enum UserCommand {
     Passwd(UserPassword),
 }
 
+/// A password: `--password` (or UTURN_PASSWORD), or `--password-file`.
+#[derive(Debug, Args)]
+pub struct PasswordArg {
+    /// Password. Prefer --password-file or UTURN_PASSWORD: a flag shows in /proc/PID/cmdline.
+    #[arg(long, env = crate::secrets::ENV_PASSWORD, hide_env_values = true)]
+    pub password: Option<String>,
+    /// A file holding the password (its trailing line break is not part of it).
+    #[arg(long)]
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+impl PasswordArg {
+    /// The password. Errors (exit 2): none given, both given, or the file unreadable or empty.
+    fn get(&self) -> Result<String, Failure> {
+        secret("--password", self.password.clone(), self.password_file.as_deref())
+    }
+}
+
+/// One of a value and a file naming it (crate::secrets::one_of); a usage failure when neither.
+fn secret(what: &str, value: Option<String>, file: Option<&std::path::Path>) -> Result<String, Failure> {
+    crate::secrets::one_of(what, value, file)
+        .map_err(|e| usage(format!("{e:#}")))?
+        .ok_or_else(|| usage(format!("{what} or {what}-file is required")))
+}
+
 /// A user and the password to store keys of (`user add`, `user passwd`).
 #[derive(Debug, Args)]
 pub struct UserPassword {
@@ -144,9 +176,9 @@ pub struct UserPassword {
     /// Realm.
     #[arg(long)]
     pub realm: String,
-    /// Password (only its keys are stored).
-    #[arg(long)]
-    pub password: String,
+    /// The password (only its keys are stored).
+    #[command(flatten)]
+    pub password: PasswordArg,
     /// Store only the MD5 key (no SHA-256 key: PASSWORD-ALGORITHM SHA-256 then fails).
     #[arg(long)]
     pub md5_only: bool,
@@ -192,10 +224,21 @@ fn usage(message: impl Into<String>) -> Failure {
 
 fn credential(a: &CredentialArgs) -> Result<(), Failure> {
     let ttl = rest::parse_ttl(&a.ttl).map_err(usage)?;
-    if a.secret.is_empty() {
+    let first = match &a.secret_file {
+        Some(p) if a.secret.is_none() => {
+            let lines = crate::secrets::read_lines(p).map_err(|e| usage(format!("--secret-file: {e:#}")))?;
+            Some(lines[0].clone())
+        }
+        _ => None,
+    };
+    let secret = match first {
+        Some(s) => s,
+        None => secret("--secret", a.secret.clone(), a.secret_file.as_deref())?,
+    };
+    if secret.is_empty() {
         return Err(usage("--secret must not be empty"));
     }
-    let m = rest::mint(a.secret.as_bytes(), credentials::unix_now(), ttl, a.user.as_deref(), a.separator);
+    let m = rest::mint(secret.as_bytes(), credentials::unix_now(), ttl, a.user.as_deref(), a.separator);
     let snippet = serde_json::json!({
         "iceServers": [{ "urls": a.url, "username": m.username, "credential": m.password }]
     });
@@ -208,8 +251,11 @@ fn credential(a: &CredentialArgs) -> Result<(), Failure> {
 }
 
 fn admin(a: AdminArgs) -> Result<(), Failure> {
+    let token = crate::secrets::one_of("--admin-token", a.admin_token.clone(), a.admin_token_file.as_deref())
+        .map_err(|e| usage(format!("{e:#}")))?;
     match a.action {
         AdminCommand::Key { user, realm, password, sha256 } => {
+            let password = password.get()?;
             store::validate_realm(&realm)?;
             let alg = if sha256 { PasswordAlgorithm::Sha256 } else { PasswordAlgorithm::Md5 };
             println!("{}", hex(IntegrityKey::derive(alg, &user, &realm, &password).as_bytes()));
@@ -222,7 +268,7 @@ fn admin(a: AdminArgs) -> Result<(), Failure> {
                 (None, Some(u)) => format!("{base}/users/{}/sessions", crate::admin_api::percent_encode(&u)),
                 (None, None) => return Err(usage("a USER or --session ID is required")),
             };
-            call(&url, "DELETE", a.admin_token.as_deref())
+            call(&url, "DELETE", token.as_deref())
         }
         AdminCommand::Sessions { id } => {
             let base = a.admin_url.trim_end_matches('/');
@@ -230,17 +276,16 @@ fn admin(a: AdminArgs) -> Result<(), Failure> {
                 Some(id) => format!("{base}/sessions/{id}"),
                 None => format!("{base}/sessions"),
             };
-            call(&url, "GET", a.admin_token.as_deref())
+            call(&url, "GET", token.as_deref())
         }
-        AdminCommand::Drain => {
-            call(&format!("{}/drain", a.admin_url.trim_end_matches('/')), "POST", a.admin_token.as_deref())
-        }
+        AdminCommand::Drain => call(&format!("{}/drain", a.admin_url.trim_end_matches('/')), "POST", token.as_deref()),
         AdminCommand::User(cmd) => {
             let url: StoreUrl = a.store.as_deref().ok_or_else(|| usage("--store URL is required"))?.parse()?;
             let create = matches!(cmd, UserCommand::Add(_) | UserCommand::Import { .. });
             let mut s = store::open(&url, create)?;
             match cmd {
                 UserCommand::Add(UserPassword { name, realm, password, md5_only }) => {
+                    let password = password.get()?;
                     let keys = checked_keys(&name, &realm, &password, md5_only)?;
                     s.add(&UserRecord { realm: realm.clone(), name: name.clone(), keys })?;
                     eprintln!("added {name:?} to realm {realm:?} in {url}");
@@ -259,6 +304,7 @@ fn admin(a: AdminArgs) -> Result<(), Failure> {
                     eprintln!("imported {n} users into realm {realm:?} in {url}");
                 }
                 UserCommand::Passwd(UserPassword { name, realm, password, md5_only }) => {
+                    let password = password.get()?;
                     let keys = checked_keys(&name, &realm, &password, md5_only)?;
                     s.set_keys(&realm, &name, &keys)?;
                     eprintln!("changed the password of {name:?} in realm {realm:?}");

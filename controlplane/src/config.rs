@@ -49,9 +49,13 @@ pub struct Cli {
     /// Realm for long-term credentials.
     #[arg(long)]
     pub realm: Option<String>,
-    /// A user as NAME:PASSWORD (repeatable; replaces the file's users).
-    #[arg(long)]
+    /// A user as NAME:PASSWORD (repeatable; replaces the file's users). Prefer --users-file or
+    /// UTURN_USER: a flag shows in /proc/PID/cmdline.
+    #[arg(long, env = crate::secrets::ENV_USER, hide_env_values = true)]
     pub user: Vec<String>,
+    /// A file of NAME:PASSWORD lines (`#` comments); replaces the file's users, with --user.
+    #[arg(long)]
+    pub users_file: Option<PathBuf>,
     /// Worker threads (0: one per online core).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -73,9 +77,13 @@ pub struct Cli {
     /// Accept channel numbers 0x5000-0x7FFF (RFC 5766 clients such as turnutils_uclient).
     #[arg(long)]
     pub rfc5766_channels: bool,
-    /// TURN REST API shared secret (repeatable: any verifies, the first mints).
-    #[arg(long)]
+    /// TURN REST API shared secret (repeatable: any verifies, the first mints). Prefer
+    /// --static-auth-secret-file or UTURN_STATIC_AUTH_SECRET: a flag shows in /proc/PID/cmdline.
+    #[arg(long, env = crate::secrets::ENV_STATIC_AUTH_SECRET, hide_env_values = true)]
     pub static_auth_secret: Vec<String>,
+    /// A file of REST secrets, one a line, the first mints (re-read on SIGHUP).
+    #[arg(long)]
+    pub static_auth_secret_file: Option<PathBuf>,
     /// Separator between expiry and user id in REST usernames (default ':').
     #[arg(long)]
     pub rest_separator: Option<char>,
@@ -88,9 +96,13 @@ pub struct Cli {
     /// Admin endpoint IP:PORT (HTTP; loopback only unless --admin-token is set).
     #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
-    /// Bearer token the admin endpoint requires.
-    #[arg(long)]
+    /// Bearer token the admin endpoint requires. Prefer --admin-token-file or
+    /// UTURN_ADMIN_TOKEN: a flag shows in /proc/PID/cmdline.
+    #[arg(long, env = crate::secrets::ENV_ADMIN_TOKEN, hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// A file holding the admin bearer token.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
     /// Prometheus endpoint IP:PORT (`GET /metrics`; off by default; loopback only unless
     /// --metrics-allow-remote).
     #[arg(long)]
@@ -138,6 +150,7 @@ pub struct FileConfig {
     relay_ip: Option<OneOrMany>,
     realm: Option<String>,
     users: Option<BTreeMap<String, String>>,
+    users_file: Option<PathBuf>,
     workers: Option<usize>,
     port_range: Option<String>,
     io_backend: Option<String>,
@@ -158,16 +171,21 @@ pub struct FileConfig {
     unauth_rate: Option<u32>,
     realms: Option<Vec<String>>,
     static_auth_secret: Option<OneOrMany>,
+    static_auth_secret_file: Option<PathBuf>,
     rest_separator: Option<char>,
     strict_expiry: Option<bool>,
     user_store: Option<String>,
     user_cache_ttl: Option<u64>,
     user_cache_negative_ttl: Option<u64>,
     user_cache_size: Option<usize>,
+    user_cache_bytes: Option<usize>,
+    user_cache_negative_size: Option<usize>,
+    user_cache_stale_ttl: Option<u64>,
     store_threads: Option<usize>,
     password_algorithms: Option<Vec<String>>,
     admin_listen: Option<SocketAddr>,
     admin_token: Option<String>,
+    admin_token_file: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
     metrics_allow_remote: Option<bool>,
     log_format: Option<String>,
@@ -353,9 +371,20 @@ impl Config {
             write_queue: f.stream_write_queue.unwrap_or(d.write_queue),
             stall_timeout: f.stream_stall_timeout.map_or(d.stall_timeout, Duration::from_secs),
         };
-        let mut secrets = cli.static_auth_secret.clone();
+        // A flag (or its environment variable) or its -file replaces the config file's key and
+        // its -file; one of each pair at most (crate::secrets).
+        let secrets_of = |what: &str, v: Vec<String>, file: Option<&std::path::Path>| -> Result<Vec<String>> {
+            match (v.is_empty(), file) {
+                (false, Some(_)) => bail!("give {what} or {what}-file, not both"),
+                (true, Some(p)) => crate::secrets::read_lines(p).with_context(|| format!("{what}-file")),
+                (_, None) => Ok(v),
+            }
+        };
+        let mut secrets =
+            secrets_of("--static-auth-secret", cli.static_auth_secret.clone(), cli.static_auth_secret_file.as_deref())?;
         if secrets.is_empty() {
-            secrets = f.static_auth_secret.map(OneOrMany::into_vec).unwrap_or_default();
+            let keyed = f.static_auth_secret.map(OneOrMany::into_vec).unwrap_or_default();
+            secrets = secrets_of("static-auth-secret", keyed, f.static_auth_secret_file.as_deref())?;
         }
         let user_store = match cli.user_store.clone().or(f.user_store) {
             Some(u) => Some(u.parse::<StoreUrl>().map_err(|e| anyhow::anyhow!("user-store: {e}"))?),
@@ -363,18 +392,39 @@ impl Config {
         };
         // The demo credential only when nothing else authenticates anyone.
         let demo = secrets.is_empty() && user_store.is_none();
-        let mut users = f.users.unwrap_or_else(|| {
+        let mut file_users = f.users;
+        if let Some(p) = &f.users_file {
+            let listed = crate::secrets::read_users(p).context("users-file")?;
+            let table = file_users.get_or_insert_with(BTreeMap::new);
+            for (name, pass) in listed {
+                if table.insert(name.clone(), pass).is_some() {
+                    bail!("user {name:?} is in both [users] and users-file");
+                }
+            }
+        }
+        let mut users = file_users.unwrap_or_else(|| {
             if demo {
                 BTreeMap::from([(DEMO_USER.0.into(), DEMO_USER.1.into())])
             } else {
                 BTreeMap::new()
             }
         });
-        if !cli.user.is_empty() {
+        if !cli.user.is_empty() || cli.users_file.is_some() {
             users.clear();
             for u in &cli.user {
-                let (name, pass) = u.split_once(':').with_context(|| format!("--user {u}: expected NAME:PASSWORD"))?;
+                // The text after ':' is a password: never in a message.
+                let name = u.split_once(':').map(|(n, _)| n);
+                let (name, pass) = u
+                    .split_once(':')
+                    .with_context(|| format!("--user {:?}: expected NAME:PASSWORD", name.unwrap_or("<no ':'>")))?;
                 users.insert(name.into(), pass.into());
+            }
+            if let Some(p) = &cli.users_file {
+                for (name, pass) in crate::secrets::read_users(p).context("--users-file")? {
+                    if users.insert(name.clone(), pass).is_some() {
+                        bail!("user {name:?} is in both --user and --users-file");
+                    }
+                }
             }
         }
         let workers = match cli.workers.or(f.workers).unwrap_or(0) {
@@ -419,11 +469,21 @@ impl Config {
                 cache_ttl: secs(f.user_cache_ttl, 60),
                 negative_ttl: secs(f.user_cache_negative_ttl, 5),
                 cache_size: f.user_cache_size.unwrap_or(100_000),
+                cache_bytes: f.user_cache_bytes.unwrap_or(64 << 20),
+                negative_cache_size: f.user_cache_negative_size.unwrap_or(10_000),
+                stale_ttl: secs(f.user_cache_stale_ttl, 86_400),
                 store_threads: f.store_threads.unwrap_or(2).max(1),
             },
             password_algorithms: parse_algorithms(f.password_algorithms.as_deref())?,
             admin_listen: cli.admin_listen.or(f.admin_listen),
-            admin_token: cli.admin_token.clone().or(f.admin_token),
+            admin_token: match crate::secrets::one_of(
+                "--admin-token",
+                cli.admin_token.clone(),
+                cli.admin_token_file.as_deref(),
+            )? {
+                Some(t) => Some(t),
+                None => crate::secrets::one_of("admin-token", f.admin_token, f.admin_token_file.as_deref())?,
+            },
             metrics_listen: cli.metrics_listen.or(f.metrics_listen),
             metrics_allow_remote: cli.metrics_allow_remote || f.metrics_allow_remote.unwrap_or(false),
             log_json: match cli.log_format.clone().or(f.log_format).as_deref().unwrap_or("text") {
@@ -786,7 +846,11 @@ mod tests {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        let f: FileConfig = toml::from_str(&enabled).unwrap_or_else(|e| panic!("{e}\n{enabled}"));
+        toml::from_str::<FileConfig>(&enabled).unwrap_or_else(|e| panic!("{e}\n{enabled}"));
+        // The `*-file` keys name files that do not exist here, and each is the alternative of
+        // a key given too: parsed above, left out of the merge.
+        let no_files: String = enabled.lines().filter(|l| !l.contains("-file = ")).map(|l| format!("{l}\n")).collect();
+        let f: FileConfig = toml::from_str(&no_files).unwrap_or_else(|e| panic!("{e}\n{no_files}"));
         let c = Config::merge(f, &Cli::default()).unwrap();
         assert_eq!(c.credentials.secrets, ["new-secret", "old-secret"]);
         assert!(c.credentials.store.is_some() && c.admin_listen.is_some());

@@ -151,6 +151,8 @@ pub struct ControlPlane {
     /// Requests waiting for a store lookup, by what they wait for.
     parked: HashMap<LookupKey, Vec<Parked>>,
     parked_count: usize,
+    /// Bytes of the requests in `parked` (bounded by `auth::MAX_PARKED_BYTES`).
+    parked_bytes: usize,
     ports: Vec<PortSlice>,
     /// One record per allocation, in a dense vector indexed by a table of positions (so the
     /// 68-byte 5-tuple and the record are not spread over a power-of-two table's empty buckets;
@@ -195,6 +197,7 @@ impl ControlPlane {
             challenger,
             parked: HashMap::new(),
             parked_count: 0,
+            parked_bytes: 0,
             ports: PortSlice::split(port_range.0, port_range.1, workers),
             owners: IndexMap::default(),
             per_user: HashMap::new(),

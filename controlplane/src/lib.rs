@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod ports;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod tcp_relay;

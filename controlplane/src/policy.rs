@@ -17,7 +17,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use ipnet::IpNet;
 
 /// Always denied: "this network", multicast, reserved/broadcast, link-local (the cloud metadata
-/// address 169.254.169.254 lives there), unspecified, Teredo and 6to4 (RFC 6156 §9.1: MUST NOT).
+/// address 169.254.169.254 lives there), unspecified, site-local (deprecated, RFC 3879), Teredo
+/// and 6to4 (RFC 6156 §9.1: MUST NOT; 6to4 also spells any IPv4 address, 2002:7f00::/24 loopback).
 pub const DENIED: &[&str] = &[
     "0.0.0.0/8",
     "224.0.0.0/4",
@@ -27,13 +28,17 @@ pub const DENIED: &[&str] = &[
     "::/128",
     "ff00::/8",
     "fe80::/10",
+    "fec0::/10",
     "2001::/32",
     "2002::/16",
 ];
 /// Denied unless the relay address itself is loopback.
 pub const LOOPBACK: &[&str] = &["127.0.0.0/8", "::1/128"];
 /// Private ranges: denied unless `allow-peer` lists them.
-pub const PRIVATE: &[&str] = &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"];
+/// `64:ff9b:1::/48` is the local-use NAT64 prefix (RFC 8215): a site's own translator, which
+/// can embed any IPv4 address (its loopback and private ranges too) in more than one layout.
+pub const PRIVATE: &[&str] =
+    &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7", "64:ff9b:1::/48"];
 
 fn nets(list: &[&str]) -> Vec<IpNet> {
     list.iter().map(|s| s.parse().expect("built-in CIDR")).collect()
@@ -159,14 +164,16 @@ impl PeerPolicy {
     }
 }
 
-/// Reduces IPv4-mapped (::ffff:0:0/96), IPv4-compatible (::/96 other than :: and ::1) and NAT64
-/// (64:ff9b::/96, RFC 6052) IPv6 addresses to the IPv4 address they carry.
+/// Reduces IPv4-mapped (::ffff:0:0/96), IPv4-translated (::ffff:0:0:0/96, RFC 2765),
+/// IPv4-compatible (::/96 other than :: and ::1) and NAT64 (64:ff9b::/96, RFC 6052) IPv6
+/// addresses to the IPv4 address they carry.
 pub fn normalize(ip: IpAddr) -> IpAddr {
     let IpAddr::V6(v6) = ip else { return ip };
     let s = v6.segments();
     let embedded = || IpAddr::V4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
     match s {
         [0, 0, 0, 0, 0, 0xffff, _, _] => embedded(),
+        [0, 0, 0, 0, 0xffff, 0, _, _] => embedded(),
         [0x64, 0xff9b, 0, 0, 0, 0, _, _] => embedded(),
         [0, 0, 0, 0, 0, 0, _, _] if v6 != Ipv6Addr::UNSPECIFIED && v6 != Ipv6Addr::LOCALHOST => embedded(),
         _ => ip,
@@ -203,6 +210,10 @@ mod tests {
             IpAddr::V6(v4.to_ipv6_mapped()),
             IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, hi, lo)),
             IpAddr::V6(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo)),
+            // IPv4-translated (RFC 2765), 6to4 (RFC 3056), local-use NAT64 (RFC 8215, /96 layout).
+            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0xffff, 0, hi, lo)),
+            IpAddr::V6(Ipv6Addr::new(0x2002, hi, lo, 0, 0, 0, 0, 1)),
+            IpAddr::V6(Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, hi, lo)),
         ]
     }
 
@@ -227,9 +238,18 @@ mod tests {
                 assert!(!p.allows(at(form)), "{form} ({v4}) must be denied");
             }
         }
-        for v6 in
-            ["::", "::1", "ff02::1", "fe80::1", "2001::1", "2001:0:ffff::1", "2002:c000:201::1", "fc00::1", "fd12::1"]
-        {
+        for v6 in [
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+            "fec0::1",
+            "2001::1",
+            "2001:0:ffff::1",
+            "2002:c000:201::1",
+            "fc00::1",
+            "fd12::1",
+        ] {
             assert!(!p.allows(at(ip(v6))), "{v6}");
         }
         for good in

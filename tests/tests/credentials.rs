@@ -346,3 +346,103 @@ fn sighup_keeps_the_realm_the_relay_started_with() {
     let mut c = Client::new(relay.addr, "alice", "one", "uturn.local").with_expected_realm(Some("uturn.local"));
     c.try_allocate().unwrap();
 }
+
+/// `uturn ARGS` with extra environment variables (20 s limit) → (exit code, stdout, stderr).
+fn uturn_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(uturn_tests::uturn_bin());
+    cmd.args(args).envs(env.iter().copied()).stdin(std::process::Stdio::null());
+    let out = cmd.output().expect("uturn");
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+}
+
+/// Issue 21 §4: secrets given as files or environment variables, never on the command line, so
+/// they show neither in /proc/PID/cmdline nor in the arguments a hot upgrade runs again.
+#[test]
+fn secrets_from_files_and_the_environment_stay_off_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("uturn-secrets-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let users = write("users", "# NAME:PASSWORD\nalice:file-pass-1\n");
+    let secrets = write("secrets", "rest-secret-new\nrest-secret-old\n");
+    let token = write("token", "admin-t0ken-from-file\n");
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let relay = Relay::start_with_env(
+        BACKEND,
+        "",
+        &[
+            "--users-file",
+            &users,
+            "--static-auth-secret-file",
+            &secrets,
+            "--admin-listen",
+            &admin,
+            "--admin-token-file",
+            &token,
+        ],
+        &[("UTURN_USER", "bob:env-pass-2")],
+    );
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", relay.pid())).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    for secret in ["file-pass-1", "env-pass-2", "rest-secret", "admin-t0ken"] {
+        assert!(!cmdline.contains(secret), "{secret} in {cmdline}");
+    }
+    // The users of the file and of UTURN_USER; the demo user is gone.
+    allocate(&relay, "alice", "file-pass-1").unwrap();
+    allocate(&relay, "bob", "env-pass-2").unwrap();
+    assert!(refused(&relay, "demo", "demo").contains("401"));
+    // A REST credential minted from the secrets file's first line, and one from the second.
+    let (code, out, err) = uturn_cli(&["credential", "--secret-file", &secrets, "--ttl", "1h", "--user", "carol"]);
+    assert_eq!(code, 0, "{err}");
+    let field = |k: &str| out.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_string()).unwrap();
+    allocate(&relay, &field("username:"), &field("password:")).unwrap();
+    let name = format!("{}:dave", unix_now() + 600);
+    allocate(&relay, &name, &openssl_password("rest-secret-old", &name)).unwrap();
+    // The admin token from a file (relay) and from UTURN_ADMIN_TOKEN (CLI).
+    let url = format!("http://{admin}");
+    let (code, _, err) = uturn_env(&["admin", "--admin-url", &url, "sessions"], &[]);
+    assert_ne!(code, 0, "no token: {err}");
+    let (code, out, err) =
+        uturn_env(&["admin", "--admin-url", &url, "sessions"], &[("UTURN_ADMIN_TOKEN", "admin-t0ken-from-file")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("alice"), "{out}");
+    let (code, _, err) = uturn_env(&["admin", "--admin-url", &url, "--admin-token-file", &token, "sessions"], &[]);
+    assert_eq!(code, 0, "{err}");
+    // A value and its file at once is a usage error, not a silent choice.
+    let (code, _, err) =
+        uturn_env(&["admin", "--admin-url", &url, "--admin-token-file", &token, "--admin-token", "x", "sessions"], &[]);
+    assert_eq!(code, 2, "{err}");
+    // `uturn admin` passwords from a file and from UTURN_PASSWORD give the same key as the flag.
+    let pw = write("pw", "s3cret\n");
+    let key = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["admin", "key", "--user", "erin", "--realm", "example.org"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = uturn_env(&args, env);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let flag = key(&["--password", "s3cret"], &[]);
+    assert_eq!(key(&["--password-file", &pw], &[]), flag);
+    assert_eq!(key(&[], &[("UTURN_PASSWORD", "s3cret")]), flag);
+    let (code, _, err) = uturn_env(&["admin", "key", "--user", "erin", "--realm", "example.org"], &[]);
+    assert_eq!(code, 2, "no password: {err}");
+    // A config file may name the files too.
+    let cfg =
+        format!("admin-token-file = \"{token}\"\nstatic-auth-secret-file = \"{secrets}\"\nusers-file = \"{users}\"\n");
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin2 = format!("127.0.0.1:{admin_port}");
+    let relay2 = Relay::start(BACKEND, &cfg, &["--admin-listen", &admin2]);
+    allocate(&relay2, "alice", "file-pass-1").unwrap();
+    allocate(&relay2, &name, &openssl_password("rest-secret-old", &name)).unwrap();
+    let (code, _, err) = uturn_env(
+        &["admin", "--admin-url", &format!("http://{admin2}"), "sessions"],
+        &[("UTURN_ADMIN_TOKEN", "admin-t0ken-from-file")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -17,6 +17,32 @@ use crate::credentials::cache::LookupKey;
 use crate::credentials::{Candidate, Identity, Resolved};
 use crate::metrics::AuthOutcome;
 
+/// The longest NONCE, in bytes (RFC 8489 §14.10: fewer than 128 characters, "which can be as
+/// long as 763 bytes").
+pub(crate) const MAX_NONCE_BYTES: usize = 763;
+
+/// True when USERNAME, REALM and NONCE are within RFC 8489's lengths: USERNAME fewer than 509
+/// bytes (§14.3), REALM and NONCE fewer than 128 characters and at most 763 bytes (§14.9,
+/// §14.10). A REALM that is not UTF-8 passes here and is "not served" (401) later.
+pub(crate) fn within_rfc_limits(identity: Identity<'_>, realm: &[u8], nonce: &[u8]) -> bool {
+    use crate::store::{MAX_NAME_BYTES, MAX_REALM_BYTES, MAX_REALM_CHARS};
+    let chars = |b: &[u8]| std::str::from_utf8(b).map_or(0, |s| s.chars().count());
+    let name_ok = match identity {
+        Identity::Name(n) => n.len() <= MAX_NAME_BYTES,
+        Identity::Hash(_) => true,
+    };
+    name_ok
+        && realm.len() <= MAX_REALM_BYTES
+        && chars(realm) <= MAX_REALM_CHARS
+        && nonce.len() <= MAX_NONCE_BYTES
+        && chars(nonce) <= MAX_REALM_CHARS
+}
+
+/// The most bytes of requests parked for the store at once: with [`MAX_PARKED`] requests, it
+/// bounds what a flood of large requests (up to 64 KiB each over TCP/TLS) can hold while the
+/// store is slow.
+pub(crate) const MAX_PARKED_BYTES: usize = 16 << 20;
+
 /// Outcome of authentication.
 pub(super) enum Auth {
     Ok {
@@ -43,7 +69,9 @@ pub(super) struct Parked {
 
 impl ControlPlane {
     /// RFC 8489 §9.2.4, in its order: no integrity attribute -> 401 with REALM, NONCE and
-    /// PASSWORD-ALGORITHMS; missing USERNAME (or USERHASH), REALM or NONCE -> 400; a
+    /// PASSWORD-ALGORITHMS; missing USERNAME (or USERHASH), REALM or NONCE, or one longer than
+    /// RFC 8489 allows (USERNAME 509 bytes or more, §14.3; REALM or NONCE 128 characters or
+    /// more, or over 763 bytes, §14.9, §14.10) -> 400; a
     /// PASSWORD-ALGORITHM(S) that does not match the offer -> 400; bad or expired nonce -> 438
     /// with a fresh one; unknown user, realm not served, expired REST credential or wrong HMAC
     /// -> 401. Unknown user and wrong password give byte-identical answers. A user the store
@@ -70,6 +98,11 @@ impl ControlPlane {
             self.metrics.auth(AuthOutcome::BadRequest);
             return Auth::Reply(self.error(msg, ErrorCode::BadRequest, None));
         };
+        if !within_rfc_limits(identity, realm, nonce) {
+            // Nothing past the RFC's lengths is looked up, cached or parked (issue 21 §2).
+            self.metrics.auth(AuthOutcome::BadRequest);
+            return Auth::Reply(self.error(msg, ErrorCode::BadRequest, None));
+        }
         let alg = match self.challenger.password_algorithm(msg) {
             Ok(a) => a,
             Err(code) => {
@@ -148,7 +181,7 @@ impl ControlPlane {
     }
 
     /// Parks a request until the store answers for `lookup`; false (not parked, counted) when
-    /// the table is full.
+    /// the table is full ([`MAX_PARKED`] requests or [`MAX_PARKED_BYTES`] bytes).
     pub(super) fn park(
         &mut self,
         now: Instant,
@@ -158,12 +191,13 @@ impl ControlPlane {
         bytes: &[u8],
         received: Instant,
     ) -> bool {
-        if self.parked_count >= MAX_PARKED {
+        if self.parked_count >= MAX_PARKED || self.parked_bytes + bytes.len() > MAX_PARKED_BYTES {
             self.stats.parked_dropped += 1;
             return false;
         }
         self.stats.parked += 1;
         self.parked_count += 1;
+        self.parked_bytes += bytes.len();
         self.parked.entry(lookup).or_default().push(Parked {
             worker,
             five_tuple,
@@ -182,6 +216,7 @@ impl ControlPlane {
         for (key, resolved) in self.credentials.poll(now) {
             let Some(waiting) = self.parked.remove(&key) else { continue };
             self.parked_count -= waiting.len();
+            self.parked_bytes -= waiting.iter().map(|p| p.bytes.len()).sum::<usize>();
             for p in waiting {
                 // The answer itself decides (not a new lookup: with a zero cache TTL that would
                 // park the request again). Unavailable becomes 500 in `verify`.
@@ -206,6 +241,7 @@ impl ControlPlane {
                 !v.is_empty()
             });
             self.parked_count = self.parked.values().map(Vec::len).sum();
+            self.parked_bytes = self.parked.values().flatten().map(|p| p.bytes.len()).sum();
             self.stats.parked_dropped += (before - self.parked_count) as u64;
             for (worker, ft, bytes) in timed_out {
                 if let Some(a) = Message::parse(&bytes).ok().and_then(|m| self.refuse_busy(ft, &m)) {

@@ -37,6 +37,9 @@ fn credentials() -> Credentials {
         cache_ttl: Duration::from_secs(60),
         negative_ttl: Duration::from_secs(5),
         cache_size: 100,
+        cache_bytes: 1 << 20,
+        negative_cache_size: 100,
+        stale_ttl: Duration::from_secs(600),
         store_threads: 1,
     };
     Credentials::new(config, true, std::thread::current()).unwrap()
@@ -337,6 +340,9 @@ fn with_store(ttl: Duration) -> (H, std::path::PathBuf) {
         cache_ttl: ttl,
         negative_ttl: ttl,
         cache_size: 100,
+        cache_bytes: 1 << 20,
+        negative_cache_size: 100,
+        stale_ttl: Duration::from_secs(600),
         store_threads: 1,
     };
     let credentials = Credentials::new(config, true, std::thread::current()).unwrap();

@@ -21,7 +21,7 @@ use uturn_proto::wire::integrity::{userhash, PasswordAlgorithm};
 use uturn_proto::wire::IntegrityKey;
 
 use crate::store::{StoreUrl, UserKeys};
-use cache::{Cached, KeyCache, LookupKey, StoredUser, Who};
+use cache::{CacheLimits, Cached, KeyCache, LookupKey, StoredUser, Who};
 use lookup::LookupPool;
 
 /// Lookups that may wait for a store thread at once.
@@ -48,8 +48,16 @@ pub struct CredentialConfig {
     pub cache_ttl: Duration,
     /// How long a "no such user" answer is fresh.
     pub negative_ttl: Duration,
-    /// Most cached answers.
+    /// Most known users cached.
     pub cache_size: usize,
+    /// Most bytes the cached known users take ([`cache::entry_bytes`]); "no such user"
+    /// answers get an eighth of it.
+    pub cache_bytes: usize,
+    /// Most "no such user" answers cached (a tier of their own, so unknown names never evict
+    /// known users).
+    pub negative_cache_size: usize,
+    /// How long past `cache_ttl` a known user's answer is kept to serve during a store outage.
+    pub stale_ttl: Duration,
     /// Store threads.
     pub store_threads: usize,
 }
@@ -141,7 +149,14 @@ impl Credentials {
             Some(url) => Some(LookupPool::start(url, config.store_threads, LOOKUP_QUEUE, control)?),
             None => None,
         };
-        let cache = KeyCache::new(config.cache_size, config.cache_ttl, config.negative_ttl);
+        let cache = KeyCache::new(CacheLimits {
+            ttl: config.cache_ttl,
+            stale_ttl: config.stale_ttl,
+            negative_ttl: config.negative_ttl,
+            entries: config.cache_size,
+            bytes: config.cache_bytes,
+            negative_entries: config.negative_cache_size,
+        });
         let mut c = Credentials {
             config: config.clone(),
             realms: HashSet::new(),
@@ -201,6 +216,9 @@ impl Credentials {
             cache_ttl: kept.cache_ttl,
             negative_ttl: kept.negative_ttl,
             cache_size: kept.cache_size,
+            cache_bytes: kept.cache_bytes,
+            negative_cache_size: kept.negative_cache_size,
+            stale_ttl: kept.stale_ttl,
             store_threads: kept.store_threads,
             ..config
         };
@@ -249,6 +267,14 @@ impl Credentials {
         if self.pool.is_none() {
             return Resolved::Unknown;
         }
+        if let Identity::Name(n) = who {
+            // A name no store can hold (RFC 8489 §14.3) is no user, and is not worth a lookup
+            // or a cache entry.
+            if crate::store::validate_name(n).is_err() {
+                return Resolved::Unknown;
+            }
+        }
+        self.cache.expire(now);
         let key = LookupKey {
             realm,
             who: match who {
@@ -339,6 +365,11 @@ impl Credentials {
     /// Cached store answers.
     pub fn cached(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Bytes the cached store answers take ([`cache::entry_bytes`]).
+    pub fn cached_bytes(&self) -> usize {
+        self.cache.bytes()
     }
 }
 

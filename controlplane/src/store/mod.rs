@@ -247,7 +247,8 @@ fn from_hex(hex: &[u8], out: &mut [u8]) -> bool {
 
 /// Where a store lives, parsed from a URL: `sqlite:///abs/path.db` (also `sqlite://relative.db`
 /// and `sqlite:relative.db`), `redis://host:port/db` (db optional, default 0; also
-/// `redis://:password@host:port/db`).
+/// `redis://:password@host:port/db`), and `rediss://...` for Redis over TLS (rustls; the server's
+/// certificate is verified against the system's roots, or the PEM file `SSL_CERT_FILE` names).
 ///
 /// `Display` and `Debug` mask a Redis password as `***`.
 #[derive(Clone, PartialEq, Eq)]
@@ -269,25 +270,29 @@ impl FromStr for StoreUrl {
             }
             return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
         }
-        if s.starts_with("redis://") {
+        if s.starts_with("redis://") || s.starts_with("rediss://") {
             return match ::redis::IntoConnectionInfo::into_connection_info(s) {
                 Ok(_) => Ok(StoreUrl::Redis(s.to_owned())),
                 Err(e) => Err(StoreError::BadUrl(format!("{}: {e}", mask_redis(s)))),
             };
         }
         let shown = if s.contains('@') { "<hidden>".to_owned() } else { format!("{s:?}") };
-        Err(StoreError::BadUrl(format!("{shown} is neither sqlite:// nor redis://")))
+        Err(StoreError::BadUrl(format!("{shown} is neither sqlite://, redis:// nor rediss://")))
     }
 }
 
-/// A Redis URL with the password (what follows the first ':' of the user info) replaced by `***`.
-fn mask_redis(url: &str) -> String {
-    let Some(rest) = url.strip_prefix("redis://") else { return url.to_owned() };
-    // The last '@' ends the user info: a password with a raw '@' is masked whole.
+/// A URL with the password of its user info (what follows the first ':' before the host's '@')
+/// replaced by `***`: `redis://`, `rediss://` or any other scheme. A URL without user info, or
+/// with a user but no password, is returned as it is.
+pub fn mask_redis(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    // The last '@' ends the user info: a password with a raw '@' or '/' is masked whole (an '@'
+    // further on masks more than needed, never less).
     let Some(at) = rest.rfind('@') else { return url.to_owned() };
     let (userinfo, host) = rest.split_at(at);
     match userinfo.find(':') {
-        Some(colon) => format!("redis://{}:***{host}", &userinfo[..colon]),
+        Some(colon) => format!("{scheme}{}:***{host}", &userinfo[..colon]),
         None => url.to_owned(),
     }
 }
@@ -385,6 +390,7 @@ mod tests {
         assert_eq!(p("sqlite:users.db").ok(), Some(StoreUrl::Sqlite("users.db".into())));
         assert_eq!(p("redis://127.0.0.1:6379/2").ok(), Some(StoreUrl::Redis("redis://127.0.0.1:6379/2".into())));
         assert_eq!(p("redis://localhost").ok(), Some(StoreUrl::Redis("redis://localhost".into())));
+        assert_eq!(p("rediss://r.example:6380/1").ok(), Some(StoreUrl::Redis("rediss://r.example:6380/1".into())));
         for bad in ["", "sqlite:", "sqlite://", "postgres://x/y", "users.db", "redis://h/notadb", "http://a:b@c"] {
             let e = p(bad).err();
             assert!(matches!(e, Some(StoreError::BadUrl(_))), "{bad:?}: {e:?}");
@@ -403,6 +409,13 @@ mod tests {
         assert_eq!(u.to_string(), "redis://admin:***@h/0");
         let u: StoreUrl = "redis://h:1/0".parse().expect("valid");
         assert_eq!(u.to_string(), "redis://h:1/0");
+        // Any scheme with user info: rediss:// (TLS) and whatever a later store may take.
+        assert_eq!(mask_redis("rediss://:s3cret@h:6380/0"), "rediss://:***@h:6380/0");
+        assert_eq!(mask_redis("rediss://u:s3cret@h/0"), "rediss://u:***@h/0");
+        assert_eq!(mask_redis("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+        assert_eq!(mask_redis("redis://:p/w@h/0"), "redis://:***@h/0");
+        assert_eq!(mask_redis("redis://user@h/0"), "redis://user@h/0");
+        assert_eq!(mask_redis("no scheme:pw@h"), "no scheme:pw@h");
         let u: StoreUrl = "sqlite:///a/b.db".parse().expect("valid");
         assert_eq!(u.to_string(), "sqlite:///a/b.db");
         assert_eq!(u.to_string().parse::<StoreUrl>().ok(), Some(u));

@@ -75,6 +75,10 @@ impl SqliteStore {
         let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         if create {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
+            // The keys authenticate as well as the passwords (RFC 8489 §9.2.2): the file is the
+            // owner's alone. SQLite would create it 0644; an empty file is an empty database,
+            // and SQLite gives its -wal and -shm files the database file's mode.
+            create_private(path).map_err(|e| StoreError::Unavailable(format!("{shown}: {e}")))?;
         }
         let conn = Connection::open_with_flags(path, flags).map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::CannotOpen) if !create && !path.exists() => {
@@ -143,6 +147,16 @@ impl SqliteStore {
 
     fn err(&self, e: &rusqlite::Error) -> StoreError {
         unavailable(&self.path.display().to_string(), e)
+    }
+}
+
+/// Creates `path` empty with mode 0600 unless it exists (then it is left as it is).
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -266,6 +280,29 @@ mod tests {
     fn temp(tag: &str) -> PathBuf {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         std::env::temp_dir().join(format!("uturn-store-unit-{tag}-{}-{nanos}.db", std::process::id()))
+    }
+
+    #[test]
+    fn a_created_database_and_its_wal_are_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let p = temp("mode");
+        let mut s = SqliteStore::open(&p, true).unwrap();
+        let keys = UserKeys { md5: [1; 16], sha256: None };
+        s.add(&UserRecord { realm: "r".into(), name: "n".into(), keys }).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut f = p.as_os_str().to_owned();
+            f.push(suffix);
+            let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{suffix}: {mode:o}");
+        }
+        drop(s);
+        // An existing file is opened as it is, not re-created or re-moded.
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let s = SqliteStore::open(&p, true).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o640);
+        assert!(s.path() == p);
+        drop(s);
+        cleanup(&p);
     }
 
     fn cleanup(p: &Path) {

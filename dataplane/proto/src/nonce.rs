@@ -96,8 +96,17 @@ impl NonceKey {
 
     /// Checks a received nonce for `client` at `now_secs`. The MAC is compared in constant time.
     pub fn check(&self, nonce: &[u8], now_secs: u64, client: &SocketAddr) -> NonceCheck {
+        // Strictly lowercase hex digits, as minted: `from_str_radix` would take a leading '+'
+        // (and uppercase), so several texts would name one nonce.
         let hex = |range: std::ops::Range<usize>| {
-            std::str::from_utf8(nonce.get(range)?).ok().and_then(|h| u32::from_str_radix(h, 16).ok())
+            nonce.get(range)?.iter().try_fold(0u32, |acc, &c| {
+                let d = match c {
+                    b'0'..=b'9' => c - b'0',
+                    b'a'..=b'f' => c - b'a' + 10,
+                    _ => return None,
+                };
+                Some(acc << 4 | u32::from(d))
+            })
         };
         if nonce.len() != NONCE_LEN {
             return NonceCheck::Invalid;
@@ -268,6 +277,35 @@ mod tests {
         forged[23] = if forged[23] == b'0' { b'1' } else { b'0' };
         assert_eq!(k.check(&forged, 1000, &c), NonceCheck::Invalid);
         assert_eq!(k.check(b"short", 1000, &c), NonceCheck::Invalid);
+    }
+
+    #[test]
+    fn only_the_minted_lowercase_hex_is_accepted() {
+        let k = NonceKey::new([5; 32], 600);
+        let c: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        // Issued at 1000 = "000003e8": a leading zero that '+' could stand for.
+        let n = k.mint(1000, &c).into_bytes();
+        assert_eq!(&n[..8], b"000003e8");
+        assert_eq!(k.check(&n, 1000, &c), NonceCheck::Valid);
+        let mut plus = n.clone();
+        plus[0] = b'+';
+        assert_eq!(k.check(&plus, 1000, &c), NonceCheck::Invalid, "'+' is no hex digit");
+        let mut upper = n.clone();
+        upper[6] = b'E';
+        assert_eq!(k.check(&upper, 1000, &c), NonceCheck::Invalid, "only the minted (lowercase) form");
+        for bad in [b' ', b'-', b'g', b'x'] {
+            let mut m = n.clone();
+            m[0] = bad;
+            assert_eq!(k.check(&m, 1000, &c), NonceCheck::Invalid, "{}", bad as char);
+        }
+        // The MAC digits too: a '+' before a digit of a byte below 0x10 never verifies.
+        for i in 8..n.len() {
+            if n[i] == b'0' && i % 2 == 0 {
+                let mut m = n.clone();
+                m[i] = b'+';
+                assert_eq!(k.check(&m, 1000, &c), NonceCheck::Invalid, "at {i}");
+            }
+        }
     }
 
     #[test]

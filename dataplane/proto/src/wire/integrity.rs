@@ -240,6 +240,48 @@ mod tests {
         assert_eq!(format!("{sha:?}"), "IntegrityKey(Sha256, HmacSha256, ..)");
     }
 
+    /// coturn's non-constant-time HMAC compare (issue 21 §6): `verify` goes through the `hmac`
+    /// crate's `verify_slice` / `verify_truncated_left`, which compare with `subtle`'s
+    /// constant-time equality. What a test can check is the result: a MAC wrong in any one byte,
+    /// first, middle or last, is refused, and so is a prefix of a right one (a compare that
+    /// stopped at the shorter length would take it).
+    #[test]
+    fn a_mac_wrong_in_any_byte_or_cut_short_is_refused() {
+        let key = [9u8; 16];
+        let mut parts = IntegrityParts {
+            type_bytes: &[0, 3],
+            adjusted_length: 32,
+            rest: b"\x21\x12\xa4\x42transaction!",
+            mac: &[],
+            algorithm: MacAlgorithm::HmacSha1,
+        };
+        let good = compute(&key, &parts);
+        parts.mac = &good;
+        assert!(verify(&key, &parts));
+        for i in 0..good.len() {
+            let mut bad = good;
+            bad[i] ^= 0x01;
+            assert!(!verify(&key, &IntegrityParts { mac: &bad, ..parts }), "byte {i} wrong");
+        }
+        for len in [0, 1, 4, 19] {
+            parts.mac = &good[..len];
+            assert!(!verify(&key, &parts), "HMAC-SHA1 cut to {len} bytes");
+        }
+        let mut long = good.to_vec();
+        long.push(0);
+        assert!(!verify(&key, &IntegrityParts { mac: &long, ..parts }), "a longer MAC");
+        parts.algorithm = MacAlgorithm::HmacSha256;
+        let key = [9u8; 32];
+        let good = compute_sha256(&key, &parts);
+        for len in [0, 4, 12] {
+            parts.mac = &good[..len];
+            assert!(!verify(&key, &parts), "HMAC-SHA256 cut to {len} bytes");
+        }
+        let mut bad = good;
+        bad[31] ^= 0x80;
+        assert!(!verify(&key, &IntegrityParts { mac: &bad, ..parts }), "last byte of HMAC-SHA256");
+    }
+
     #[test]
     fn truncated_sha256_mac_verifies_on_its_length_only_from_16_bytes() {
         let key = [7u8; 32];
