@@ -50,24 +50,29 @@ pub struct PipelineReport {
     pub unanswered: u64,
 }
 
-fn peer_on(net: u8, i: u8) -> std::io::Result<UdpSocket> {
+/// A UDP peer on 127.0.`net`.`1 + i` (a permission is per IP, so each pipelined pair gets its
+/// own address), reading with a 1.5 s timeout.
+pub fn peer_on(net: u8, i: u8) -> std::io::Result<UdpSocket> {
     let s = UdpSocket::bind(SocketAddr::from(([127, 0, net, 1 + i], 0)))?;
-    s.set_read_timeout(Some(Duration::from_millis(1000)))?;
+    s.set_read_timeout(Some(Duration::from_millis(1500)))?;
     Ok(s)
 }
 
-fn received(peer: &UdpSocket, tag: &[u8]) -> bool {
+/// True when the next datagram `peer` receives within its timeout is `tag`.
+pub fn received(peer: &UdpSocket, tag: &[u8]) -> bool {
     let mut buf = [0u8; 2048];
     matches!(peer.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == tag)
 }
 
-fn create_permission(c: &Client, peer: SocketAddr) -> Vec<u8> {
+/// A signed CreatePermission for `peer` with a fresh transaction ID (not sent).
+pub fn create_permission(c: &Client, peer: SocketAddr) -> Vec<u8> {
     c.signed_request(Method::CREATE_PERMISSION, TransactionId(rand::random()), |w| {
         w.xor_address(attr::XOR_PEER_ADDRESS, &peer).map(drop)
     })
 }
 
-fn channel_bind(c: &Client, channel: u16, peer: SocketAddr) -> Vec<u8> {
+/// A signed ChannelBind of `channel` to `peer` with a fresh transaction ID (not sent).
+pub fn channel_bind(c: &Client, channel: u16, peer: SocketAddr) -> Vec<u8> {
     c.signed_request(Method::CHANNEL_BIND, TransactionId(rand::random()), |w| {
         w.u32(attr::CHANNEL_NUMBER, (channel as u32) << 16)?;
         w.xor_address(attr::XOR_PEER_ADDRESS, &peer).map(drop)

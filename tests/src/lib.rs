@@ -370,8 +370,37 @@ impl RedisServer {
     /// is missing (scripts/test.sh installs it).
     pub fn start() -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Self::spawn(port, &[])
+    }
+
+    /// Starts one that also serves TLS (`tls-port`, with `tls`'s certificate for `localhost`,
+    /// no client certificates) and waits until it answers PING on its plain port. Returns it
+    /// and the TLS port.
+    pub fn start_tls(tls: &TlsFiles) -> (RedisServer, u16) {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (port, tls_port) = (free(), free());
+        let (cert, key) = (tls.cert.display().to_string(), tls.key.display().to_string());
+        let tls_args = [
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-auth-clients",
+            "no",
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &cert,
+        ]
+        .map(str::to_owned);
+        (Self::spawn(port, &tls_args), tls_port)
+    }
+
+    /// `redis-server` on `port` with `extra` arguments, once it answers PING (at most 5 s).
+    fn spawn(port: u16, extra: &[String]) -> RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -382,37 +411,6 @@ impl RedisServer {
         while Instant::now() < deadline {
             if r.ping() {
                 return r;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server on port {port} did not answer PING");
-    }
-
-    /// Starts one that also serves TLS (`tls-port`, with `tls`'s certificate for `localhost`,
-    /// no client certificates) and waits until it answers PING on its plain port. Returns it
-    /// and the TLS port.
-    pub fn start_tls(tls: &TlsFiles) -> (RedisServer, u16) {
-        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let (port, tls_port) = (free(), free());
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--tls-port", &tls_port.to_string(), "--tls-auth-clients", "no"])
-            .arg("--tls-cert-file")
-            .arg(&tls.cert)
-            .arg("--tls-key-file")
-            .arg(&tls.key)
-            .arg("--tls-ca-cert-file")
-            .arg(&tls.cert)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server) must be installed: scripts/test.sh installs it");
-        let r = RedisServer { child: Some(child), port };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if r.ping() {
-                return (r, tls_port);
             }
             std::thread::sleep(Duration::from_millis(50));
         }

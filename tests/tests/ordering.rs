@@ -4,40 +4,16 @@
 //! worker holds that 5-tuple's later datagrams and handles them once the answer is applied, so
 //! the check is relayed, over UDP, TCP and TLS, on both back ends.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use uturn_bench::client::stream::StreamClient;
+use uturn_bench::pipeline::{channel_bind, create_permission, peer_on, received};
 use uturn_tests::uturn_proto::wire::{attr, Class, Method, TransactionId};
 use uturn_tests::{Client, Relay, TlsFiles, BACKENDS};
 
 /// Pairs sent back to back per kind (CreatePermission + Send, ChannelBind + ChannelData).
 const PAIRS: u8 = 20;
-
-/// A peer on its own loopback address (a permission is per IP, so each pair needs a fresh one).
-fn peer_on(kind: u8, i: u8) -> UdpSocket {
-    let s = UdpSocket::bind(SocketAddr::from(([127, 0, 10 + kind, 1 + i], 0))).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
-    s
-}
-
-fn got(peer: &UdpSocket, tag: &[u8]) -> bool {
-    let mut buf = [0u8; 2048];
-    matches!(peer.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == tag)
-}
-
-fn create_permission(c: &Client, peer: SocketAddr) -> Vec<u8> {
-    c.signed_request(Method::CREATE_PERMISSION, TransactionId(rand::random()), |w| {
-        w.xor_address(attr::XOR_PEER_ADDRESS, &peer).map(drop)
-    })
-}
-
-fn channel_bind(c: &Client, channel: u16, peer: SocketAddr) -> Vec<u8> {
-    c.signed_request(Method::CHANNEL_BIND, TransactionId(rand::random()), |w| {
-        w.u32(attr::CHANNEL_NUMBER, (channel as u32) << 16)?;
-        w.xor_address(attr::XOR_PEER_ADDRESS, &peer).map(drop)
-    })
-}
 
 fn send_indication(peer: SocketAddr, payload: &[u8]) -> Vec<u8> {
     uturn_bench::client::build(Method::SEND, Class::Indication, TransactionId(rand::random()), None, |w| {
@@ -94,18 +70,18 @@ fn pipelined_pairs(w: &mut Wire) -> (u8, u8) {
     let (mut sends, mut channels) = (0, 0);
     let stream = matches!(w, Wire::Stream(_));
     for i in 0..PAIRS {
-        let p = peer_on(0, i);
+        let p = peer_on(10, i).unwrap();
         let pa = p.local_addr().unwrap();
         let tag = format!("send check {i}");
         w.pipeline(&create_permission(w.creds(), pa), &send_indication(pa, tag.as_bytes()));
-        sends += got(&p, tag.as_bytes()) as u8;
+        sends += received(&p, tag.as_bytes()) as u8;
 
-        let q = peer_on(1, i);
+        let q = peer_on(11, i).unwrap();
         let qa = q.local_addr().unwrap();
         let channel = 0x4000 + i as u16;
         let tag = format!("channel check {i}");
         w.pipeline(&channel_bind(w.creds(), channel, qa), &channel_data(channel, tag.as_bytes(), stream));
-        channels += got(&q, tag.as_bytes()) as u8;
+        channels += received(&q, tag.as_bytes()) as u8;
     }
     (sends, channels)
 }
