@@ -67,6 +67,10 @@ pub struct ControlMetrics {
     latency_count: AtomicU64,
     latency_sum_ns: AtomicU64,
     parked: AtomicU64,
+    /// Store answers in the credential cache, and their bytes.
+    user_cache: [AtomicU64; 2],
+    /// RFC 6062 peer connections the TCP relay refused, by cap (written by its thread).
+    pub peer_refusals: Arc<crate::tcp_relay::RelayCounters>,
     /// True while the relay drains (new Allocates refused).
     pub draining: AtomicBool,
 }
@@ -81,6 +85,8 @@ impl Default for ControlMetrics {
             latency_count: AtomicU64::new(0),
             latency_sum_ns: AtomicU64::new(0),
             parked: AtomicU64::new(0),
+            user_cache: std::array::from_fn(|_| AtomicU64::new(0)),
+            peer_refusals: Arc::default(),
             draining: AtomicBool::new(false),
         }
     }
@@ -114,6 +120,12 @@ impl ControlMetrics {
         }
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_ns.fetch_add(latency.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// The credential cache now holds `entries` store answers taking `bytes` bytes.
+    pub fn set_user_cache(&self, entries: usize, bytes: usize) {
+        self.user_cache[0].store(entries as u64, Ordering::Relaxed);
+        self.user_cache[1].store(bytes as u64, Ordering::Relaxed);
     }
 
     /// Requests now parked for a store lookup.
@@ -464,6 +476,29 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
     );
     family(
         &mut out,
+        "user_cache_entries",
+        "gauge",
+        "Store answers (known users and unknown names) in the credential cache.",
+        [(String::new(), c.user_cache[0].load(Ordering::Relaxed) as f64)],
+    );
+    family(
+        &mut out,
+        "user_cache_bytes",
+        "gauge",
+        "Bytes the credential cache's entries take (estimated per entry; bounded by user-cache-bytes).",
+        [(String::new(), c.user_cache[1].load(Ordering::Relaxed) as f64)],
+    );
+    let r = &c.peer_refusals;
+    family(
+        &mut out,
+        "tcp_peer_connections_refused_total",
+        "counter",
+        "RFC 6062 peer connections refused, by the cap: per allocation (256), per user (max-peer-connections-per-user), node (max-connections).",
+        [("allocation", &r.refused_allocation), ("user", &r.refused_user), ("node", &r.refused_node)]
+            .map(|(cap, v)| (format!("cap=\"{cap}\""), v.load(Ordering::Relaxed) as f64)),
+    );
+    family(
+        &mut out,
         "parked_requests",
         "gauge",
         "Requests waiting for a user-store lookup.",
@@ -594,10 +629,18 @@ mod tests {
         control.auth(AuthOutcome::StaleNonce);
         control.allocate_latency(Duration::from_micros(70));
         control.allocate_latency(Duration::from_millis(3));
+        control.set_user_cache(3, 300);
+        control.peer_refusals.refused_node.fetch_add(2, Ordering::Relaxed);
         let src = Sources { workers: vec![], control, backend: "epoll", listen_ports: vec![3478], xdp: None };
+        let mut turnaround = uturn_dataplane::Turnaround::default();
+        turnaround.buckets[2] = 3;
+        turnaround.buckets[4] = 1;
+        turnaround.count = 4;
         let sample = WorkerSample {
             counters: Counters { relayed_to_peer: 10, bytes_to_client: 160, no_permission: 2, ..Counters::default() },
             allocations: 1,
+            holds: uturn_dataplane::HoldCounters { held: 5, dropped: 1, expired: 0 },
+            turnaround,
             ..WorkerSample::default()
         };
         let text = render_samples(&src, &[sample, WorkerSample::default()], Some((1, 2)));
@@ -618,6 +661,17 @@ mod tests {
             "uturn_allocate_latency_seconds_bucket{le=\"0.005\"} 2",
             "uturn_allocate_latency_seconds_bucket{le=\"+Inf\"} 2",
             "uturn_allocate_latency_seconds_count 2",
+            "uturn_user_cache_entries 3",
+            "uturn_user_cache_bytes 300",
+            "uturn_tcp_peer_connections_refused_total{cap=\"node\"} 2",
+            "uturn_tcp_peer_connections_refused_total{cap=\"user\"} 0",
+            "uturn_held_datagrams_total{worker=\"0\"} 5",
+            "uturn_hold_drops_total{worker=\"0\"} 1",
+            "uturn_request_turnaround_seconds_bucket{le=\"0.00001\"} 0",
+            "uturn_request_turnaround_seconds_bucket{le=\"0.00005\"} 3",
+            "uturn_request_turnaround_seconds_bucket{le=\"0.00025\"} 4",
+            "uturn_request_turnaround_seconds_bucket{le=\"+Inf\"} 4",
+            "uturn_request_turnaround_seconds_count 4",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

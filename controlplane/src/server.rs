@@ -356,9 +356,14 @@ impl<'a> Server<'a> {
                 max_connections: config.stream_limits.max_connections,
                 per_user: config.max_peer_connections_per_user,
             };
-            let relay =
-                crate::tcp_relay::TcpRelay::spawn(tx, std::thread::current(), config.permission_lifetime, limits)
-                    .context("starting the TCP relay")?;
+            let relay = crate::tcp_relay::TcpRelay::spawn(
+                tx,
+                std::thread::current(),
+                config.permission_lifetime,
+                limits,
+                server.control.metrics.peer_refusals.clone(),
+            )
+            .context("starting the TCP relay")?;
             let listen_ports = config.stream_listen().iter().map(|l| l.addr.port()).collect();
             server.control.set_tcp_relay(relay, listen_ports);
             server.tcp_events = Some(rx);

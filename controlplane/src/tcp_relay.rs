@@ -153,17 +153,18 @@ pub struct TcpRelay {
 impl TcpRelay {
     /// Starts the relay thread. What it has for workers goes into `out`, after which it unparks
     /// `control`. `permission_lifetime` is how long a CreatePermission lets peers connect.
-    /// `limits` caps the peer connections beyond each allocation's 256.
+    /// `limits` caps the peer connections beyond each allocation's 256; refusals are counted in
+    /// `counters` (the metrics').
     pub fn spawn(
         out: Sender<(usize, ToWorker)>,
         control: Thread,
         permission_lifetime: Duration,
         limits: PeerLimits,
+        counters: Arc<RelayCounters>,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (commands, rx) = crossbeam_channel::unbounded();
-        let counters = Arc::new(RelayCounters::default());
         let mut relay = Relay::new(poll, rx, out, control, permission_lifetime, limits, counters.clone());
         let thread = std::thread::Builder::new().name("uturn-tcp-relay".into()).spawn(move || relay.run())?;
         Ok(TcpRelay { counters, commands, waker, thread: Some(thread) })

@@ -252,6 +252,7 @@ impl ControlPlane {
         self.ports_exhausted.flush(now);
         self.bind_refusals.flush(now);
         self.metrics.set_parked(self.parked_count);
+        self.metrics.set_user_cache(self.credentials.cached(), self.credentials.cached_bytes());
         out
     }
 

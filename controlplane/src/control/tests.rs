@@ -533,8 +533,14 @@ fn tcp_allocations_follow_rfc_6062_section_5_1() {
     assert_eq!(code(&reply_bytes(tcp_allocate(&mut h, tcp_ft(1000), 1).0)), Some(442));
     let (tx, _rx) = crossbeam_channel::unbounded();
     let limits = crate::tcp_relay::PeerLimits { connections: Default::default(), max_connections: 100, per_user: 100 };
-    let relay =
-        crate::tcp_relay::TcpRelay::spawn(tx, std::thread::current(), Duration::from_secs(300), limits).unwrap();
+    let relay = crate::tcp_relay::TcpRelay::spawn(
+        tx,
+        std::thread::current(),
+        Duration::from_secs(300),
+        limits,
+        Default::default(),
+    )
+    .unwrap();
     h.cp.set_tcp_relay(relay, Default::default());
     // Over UDP: 400.
     assert_eq!(code(&reply_bytes(tcp_allocate(&mut h, ft(1001), 3).0)), Some(400));
