@@ -245,7 +245,14 @@ impl WorkerCore {
         if self.holds.holds(five_tuple) {
             // A request of this 5-tuple is at the control plane: what follows it waits, in
             // order, and is handled once the answer is applied (or dropped past the bounds).
-            self.holds.push(five_tuple, datagram);
+            if !self.holds.push(five_tuple, datagram) {
+                // Past the hold's bounds: dropped, but a request over TCP/TLS, whose client does
+                // not retransmit, hears 508.
+                if let Some(n) = crate::stream::refusal(&mut self.reply, five_tuple, datagram) {
+                    self.streams.counters.refusals += 1;
+                    return ClientVerdict::Reply(n);
+                }
+            }
             return ClientVerdict::Done;
         }
         match self.state.handle_client_datagram(now, five_tuple, datagram, &mut self.reply) {
@@ -273,7 +280,9 @@ impl WorkerCore {
                         verified,
                         received: now,
                     };
-                    if self.events.send(req).is_ok() {
+                    // Only a request verified with the allocation's key holds its 5-tuple: an
+                    // unsigned or forged one (a spoofed UDP source) never delays a client's media.
+                    if self.events.send(req).is_ok() && verified {
                         if let Some(tid) = held_for(datagram) {
                             self.holds.begin(*five_tuple, tid, now);
                         }

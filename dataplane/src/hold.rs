@@ -83,6 +83,10 @@ struct Hold {
 #[derive(Debug, Default)]
 pub(crate) struct Holds {
     by_tuple: HashMap<FiveTuple, Hold>,
+    /// Deadlines in the order they were set (every one is a receipt plus [`HoldLimits::time`],
+    /// so the order is the deadlines' order); an entry whose hold has gone or moved on is
+    /// skipped when it comes up.
+    deadlines: VecDeque<(Instant, FiveTuple)>,
     /// Datagrams held, all 5-tuples.
     datagrams: usize,
     /// Bytes held, all 5-tuples.
@@ -119,6 +123,7 @@ impl Holds {
         });
         h.pending.push((tid, received));
         h.deadline = h.deadline.max(deadline);
+        self.deadlines.push_back((deadline, ft));
     }
 
     /// Keeps a copy of `datagram` behind `ft`'s pending request. False when a bound refused it
@@ -173,18 +178,32 @@ impl Holds {
 
     /// The 5-tuples whose hold is past its deadline at `now` (counted as expired); the caller
     /// [`release`](Self::release)s each.
+    /// O(deadlines due), not O(holds).
     pub(crate) fn overdue(&mut self, now: Instant, out: &mut Vec<FiveTuple>) {
-        if self.by_tuple.is_empty() {
-            return;
+        while let Some(&(at, ft)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            // Only the hold's own, latest deadline counts; an earlier entry of a hold that a
+            // later request extended, or of one already released, is stale.
+            if self.by_tuple.get(&ft).is_some_and(|h| h.deadline <= now) && !out.contains(&ft) {
+                out.push(ft);
+                self.counters.expired += 1;
+            }
         }
-        let before = out.len();
-        out.extend(self.by_tuple.iter().filter(|(_, h)| h.deadline <= now).map(|(ft, _)| *ft));
-        self.counters.expired += (out.len() - before) as u64;
+        if self.by_tuple.is_empty() {
+            self.deadlines.clear();
+        }
     }
 
-    /// The earliest deadline of any hold.
+    /// The earliest deadline still queued (possibly of a hold already released: the caller
+    /// then wakes early and finds nothing due).
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.by_tuple.values().map(|h| h.deadline).min()
+        if self.by_tuple.is_empty() {
+            return None;
+        }
+        self.deadlines.front().map(|(at, _)| *at)
     }
 }
 
@@ -216,6 +235,26 @@ mod tests {
         assert!(h.is_empty());
         assert_eq!((h.datagrams, h.bytes), (0, 0));
         assert_eq!(h.counters, HoldCounters { held: 2, dropped: 0, expired: 0 });
+    }
+
+    #[test]
+    fn a_released_hold_leaves_no_due_deadline_and_an_extended_one_expires_late() {
+        let now = Instant::now();
+        let mut h = Holds::new(HoldLimits::default());
+        let (a, b) = (ft(1), ft(2));
+        h.begin(a, TransactionId([1; 12]), now);
+        h.begin(b, TransactionId([1; 12]), now);
+        assert_eq!(h.answered(&a, TransactionId([1; 12]), now), Some((Duration::ZERO, true)));
+        h.release(&a);
+        // b's request was answered late and a held request of b went out again.
+        h.answered(&b, TransactionId([1; 12]), now);
+        h.begin(b, TransactionId([2; 12]), now + Duration::from_millis(500));
+        let mut due = Vec::new();
+        h.overdue(now + Duration::from_secs(1), &mut due);
+        assert!(due.is_empty(), "a's hold is gone and b's runs to 1.5 s: {due:?}");
+        h.overdue(now + Duration::from_millis(1500), &mut due);
+        assert_eq!(due, vec![b]);
+        assert_eq!(h.counters.expired, 1);
     }
 
     #[test]
@@ -251,6 +290,7 @@ mod tests {
         assert_eq!(h.next_deadline(), Some(now + Duration::from_secs(1)));
         h.overdue(now + Duration::from_secs(1), &mut due);
         assert_eq!(due, vec![a]);
+        assert!(h.deadlines.is_empty(), "due deadlines are taken off the queue");
         assert_eq!(h.release(&a).len(), 1);
         assert_eq!(h.counters.expired, 1);
         assert_eq!(h.answered(&a, TransactionId([1; 12]), now), None, "a late answer finds nothing");

@@ -13,6 +13,9 @@ use super::ConnId;
 /// The capacity, bytes, that a connection's receive and send buffers keep between messages
 /// (see [`Connection::shrink_buffers`]); enough for every STUN message of a call.
 pub(crate) const KEEP_BUFFER: usize = 4096;
+/// Capacity past which a connection's buffer is given back after a large message, bytes: twice
+/// a video burst of 8 × 1,200-byte datagrams with room to spare, half a 64 KiB frame.
+const SHRINK_ABOVE: usize = 32 * 1024;
 
 /// Why a connection was closed (counted per reason, named in logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,11 +161,13 @@ impl Connection {
     /// Gives back what a large message made `inbuf` and `out` grow to, once they hold no more
     /// than [`KEEP_BUFFER`] bytes: a connection keeps at most that much capacity between
     /// messages (a 64 KiB frame would otherwise pin ~100 KiB per connection for its life).
+    /// Only a buffer past [`SHRINK_ABOVE`] is shrunk, so a media connection whose bursts grow
+    /// its buffers to a few KiB keeps them and does not reallocate on every read.
     pub(crate) fn shrink_buffers(&mut self) {
         for b in [&mut self.inbuf, &mut self.out] {
-            if b.capacity() > KEEP_BUFFER && b.is_empty() {
+            if b.capacity() > SHRINK_ABOVE && b.is_empty() {
                 *b = Vec::new();
-            } else if b.capacity() > KEEP_BUFFER && b.len() <= KEEP_BUFFER {
+            } else if b.capacity() > SHRINK_ABOVE && b.len() <= KEEP_BUFFER {
                 b.shrink_to(KEEP_BUFFER);
             }
         }
@@ -357,5 +362,10 @@ mod tests {
         c.out.clear();
         c.shrink_buffers();
         assert_eq!(c.out.capacity(), 0);
+        // A media burst's few KiB stay: no reallocation on every read.
+        c.out.reserve(10_000);
+        c.out.extend_from_slice(&[2u8; 100]);
+        c.shrink_buffers();
+        assert!(c.out.capacity() >= 10_000, "{}", c.out.capacity());
     }
 }
