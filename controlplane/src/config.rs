@@ -129,6 +129,13 @@ pub struct Cli {
     /// addresses).
     #[arg(long = "xdp-interface")]
     pub xdp_interfaces: Vec<String>,
+    /// Shared fleet state in Redis: redis://host:port/db or rediss://… (nonce secret, per-user
+    /// quotas, node registry, revoke, usage records). Unset: this node alone.
+    #[arg(long)]
+    pub fleet_redis: Option<String>,
+    /// This node's name in the fleet (default: the host name).
+    #[arg(long)]
+    pub node_id: Option<String>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -196,6 +203,8 @@ pub struct FileConfig {
     xdp_interfaces: Option<Vec<String>>,
     xdp_routes: Option<u32>,
     max_peer_connections_per_user: Option<usize>,
+    fleet_redis: Option<String>,
+    node_id: Option<String>,
 }
 
 /// A key that takes one string or a list of them.
@@ -320,6 +329,12 @@ pub struct Config {
     /// one user may hold at once (default 1,024); more earn 508 (Connect) or are closed at
     /// accept. They count in `max-connections` too.
     pub max_peer_connections_per_user: usize,
+    /// Shared fleet state in Redis (`fleet-redis`, redis:// or rediss://); `None`: this node
+    /// alone, exactly as without a fleet.
+    pub fleet_redis: Option<String>,
+    /// This node's name in the fleet registry, usage records and logs (`node-id`; default: the
+    /// host name, or `uturn` when it has none).
+    pub node_id: String,
 }
 
 /// Default `unauth-rate`, requests/s per source: 500 clients behind one NAT address that each
@@ -327,6 +342,16 @@ pub struct Config {
 /// requests) stay inside it with room for uneven spreading over the workers, while a spoofed
 /// victim gets at most this many answers a second (docs/security.md).
 pub const DEFAULT_UNAUTH_RATE: u32 = 2000;
+
+/// The host name from `/proc/sys/kernel/hostname`, or `uturn` when it cannot be read: the
+/// default `node-id`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "uturn".to_owned())
+}
 
 /// The embedded default's demo credential.
 pub const DEMO_USER: (&str, &str) = ("demo", "demo");
@@ -520,6 +545,8 @@ impl Config {
             max_bandwidth: f.max_bandwidth.unwrap_or(0),
             unauth_rate: f.unauth_rate.unwrap_or(DEFAULT_UNAUTH_RATE),
             max_peer_connections_per_user: f.max_peer_connections_per_user.unwrap_or(1024),
+            fleet_redis: cli.fleet_redis.clone().or(f.fleet_redis),
+            node_id: cli.node_id.clone().or(f.node_id).unwrap_or_else(host_name),
         };
         c.validate()?;
         Ok(c)
