@@ -19,6 +19,9 @@
 //!   REST user id matches its ephemeral usernames); answers `{"user":NAME,"revoked":N}`.
 //! - `POST /drain`: stop granting allocations; the process exits when the last one ends or
 //!   `drain-timeout` passes (`{"draining":true,"allocations":N}`).
+//! - `GET /`, `/status.css`, `/status.js`: the live status page ([`crate::status`]; these hold
+//!   no data and need no token), `GET /status.json`: its data, `GET /timeline`: the sessions'
+//!   timelines ([`crate::timeline`]).
 //!
 //! The HTTP thread never touches control-plane or worker state: it hands each request to the
 //! control loop over a queue and waits (at most 2 s) for the answer; for sessions the control
@@ -52,6 +55,8 @@ pub enum AdminAction {
     Drain,
     /// Say whether the relay takes new allocations.
     Ready,
+    /// The sessions' timelines (the status page).
+    Timeline,
 }
 
 /// What the control loop answers.
@@ -88,11 +93,28 @@ impl AdminApi {
     /// Serves on `listener` (bound to the admin address, or handed over by the previous
     /// process); each request unparks `control`. `token`: the bearer token required in
     /// `Authorization` (required by the configuration off loopback); without one, only
-    /// requests whose Host is loopback with the listener's port are answered.
-    pub fn start(listener: TcpListener, token: Option<String>, control: Thread) -> std::io::Result<Self> {
+    /// requests whose Host is loopback with the listener's port are answered. `board`: what
+    /// `GET /status.json` shows.
+    pub fn start(
+        listener: TcpListener,
+        token: Option<String>,
+        control: Thread,
+        board: Arc<crate::status::StatusBoard>,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let (tx, requests) = crossbeam_channel::bounded(64);
         let handler = move |r: &Request| {
+            // The status page's static files hold no data: served without the token (a browser
+            // cannot send one on navigation; the page's script sends it on its requests), but
+            // without a token only to a loopback Host like everything else.
+            if let (true, Some((content_type, body))) = (r.method == Method::GET, crate::status::asset(&r.path)) {
+                if token.is_some() || host_is_loopback(&r.headers, addr.port()) {
+                    return Response { status: 200, content_type, body: body.into() };
+                }
+            }
+            if r.method == Method::GET && r.path == "/status.json" && gate(r, addr.port(), token.as_deref()).is_none() {
+                return Response { status: 200, content_type: "application/json", body: board.to_json() };
+            }
             let (status, body) = route(r, addr.port(), token.as_deref(), &tx, &control);
             let content_type =
                 if body.starts_with(['{', '[']) { "application/json" } else { "text/plain; charset=utf-8" };
@@ -104,13 +126,9 @@ impl AdminApi {
     }
 }
 
-fn route(
-    request: &Request,
-    port: u16,
-    token: Option<&str>,
-    tx: &Sender<AdminRequest>,
-    control: &Thread,
-) -> (u16, String) {
+/// The refusal of a request without the bearer token (when one is set) or, without a token,
+/// with a Host that is not loopback; `None` when it may go on.
+fn gate(request: &Request, port: u16, token: Option<&str>) -> Option<(u16, String)> {
     match token {
         Some(t) => {
             let want = format!("Bearer {t}");
@@ -120,13 +138,26 @@ fn route(
                 .iter()
                 .any(|v| constant_time_eq(v.as_bytes(), want.as_bytes()));
             if !ok {
-                return (401, "{\"error\":\"bearer token required\"}".into());
+                return Some((401, "{\"error\":\"bearer token required\"}".into()));
             }
         }
         None if !host_is_loopback(&request.headers, port) => {
-            return (403, format!("{{\"error\":\"Host must be a loopback address or localhost with port {port}\"}}"));
+            return Some((403, format!("{{\"error\":\"Host must be a loopback address or localhost with port {port}\"}}")));
         }
         None => {}
+    }
+    None
+}
+
+fn route(
+    request: &Request,
+    port: u16,
+    token: Option<&str>,
+    tx: &Sender<AdminRequest>,
+    control: &Thread,
+) -> (u16, String) {
+    if let Some(refusal) = gate(request, port, token) {
+        return refusal;
     }
     if let Some(why) = cross_site(&request.method, &request.headers) {
         return (403, format!("{{\"error\":\"cross-site request refused: {why}\"}}"));
@@ -144,6 +175,7 @@ fn route(
         _ if get && path == "/ready" => ask(tx, control, AdminAction::Ready),
         _ if get && path == "/sessions" => ask(tx, control, AdminAction::Sessions(None)),
         _ if post && path == "/drain" => ask(tx, control, AdminAction::Drain),
+        _ if get && path == "/timeline" => ask(tx, control, AdminAction::Timeline),
         Some(Err(_)) if get || delete => (400, "{\"error\":\"bad session id\"}".into()),
         Some(Ok(id)) if get => ask(tx, control, AdminAction::Sessions(Some(id))),
         Some(Ok(id)) if delete => ask(tx, control, AdminAction::RevokeSession(id)),

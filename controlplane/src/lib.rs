@@ -17,3 +17,5 @@ pub mod server;
 pub mod store;
 pub mod tcp_relay;
 pub mod upgrade;
+pub mod status;
+pub mod timeline;

@@ -137,6 +137,24 @@ impl ControlMetrics {
     pub fn allocates_answered(&self) -> u64 {
         self.latency_count.load(Ordering::Relaxed)
     }
+
+    // The status page's readings (crate::status), the values /metrics shows.
+
+    /// Allocates granted so far (`allocations_granted_total`).
+    pub fn allocations_granted(&self) -> u64 {
+        self.allocations_granted.load(Ordering::Relaxed)
+    }
+
+    /// Allocates refused, by STUN error code (`other` last), as `allocations_refused_total`.
+    pub fn refused_by_code(&self) -> Vec<(String, serde_json::Value)> {
+        let codes = CODES.iter().map(|c| c.to_string()).chain(std::iter::once("other".to_string()));
+        codes.zip(&self.refused).map(|(c, v)| (c, v.load(Ordering::Relaxed).into())).collect()
+    }
+
+    /// Authentication outcomes, as `auth_total` labels them.
+    pub fn auth_outcomes(&self) -> Vec<(&'static str, u64)> {
+        OUTCOMES.iter().zip(&self.auth).map(|((_, l), v)| (*l, v.load(Ordering::Relaxed))).collect()
+    }
 }
 
 /// Everything a scrape reads.
@@ -248,7 +266,7 @@ fn render_with(src: &Sources, rxq: Option<(u64, u64)>) -> String {
 }
 
 /// Drop reasons: label and the worker counter (or extra) each comes from.
-fn drop_reasons(s: &WorkerSample) -> [(&'static str, u64); 10] {
+pub fn drop_reasons(s: &WorkerSample) -> [(&'static str, u64); 10] {
     let c = &s.counters;
     [
         ("no_permission", c.no_permission),

@@ -178,6 +178,9 @@ struct Server<'a> {
     /// What the TCP relay (RFC 6062 TCP allocations; runs with `tcp://` or `tls://` listen
     /// addresses) has for the workers.
     tcp_events: Option<crossbeam_channel::Receiver<(usize, ToWorker)>>,
+    /// The sessions' timelines and the status page's sampler (with the admin endpoint).
+    timeline: crate::timeline::Timeline,
+    status: Option<crate::status::Sampler>,
 }
 
 /// The listener of an HTTP endpoint configured at `addr` (`setting` names it in errors): the one
@@ -348,6 +351,8 @@ impl<'a> Server<'a> {
             xdp,
             tls,
             tcp_events: None,
+            timeline: Default::default(),
+            status: None,
         };
         if !config.stream_listen().is_empty() {
             let (tx, rx) = crossbeam_channel::unbounded();
@@ -426,7 +431,9 @@ impl<'a> Server<'a> {
                 bail!("the admin endpoint on {} is off loopback and admin-token is not set", listener.local_addr()?);
             }
             let keep = listener.try_clone()?;
-            let api = AdminApi::start(listener, c.admin_token.clone(), std::thread::current())
+            let board = self.status_board();
+            self.status = Some(board.start_sampler().context("status page sampler")?);
+            let api = AdminApi::start(listener, c.admin_token.clone(), std::thread::current(), board)
                 .with_context(|| format!("admin endpoint on {addr}"))?;
             self.admin = Some((api, keep));
         }
@@ -454,6 +461,26 @@ impl<'a> Server<'a> {
             self.metrics = Some((exporter, keep));
         }
         Ok(())
+    }
+
+    /// What the status page shows about this node, over the workers' and control plane's metrics.
+    fn status_board(&self) -> Arc<crate::status::StatusBoard> {
+        let c = self.config;
+        let xdp = match &self.xdp {
+            Some(x) => format!("{} on {}", c.xdp.name(), x.interfaces().join(", ")),
+            None => "off".into(),
+        };
+        let node = crate::status::NodeInfo {
+            backend: self.backend.name(),
+            workers: c.workers,
+            xdp,
+            listeners: c.listen.iter().map(|l| l.to_string()).collect(),
+            relay_ips: c.relay_ips.iter().map(|ip| ip.to_string()).collect(),
+            port_range: c.port_range,
+            realm: c.credentials.realm.clone(),
+        };
+        let workers = self.worker_cfgs.iter().map(|w| w.metrics.clone()).collect();
+        crate::status::StatusBoard::new(node, Instant::now(), workers, self.control.metrics.clone())
     }
 
     /// SIGHUP: re-reads the TLS certificate and key from their files (the paths are
@@ -582,7 +609,13 @@ impl<'a> Server<'a> {
                 };
                 self.push(worker, msg);
             }
-            FromWorker::Released { five_tuple, tid } => self.control.released(&five_tuple, tid),
+            FromWorker::Released { five_tuple, tid } => {
+                self.timeline.released(Instant::now(), &five_tuple, tid);
+                self.control.released(&five_tuple, tid)
+            }
+            FromWorker::Ended { session, reason, to_peer, to_client } => {
+                self.timeline.ended(Instant::now(), session, reason.name(), to_peer, to_client)
+            }
             FromWorker::DataClosed { connection_id } => self.control.tcp_data_closed(connection_id),
         }
     }
@@ -600,11 +633,15 @@ impl<'a> Server<'a> {
 
     /// Queues `msg` to `worker`; a full queue drops it (and an Install's allocation is forgotten).
     fn push(&mut self, worker: usize, msg: ToWorker) {
+        self.timeline.observe(Instant::now(), worker, &msg);
         if let Err(rejected) = self.workers[worker].send(msg) {
             self.control.stats.queue_full += 1;
             match rejected {
                 // The socket closes here; forget the allocation the worker never saw.
-                ToWorker::Install(i, _, _) | ToWorker::InstallTcp(i) => self.control.install_dropped(&i),
+                ToWorker::Install(i, _, _) | ToWorker::InstallTcp(i) => {
+                    self.timeline.released(Instant::now(), &i.five_tuple, i.tid);
+                    self.control.install_dropped(&i)
+                }
                 // The peer data connection closes here.
                 ToWorker::BindData { connection_id, .. } => self.control.tcp_data_closed(connection_id),
                 _ => {}
@@ -659,6 +696,7 @@ impl<'a> Server<'a> {
                 json(503, serde_json::json!({ "ready": false, "draining": true }))
             }
             AdminAction::Ready => json(200, serde_json::json!({ "ready": true })),
+            AdminAction::Timeline => AdminReply::Json(200, self.timeline.to_json()),
         }
     }
 

@@ -771,6 +771,9 @@ impl WorkerCore {
             bytes_to_client = e.to_client.bytes,
             "allocation ended"
         );
+        let (session, reason, to_peer, to_client) = (e.session, e.reason, e.to_peer, e.to_client);
+        // The control plane keeps it in the session's timeline (the status page).
+        let _ = self.events.send(FromWorker::Ended { session, reason, to_peer, to_client });
     }
 
     fn close_relay(&mut self, id: AllocationId, io: &mut impl Io) {

@@ -151,6 +151,18 @@ pub enum FromWorker {
         /// Transaction ID of the Allocate that made the allocation.
         tid: TransactionId,
     },
+    /// The allocation of session `session` ended, with why and its totals (sent just before its
+    /// [`FromWorker::Released`]; the status page's per-session timeline shows it).
+    Ended {
+        /// Session id.
+        session: u64,
+        /// Why it ended.
+        reason: uturn_proto::relay::EndReason,
+        /// Application data relayed client to peers over its life.
+        to_peer: uturn_proto::relay::Traffic,
+        /// Application data relayed peers to client over its life.
+        to_client: uturn_proto::relay::Traffic,
+    },
     /// The data connection pair of CONNECTION-ID `connection_id` (RFC 6062) closed, or its
     /// [`ToWorker::BindData`] found the client data connection gone.
     DataClosed {
