@@ -142,7 +142,10 @@ fn gate(request: &Request, port: u16, token: Option<&str>) -> Option<(u16, Strin
             }
         }
         None if !host_is_loopback(&request.headers, port) => {
-            return Some((403, format!("{{\"error\":\"Host must be a loopback address or localhost with port {port}\"}}")));
+            return Some((
+                403,
+                format!("{{\"error\":\"Host must be a loopback address or localhost with port {port}\"}}"),
+            ));
         }
         None => {}
     }

@@ -131,10 +131,8 @@ impl StatusBoard {
 
     /// Takes one sample into the ring (the oldest leaves past [`RING_LEN`]).
     pub fn sample(&self) {
-        let point = Point {
-            at: self.started.elapsed(),
-            workers: self.workers.iter().map(|w| totals(&w.sample())).collect(),
-        };
+        let point =
+            Point { at: self.started.elapsed(), workers: self.workers.iter().map(|w| totals(&w.sample())).collect() };
         if let Ok(mut ring) = self.ring.lock() {
             if ring.len() == RING_LEN {
                 ring.pop_front();
@@ -213,7 +211,8 @@ impl StatusBoard {
     fn series(&self) -> Value {
         let ring: Vec<Point> = self.ring.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default();
         let now = self.started.elapsed();
-        let t: Vec<f64> = ring.iter().skip(1).map(|p| -(now.saturating_sub(p.at).as_secs_f64() * 10.0).round() / 10.0).collect();
+        let t: Vec<f64> =
+            ring.iter().skip(1).map(|p| -(now.saturating_sub(p.at).as_secs_f64() * 10.0).round() / 10.0).collect();
         let workers: Vec<Value> = (0..self.workers.len())
             .map(|w| {
                 let mut rates: [Vec<f64>; 4] = Default::default();

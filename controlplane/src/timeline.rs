@@ -185,7 +185,9 @@ impl Timeline {
             ToWorker::InstallTcp(i) => self.start(now, worker, i, true),
             ToWorker::Command(c) => {
                 let (ft, what) = match c {
-                    Command::CreatePermission { five_tuple, peers, .. } => (five_tuple, What::Permission(peers.clone())),
+                    Command::CreatePermission { five_tuple, peers, .. } => {
+                        (five_tuple, What::Permission(peers.clone()))
+                    }
                     Command::ChannelBind { five_tuple, channel, peer, .. } => {
                         (five_tuple, What::Channel(channel.get(), *peer))
                     }

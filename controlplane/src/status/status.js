@@ -121,6 +121,8 @@ function renderStatus(s) {
   renderReasons("drops", Object.entries(s.drops).map(([r, n]) => [r, r.replace(/_/g, " "), n]));
 }
 
+const openDetails = new Set();
+
 /** A table of reason → count: the non-zero ones, largest first, then a line for the zeros. */
 function renderReasons(id, rows) {
   const table = document.getElementById(id);
@@ -128,9 +130,13 @@ function renderReasons(id, rows) {
   const zeros = rows.filter((r) => r[2] === 0);
   const trs = nonzero.map(([key, label, n]) =>
     el("tr", { "data-reason": key }, el("td", {}, label), el("td", { "data-value": n }, count(n))));
+  if (!nonzero.length) trs.push(el("tr", {}, el("td", { colspan: 2 }, "none")));
   if (zeros.length) {
-    trs.push(el("tr", { class: "zero" }, el("td", { colspan: 2 },
-      (nonzero.length ? "0: " : "none. 0: ") + zeros.map((r) => r[1]).join(", "))));
+    const open = openDetails.has(id);
+    const details = el("details", open ? { open: "" } : {}, el("summary", {}, zeros.length + " more at 0"),
+      zeros.map((r) => r[1]).join(", "));
+    details.addEventListener("toggle", () => { if (details.open) openDetails.add(id); else openDetails.delete(id); });
+    trs.push(el("tr", { class: "zero" }, el("td", { colspan: 2 }, details)));
   }
   table.replaceChildren(...trs);
 }
@@ -140,7 +146,8 @@ function renderReasons(id, rows) {
 function chart(title, t, peer, client, fmt) {
   const W = 320, H = 90, L = 4, R = 4, T = 14, B = 12;
   const max = Math.max(1, ...peer, ...client);
-  const span = 300;
+  // The last 5 minutes; less while the relay is younger, but at least one minute.
+  const span = Math.min(300, Math.max(60, ...t.map((s) => -s)));
   const x = (s) => L + (W - L - R) * (1 + s / span);
   const y = (v) => T + (H - T - B) * (1 - v / max);
   const s = svg("svg", { viewBox: "0 0 " + W + " " + H, preserveAspectRatio: "none", role: "img" });
@@ -153,7 +160,7 @@ function chart(title, t, peer, client, fmt) {
   line(peer, "line-peer");
   line(client, "line-client");
   s.append(svg("text", { x: L + 2, y: 10, class: "axis" }, "max " + fmt(max)));
-  s.append(svg("text", { x: L + 2, y: H - 2, class: "axis" }, "−5 min"));
+  s.append(svg("text", { x: L + 2, y: H - 2, class: "axis" }, span >= 300 ? "−5 min" : "−" + Math.round(span) + " s"));
   s.append(svg("text", { x: W - R - 2, y: H - 2, class: "axis", "text-anchor": "end" }, "now"));
   const last = (a) => (a.length ? a[a.length - 1] : 0);
   return el("div", { class: "chart" },
