@@ -43,6 +43,10 @@ cargo build --workspace --all-targets
 echo "==> tests"
 mkdir -p target
 cargo nextest run --workspace --no-fail-fast "$@" 2>&1 | tee target/nextest.log
+# The status page test's screenshot, kept by CI as an artifact.
+if [ -f target/artifacts/status-page.png ]; then
+  echo "==> status page screenshot (artifact): target/artifacts/status-page.png"
+fi
 
 # The release binary carries no test hook: fault injection is a cargo feature that only the
 # test build enables (docs/security.md).
