@@ -13,7 +13,8 @@ Checks, each printed as a failure sentence when it fails:
     between the two scrapes: allocations, permissions, channels (gauges) and packets relayed
     each way and no_permission drops (counters), and packets did flow (after > before > 0);
   * the sessions table lists --expect-sessions live sessions or more, and the timeline of the
-    session given by --ended-user (ended) shows allocate, permission, channel, refresh and end;
+    session given by --ended-user (ended) shows allocate, permission, channel, refresh and end
+    with its reason and traffic; the live session of --html-user shows its CreatePermission 403;
   * a user name given by --html-user shows as text and injects no element.
 Then it writes a full-page PNG to --screenshot, and prints "status page: ok" when all passed
 (exit 0) or the failures (exit 1).
@@ -158,10 +159,17 @@ def check_timeline(cdp, session, page, args, fails):
     text = evaluate(cdp, session, f"document.querySelector('tr[data-timeline=\"{sid}\"]').textContent")
     if "deleted" not in text or "pkts" not in text:
         fails.append(f"timeline end of session {sid} lacks its reason or traffic: {text[:300]!r}")
-    # A live session's timeline too, for the screenshot.
+    # A live session's timeline too: the one of --html-user holds a 403 (a peer the policy
+    # denies), told with its meaning.
     live = [r for r in page["rows"] if not r["ended"]]
-    if live:
-        evaluate(cdp, session, f"uturnStatus.expand({live[0]['id']})")
+    mine = [r for r in live if args.html_user and args.html_user in r["cells"]]
+    for r in (mine or live)[:1]:
+        sid = r["id"]
+        evaluate(cdp, session, f"uturnStatus.expand({sid})")
+        text = evaluate(cdp, session, f"document.querySelector('tr[data-timeline=\"{sid}\"]').textContent")
+        print(f"timeline of live session {sid}: {text[:400]!r}", flush=True)
+        if mine and "CreatePermission: 403 forbidden" not in text:
+            fails.append(f"the 403 on session {sid} is not on its timeline: {text[:400]!r}")
 
 
 def screenshot(cdp, session, path):
