@@ -21,7 +21,7 @@
 //!   `drain-timeout` passes (`{"draining":true,"allocations":N}`).
 //! - `GET /`, `/status.css`, `/status.js`: the live status page ([`crate::status`]; these hold
 //!   no data and need no token), `GET /status.json`: its data, `GET /timeline`: the sessions'
-//!   timelines ([`crate::timeline`]).
+//!   timelines ([`crate::timeline`]; `/timeline/ended`: the ended ones, `/timeline/ID`: one).
 //!
 //! The HTTP thread never touches control-plane or worker state: it hands each request to the
 //! control loop over a queue and waits (at most 2 s) for the answer; for sessions the control
@@ -55,8 +55,17 @@ pub enum AdminAction {
     Drain,
     /// Say whether the relay takes new allocations.
     Ready,
-    /// The sessions' timelines (the status page).
-    Timeline,
+    /// The sessions' timelines (the status page): all, the ended ones, or one session's.
+    Timeline(TimelineQuery),
+}
+
+/// Which timelines [`AdminAction::Timeline`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimelineQuery {
+    /// `GET /timeline` or `GET /timeline/ended`.
+    List(crate::timeline::Which),
+    /// `GET /timeline/ID`.
+    Session(u64),
 }
 
 /// What the control loop answers.
@@ -178,11 +187,23 @@ fn route(
         _ if get && path == "/ready" => ask(tx, control, AdminAction::Ready),
         _ if get && path == "/sessions" => ask(tx, control, AdminAction::Sessions(None)),
         _ if post && path == "/drain" => ask(tx, control, AdminAction::Drain),
-        _ if get && path == "/timeline" => ask(tx, control, AdminAction::Timeline),
+        _ if get && path.starts_with("/timeline") => match timeline_query(&path["/timeline".len()..]) {
+            Some(query) => ask(tx, control, AdminAction::Timeline(query)),
+            None => (404, "{\"error\":\"no such route\"}".into()),
+        },
         Some(Err(_)) if get || delete => (400, "{\"error\":\"bad session id\"}".into()),
         Some(Ok(id)) if get => ask(tx, control, AdminAction::Sessions(Some(id))),
         Some(Ok(id)) if delete => ask(tx, control, AdminAction::RevokeSession(id)),
         _ => (404, "{\"error\":\"no such route\"}".into()),
+    }
+}
+
+/// The timelines asked for by the rest of a `/timeline` path: empty (all), `/ended`, `/ID`.
+fn timeline_query(rest: &str) -> Option<TimelineQuery> {
+    match rest {
+        "" => Some(TimelineQuery::List(crate::timeline::Which::All)),
+        "/ended" => Some(TimelineQuery::List(crate::timeline::Which::Ended)),
+        _ => rest.strip_prefix('/')?.parse().ok().map(TimelineQuery::Session),
     }
 }
 

@@ -18,7 +18,7 @@ use uturn_dataplane::{
 use uturn_proto::nonce::{Challenger, NonceKey};
 use uturn_proto::relay::RelayConfig;
 
-use crate::admin_api::{AdminAction, AdminApi, AdminReply, AdminRequest};
+use crate::admin_api::{AdminAction, AdminApi, AdminReply, AdminRequest, TimelineQuery};
 use crate::config::{BackendChoice, Config};
 use crate::control::{ControlPlane, Policy};
 use crate::credentials::Credentials;
@@ -696,7 +696,11 @@ impl<'a> Server<'a> {
                 json(503, serde_json::json!({ "ready": false, "draining": true }))
             }
             AdminAction::Ready => json(200, serde_json::json!({ "ready": true })),
-            AdminAction::Timeline => AdminReply::Json(200, self.timeline.to_json()),
+            AdminAction::Timeline(TimelineQuery::List(which)) => AdminReply::Json(200, self.timeline.to_json(which)),
+            AdminAction::Timeline(TimelineQuery::Session(id)) => match self.timeline.session_json(id) {
+                Some(body) => AdminReply::Json(200, body),
+                None => json(404, serde_json::json!({ "error": format!("no timeline for session {id}") })),
+            },
         }
     }
 

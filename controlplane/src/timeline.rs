@@ -272,11 +272,14 @@ impl Timeline {
         self.live.len()
     }
 
-    /// The JSON `GET /timeline` answers: `{"sessions":[...],"untracked":N,"limits":{...}}`,
-    /// sessions by id (live and the last ended ones). Times: `started_unix_ms` (Unix
-    /// milliseconds), event and end times in milliseconds after the Allocate.
-    pub fn to_json(&self) -> String {
-        let mut all: Vec<&SessionLog> = self.live.values().chain(self.ended.iter()).collect();
+    /// The JSON `GET /timeline` (`which` = [`Which::All`]) and `GET /timeline/ended`
+    /// ([`Which::Ended`]) answer: `{"sessions":[...],"untracked":N,"limits":{...}}`, sessions
+    /// by id. Times: `started_unix_ms` (Unix milliseconds), event and end times in milliseconds
+    /// after the Allocate. All of them is up to a few MiB, built on the control thread: the
+    /// status page asks for the ended ones and for each opened live one only.
+    pub fn to_json(&self, which: Which) -> String {
+        let live = self.live.values().filter(|_| which == Which::All);
+        let mut all: Vec<&SessionLog> = live.chain(self.ended.iter()).collect();
         all.sort_by_key(|l| l.id);
         json!({
             "sessions": all.iter().map(|l| l.to_json()).collect::<Vec<_>>(),
@@ -285,6 +288,22 @@ impl Timeline {
         })
         .to_string()
     }
+
+    /// The JSON of one session's timeline (`GET /timeline/ID`), live or ended; `None` when
+    /// there is none.
+    pub fn session_json(&self, id: u64) -> Option<String> {
+        let log = self.live.get(&id).or_else(|| self.ended.iter().find(|l| l.id == id))?;
+        Some(log.to_json().to_string())
+    }
+}
+
+/// Which timelines [`Timeline::to_json`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// Live and ended sessions.
+    All,
+    /// The ended sessions kept.
+    Ended,
 }
 
 /// The method and code of an error response, `None` for anything else.
@@ -365,7 +384,7 @@ mod tests {
             five_tuple: ft(1000),
             tid: TransactionId([1; 12]),
             peers: vec![peer.ip()],
-            key: key.clone(),
+            key,
         });
         t.observe(now, 1, &perm);
         let bind = ToWorker::Command(Command::ChannelBind {
@@ -383,7 +402,9 @@ mod tests {
         let traffic = Traffic { packets: 3, bytes: 300 };
         t.ended(now, 7, "deleted", traffic, traffic);
         t.released(now, &ft(1000), TransactionId([7; 12]));
-        let v: Value = serde_json::from_str(&t.to_json()).unwrap();
+        let v: Value = serde_json::from_str(&t.to_json(Which::Ended)).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&t.session_json(7).unwrap()).unwrap(), v["sessions"][0]);
+        assert!(t.session_json(8).is_none());
         let s = &v["sessions"][0];
         assert_eq!(s["id"], 7);
         assert_eq!(s["user"], "alice");
@@ -436,7 +457,8 @@ mod tests {
         })()
         .unwrap();
         t.observe(now, 0, &ToWorker::Command(Command::Reply { five_tuple: ft(1000), bytes: buf[..n].to_vec() }));
-        let v: Value = serde_json::from_str(&t.to_json()).unwrap();
+        let v: Value = serde_json::from_str(&t.to_json(Which::All)).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&t.to_json(Which::Ended)).unwrap()["sessions"], json!([]));
         let e = &v["sessions"][0]["events"][0];
         assert_eq!(e["kind"], "refused");
         assert!(e["detail"].as_str().unwrap().starts_with("CreatePermission: 403 forbidden"), "{e}");

@@ -150,7 +150,7 @@ def check_timeline(cdp, session, page, args, fails):
         fails.append(f"no ended session of {args.ended_user!r} in the table")
         return
     sid = ended[0]["id"]
-    kinds = evaluate(cdp, session, f"""(() => {{ uturnStatus.expand({sid});
+    kinds = evaluate(cdp, session, f"""(async () => {{ await uturnStatus.expand({sid});
         return [...document.querySelectorAll('tr[data-timeline="{sid}"] li')].map(li => li.dataset.kind); }})()""")
     print(f"timeline of session {sid}: {kinds}", flush=True)
     for k in ("allocate", "permission", "channel", "refresh", "end"):

@@ -32,7 +32,15 @@ fn free_tcp_addr() -> SocketAddr {
 
 /// One HTTP/1.1 GET with extra header lines; returns (status, content type, body).
 fn get(addr: SocketAddr, path: &str, headers: &[String]) -> (u16, String, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    // The endpoints start just after the workers answer: wait for the listener (at most 5 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("connect {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     write!(s, "GET {path} HTTP/1.1\r\n{extra}Connection: close\r\n\r\n").unwrap();
@@ -86,7 +94,7 @@ fn traffic(clients: Vec<Client>, peer: SocketAddr, stop: Arc<AtomicBool>) -> Joi
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             for c in &clients {
                 c.send_channel_data(0x4001, &[i as u8; 160]);
-                if i % 5 == 0 {
+                if i.is_multiple_of(5) {
                     c.send_indication(peer, &[1; 100]);
                     c.send_indication(unpermitted, &[2; 100]);
                 }
@@ -178,12 +186,12 @@ fn status_data_needs_the_token_and_the_page_does_not() {
     let bearer = format!("Authorization: Bearer {TOKEN}");
     // The page and its files hold no data: served without the token, with their types.
     for (path, ct) in [("/", "text/html"), ("/status.css", "text/css"), ("/status.js", "text/javascript")] {
-        let (status, got, body) = get(admin, path, &[host.clone()]);
+        let (status, got, body) = get(admin, path, std::slice::from_ref(&host));
         assert_eq!((status, got.starts_with(ct)), (200, true), "{path}: {got}");
         assert!(!body.is_empty() && !body.contains(TOKEN));
     }
-    for path in ["/status.json", "/timeline", "/sessions"] {
-        assert_eq!(get(admin, path, &[host.clone()]).0, 401, "{path} without the token");
+    for path in ["/status.json", "/timeline", "/timeline/ended", "/sessions"] {
+        assert_eq!(get(admin, path, std::slice::from_ref(&host)).0, 401, "{path} without the token");
         assert_eq!(get(admin, path, &[host.clone(), "Authorization: Bearer wrong".into()]).0, 401, "{path}");
         let (status, ct, body) = get(admin, path, &[host.clone(), bearer.clone()]);
         assert_eq!((status, ct.as_str()), (200, "application/json"), "{path}: {body}");
@@ -197,10 +205,26 @@ fn status_data_needs_the_token_and_the_page_does_not() {
     assert_eq!(v["node"]["backend"], "epoll");
     assert_eq!(v["node"]["xdp"], "off");
     assert!(v["node"]["listeners"][0].as_str().unwrap().contains(&relay.addr.to_string()), "{v}");
-    let (_, _, body) = get(admin, "/timeline", &[host.clone(), bearer]);
+    let (_, _, body) = get(admin, "/timeline", &[host.clone(), bearer.clone()]);
     let t: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(t["sessions"][0]["user"], "demo", "{t}");
     assert!(t["sessions"][0]["end"].is_null());
+    let id = t["sessions"][0]["id"].as_u64().unwrap();
+    let (status, _, one) = get(admin, &format!("/timeline/{id}"), &[host.clone(), bearer.clone()]);
+    assert_eq!((status, serde_json::from_str::<serde_json::Value>(&one).unwrap()), (200, t["sessions"][0].clone()));
+    let (_, _, ended) = get(admin, "/timeline/ended", &[host.clone(), bearer.clone()]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&ended).unwrap()["sessions"], serde_json::json!([]));
+    assert_eq!(c.refresh(0).code(), None);
+    std::thread::sleep(Duration::from_millis(200));
+    let (_, _, ended) = get(admin, "/timeline/ended", &[host.clone(), bearer.clone()]);
+    let ended: serde_json::Value = serde_json::from_str(&ended).unwrap();
+    assert_eq!(
+        (ended["sessions"][0]["id"].as_u64(), &ended["sessions"][0]["end"]["reason"]),
+        (Some(id), &serde_json::json!("deleted")),
+        "{ended}"
+    );
+    assert_eq!(get(admin, "/timeline/999", &[host.clone(), bearer.clone()]).0, 404);
+    assert_eq!(get(admin, "/timeline/x", &[host.clone(), bearer]).0, 404);
     drop(relay);
 
     // Without a token: loopback Host only, for the page as for the data.

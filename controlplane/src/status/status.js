@@ -211,8 +211,13 @@ function renderSessions() {
 }
 
 function toggle(id) {
-  if (state.expanded.has(id)) state.expanded.delete(id); else state.expanded.add(id);
-  renderSessions();
+  if (state.expanded.has(id)) {
+    state.expanded.delete(id);
+    renderSessions();
+  } else {
+    state.expanded.add(id);
+    guarded(refreshSessions);
+  }
 }
 
 function timelineRow(id, s, log) {
@@ -268,11 +273,20 @@ async function refreshStatus() {
   state.gotStatus = true;
 }
 
+/** The live sessions, the ended ones' timelines, and the timelines of the opened live rows
+ * (one request each: the whole /timeline can be megabytes on a busy relay). */
 async function refreshSessions() {
-  const [sessions, timeline] = await Promise.all([api("/sessions"), api("/timeline")]);
+  const [sessions, ended] = await Promise.all([api("/sessions"), api("/timeline/ended")]);
+  const timeline = new Map(ended.sessions.map((l) => [l.id, l]));
+  const opened = sessions.filter((s) => state.expanded.has(s.id) && !timeline.has(s.id));
+  const logs = await Promise.all(opened.map((s) => api("/timeline/" + s.id).catch((e) => {
+    if (e instanceof Unauthorized) throw e;
+    return null; // no timeline (404): said so in its row
+  })));
+  for (const log of logs) if (log) timeline.set(log.id, log);
   state.sessions = sessions;
-  state.timeline = new Map(timeline.sessions.map((l) => [l.id, l]));
-  state.untracked = timeline.untracked;
+  state.timeline = timeline;
+  state.untracked = ended.untracked;
   renderSessions();
   state.gotSessions = true;
 }
@@ -306,7 +320,7 @@ function loop(f, every) {
 /** For tests and the console: refresh everything now; expand a session's timeline. */
 window.uturnStatus = {
   refresh: () => guarded(async () => { await Promise.all([refreshStatus(), refreshSessions()]); }),
-  expand: (id) => { state.expanded.add(id); renderSessions(); },
+  expand: (id) => { state.expanded.add(id); return guarded(refreshSessions); },
 };
 
 takeTokenFromFragment();
