@@ -310,6 +310,9 @@ impl WorkerCore {
         let id = self.streams.admit(now, socket, five_tuple);
         match id {
             Some(_) => debug!(worker = self.index, client = %client, %transport, "connection accepted"),
+            None if self.streams.proxy.streams && !self.streams.proxy.trusts(client.ip()) => {
+                debug!(worker = self.index, client = %client, %transport, "connection refused: not in proxy-trusted")
+            }
             None => debug!(worker = self.index, client = %client, %transport, "connection refused: over a cap"),
         }
         id

@@ -509,3 +509,67 @@ fn configurations_the_proxy_protocol_cannot_honour_are_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("proxy-protocol-udp cannot run with xdp"), "{err}");
 }
+
+/// Answers `sock` receives within `wait`.
+fn answers_within(sock: &UdpSocket, wait: Duration) -> usize {
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 1500];
+    let mut n = 0;
+    while Instant::now() < deadline {
+        if sock.recv_from(&mut buf).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn budgets_and_caps_count_the_real_client_not_the_balancer() {
+    let files = TlsFiles::generate();
+    for backend in BACKENDS {
+        // Each of the two workers: 10 unverified requests a second per source, burst 10; two
+        // connections per source.
+        let config = format!(
+            "proxy-protocol = true\nproxy-protocol-udp = true\nproxy-trusted = [\"{BALANCER}/32\"]\n\
+             unauth-rate = 20\nmax-connections-per-ip = 2\n"
+        );
+        let u = Uturn::start(backend, &config, &files);
+        // One balancer socket (one worker) carries two real clients: A spends its budget, B
+        // still has its own.
+        let b = UdpSocket::bind(SocketAddr::new(ip(BALANCER), 0)).unwrap();
+        let (a_addr, b_addr): (SocketAddr, SocketAddr) =
+            ("198.51.100.1:1000".parse().unwrap(), "198.51.100.2:1000".parse().unwrap());
+        let with = |client: SocketAddr| {
+            let mut d = v2(1, client, u.udp, true, 0);
+            d.extend_from_slice(&binding_request());
+            d
+        };
+        for _ in 0..40 {
+            b.send_to(&with(a_addr), u.udp).unwrap();
+        }
+        let a_answers = answers_within(&b, Duration::from_millis(500));
+        assert!((5..=15).contains(&a_answers), "{backend}: {a_answers} of 40 answered for A");
+        for _ in 0..5 {
+            b.send_to(&with(b_addr), u.udp).unwrap();
+        }
+        assert_eq!(answers_within(&b, Duration::from_millis(500)), 5, "{backend}: B has its own budget");
+        // Connections: two per real client, the third of A closed after its header; B's open.
+        let conn = |client: SocketAddr| {
+            let s = tcp_from(SocketAddr::new(ip(BALANCER), 0), u.tcp).unwrap();
+            (&s).write_all(&v1(client, u.tcp)).unwrap();
+            s
+        };
+        let kept: Vec<TcpStream> = (0..2).map(|i| conn(SocketAddr::new(a_addr.ip(), 2000 + i))).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let third = conn(SocketAddr::new(a_addr.ip(), 2002));
+        assert!(closed_within(&third, Duration::from_secs(2)), "{backend}: A's third connection");
+        let other = conn(b_addr);
+        let mut c = StreamClient::over(other, u.tcp, false, "demo", "demo", "uturn.local").unwrap();
+        assert_eq!(mapped_over(&mut c), b_addr, "{backend}: B connects");
+        for s in &kept {
+            assert!(!closed_within(s, Duration::from_millis(100)), "{backend}: A's first two stay open");
+        }
+        assert!(u.wait_metric("uturn_connections_closed_total{reason=\"refused\"}", 1.0) >= 1.0, "{backend}");
+    }
+}
