@@ -617,7 +617,6 @@ fn receive_queue_drops(listen_ports: &[u16]) -> Option<(u64, u64)> {
     Some((listener, relay))
 }
 
-
 /// PROXY protocol (`proxy-protocol`, `proxy-protocol-udp`): headers taken, and connections
 /// closed or datagrams dropped for their header, by transport (`tcp` counts TCP and TLS) and
 /// reason.

@@ -250,7 +250,10 @@ mod tests {
 
     #[test]
     fn trust_is_by_network_and_mapped_addresses_match_as_ipv4() {
-        let p = ProxyProtocol { trusted: vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()], ..Default::default() };
+        let p = ProxyProtocol {
+            trusted: vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            ..Default::default()
+        };
         assert!(p.trusts("10.1.2.3".parse().unwrap()));
         assert!(p.trusts("::ffff:10.1.2.3".parse().unwrap()));
         assert!(p.trusts("::1".parse().unwrap()));

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use uturn_bench::client::stream::{tcp_from, StreamClient};
 use uturn_tests::uturn_proto::wire::{attr, Class, Message, Method, TransactionId};
-use uturn_tests::{build, peer_socket, tempfile_lite::TempFile, uturn_bin, uturn_cli, Client, Guard, TlsFiles, BACKENDS};
+use uturn_tests::{
+    build, peer_socket, tempfile_lite::TempFile, uturn_bin, uturn_cli, Client, Guard, TlsFiles, BACKENDS,
+};
 
 const CLIENT: &str = "127.0.0.2";
 const FRONT: &str = "127.0.0.3";
@@ -259,9 +261,7 @@ fn haproxy_send_proxy_v1_and_v2_carry_the_real_client_over_tcp_and_tls() {
             "global\n    maxconn 100\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n",
         );
         for (i, (port, to, send, _)) in fronts.iter().enumerate() {
-            cfg += &format!(
-                "listen f{i}\n    bind {FRONT}:{port}\n    server s{i} {to} {send} source {BALANCER}\n"
-            );
+            cfg += &format!("listen f{i}\n    bind {FRONT}:{port}\n    server s{i} {to} {send} source {BALANCER}\n");
         }
         let cfg_file = TempFile::new("haproxy.cfg", &cfg);
         let _hap = Guard(
@@ -285,8 +285,9 @@ fn haproxy_send_proxy_v1_and_v2_carry_the_real_client_over_tcp_and_tls() {
         let peer = echo_peer(Duration::from_secs(30));
         for (port, _, send, tls) in &fronts {
             let front = SocketAddr::new(ip(FRONT), *port);
-            let mut c = StreamClient::connect_from(SocketAddr::new(ip(CLIENT), 0), front, *tls, "demo", "demo", "uturn.local")
-                .unwrap_or_else(|e| panic!("{backend} {send} tls={tls}: {e}"));
+            let mut c =
+                StreamClient::connect_from(SocketAddr::new(ip(CLIENT), 0), front, *tls, "demo", "demo", "uturn.local")
+                    .unwrap_or_else(|e| panic!("{backend} {send} tls={tls}: {e}"));
             let me = c.local_addr();
             assert_eq!(mapped_over(&mut c), me, "{backend} {send} tls={tls}: XOR-MAPPED-ADDRESS is the real client");
             assert!(relays_over_stream(&mut c, peer), "{backend} {send} tls={tls}: the allocation relays");
@@ -338,8 +339,7 @@ fn hand_written_v1_and_v2_headers_whole_split_or_local_name_the_client() {
 fn untrusted_missing_malformed_and_late_headers_close_the_connection() {
     let files = TlsFiles::generate();
     for backend in BACKENDS {
-        let config =
-            format!("proxy-protocol = true\nproxy-trusted = [\"{BALANCER}/32\"]\ntls-handshake-timeout = 2\n");
+        let config = format!("proxy-protocol = true\nproxy-trusted = [\"{BALANCER}/32\"]\ntls-handshake-timeout = 2\n");
         let u = Uturn::start(backend, &config, &files);
         for tls in [false, true] {
             let server = if tls { u.tls } else { u.tcp };
