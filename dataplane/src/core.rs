@@ -491,7 +491,11 @@ impl WorkerCore {
             PeerOutput::ToClient { five_tuple, message } => match path {
                 ClientPath::Datagram(listener) => match self.datagram_to(&five_tuple) {
                     Some(client) => PeerVerdict::Datagram { listener, client, message },
-                    None => PeerVerdict::Drop,
+                    None => {
+                        // `proxy-protocol-udp` with no balancer known for the client (yet).
+                        self.state.uncount_to_client(alloc, len);
+                        PeerVerdict::Drop
+                    }
                 },
                 ClientPath::Stream(conn) => {
                     // RFC 8656 §12.5: ChannelData is padded to 4 bytes on a stream (a Data

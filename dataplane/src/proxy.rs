@@ -249,6 +249,26 @@ mod tests {
     }
 
     #[test]
+    fn return_paths_follow_the_last_balancer_and_keep_live_ones_when_full() {
+        let server: SocketAddr = "192.0.2.1:3478".parse().unwrap();
+        let ft = |i: u32| FiveTuple::udp(SocketAddr::from((i.to_be_bytes(), 1000)), server);
+        let (b1, b2): (SocketAddr, SocketAddr) = ("10.0.0.1:5000".parse().unwrap(), "10.0.0.2:6000".parse().unwrap());
+        let mut p = DatagramProxy::new(ProxyProtocol::default());
+        assert_eq!(p.via(&ft(1)), None);
+        p.learn(ft(1), b1, |_| true);
+        assert_eq!(p.via(&ft(1)), Some(b1));
+        p.learn(ft(1), b2, |_| true);
+        assert_eq!(p.via(&ft(1)), Some(b2), "the last balancer carries the client");
+        for i in 2..MAX_RETURN_PATHS as u32 + 1 {
+            p.learn(ft(i), b1, |_| true);
+        }
+        // Full: only the 5-tuples with an allocation (here the first one) are kept.
+        p.learn(ft(u32::MAX), b1, |f| *f == ft(1));
+        assert_eq!(p.via.len(), 2);
+        assert_eq!((p.via(&ft(1)), p.via(&ft(u32::MAX)), p.via(&ft(2))), (Some(b2), Some(b1), None));
+    }
+
+    #[test]
     fn trust_is_by_network_and_mapped_addresses_match_as_ipv4() {
         let p = ProxyProtocol {
             trusted: vec!["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
