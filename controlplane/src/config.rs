@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ipnet::IpNet;
 use serde::Deserialize;
-use uturn_dataplane::{StreamLimits, XdpMode};
+use uturn_dataplane::{ProxyProtocol, StreamLimits, XdpMode};
 use uturn_proto::wire::integrity::PasswordAlgorithm;
 use uturn_proto::{ListenAddr, Transport};
 
@@ -136,6 +136,17 @@ pub struct Cli {
     /// This node's name in the fleet (default: the host name).
     #[arg(long)]
     pub node_id: Option<String>,
+    /// Every TCP/TLS connection starts with a PROXY protocol v1 or v2 header from a balancer in
+    /// --proxy-trusted (docs/operations.md).
+    #[arg(long)]
+    pub proxy_protocol: bool,
+    /// Every UDP datagram starts with a PROXY protocol v2 header from a balancer in
+    /// --proxy-trusted.
+    #[arg(long)]
+    pub proxy_protocol_udp: bool,
+    /// A load balancer network (CIDR) trusted to send PROXY headers (repeatable).
+    #[arg(long)]
+    pub proxy_trusted: Vec<IpNet>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -205,6 +216,9 @@ pub struct FileConfig {
     max_peer_connections_per_user: Option<usize>,
     fleet_redis: Option<String>,
     node_id: Option<String>,
+    proxy_protocol: Option<bool>,
+    proxy_protocol_udp: Option<bool>,
+    proxy_trusted: Option<Vec<IpNet>>,
 }
 
 /// A key that takes one string or a list of them.
@@ -335,6 +349,9 @@ pub struct Config {
     /// This node's name in the fleet registry, usage records and logs (`node-id`; default: the
     /// host name, or `uturn` when it has none).
     pub node_id: String,
+    /// PROXY protocol from trusted load balancers (`proxy-protocol`, `proxy-protocol-udp`,
+    /// `proxy-trusted`; docs/operations.md, docs/security.md).
+    pub proxy: ProxyProtocol,
 }
 
 /// Default `unauth-rate`, requests/s per source: 500 clients behind one NAT address that each
@@ -547,6 +564,15 @@ impl Config {
             max_peer_connections_per_user: f.max_peer_connections_per_user.unwrap_or(1024),
             fleet_redis: cli.fleet_redis.clone().or(f.fleet_redis),
             node_id: cli.node_id.clone().or(f.node_id).unwrap_or_else(host_name),
+            proxy: ProxyProtocol {
+                streams: cli.proxy_protocol || f.proxy_protocol.unwrap_or(false),
+                datagrams: cli.proxy_protocol_udp || f.proxy_protocol_udp.unwrap_or(false),
+                trusted: if cli.proxy_trusted.is_empty() {
+                    f.proxy_trusted.unwrap_or_default()
+                } else {
+                    cli.proxy_trusted.clone()
+                },
+            },
         };
         c.validate()?;
         Ok(c)
@@ -635,6 +661,12 @@ impl Config {
             bail!("max-peer-connections-per-user must be positive");
         }
         self.check_ports_outside_relay_range()?;
+        if (self.proxy.streams || self.proxy.datagrams) && self.proxy.trusted.is_empty() {
+            bail!("proxy-protocol and proxy-protocol-udp need proxy-trusted: the load balancers' networks");
+        }
+        if self.proxy.datagrams && self.xdp != XdpMode::Off {
+            bail!("proxy-protocol-udp cannot run with xdp: the XDP fast path sends ChannelData to the client's own address, not through its balancer");
+        }
         // Refuse the publicly known demo credential anywhere but loopback.
         if self.has_demo_user() && self.serves_beyond_loopback() {
             bail!("refusing to serve the demo credential (demo:demo) on a non-loopback address: set users with --user or [users]");
@@ -693,6 +725,7 @@ impl Config {
                 "xdp",
                 self.xdp != new.xdp || self.xdp_interfaces != new.xdp_interfaces || self.xdp_routes != new.xdp_routes,
             ),
+            ("proxy-protocol, proxy-protocol-udp, proxy-trusted", self.proxy != new.proxy),
         ]
     }
 }

@@ -382,6 +382,7 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         per_worker(&|s| s.streams.data_bytes),
     );
     render_holds(&mut out, samples);
+    render_proxy(&mut out, samples);
     family(&mut out, "permissions", "gauge", "Permissions held (peer IPs).", per_worker(&|s| s.permissions));
     family(&mut out, "channels", "gauge", "Channel bindings held.", per_worker(&|s| s.channels));
     let dir = |f: &dyn Fn(&WorkerSample) -> (u64, u64)| -> Vec<(String, f64)> {
@@ -632,6 +633,36 @@ fn receive_queue_drops(listen_ports: &[u16]) -> Option<(u64, u64)> {
         }
     }
     Some((listener, relay))
+}
+
+/// PROXY protocol (`proxy-protocol`, `proxy-protocol-udp`): headers taken, and connections
+/// closed or datagrams dropped for their header, by transport (`tcp` counts TCP and TLS) and
+/// reason.
+fn render_proxy(out: &mut String, samples: &[WorkerSample]) {
+    let sum = |f: &dyn Fn(&WorkerSample) -> u64| samples.iter().map(f).sum::<u64>() as f64;
+    family(
+        out,
+        "proxy_headers_total",
+        "counter",
+        "PROXY protocol headers taken: connections (tcp, for TCP and TLS) and datagrams (udp).",
+        [
+            ("transport=\"tcp\"".to_string(), sum(&|s| s.proxy.streams_accepted)),
+            ("transport=\"udp\"".to_string(), sum(&|s| s.proxy.datagrams_accepted)),
+        ],
+    );
+    let refused = uturn_dataplane::PROXY_REFUSALS.iter().enumerate().flat_map(|(i, r)| {
+        [
+            (format!("transport=\"tcp\",reason=\"{r}\""), sum(&|s| s.proxy.streams_refused[i])),
+            (format!("transport=\"udp\",reason=\"{r}\""), sum(&|s| s.proxy.datagrams_refused[i])),
+        ]
+    });
+    family(
+        out,
+        "proxy_refused_total",
+        "counter",
+        "Connections closed (tcp) and datagrams dropped (udp) for their PROXY header: from outside proxy-trusted, without a header, with a malformed one, or (tcp) without one in time.",
+        refused.collect::<Vec<_>>(),
+    );
 }
 
 #[cfg(test)]

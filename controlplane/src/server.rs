@@ -277,6 +277,7 @@ impl<'a> Server<'a> {
                 challenger: Some(challenger.clone()),
                 metrics: Arc::new(WorkerMetrics::default()),
                 xdp: xdp_maps.clone(),
+                proxy: config.proxy.clone(),
             })
             .collect();
         let (handover, mut fds) = match inherited {

@@ -176,6 +176,8 @@ pub(crate) struct WorkerCore {
     /// tests enable): panic on a datagram carrying [`crate::fault::MARKER`].
     #[cfg(feature = "fault-injection")]
     fault_injection: bool,
+    /// `proxy-protocol-udp`: datagrams carry a PROXY v2 header; the balancers' return paths.
+    pub(crate) proxied: Option<crate::proxy::DatagramProxy>,
 }
 
 impl WorkerCore {
@@ -216,6 +218,7 @@ impl WorkerCore {
             overdue_holds: Vec::new(),
             #[cfg(feature = "fault-injection")]
             fault_injection: crate::fault::enabled(),
+            proxied: None,
         }
     }
 
@@ -235,6 +238,9 @@ impl WorkerCore {
     ) -> ClientVerdict {
         #[cfg(feature = "fault-injection")]
         crate::fault::check(self.fault_injection, self.index, from, datagram);
+        if self.proxied.is_some() {
+            return self.on_proxied_datagram(now, listener, from, datagram);
+        }
         let five_tuple = FiveTuple::udp(from, self.listeners[listener].addr);
         self.on_message(now, &five_tuple, datagram)
     }
@@ -304,6 +310,9 @@ impl WorkerCore {
         let id = self.streams.admit(now, socket, five_tuple);
         match id {
             Some(_) => debug!(worker = self.index, client = %client, %transport, "connection accepted"),
+            None if self.streams.proxy.streams && !self.streams.proxy.trusts(client.ip()) => {
+                debug!(worker = self.index, client = %client, %transport, "connection refused: not in proxy-trusted")
+            }
             None => debug!(worker = self.index, client = %client, %transport, "connection refused: over a cap"),
         }
         id
@@ -314,6 +323,9 @@ impl WorkerCore {
     /// or TLS fails.
     pub(crate) fn on_stream_data(&mut self, now: Instant, id: ConnId, bytes: &[u8], io: &mut impl Io) {
         let Some(c) = self.streams.get_mut(id) else { return };
+        if c.awaiting_proxy {
+            return self.on_proxy_header(now, id, bytes, io);
+        }
         if c.role != Role::Framed {
             return self.on_unframed(now, id, bytes, io);
         }
@@ -477,9 +489,14 @@ impl WorkerCore {
         let (path, alloc, len) = (r.client, r.id, payload.len());
         match self.state.handle_peer_datagram(now, r.id, peer, buf, payload) {
             PeerOutput::ToClient { five_tuple, message } => match path {
-                ClientPath::Datagram(listener) => {
-                    PeerVerdict::Datagram { listener, client: five_tuple.client, message }
-                }
+                ClientPath::Datagram(listener) => match self.datagram_to(&five_tuple) {
+                    Some(client) => PeerVerdict::Datagram { listener, client, message },
+                    None => {
+                        // `proxy-protocol-udp` with no balancer known for the client (yet).
+                        self.state.uncount_to_client(alloc, len);
+                        PeerVerdict::Drop
+                    }
+                },
                 ClientPath::Stream(conn) => {
                     // RFC 8656 §12.5: ChannelData is padded to 4 bytes on a stream (a Data
                     // indication already is); the tailroom holds the padding.
@@ -620,7 +637,9 @@ impl WorkerCore {
             if out.reply_len > 0 {
                 match path {
                     Some(ClientPath::Datagram(listener)) => {
-                        io.send_reply(listener, out.five_tuple.client, &self.reply[..out.reply_len])
+                        if let Some(to) = self.datagram_to(&out.five_tuple) {
+                            io.send_reply(listener, to, &self.reply[..out.reply_len])
+                        }
                     }
                     Some(ClientPath::Stream(conn)) => {
                         let reply = &self.reply[..out.reply_len];
@@ -728,6 +747,7 @@ impl WorkerCore {
             turnaround: self.turnaround,
             connections: self.streams.len() as u64,
             streams: self.streams.counters,
+            proxy: self.streams.proxy_counters,
         });
     }
 
@@ -814,4 +834,5 @@ fn is_connection_bind(message: &[u8]) -> bool {
 
 mod ordering;
 use ordering::{answer_of, held_for};
+mod proxied;
 mod tcp_data;

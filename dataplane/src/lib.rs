@@ -34,6 +34,7 @@ mod gso;
 mod hold;
 mod messages;
 mod metrics;
+mod proxy;
 mod socket;
 mod stream;
 mod sys;
@@ -45,6 +46,7 @@ pub use fdpass::{inheritable, inherited_stream, recv_fds, send_fds, FDS_PER_MESS
 pub use hold::{HoldCounters, HoldLimits};
 pub use messages::{EventSender, FromWorker, ToWorker, UnverifiedGauge};
 pub use metrics::{Turnaround, WorkerMetrics, WorkerSample, PUBLISH_INTERVAL, TURNAROUND_BUCKETS};
+pub use proxy::{ProxyCounters, ProxyProtocol, PROXY_REFUSALS};
 pub use socket::{attach_reuseport_cpu, bind_listener, bind_relay, bind_stream_listener, local_addresses};
 pub use stream::tls::{TlsError, TlsServer, ALPN_STUN_TURN};
 pub use stream::{ConnectionCount, ConnectionSlot, StreamCounters, StreamLimits, CLOSE_REASONS};

@@ -13,6 +13,7 @@ use std::time::Duration;
 use uturn_proto::relay::Counters;
 
 use crate::hold::HoldCounters;
+use crate::proxy::{ProxyCounters, PROXY_REFUSALS};
 use crate::stream::{StreamCounters, CLOSE_REASONS};
 
 /// Stream values published: open, accepted, refused, queue drops, data bytes, then one per
@@ -78,6 +79,8 @@ pub struct WorkerMetrics {
     holds: [AtomicU64; 3],
     /// Buckets, then count and sum (ns).
     turnaround: [AtomicU64; TURNAROUND_BUCKETS.len() + 3],
+    /// PROXY protocol: stream accepted and refusals, then datagram accepted and refusals.
+    proxy: [AtomicU64; 2 + 2 * PROXY_REFUSALS.len()],
 }
 
 impl Default for WorkerMetrics {
@@ -91,6 +94,7 @@ impl Default for WorkerMetrics {
             streams: std::array::from_fn(|_| AtomicU64::new(0)),
             holds: std::array::from_fn(|_| AtomicU64::new(0)),
             turnaround: std::array::from_fn(|_| AtomicU64::new(0)),
+            proxy: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -116,6 +120,8 @@ pub struct WorkerSample {
     pub holds: HoldCounters,
     /// Request turnaround, receipt to answer applied.
     pub turnaround: Turnaround,
+    /// PROXY protocol headers taken and refused.
+    pub proxy: ProxyCounters,
 }
 
 impl WorkerMetrics {
@@ -142,6 +148,15 @@ impl WorkerMetrics {
         }
         let t = &sample.turnaround;
         for (a, v) in self.turnaround.iter().zip(t.buckets.iter().copied().chain([t.count, t.sum_ns])) {
+            a.store(v, Ordering::Relaxed);
+        }
+        let p = &sample.proxy;
+        let values = [p.streams_accepted]
+            .into_iter()
+            .chain(p.streams_refused)
+            .chain([p.datagrams_accepted])
+            .chain(p.datagrams_refused);
+        for (a, v) in self.proxy.iter().zip(values) {
             a.store(v, Ordering::Relaxed);
         }
     }
@@ -179,6 +194,16 @@ impl WorkerMetrics {
                     sum_ns: self.turnaround[n + 1].load(Ordering::Relaxed),
                 }
             },
+            proxy: {
+                let p = |i: usize| self.proxy[i].load(Ordering::Relaxed);
+                let n = PROXY_REFUSALS.len();
+                ProxyCounters {
+                    streams_accepted: p(0),
+                    streams_refused: std::array::from_fn(|i| p(1 + i)),
+                    datagrams_accepted: p(1 + n),
+                    datagrams_refused: std::array::from_fn(|i| p(2 + n + i)),
+                }
+            },
         }
     }
 }
@@ -202,7 +227,7 @@ mod tests {
                 refused: 1,
                 queue_drops: 6,
                 data_bytes: 11,
-                closed: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+                closed: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
                 rate_limited: 12,
                 accept_deferred: 13,
                 refusals: 14,
@@ -213,6 +238,12 @@ mod tests {
                 t.record(Duration::from_micros(40));
                 t.record(Duration::from_secs(2));
                 t
+            },
+            proxy: ProxyCounters {
+                streams_accepted: 3,
+                streams_refused: [1, 2, 3, 4],
+                datagrams_accepted: 8,
+                datagrams_refused: [5, 6, 7, 9],
             },
         };
         m.publish(&s);

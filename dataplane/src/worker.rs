@@ -16,6 +16,7 @@ use uturn_proto::WorkerState;
 use crate::core::{ClientPath, Listener, Relay, WorkerCore};
 use crate::messages::{EventSender, ToWorker};
 use crate::metrics::WorkerMetrics;
+use crate::proxy::{DatagramProxy, ProxyProtocol};
 use crate::socket::{bind_listener, bind_stream_listener};
 use crate::stream::tls::TlsServer;
 use crate::stream::{ConnectionCount, StreamLimits, StreamListener, Streams};
@@ -73,6 +74,8 @@ pub struct WorkerConfig {
     pub metrics: Arc<WorkerMetrics>,
     /// The XDP fast path's maps, when it runs: the worker installs its channel routes there.
     pub xdp: Option<Arc<XdpMaps>>,
+    /// PROXY protocol from trusted load balancers on the TCP/TLS and UDP listeners.
+    pub proxy: ProxyProtocol,
 }
 
 /// How a worker starts.
@@ -334,7 +337,8 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result
                 tracing::warn!(worker = index, core = core.id, "could not pin worker to core");
             }
         }
-        let streams = Streams::new(cfg.stream_limits.clone(), cfg.tls.clone(), cfg.connections.clone());
+        let streams =
+            Streams::new(cfg.stream_limits.clone(), cfg.tls.clone(), cfg.connections.clone(), cfg.proxy.clone());
         let mut core = WorkerCore::new(
             index,
             state,
@@ -347,6 +351,9 @@ pub fn spawn(cfg: WorkerConfig, events: EventSender, start: Start) -> io::Result
             cfg.metrics.clone(),
         );
         core.routes = routes;
+        if cfg.proxy.datagrams {
+            core.proxied = Some(DatagramProxy::new(cfg.proxy.clone()));
+        }
         let stop = Stop { shutdown: &s, freeze: &f };
         let result = match cfg.backend {
             IoBackend::Uring => crate::uring::run(core, &w, stop),

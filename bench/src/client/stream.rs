@@ -131,7 +131,9 @@ impl StreamClient {
         Self::over(tcp, server, tls, user, password, realm)
     }
 
-    fn over(
+    /// A client on `tcp`, a connection to `server` already open (on which the caller may have
+    /// written bytes of its own first, e.g. a PROXY protocol header), over TLS when `tls`.
+    pub fn over(
         tcp: TcpStream,
         server: SocketAddr,
         tls: bool,

@@ -49,7 +49,11 @@ impl WorkerCore {
                 },
                 ClientVerdict::Done => {}
                 ClientVerdict::Reply(n) => match self.path_of(ft) {
-                    Some(ClientPath::Datagram(listener)) => io.send_reply(listener, ft.client, &self.reply[..n]),
+                    Some(ClientPath::Datagram(listener)) => {
+                        if let Some(to) = self.datagram_to(ft) {
+                            io.send_reply(listener, to, &self.reply[..n])
+                        }
+                    }
                     Some(ClientPath::Stream(conn)) => {
                         let reply = &self.reply[..n];
                         self.streams.queue(conn, reply);

@@ -42,6 +42,11 @@ pub(crate) enum CloseReason {
     /// The other connection of its data connection pair could not take its bytes (its write
     /// queue was full: the reader there is slower than this sender).
     Overrun,
+    /// `proxy-protocol`: its PROXY header was missing, malformed or late (the reason is
+    /// counted apart, [`crate::proxy::PROXY_REFUSALS`]).
+    Proxy,
+    /// A per-source cap refused the real client a PROXY header named.
+    Refused,
 }
 
 /// What a connection carries.
@@ -77,6 +82,7 @@ impl CloseReason {
                 | CloseReason::FrameTimeout
                 | CloseReason::HandshakeTimeout
                 | CloseReason::Overrun
+                | CloseReason::Proxy
         )
     }
 
@@ -93,6 +99,8 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::DataClosed => "data_closed",
             CloseReason::Overrun => "overrun",
+            CloseReason::Proxy => "proxy",
+            CloseReason::Refused => "refused",
         }
     }
 }
@@ -129,6 +137,11 @@ pub(crate) struct Connection {
     pub(crate) partial_since: Option<Instant>,
     /// When bytes were last written, or the queue was last empty.
     pub(crate) last_progress: Instant,
+    /// `proxy-protocol`: the PROXY header has not come yet (`inbuf` holds its first bytes).
+    pub(crate) awaiting_proxy: bool,
+    /// Counted in its source's connection count (not a peer data connection, nor one whose
+    /// PROXY header has not named its source yet).
+    pub(crate) counted_source: bool,
 }
 
 impl Connection {
@@ -155,6 +168,8 @@ impl Connection {
             last_used: now,
             partial_since: None,
             last_progress: now,
+            awaiting_proxy: false,
+            counted_source: true,
         }
     }
 

@@ -33,6 +33,8 @@ use uturn_proto::{FiveTuple, Transport};
 
 pub(crate) use conn::{CloseReason, Connection, Role};
 
+use crate::proxy::{ProxyCounters, ProxyProtocol, Refusal};
+
 /// Limits on client connections (TURN over TCP and TLS).
 #[derive(Debug, Clone)]
 pub struct StreamLimits {
@@ -304,7 +306,7 @@ pub struct StreamCounters {
 }
 
 /// The reasons a connection closes, as metrics label them.
-pub const CLOSE_REASONS: [&str; 10] = [
+pub const CLOSE_REASONS: [&str; 12] = [
     "peer",
     "bad_framing",
     "tls",
@@ -315,6 +317,8 @@ pub const CLOSE_REASONS: [&str; 10] = [
     "shutdown",
     "data_closed",
     "overrun",
+    "proxy",
+    "refused",
 ];
 
 /// One worker's client connections.
@@ -333,10 +337,18 @@ pub(crate) struct Streams {
     pub(crate) dirty: Vec<ConnId>,
     pub(crate) counters: StreamCounters,
     next_sweep: Instant,
+    /// `proxy-protocol`: connections begin with a PROXY header from a trusted balancer.
+    pub(crate) proxy: ProxyProtocol,
+    pub(crate) proxy_counters: ProxyCounters,
 }
 
 impl Streams {
-    pub(crate) fn new(limits: StreamLimits, tls: Option<tls::TlsServer>, total: ConnectionCount) -> Self {
+    pub(crate) fn new(
+        limits: StreamLimits,
+        tls: Option<tls::TlsServer>,
+        total: ConnectionCount,
+        proxy: ProxyProtocol,
+    ) -> Self {
         Streams {
             slots: Vec::new(),
             free: Vec::new(),
@@ -350,6 +362,8 @@ impl Streams {
             dirty: Vec::new(),
             counters: StreamCounters::default(),
             next_sweep: Instant::now(),
+            proxy,
+            proxy_counters: ProxyCounters::default(),
         }
     }
 
@@ -359,25 +373,28 @@ impl Streams {
     }
 
     /// Admits a connection from `five_tuple` unless a cap says no; over TLS it starts the
-    /// handshake state. `None` when refused (the caller closes the socket).
+    /// handshake state. `None` when refused (the caller closes the socket). With
+    /// `proxy-protocol` only a trusted balancer is admitted, and the per-source caps wait for
+    /// the real client its header names ([`take_proxy_header`](Self::take_proxy_header)).
     pub(crate) fn admit(&mut self, now: Instant, socket: std::net::TcpStream, five_tuple: FiveTuple) -> Option<ConnId> {
         self.accept_backoff.succeeded();
         let ip = five_tuple.client.ip();
-        // The rate first: a source over it costs no TLS state and no shared counter.
-        if !self.connection_rate.allow(now, ip) {
-            self.counters.rate_limited += 1;
-            self.counters.refused += 1;
-            return None;
-        }
-        if !self.total.try_add_source(ip, self.limits.max_per_source) {
-            self.counters.refused += 1;
+        let proxied = self.proxy.streams;
+        if proxied {
+            if !self.proxy.trusts(ip) {
+                self.proxy_counters.refuse_stream(Refusal::Untrusted);
+                return None;
+            }
+        } else if !self.admit_source(now, ip) {
             return None;
         }
         let tls = match five_tuple.transport {
             Transport::Tls => match self.tls.as_ref().map(|t| t.accept()) {
                 Some(Ok(c)) => Some(c),
                 _ => {
-                    self.total.remove_source(ip);
+                    if !proxied {
+                        self.total.remove_source(ip);
+                    }
                     self.counters.refused += 1;
                     return None;
                 }
@@ -387,13 +404,71 @@ impl Streams {
         let total = &self.total.0.total;
         if total.fetch_add(1, Ordering::Relaxed) >= self.limits.max_connections {
             total.fetch_sub(1, Ordering::Relaxed);
-            self.total.remove_source(ip);
+            if !proxied {
+                self.total.remove_source(ip);
+            }
             self.counters.refused += 1;
             return None;
         }
         let id = self.insert(now, socket, five_tuple, tls);
+        if proxied {
+            if let Some(c) = self.get_mut(id) {
+                c.awaiting_proxy = true;
+                c.counted_source = false;
+            }
+        }
         self.counters.accepted += 1;
         Some(id)
+    }
+
+    /// The per-source caps of a new connection from `ip`: its rate first (a source over it
+    /// costs no TLS state and no shared counter), then its count. False when refused (counted).
+    fn admit_source(&mut self, now: Instant, ip: IpAddr) -> bool {
+        if !self.connection_rate.allow(now, ip) {
+            self.counters.rate_limited += 1;
+            self.counters.refused += 1;
+            return false;
+        }
+        if !self.total.try_add_source(ip, self.limits.max_per_source) {
+            self.counters.refused += 1;
+            return false;
+        }
+        true
+    }
+
+    /// Connection `id`'s PROXY header arrived whole: `source` (the real client, `None` to keep
+    /// the balancer's address) becomes its 5-tuple's client, and the per-source caps apply to
+    /// it now. `Err` (the caller closes the connection) when a cap refuses it
+    /// ([`CloseReason::Refused`]) or another open connection has that 5-tuple already
+    /// ([`CloseReason::Proxy`], counted as malformed).
+    pub(crate) fn take_proxy_header(
+        &mut self,
+        now: Instant,
+        id: ConnId,
+        source: Option<SocketAddr>,
+    ) -> Result<FiveTuple, CloseReason> {
+        let Some(c) = self.get_mut(id) else { return Err(CloseReason::Peer) };
+        c.awaiting_proxy = false;
+        let old = c.five_tuple;
+        let mut ft = old;
+        if let Some(s) = source {
+            ft.client = SocketAddr::new(s.ip().to_canonical(), s.port());
+        }
+        if ft != old && self.by_five_tuple.contains_key(&ft) {
+            self.proxy_counters.refuse_stream(Refusal::Malformed);
+            return Err(CloseReason::Proxy);
+        }
+        if !self.admit_source(now, ft.client.ip()) {
+            return Err(CloseReason::Refused);
+        }
+        self.by_five_tuple.remove(&old);
+        self.by_five_tuple.insert(ft, id);
+        if let Some(c) = self.get_mut(id) {
+            c.counted_source = true;
+            c.five_tuple = ft;
+        }
+        self.proxy_counters.streams_accepted += 1;
+        Ok(ft)
     }
 
     /// Listener `i`'s accept failed for want of descriptors or memory: it is tried again after
@@ -518,8 +593,9 @@ impl Streams {
         slot.0 = slot.0.wrapping_add(1);
         self.free.push(id.index);
         self.by_five_tuple.remove(&c.five_tuple);
-        // Peer data connections are not counted per source (see `adopt_peer`).
-        if !matches!(c.role, Role::PeerData { .. }) {
+        // Peer data connections are not counted per source (see `adopt_peer`), nor are
+        // connections whose PROXY header has not come.
+        if c.counted_source && !matches!(c.role, Role::PeerData { .. }) {
             self.total.remove_source(c.five_tuple.client.ip());
         }
         self.open -= 1;
@@ -545,7 +621,10 @@ impl Streams {
         for (i, (g, c)) in self.slots.iter().enumerate() {
             let Some(c) = c else { continue };
             let id = ConnId { index: i as u32, generation: *g };
-            let reason = if c.handshaking() && now.duration_since(c.opened) >= l.handshake_timeout {
+            let reason = if c.awaiting_proxy && now.duration_since(c.opened) >= l.handshake_timeout {
+                self.proxy_counters.refuse_stream(Refusal::Timeout);
+                Some(CloseReason::Proxy)
+            } else if c.handshaking() && now.duration_since(c.opened) >= l.handshake_timeout {
                 Some(CloseReason::HandshakeTimeout)
             } else if c.partial_since.is_some_and(|t| now.duration_since(t) >= l.frame_timeout) {
                 Some(CloseReason::FrameTimeout)
