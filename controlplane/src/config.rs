@@ -136,6 +136,13 @@ pub struct Cli {
     /// This node's name in the fleet (default: the host name).
     #[arg(long)]
     pub node_id: Option<String>,
+    /// Usage records: a JSON-lines file each record is appended to (besides the Redis stream
+    /// when `fleet-redis` is set).
+    #[arg(long)]
+    pub usage_file: Option<PathBuf>,
+    /// Usage records: seconds between interim records of a live allocation (0: final only).
+    #[arg(long)]
+    pub usage_interval: Option<u64>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -205,6 +212,10 @@ pub struct FileConfig {
     max_peer_connections_per_user: Option<usize>,
     fleet_redis: Option<String>,
     node_id: Option<String>,
+    usage_file: Option<PathBuf>,
+    usage_interval: Option<u64>,
+    usage_stream: Option<String>,
+    usage_stream_maxlen: Option<u64>,
 }
 
 /// A key that takes one string or a list of them.
@@ -335,6 +346,23 @@ pub struct Config {
     /// This node's name in the fleet registry, usage records and logs (`node-id`; default: the
     /// host name, or `uturn` when it has none).
     pub node_id: String,
+    /// Usage records (`usage-file`, `usage-interval`, `usage-stream`, `usage-stream-maxlen`;
+    /// the stream is written when `fleet-redis` is set). See [`crate::usage`].
+    pub usage: UsageSettings,
+}
+
+/// Where usage records go (docs/operations.md, "Usage records").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSettings {
+    /// JSON-lines file records are appended to (`usage-file`; `None`: no file).
+    pub file: Option<PathBuf>,
+    /// Seconds between interim records of a live allocation (`usage-interval`; 0: final only).
+    pub interval_s: u64,
+    /// Stream key in `fleet-redis` (`usage-stream`, default `uturn:usage`; empty: no stream).
+    pub stream: String,
+    /// Entries the stream keeps, approximately (`usage-stream-maxlen`, `XADD … MAXLEN ~`;
+    /// default 1,000,000).
+    pub stream_maxlen: u64,
 }
 
 /// Default `unauth-rate`, requests/s per source: 500 clients behind one NAT address that each
@@ -547,6 +575,12 @@ impl Config {
             max_peer_connections_per_user: f.max_peer_connections_per_user.unwrap_or(1024),
             fleet_redis: cli.fleet_redis.clone().or(f.fleet_redis),
             node_id: cli.node_id.clone().or(f.node_id).unwrap_or_else(host_name),
+            usage: UsageSettings {
+                file: cli.usage_file.clone().or(f.usage_file),
+                interval_s: cli.usage_interval.or(f.usage_interval).unwrap_or(0),
+                stream: f.usage_stream.unwrap_or_else(|| crate::usage::DEFAULT_STREAM.into()),
+                stream_maxlen: f.usage_stream_maxlen.unwrap_or(crate::usage::DEFAULT_MAXLEN).max(1),
+            },
         };
         c.validate()?;
         Ok(c)
@@ -693,6 +727,7 @@ impl Config {
                 "xdp",
                 self.xdp != new.xdp || self.xdp_interfaces != new.xdp_interfaces || self.xdp_routes != new.xdp_routes,
             ),
+            ("usage-*", self.usage != new.usage),
         ]
     }
 }

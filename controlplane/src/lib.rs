@@ -17,3 +17,4 @@ pub mod server;
 pub mod store;
 pub mod tcp_relay;
 pub mod upgrade;
+pub mod usage;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
-use uturn_proto::relay::{Command, Install, SessionInfo};
+use uturn_proto::relay::{Command, Ended, Install, SessionInfo};
 use uturn_proto::wire::TransactionId;
 use uturn_proto::FiveTuple;
 
@@ -150,6 +150,9 @@ pub enum FromWorker {
         five_tuple: FiveTuple,
         /// Transaction ID of the Allocate that made the allocation.
         tid: TransactionId,
+        /// The allocation's end with its totals (usage records); `None` when it was never
+        /// installed (its Install was refused).
+        ended: Option<Box<Ended>>,
     },
     /// The data connection pair of CONNECTION-ID `connection_id` (RFC 6062) closed, or its
     /// [`ToWorker::BindData`] found the client data connection gone.
