@@ -179,6 +179,8 @@ enum Msg {
     /// Interim records: the workers answer on `replies` (`workers` of them); `starts` gives
     /// each live session's start (Unix ms) and transport.
     Interim { starts: HashMap<u64, (u64, Transport)>, replies: Receiver<(usize, Vec<SessionInfo>)>, workers: usize },
+    /// Queue these for the stream again (taken for a hot upgrade that failed).
+    Requeue(Vec<UsageRecord>),
     /// Hand every record not yet written over (a hot upgrade passes them to the next process).
     Take(Sender<Vec<UsageRecord>>),
     /// Write what is pending (until the deadline), then end.
@@ -196,8 +198,9 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Starts the writer thread, seeded with `inherited` records (from the previous process of
-    /// a hot upgrade); `None` when records go nowhere.
+    /// Starts the writer thread, seeded with `inherited` records for the stream (those the
+    /// previous process of a hot upgrade had not written to it); `None` when records go
+    /// nowhere.
     pub fn start(config: UsageConfig, counters: Arc<UsageCounters>, inherited: Vec<UsageRecord>) -> Option<Usage> {
         if !config.enabled() {
             return None;
@@ -290,9 +293,11 @@ impl Usage {
 
     /// Queues `records` again (taken for a hot upgrade that then failed).
     pub fn restore(&self, records: Vec<UsageRecord>) {
-        for r in records {
-            self.counters.pending.fetch_add(1, Ordering::Relaxed);
-            self.offer(Msg::Record(Box::new(r)));
+        if !records.is_empty() {
+            let n = records.len() as u64;
+            if self.tx.send_timeout(Msg::Requeue(records), Duration::from_secs(1)).is_err() {
+                self.counters.dropped.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 

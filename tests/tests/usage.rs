@@ -250,7 +250,7 @@ fn new_pid(log: &str) -> Option<u32> {
 
 #[test]
 fn a_hot_upgrade_loses_no_usage_record() {
-    let redis = RedisServer::start();
+    let mut redis = RedisServer::start();
     let url = redis.url();
     let path = std::env::temp_dir().join(format!("uturn-usage-upgrade-{}.jsonl", std::process::id()));
     let _ = std::fs::remove_file(&path);
@@ -263,9 +263,17 @@ fn a_hot_upgrade_loses_no_usage_record() {
     for (i, f) in flows.iter_mut().enumerate() {
         relay_traffic(f, 5 + i, 4 + i);
     }
-    // One ends before the upgrade (its record comes from the old process).
+    // One ends before the upgrade while Redis is down: its record waits in the old process,
+    // which hands it to the new one (it is in the file at once).
+    let port = redis.port;
+    redis.kill();
     let mut gone = flows.pop().unwrap();
     gone.c.try_refresh(0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !relay.log().contains("usage records: Redis unreachable") {
+        assert!(Instant::now() < deadline, "{}", relay.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let before_upgrade = SystemTimeMs::now();
     relay.signal("USR2");
     let served = relay.wait_log("the new process serves", Duration::from_secs(30));
@@ -273,6 +281,7 @@ fn a_hot_upgrade_loses_no_usage_record() {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         assert!(served, "{}", relay.log());
         assert!(relay.terminate_after(Duration::from_secs(15)).is_some_and(|s| s.success()), "{}", relay.log());
+        let _redis2 = RedisServer::start_on(port);
         // More traffic on the new process, then the end of every allocation.
         for (i, f) in flows.iter_mut().enumerate() {
             relay_traffic(f, 2 + i, 3);

@@ -61,11 +61,30 @@ impl Writer {
             redis_down: false,
         };
         w.open_file();
-        w.counters.pending.fetch_add(inherited.len() as u64, Ordering::Relaxed);
-        for r in inherited {
-            w.push(r);
-        }
+        w.requeue(inherited);
         w
+    }
+
+    /// Queues records taken from the stream queue back for the stream (they are in the file
+    /// already): those of a previous process, or of a hot upgrade that failed.
+    fn requeue(&mut self, records: Vec<UsageRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        if self.client.is_none() {
+            warn!(records = records.len(), "usage records for a Redis stream, but this process has none; dropped");
+            self.counters.dropped.fetch_add(records.len() as u64, Ordering::Relaxed);
+            return;
+        }
+        for r in records {
+            self.counters.pending.fetch_add(1, Ordering::Relaxed);
+            if self.pending.len() >= PENDING_MAX {
+                self.pending.pop_front();
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.counters.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.pending.push_back(r);
+        }
     }
 
     fn open_file(&mut self) {
@@ -143,6 +162,7 @@ impl Writer {
                     }
                 }
             }
+            Msg::Requeue(records) => self.requeue(records),
             Msg::Take(reply) => {
                 let all: Vec<UsageRecord> = self.pending.drain(..).collect();
                 let n = all.len() as u64;
