@@ -178,7 +178,11 @@ enum Msg {
     Record(Box<UsageRecord>),
     /// Interim records: the workers answer on `replies` (`workers` of them); `starts` gives
     /// each live session's start (Unix ms) and transport.
-    Interim { starts: HashMap<u64, (u64, Transport)>, replies: Receiver<(usize, Vec<SessionInfo>)>, workers: usize },
+    Interim {
+        starts: HashMap<u64, (u64, Transport)>,
+        replies: Receiver<(usize, Vec<SessionInfo>)>,
+        workers: usize,
+    },
     /// Queue these for the stream again (taken for a hot upgrade that failed).
     Requeue(Vec<UsageRecord>),
     /// Hand every record not yet written over (a hot upgrade passes them to the next process).

@@ -39,14 +39,8 @@ fn open(relay: SocketAddr) -> Flow {
     let peer = peer_socket();
     c.try_channel_bind(CHANNEL, peer.local_addr().unwrap()).expect("ChannelBind");
     let client = c.sock.local_addr().unwrap();
-    let expected = Expected {
-        client,
-        relayed,
-        packets_to_peer: 0,
-        bytes_to_peer: 0,
-        packets_to_client: 0,
-        bytes_to_client: 0,
-    };
+    let expected =
+        Expected { client, relayed, packets_to_peer: 0, bytes_to_peer: 0, packets_to_client: 0, bytes_to_client: 0 };
     Flow { c, peer, expected }
 }
 
