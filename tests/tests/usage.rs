@@ -324,3 +324,21 @@ impl SystemTimeMs {
         SystemTimeMs(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64)
     }
 }
+
+#[test]
+fn a_stop_writes_the_open_allocations_records_with_reason_shutdown() {
+    let path = std::env::temp_dir().join(format!("uturn-usage-stop-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let config = format!("usage-file = \"{}\"\nnode-id = \"node-s\"\n", path.display());
+    let mut relay = Relay::start("epoll", &config, &[]);
+    let mut flows: Vec<Flow> = (0..3).map(|_| open(relay.addr)).collect();
+    for (i, f) in flows.iter_mut().enumerate() {
+        relay_traffic(f, 4 + i, 6 - i);
+    }
+    assert!(file_records(&path).is_empty(), "no record while they live (no usage-interval)");
+    assert!(relay.terminate(Duration::from_secs(10)).is_some_and(|s| s.success()), "{}", relay.log());
+    let records = file_records(&path);
+    let _ = std::fs::remove_file(&path);
+    let expected: Vec<(Expected, &str)> = flows.iter().map(|f| (f.expected.clone(), "shutdown")).collect();
+    check_finals(&records, &expected, "node-s", &relay.log());
+}
