@@ -147,6 +147,13 @@ pub struct Cli {
     /// A load balancer network (CIDR) trusted to send PROXY headers (repeatable).
     #[arg(long)]
     pub proxy_trusted: Vec<IpNet>,
+    /// Usage records: a JSON-lines file each record is appended to (besides the Redis stream
+    /// when `fleet-redis` is set).
+    #[arg(long)]
+    pub usage_file: Option<PathBuf>,
+    /// Usage records: seconds between interim records of a live allocation (0: final only).
+    #[arg(long)]
+    pub usage_interval: Option<u64>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -219,6 +226,10 @@ pub struct FileConfig {
     proxy_protocol: Option<bool>,
     proxy_protocol_udp: Option<bool>,
     proxy_trusted: Option<Vec<IpNet>>,
+    usage_file: Option<PathBuf>,
+    usage_interval: Option<u64>,
+    usage_stream: Option<String>,
+    usage_stream_maxlen: Option<u64>,
 }
 
 /// A key that takes one string or a list of them.
@@ -352,6 +363,23 @@ pub struct Config {
     /// PROXY protocol from trusted load balancers (`proxy-protocol`, `proxy-protocol-udp`,
     /// `proxy-trusted`; docs/operations.md, docs/security.md).
     pub proxy: ProxyProtocol,
+    /// Usage records (`usage-file`, `usage-interval`, `usage-stream`, `usage-stream-maxlen`;
+    /// the stream is written when `fleet-redis` is set). See [`crate::usage`].
+    pub usage: UsageSettings,
+}
+
+/// Where usage records go (docs/operations.md, "Usage records").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSettings {
+    /// JSON-lines file records are appended to (`usage-file`; `None`: no file).
+    pub file: Option<PathBuf>,
+    /// Seconds between interim records of a live allocation (`usage-interval`; 0: final only).
+    pub interval_s: u64,
+    /// Stream key in `fleet-redis` (`usage-stream`, default `uturn:usage`; empty: no stream).
+    pub stream: String,
+    /// Entries the stream keeps, approximately (`usage-stream-maxlen`, `XADD … MAXLEN ~`;
+    /// default 1,000,000).
+    pub stream_maxlen: u64,
 }
 
 /// Default `unauth-rate`, requests/s per source: 500 clients behind one NAT address that each
@@ -573,6 +601,12 @@ impl Config {
                     cli.proxy_trusted.clone()
                 },
             },
+            usage: UsageSettings {
+                file: cli.usage_file.clone().or(f.usage_file),
+                interval_s: cli.usage_interval.or(f.usage_interval).unwrap_or(0),
+                stream: f.usage_stream.unwrap_or_else(|| crate::usage::DEFAULT_STREAM.into()),
+                stream_maxlen: f.usage_stream_maxlen.unwrap_or(crate::usage::DEFAULT_MAXLEN).max(1),
+            },
         };
         c.validate()?;
         Ok(c)
@@ -726,6 +760,7 @@ impl Config {
                 self.xdp != new.xdp || self.xdp_interfaces != new.xdp_interfaces || self.xdp_routes != new.xdp_routes,
             ),
             ("proxy-protocol, proxy-protocol-udp, proxy-trusted", self.proxy != new.proxy),
+            ("usage-*", self.usage != new.usage),
         ]
     }
 }

@@ -79,6 +79,8 @@ struct Owner {
     /// A TCP allocation (RFC 6062): its relayed transport address, a listener of the TCP relay
     /// (boxed: 8 bytes in every record instead of 32, for the few TCP allocations).
     tcp: Option<Box<SocketAddr>>,
+    /// When it was granted, Unix milliseconds (its usage records' start).
+    started_ms: u64,
 }
 
 /// The control plane's record of one allocation, as a hot upgrade hands it over.
@@ -103,6 +105,10 @@ pub struct OwnerSnapshot {
     /// A dual allocation (a relayed address of each family).
     #[serde(default)]
     pub dual: bool,
+    /// When it was granted, Unix milliseconds (absent from an older process: the time of the
+    /// import).
+    #[serde(default)]
+    pub started_ms: u64,
 }
 
 /// What the control plane hands to the next process in a hot upgrade.
@@ -254,6 +260,7 @@ impl ControlPlane {
                 session: o.session,
                 v6: o.v6,
                 dual: o.dual,
+                started_ms: o.started_ms,
             })
             .collect();
         ControlSnapshot { owners, next_session: self.next_session }
@@ -275,6 +282,7 @@ impl ControlPlane {
                 v6: o.v6,
                 dual: o.dual,
                 tcp: None,
+                started_ms: if o.started_ms == 0 { crate::usage::now_ms() } else { o.started_ms },
             };
             if let Some(old) = self.owners.insert(o.five_tuple, owner) {
                 // Not expected (5-tuples are unique); keep the quota honest anyway.
@@ -299,10 +307,18 @@ impl ControlPlane {
 
     /// A worker reported that `ft`'s allocation made by Allocate `tid` is gone: release its quota.
     /// A report about an older allocation on a 5-tuple that has a newer one changes nothing.
-    pub fn released(&mut self, ft: &FiveTuple, tid: TransactionId) {
-        if self.owners.get(ft).is_some_and(|o| o.tid == tid) {
-            self.forget(ft);
-        }
+    /// Returns its user and start (Unix ms) when it was the one on record.
+    pub fn released(&mut self, ft: &FiveTuple, tid: TransactionId) -> Option<(Arc<str>, u64)> {
+        let o = self.owners.get(ft).filter(|o| o.tid == tid)?;
+        let owner = (o.user.clone(), o.started_ms);
+        self.forget(ft);
+        Some(owner)
+    }
+
+    /// Each allocation's session id with its start (Unix ms) and client transport (interim
+    /// usage records).
+    pub fn usage_starts(&self) -> HashMap<u64, (u64, uturn_proto::relay::Transport)> {
+        self.owners.iter().map(|(ft, o)| (o.session, (o.started_ms, ft.transport))).collect()
     }
 
     /// Drops `ft`'s owner record and its quota.
@@ -324,7 +340,7 @@ impl ControlPlane {
     /// An Install could not be queued to its worker: forget the allocation, so the client's
     /// retransmission is handled afresh.
     pub fn install_dropped(&mut self, install: &Install) {
-        self.released(&install.five_tuple, install.tid);
+        let _ = self.released(&install.five_tuple, install.tid);
     }
 
     /// Handles one request a worker forwarded (received by the worker at `received`); returns
@@ -573,6 +589,7 @@ impl ControlPlane {
                     v6: relayed.is_ipv6(),
                     dual: additional.is_some(),
                     tcp: None,
+                    started_ms: crate::usage::now_ms(),
                 };
                 self.record_grant(ft, owner);
                 info!(

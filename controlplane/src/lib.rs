@@ -19,3 +19,4 @@ pub mod tcp_relay;
 pub mod upgrade;
 pub mod status;
 pub mod timeline;
+pub mod usage;

@@ -73,6 +73,8 @@ pub struct ControlMetrics {
     pub peer_refusals: Arc<crate::tcp_relay::RelayCounters>,
     /// True while the relay drains (new Allocates refused).
     pub draining: AtomicBool,
+    /// Usage records written, dropped and pending (written by the usage writer).
+    pub usage: Arc<crate::usage::UsageCounters>,
 }
 
 impl Default for ControlMetrics {
@@ -88,6 +90,7 @@ impl Default for ControlMetrics {
             user_cache: std::array::from_fn(|_| AtomicU64::new(0)),
             peer_refusals: Arc::default(),
             draining: AtomicBool::new(false),
+            usage: Arc::default(),
         }
     }
 }
@@ -530,6 +533,7 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         "1 while the relay drains.",
         [(String::new(), c.draining.load(Ordering::Relaxed) as u8 as f64)],
     );
+    render_usage(&mut out, &c.usage);
     if let Some((listener, relay)) = rxq {
         family(
             &mut out,
@@ -552,6 +556,32 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         writeln!(out, "uturn_allocate_latency_seconds_sum {}", c.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
     let _ = writeln!(out, "uturn_allocate_latency_seconds_count {count}");
     out
+}
+
+/// Usage records (docs/operations.md, "Usage records").
+fn render_usage(out: &mut String, u: &crate::usage::UsageCounters) {
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    family(
+        out,
+        "usage_records_written_total",
+        "counter",
+        "Usage records written, by destination.",
+        [("dest=\"redis\"".to_string(), n(&u.written_redis)), ("dest=\"file\"".to_string(), n(&u.written_file))],
+    );
+    family(
+        out,
+        "usage_records_dropped_total",
+        "counter",
+        "Usage records lost: queue or buffer full, a failed write, or Redis unreachable at exit.",
+        [(String::new(), n(&u.dropped))],
+    );
+    family(
+        out,
+        "usage_records_pending",
+        "gauge",
+        "Usage records queued or waiting for Redis.",
+        [(String::new(), n(&u.pending))],
+    );
 }
 
 /// Order within a 5-tuple: datagrams held behind a request at the control plane, what the

@@ -33,6 +33,8 @@ const COMMAND_QUEUE: usize = 16_384;
 const FAIR_SHARE: usize = 32;
 /// Events handled between checks for stopped workers and shutdown.
 const MAX_BATCH: usize = 4096;
+/// How long an exiting process gives the usage writer to write what is queued.
+const USAGE_FLUSH: Duration = Duration::from_secs(5);
 
 /// Picks the I/O backend, probing io_uring when asked for `auto`.
 pub fn choose_backend(choice: BackendChoice) -> Result<IoBackend> {
@@ -181,6 +183,8 @@ struct Server<'a> {
     /// The sessions' timelines and the status page's sampler (with the admin endpoint).
     timeline: crate::timeline::Timeline,
     status: Option<crate::status::Sampler>,
+    /// The usage-record writer, when records go anywhere.
+    usage: Option<crate::usage::Usage>,
 }
 
 /// The listener of an HTTP endpoint configured at `addr` (`setting` names it in errors): the one
@@ -354,6 +358,7 @@ impl<'a> Server<'a> {
             tcp_events: None,
             timeline: Default::default(),
             status: None,
+            usage: None,
         };
         if !config.stream_listen().is_empty() {
             let (tx, rx) = crossbeam_channel::unbounded();
@@ -407,6 +412,17 @@ impl<'a> Server<'a> {
         if let Some(url) = &config.credentials.store {
             info!(store = %url, threads = config.credentials.store_threads, "user store");
         }
+        let usage = crate::usage::UsageConfig {
+            node: config.node_id.clone(),
+            redis: config.fleet_redis.clone().filter(|_| !config.usage.stream.is_empty()),
+            stream: config.usage.stream.clone(),
+            maxlen: config.usage.stream_maxlen,
+            file: config.usage.file.clone(),
+            interval: (config.usage.interval_s > 0).then(|| Duration::from_secs(config.usage.interval_s)),
+            external_ips: config.external_ips.clone(),
+        };
+        let inherited = handover.as_ref().map(|h| h.usage.clone()).unwrap_or_default();
+        server.usage = crate::usage::Usage::start(usage, server.control.metrics.usage.clone(), inherited);
         if let Some(h) = handover {
             server.control.import(now, h.control);
             if let Some(alt) = h.draining {
@@ -527,6 +543,7 @@ impl<'a> Server<'a> {
             }
             handled += self.admin_requests();
             handled += self.tcp_relay_events();
+            self.usage_interim();
             if signals.reload.swap(false, Ordering::Relaxed) {
                 reload(&mut self.control, self.config, reloader);
                 self.reload_tls();
@@ -610,15 +627,32 @@ impl<'a> Server<'a> {
                 };
                 self.push(worker, msg);
             }
-            FromWorker::Released { five_tuple, tid } => {
-                self.timeline.released(Instant::now(), &five_tuple, tid);
-                self.control.released(&five_tuple, tid)
-            }
-            FromWorker::Ended { session, reason, to_peer, to_client } => {
-                self.timeline.ended(Instant::now(), session, reason.name(), to_peer, to_client)
+            FromWorker::Released { five_tuple, tid, ended } => {
+                let owner = self.control.released(&five_tuple, tid);
+                match ended {
+                    Some(e) => {
+                        self.timeline.ended(Instant::now(), e.session, e.reason.name(), e.to_peer, e.to_client);
+                        if let Some(usage) = &self.usage {
+                            usage.ended(&e, owner);
+                        }
+                    }
+                    None => self.timeline.released(Instant::now(), &five_tuple, tid),
+                }
             }
             FromWorker::DataClosed { connection_id } => self.control.tcp_data_closed(connection_id),
         }
+    }
+
+    /// Asks the workers for their sessions' totals when interim usage records are due; the
+    /// usage writer waits for the answers (the control loop does not).
+    fn usage_interim(&mut self) {
+        let Some(usage) = self.usage.as_mut() else { return };
+        if !usage.interim_due(Instant::now()) {
+            return;
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let workers = self.workers.iter().filter(|w| w.send(ToWorker::Sessions(tx.clone())).is_ok()).count();
+        usage.interim(self.control.usage_starts(), rx, workers);
     }
 
     /// Pushes what the TCP relay has for the workers; returns how many.
@@ -709,8 +743,13 @@ impl<'a> Server<'a> {
     fn finish(mut self, outcome: Outcome) -> Result<()> {
         let failed = match outcome {
             // The workers are joined; their sockets close here, the new process holds its own
-            // descriptors for them.
-            Outcome::HandedOver => return Ok(()),
+            // descriptors for them. Usage records queued meanwhile are written first.
+            Outcome::HandedOver => {
+                if let Some(usage) = self.usage.take() {
+                    usage.finish(USAGE_FLUSH);
+                }
+                return Ok(());
+            }
             Outcome::Stop { failed } => failed,
         };
         info!("stopping");
@@ -736,6 +775,11 @@ impl<'a> Server<'a> {
                     "worker stopped"
                 );
             }
+        }
+        // The allocations the workers closed at shutdown: their quotas and usage records.
+        let _ = self.take_events();
+        if let Some(usage) = self.usage.take() {
+            usage.finish(USAGE_FLUSH);
         }
         let s = self.control.stats;
         info!(

@@ -6,7 +6,7 @@
 //! The control thread records what it pushes to the workers (so an event means "granted by the
 //! control plane and queued to the worker"; a per-allocation cap the worker applies may still
 //! refuse a permission or channel with 508, counted in `capacity_refusals`), and the workers'
-//! end reports ([`uturn_dataplane::FromWorker::Ended`]). Requests the worker answers alone
+//! end reports (the totals in [`uturn_dataplane::FromWorker::Released`]). Requests the worker answers alone
 //! (retransmissions, a Refresh with LIFETIME 0 it verified itself) show only through their
 //! effect (the end, reason `deleted`).
 //!

@@ -53,6 +53,10 @@ pub struct Handover {
     pub metrics: bool,
     /// Draining, and its ALTERNATE-SERVER.
     pub draining: Option<Option<std::net::SocketAddr>>,
+    /// Usage records the old process had not written yet (Redis unreachable); the new one
+    /// writes them.
+    #[serde(default)]
+    pub usage: Vec<crate::usage::UsageRecord>,
 }
 
 /// One worker's part of the handover.

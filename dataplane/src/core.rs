@@ -459,7 +459,7 @@ impl WorkerCore {
             self.offload_credit.clear();
             self.log_end(now, &ended);
             self.close_relay(ended.id, io);
-            self.release(ended.five_tuple, ended.tid);
+            self.release_ended(&ended);
         }
         self.close_partner(now, c.role, reason, io);
     }
@@ -619,7 +619,7 @@ impl WorkerCore {
                             if let Some(ended) = self.state.end_connection(&out.five_tuple) {
                                 self.sync_offload();
                                 self.log_end(now, &ended);
-                                self.release(ended.five_tuple, ended.tid);
+                                self.release_ended(&ended);
                             }
                             return;
                         }
@@ -630,7 +630,7 @@ impl WorkerCore {
                     self.add_offload_credit(&mut ended);
                     self.log_end(now, &ended);
                     self.close_relay(ended.id, io);
-                    self.release(ended.five_tuple, ended.tid);
+                    self.release_ended(&ended);
                 }
                 _ => {}
             }
@@ -709,7 +709,7 @@ impl WorkerCore {
             self.add_offload_credit(&mut e);
             self.log_end(now, &e);
             self.close_relay(e.id, io);
-            self.release(e.five_tuple, e.tid);
+            self.release_ended(&e);
         }
         self.offload_credit.clear();
         self.expired = expired;
@@ -754,8 +754,11 @@ impl WorkerCore {
     /// Removes every allocation (shutdown).
     pub(crate) fn close_all(&mut self, io: &mut impl Io) {
         self.close_connections(Instant::now(), io);
-        let ended = self.state.drain();
+        let mut ended = self.state.drain();
         self.sync_offload();
+        for e in &mut ended {
+            self.add_offload_credit(e);
+        }
         self.offload_credit.clear();
         if let Some(routes) = &mut self.routes {
             let (to_peer, to_client) = routes.take_worker();
@@ -767,6 +770,8 @@ impl WorkerCore {
         for e in ended {
             debug!(worker = self.index, session = e.session, client = %e.five_tuple.client, "allocation closed at shutdown");
             self.close_relay(e.id, io);
+            // Its usage record (the control plane takes it before it stops).
+            self.release_ended(&e);
         }
         self.publish();
     }
@@ -791,9 +796,6 @@ impl WorkerCore {
             bytes_to_client = e.to_client.bytes,
             "allocation ended"
         );
-        let (session, reason, to_peer, to_client) = (e.session, e.reason, e.to_peer, e.to_client);
-        // The control plane keeps it in the session's timeline (the status page).
-        let _ = self.events.send(FromWorker::Ended { session, reason, to_peer, to_client });
     }
 
     fn close_relay(&mut self, id: AllocationId, io: &mut impl Io) {
@@ -810,7 +812,16 @@ impl WorkerCore {
     }
 
     fn release(&mut self, five_tuple: FiveTuple, tid: TransactionId) {
-        if self.events.send(FromWorker::Released { five_tuple, tid }).is_err() {
+        self.report_release(FromWorker::Released { five_tuple, tid, ended: None });
+    }
+
+    /// Reports an ended allocation with its totals (its quota, and its usage record).
+    pub(crate) fn release_ended(&mut self, e: &Ended) {
+        self.report_release(FromWorker::Released { five_tuple: e.five_tuple, tid: e.tid, ended: Some(Box::new(*e)) });
+    }
+
+    fn report_release(&mut self, ev: FromWorker) {
+        if self.events.send(ev).is_err() {
             warn!(worker = self.index, "control plane gone: allocation release not reported");
         }
     }

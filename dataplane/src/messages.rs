@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
-use uturn_proto::relay::{Command, Install, SessionInfo};
+use uturn_proto::relay::{Command, Ended, Install, SessionInfo};
 use uturn_proto::wire::TransactionId;
 use uturn_proto::FiveTuple;
 
@@ -150,18 +150,9 @@ pub enum FromWorker {
         five_tuple: FiveTuple,
         /// Transaction ID of the Allocate that made the allocation.
         tid: TransactionId,
-    },
-    /// The allocation of session `session` ended, with why and its totals (sent just before its
-    /// [`FromWorker::Released`]; the status page's per-session timeline shows it).
-    Ended {
-        /// Session id.
-        session: u64,
-        /// Why it ended.
-        reason: uturn_proto::relay::EndReason,
-        /// Application data relayed client to peers over its life.
-        to_peer: uturn_proto::relay::Traffic,
-        /// Application data relayed peers to client over its life.
-        to_client: uturn_proto::relay::Traffic,
+        /// The allocation's end with its totals (usage records, the status page's session
+        /// timeline); `None` when it was never installed (its Install was refused).
+        ended: Option<Box<Ended>>,
     },
     /// The data connection pair of CONNECTION-ID `connection_id` (RFC 6062) closed, or its
     /// [`ToWorker::BindData`] found the client data connection gone.

@@ -396,6 +396,11 @@ impl RedisServer {
         (Self::spawn(port, &tls_args), tls_port)
     }
 
+    /// Starts one on `port` (e.g. the port of one killed before: a Redis that comes back).
+    pub fn start_on(port: u16) -> RedisServer {
+        Self::spawn(port, &[])
+    }
+
     /// `redis-server` on `port` with `extra` arguments, once it answers PING (at most 5 s).
     fn spawn(port: u16, extra: &[String]) -> RedisServer {
         let child = Command::new("redis-server")

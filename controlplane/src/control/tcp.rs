@@ -86,6 +86,7 @@ impl ControlPlane {
             v6: relayed.is_ipv6(),
             dual: false,
             tcp: Some(Box::new(relayed)),
+            started_ms: crate::usage::now_ms(),
         };
         self.record_grant(ft, owner);
         let tcp = self.tcp.as_mut()?;

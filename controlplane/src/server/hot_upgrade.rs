@@ -10,6 +10,10 @@ use tracing::{error, info, warn};
 use uturn_dataplane::{FrozenWorker, Start};
 
 use super::Server;
+
+/// How long the frozen handover waits for the usage writer to hand over its unwritten records
+/// (what it has not handed over by then, it writes before this process exits).
+const USAGE_TAKE_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
 use crate::notify;
 use crate::upgrade::{Handover, Upgrade, WorkerHandover};
 
@@ -66,6 +70,8 @@ impl Server<'_> {
         }
         // Ends the workers reported while they froze release their quotas first.
         let _ = self.take_events();
+        // Usage records not written yet go with the handover (the new process writes them).
+        let usage = self.usage.as_ref().map(|u| u.take_pending(USAGE_TAKE_LIMIT)).unwrap_or_default();
         let now = Instant::now();
         let mut fds: Vec<RawFd> = Vec::new();
         let admin = self.admin.as_ref().map(|(_, l)| fds.push(l.as_raw_fd())).is_some();
@@ -98,6 +104,7 @@ impl Server<'_> {
             admin,
             metrics,
             draining: self.control.draining(),
+            usage,
         };
         // The new process attaches its own XDP program (an interface holds one attachment);
         // until its workers install their routes, ChannelData takes the socket path.
@@ -119,6 +126,9 @@ impl Server<'_> {
                 error!("hot upgrade failed: {e:#}; this process keeps serving");
                 let _ = u.child.kill();
                 let _ = u.child.wait();
+                if let Some(usage) = &self.usage {
+                    usage.restore(handover.usage);
+                }
                 self.resume(frozen);
                 false
             }

@@ -36,7 +36,7 @@ impl WorkerCore {
                 if path.is_none() {
                     if let Some(ended) = self.state.end_connection(&out.five_tuple) {
                         self.log_end(now, &ended);
-                        self.release(ended.five_tuple, ended.tid);
+                        self.release_ended(&ended);
                     }
                     return;
                 }

@@ -51,6 +51,10 @@ pub struct Ended {
     pub id: AllocationId,
     /// Its client's 5-tuple.
     pub five_tuple: FiveTuple,
+    /// Its relayed transport address (as bound).
+    pub relayed: SocketAddr,
+    /// A dual allocation's second relayed transport address.
+    pub additional: Option<SocketAddr>,
     /// Transaction ID of the Allocate that made it.
     pub tid: TransactionId,
     /// Its session id.
@@ -100,6 +104,8 @@ impl Ended {
             reason,
             id,
             five_tuple: a.five_tuple,
+            relayed: a.relayed,
+            additional: a.additional.as_deref().copied(),
             tid: a.alloc_tid,
             session: a.session,
             created: a.created,
