@@ -8,8 +8,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme, StreamOwned};
 use uturn_proto::wire::stream::{next_frame, Frame, MAX_FRAME};
 
 /// Why a TLS connection could not be made.
@@ -55,7 +59,9 @@ enum Inner {
 }
 
 /// The TLS client configuration: the system's roots, plus the PEM certificates of `ca` (a
-/// private CA or a self-signed relay certificate). Errors: `ca` unreadable or holding no
+/// private CA, or a relay's self-signed certificate, which is then trusted as itself: webpki
+/// refuses a CA certificate used as an end entity, and `openssl req -x509` makes such ones).
+/// The server's name is checked in every case. Errors: `ca` unreadable or holding no
 /// certificate.
 pub fn tls_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
@@ -63,27 +69,92 @@ pub fn tls_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
     for c in rustls_native_certs::load_native_certs().unwrap_or_default() {
         let _ = roots.add(c);
     }
+    let mut pinned = Vec::new();
     if let Some(path) = ca {
         let pem = std::fs::read(path).map_err(|e| format!("--ca {}: {e}", path.display()))?;
-        let mut n = 0;
         for c in rustls_pemfile::certs(&mut &pem[..]) {
             let c = c.map_err(|e| format!("--ca {}: {e}", path.display()))?;
-            roots.add(c).map_err(|e| format!("--ca {}: {e}", path.display()))?;
-            n += 1;
+            let _ = roots.add(c.clone());
+            pinned.push(c);
         }
-        if n == 0 {
+        if pinned.is_empty() {
             return Err(format!("--ca {}: no PEM certificate in it", path.display()));
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let webpki = match roots.is_empty() {
+        true => None,
+        false => Some(
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| format!("TLS roots: {e}"))?,
+        ),
+    };
+    let verifier = Arc::new(Verifier { webpki, pinned, provider: provider.clone() });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     // RFC 7443: TURN over TLS names itself with ALPN "stun.turn".
     config.alpn_protocols = vec![b"stun.turn".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// WebPKI verification against the roots, or a `--ca` certificate presented as it is (still
+/// checked for the server's name).
+#[derive(Debug)]
+struct Verifier {
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    pinned: Vec<CertificateDer<'static>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verdict = match &self.webpki {
+            Some(w) => w.verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
+            None => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)),
+        };
+        match verdict {
+            Err(_) if self.pinned.iter().any(|p| p.as_ref() == end_entity.as_ref()) => {
+                let parsed = ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_name(&parsed, server_name)?;
+                Ok(ServerCertVerified::assertion())
+            }
+            v => v,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 impl Conn {

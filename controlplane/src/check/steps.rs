@@ -22,8 +22,8 @@ use super::Options;
 /// One step's outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
-    /// Its name: resolve, connect, reach, challenge, authenticate, allocate, permission,
-    /// send-roundtrip, channel-bind, channel-roundtrip, refresh.
+    /// Its name: resolve, connect, reach, challenge, authenticate, allocate, (alternate,)
+    /// permission, send-roundtrip, channel-bind, channel-roundtrip, refresh.
     pub step: &'static str,
     /// Passed.
     pub ok: bool,
@@ -378,7 +378,7 @@ impl<'a> Runner<'a> {
         let seen = rt.seen_from.map(|a| a.to_string());
         let data = json!({
             "sent": rt.sent, "reached_peer": rt.out_ok, "peer_sent": rt.peer_sent, "came_back": rt.in_ok,
-            "loss_percent": rt.loss_percent(), "rtt_median_ms": rt.median_ms(),
+            "loss_percent": rt.loss_percent(), "rtt_median_ms": rt.median_ms().map(|m| (m * 1000.0).round() / 1000.0),
             "relayed": relayed.to_string(), "peer_saw_relay_at": seen,
         });
         let elsewhere = rt.seen_from.filter(|a| *a != relayed);
@@ -501,8 +501,14 @@ impl<'a> Runner<'a> {
                     step,
                     false,
                     t0,
-                    format!("300 Try Alternate: ALTERNATE-SERVER {alt}; following it once"),
+                    format!("300 Try Alternate {}: ALTERNATE-SERVER {alt}", r.reason()),
                     json!({ "class": Class::Redirected, "alternate_server": alt.to_string() }),
+                );
+                self.pass(
+                    "alternate",
+                    Instant::now(),
+                    format!("following ALTERNATE-SERVER {alt} once: the steps below run against it"),
+                    json!({ "alternate_server": alt.to_string() }),
                 );
                 Stop::Redirect(alt)
             }
