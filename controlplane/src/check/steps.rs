@@ -307,9 +307,7 @@ impl<'a> Runner<'a> {
         // Refresh 0 (RFC 8656 §7.5: deletes the allocation), also after a failure.
         let t0 = Instant::now();
         let refreshed = s.signed(Method::REFRESH, &|w| w.u32(attr::LIFETIME, 0).map(drop));
-        if result.is_err() {
-            return result;
-        }
+        result?;
         match refreshed {
             Ok(r) if r.code().is_none() => {
                 self.pass("refresh", t0, "Refresh 0: allocation deleted".into(), Value::Null);
