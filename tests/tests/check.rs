@@ -154,7 +154,10 @@ fn healthy_relay_passes_every_step_over_udp_tcp_and_tls() {
     assert_eq!(alloc["integrity_verified"].as_bool(), Some(true));
     let reach = &steps[1]["data"];
     assert!(reach["reflexive"].as_str().unwrap().starts_with("127.0.0.1:"));
-    assert_eq!(reach["reflexive"].as_str(), reach["local"].as_str().map(|l| l.replace("0.0.0.0", "127.0.0.1")).as_deref());
+    assert_eq!(
+        reach["reflexive"].as_str(),
+        reach["local"].as_str().map(|l| l.replace("0.0.0.0", "127.0.0.1")).as_deref()
+    );
     let rt = &steps[8]["data"];
     assert_eq!((rt["sent"].as_i64(), rt["came_back"].as_i64()), (Some(4), Some(4)));
     assert_eq!(rt["peer_saw_relay_at"].as_str(), Some(relayed.to_string().as_str()));
@@ -304,7 +307,8 @@ fn stale_nonce_loop_behind_a_balancer_of_nodes_that_share_no_nonce_secret() {
 #[test]
 fn peer_denied_by_policy_is_403() {
     // A policy that denies the peer's address (127.0.0.1, where the check's peer is).
-    let relay = Relay::start(BACKEND, "", &["--realm", "check.test", "--user", "alice:secret", "--deny-peer", "127.0.0.0/8"]);
+    let relay =
+        Relay::start(BACKEND, "", &["--realm", "check.test", "--user", "alice:secret", "--deny-peer", "127.0.0.0/8"]);
     let (code, out, _) = check(&[&turn(relay.addr), "--user", "alice", "--password", "secret", "--json"]);
     assert_eq!(code, 32, "{out}");
     let v = json(&out);
@@ -342,7 +346,8 @@ fn alternate_server_is_followed_once_and_said() {
     let alternate = healthy(&[]);
     let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let alt = alternate.addr.to_string();
-    let draining = healthy(&["--admin-listen", &admin.to_string(), "--alternate-server", &alt, "--drain-timeout", "60"]);
+    let draining =
+        healthy(&["--admin-listen", &admin.to_string(), "--alternate-server", &alt, "--drain-timeout", "60"]);
     // An allocation keeps the draining relay up.
     let mut holder = Client::new(draining.addr, "alice", "secret", "check.test");
     holder.allocate();
@@ -359,7 +364,8 @@ fn alternate_server_is_followed_once_and_said() {
         line(&after, "✔", s);
     }
     assert!(out.contains("the alternate passed every step"), "{out}");
-    let (code, out, _) = check(&[&turn(draining.addr), "--user", "alice", "--password", "secret", "--count", "2", "--json"]);
+    let (code, out, _) =
+        check(&[&turn(draining.addr), "--user", "alice", "--password", "secret", "--count", "2", "--json"]);
     assert_eq!(code, 31);
     let v = json(&out);
     let s = &v["servers"][0];
@@ -432,7 +438,11 @@ impl Netns {
     /// Drops UDP datagrams to `ports` arriving in the namespace (an nftables input rule).
     fn drop_udp(&self, ports: &str) {
         let rules = format!("table inet ucheck {{\n chain input {{\n  type filter hook input priority 0;\n  udp dport {ports} drop\n }}\n}}\n");
-        let mut c = Command::new("ip").args(["netns", "exec", &self.0, "nft", "-f", "-"]).stdin(Stdio::piped()).spawn().unwrap();
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
         c.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
         assert!(c.wait().unwrap().success(), "nft (Debian package nftables) must be installed");
     }
@@ -487,7 +497,8 @@ fn udp_dropped_by_a_firewall_while_tcp_answers() {
     let ns = Netns::new("u");
     let _relay = ns.relay();
     ns.drop_udp("3478");
-    let (code, out, _) = ns.check(&["turn:127.0.0.1:3478", "--user", "alice", "--password", "secret", "--timeout", "1"]);
+    let (code, out, _) =
+        ns.check(&["turn:127.0.0.1:3478", "--user", "alice", "--password", "secret", "--timeout", "1"]);
     assert_eq!(code, 12, "{out}");
     let l = line(&out, "✘", "reach");
     assert!(l.contains("no answer over UDP") && l.contains("TCP 127.0.0.1:3478 answers"), "{out}");
@@ -523,7 +534,8 @@ fn udp_server_that_answers_nothing() {
 #[test]
 fn ice_servers_json_checks_every_server_with_its_credentials() {
     let good = healthy(&[]);
-    let denied = Relay::start(BACKEND, "", &["--realm", "check.test", "--user", "alice:secret", "--deny-peer", "127.0.0.0/8"]);
+    let denied =
+        Relay::start(BACKEND, "", &["--realm", "check.test", "--user", "alice:secret", "--deny-peer", "127.0.0.0/8"]);
     let ice = format!(
         r#"{{"iceServers":[{{"urls":"stun:{g}"}},{{"urls":["turn:{g}?transport=udp"],"username":"alice","credential":"secret"}},{{"urls":"turn:{d}","username":"alice","credential":"secret"}}]}}"#,
         g = good.addr,

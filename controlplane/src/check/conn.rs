@@ -176,8 +176,10 @@ impl Conn {
         let Some((config, host)) = tls else {
             return Ok((Conn { inner: Inner::Stream { stream: Stream::Tcp(tcp), buf: Vec::new() }, server }, None));
         };
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|e| ConnectError::Tls { name_mismatch: false, reason: format!("bad server name {host:?}: {e}") })?;
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| ConnectError::Tls {
+            name_mismatch: false,
+            reason: format!("bad server name {host:?}: {e}"),
+        })?;
         let conn = ClientConnection::new(config.clone(), name)
             .map_err(|e| ConnectError::Tls { name_mismatch: false, reason: e.to_string() })?;
         let mut s = StreamOwned::new(conn, tcp);
@@ -187,7 +189,8 @@ impl Conn {
                 let name_mismatch = matches!(
                     e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
                     Some(rustls::Error::InvalidCertificate(
-                        rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. }
+                        rustls::CertificateError::NotValidForName
+                            | rustls::CertificateError::NotValidForNameContext { .. }
                     ))
                 );
                 return Err(ConnectError::Tls { name_mismatch, reason: e.to_string() });
@@ -276,7 +279,9 @@ impl Conn {
                     Stream::Tls(s) => s.read(&mut chunk),
                 };
                 match n {
-                    Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection")),
+                    Ok(0) => {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection"))
+                    }
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     Err(e) if is_timeout(&e) => return Ok(None),
                     Err(e) => return Err(e),

@@ -182,7 +182,8 @@ fn frame(mode: Mode, peer: SocketAddr, payload: &[u8]) -> Vec<u8> {
         Mode::Send => {
             let mut buf = vec![0u8; 128 + payload.len()];
             let n = (|| {
-                let mut w = MessageWriter::new(&mut buf, Method::SEND, Class::Indication, TransactionId(rand::random()))?;
+                let mut w =
+                    MessageWriter::new(&mut buf, Method::SEND, Class::Indication, TransactionId(rand::random()))?;
                 w.xor_address(attr::XOR_PEER_ADDRESS, &peer)?.bytes(attr::DATA, payload)?.fingerprint()?;
                 Ok::<_, uturn_proto::wire::WriteError>(w.finish())
             })()

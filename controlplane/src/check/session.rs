@@ -33,9 +33,10 @@ impl Reply {
 
     /// ERROR-CODE's reason phrase, empty when none.
     pub fn reason(&self) -> String {
-        self.msg().get(attr::ERROR_CODE).filter(|v| v.len() > 4).map_or_else(String::new, |v| {
-            String::from_utf8_lossy(&v[4..]).trim_end_matches('\0').to_owned()
-        })
+        self.msg()
+            .get(attr::ERROR_CODE)
+            .filter(|v| v.len() > 4)
+            .map_or_else(String::new, |v| String::from_utf8_lossy(&v[4..]).trim_end_matches('\0').to_owned())
     }
 
     /// ALTERNATE-SERVER (RFC 8489 §14.15: MAPPED-ADDRESS form, not XOR'd), when present and

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use uturn_proto::wire::{attr, Class as MsgClass, Message, MessageWriter, Method, TransactionId};
 
-use super::conn::{ConnectError, Conn};
+use super::conn::{Conn, ConnectError};
 use super::data::{self, Mode, Peer};
 use super::diagnosis::{meaning, Class, Diagnosis};
 use super::session::{Reply, Session, TxError};
@@ -161,7 +161,9 @@ impl<'a> Runner<'a> {
                     ),
                     false => Diagnosis::new(
                         Class::Unreachable,
-                        format!("no answer from {addr} over UDP in {timeout:?} (nor over TCP): server down or filtered"),
+                        format!(
+                            "no answer from {addr} over UDP in {timeout:?} (nor over TCP): server down or filtered"
+                        ),
                     ),
                 };
                 return Err(self.fail("reach", t0, d));
@@ -172,7 +174,10 @@ impl<'a> Runner<'a> {
         let mapped = match m.xor_address(attr::XOR_MAPPED_ADDRESS) {
             Some(Ok(a)) if r.code().is_none() => a,
             _ => {
-                let d = Diagnosis::new(Class::Other, format!("the Binding response has no XOR-MAPPED-ADDRESS ({:?})", r.code()));
+                let d = Diagnosis::new(
+                    Class::Other,
+                    format!("the Binding response has no XOR-MAPPED-ADDRESS ({:?})", r.code()),
+                );
                 return Err(self.fail("reach", t0, d));
             }
         };
@@ -192,14 +197,21 @@ impl<'a> Runner<'a> {
         }
 
         // challenge: an unsigned Allocate, answered 401 with REALM and NONCE (RFC 8656 §7.2).
-        let requested = |w: &mut MessageWriter<'_>| w.u32(attr::REQUESTED_TRANSPORT, u32::from(attr::TRANSPORT_UDP) << 24).map(drop);
+        let requested = |w: &mut MessageWriter<'_>| {
+            w.u32(attr::REQUESTED_TRANSPORT, u32::from(attr::TRANSPORT_UDP) << 24).map(drop)
+        };
         let t0 = Instant::now();
-        let r = s.request(Method::ALLOCATE, false, &requested).map_err(|e| self.fail("challenge", t0, tx_diagnosis(&e, addr)))?;
+        let r = s
+            .request(Method::ALLOCATE, false, &requested)
+            .map_err(|e| self.fail("challenge", t0, tx_diagnosis(&e, addr)))?;
         match r.code() {
             Some(401) => {}
             Some(300) => return Err(self.redirect("challenge", t0, &r)),
             Some(c) => {
-                let d = Diagnosis::new(Class::TurnError, format!("unsigned Allocate answered {c} {} ({})", r.reason(), meaning(c)));
+                let d = Diagnosis::new(
+                    Class::TurnError,
+                    format!("unsigned Allocate answered {c} {} ({})", r.reason(), meaning(c)),
+                );
                 return Err(self.fail("challenge", t0, d));
             }
             None => {
@@ -257,7 +269,12 @@ impl<'a> Runner<'a> {
                 self.pass("authenticate", t0, "signed Allocate accepted".into(), Value::Null);
                 return Err(self.redirect("allocate", t0, &r));
             }
-            _ => self.pass("authenticate", t0, format!("user {:?} in realm {realm:?} accepted", creds.username), Value::Null),
+            _ => self.pass(
+                "authenticate",
+                t0,
+                format!("user {:?} in realm {realm:?} accepted", creds.username),
+                Value::Null,
+            ),
         }
         if let Some(c) = r.code() {
             let d = match c {
@@ -315,7 +332,8 @@ impl<'a> Runner<'a> {
             }
             Ok(r) => {
                 let c = r.code().unwrap_or(0);
-                let d = Diagnosis::new(Class::TurnError, format!("Refresh 0 answered {c} {} ({})", r.reason(), meaning(c)));
+                let d =
+                    Diagnosis::new(Class::TurnError, format!("Refresh 0 answered {c} {} ({})", r.reason(), meaning(c)));
                 Err(self.fail("refresh", t0, d))
             }
             Err(e) => Err(self.fail("refresh", t0, tx_diagnosis(&e, addr))),
@@ -345,7 +363,9 @@ impl<'a> Runner<'a> {
         let channel = 0x4000u16;
         let r = s
             .signed(Method::CHANNEL_BIND, &|w| {
-                w.u32(attr::CHANNEL_NUMBER, u32::from(channel) << 16)?.xor_address(attr::XOR_PEER_ADDRESS, &pa).map(drop)
+                w.u32(attr::CHANNEL_NUMBER, u32::from(channel) << 16)?
+                    .xor_address(attr::XOR_PEER_ADDRESS, &pa)
+                    .map(drop)
             })
             .map_err(|e| self.fail("channel-bind", t0, tx_diagnosis(&e, server)))?;
         if let Some(c) = r.code() {
@@ -450,7 +470,8 @@ impl<'a> Runner<'a> {
     fn connect(&mut self, uri: &ServerUri, addr: SocketAddr) -> Result<Conn> {
         let t0 = Instant::now();
         if uri.transport == Transport::Udp {
-            return Conn::udp(addr).map_err(|e| self.fail("connect", t0, Diagnosis::new(Class::Other, format!("UDP socket: {e}"))));
+            return Conn::udp(addr)
+                .map_err(|e| self.fail("connect", t0, Diagnosis::new(Class::Other, format!("UDP socket: {e}"))));
         }
         let tls = match uri.transport {
             Transport::Tls => match self.opts.tls_config() {
@@ -589,7 +610,9 @@ fn tx_diagnosis(e: &TxError, addr: SocketAddr) -> Diagnosis {
     match e {
         TxError::Timeout => Diagnosis::new(Class::Unreachable, format!("no response from {addr}")),
         TxError::Io(e) => Diagnosis::new(Class::Unreachable, format!("{addr}: {e}")),
-        TxError::StaleNonceLoop(n) => Diagnosis::new(Class::StaleNonceLoop, format!("438 Stale Nonce {n} times in a row")),
+        TxError::StaleNonceLoop(n) => {
+            Diagnosis::new(Class::StaleNonceLoop, format!("438 Stale Nonce {n} times in a row"))
+        }
         TxError::Build => Diagnosis::new(Class::Usage, "a request could not be built (username or realm too long)"),
     }
 }

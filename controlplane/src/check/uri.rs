@@ -170,7 +170,10 @@ mod tests {
     #[test]
     fn rfc7065_forms() {
         let u = parse("turn:example.org").unwrap();
-        assert_eq!((u.scheme, u.host.as_str(), u.port, u.transport), (Scheme::Turn, "example.org", 3478, Transport::Udp));
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port, u.transport),
+            (Scheme::Turn, "example.org", 3478, Transport::Udp)
+        );
         let u = parse("turn:192.0.2.1:3479?transport=tcp").unwrap();
         assert_eq!((u.port, u.transport), (3479, Transport::Tcp));
         let u = parse("turns:example.org?transport=tcp").unwrap();
