@@ -11,8 +11,8 @@ use uturn_proto::wire::{attr, Class, IntegrityKey, Message, MessageWriter, Metho
 
 use super::conn::Conn;
 
-/// A response, as owned bytes.
-pub struct Reply(pub Vec<u8>);
+/// A response, as owned bytes (only ones that parsed as STUN).
+pub struct Reply(Vec<u8>);
 
 impl Reply {
     /// The parsed message (the bytes were parsed once before a `Reply` was made).

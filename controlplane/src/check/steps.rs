@@ -147,10 +147,20 @@ impl<'a> Runner<'a> {
 
         // reach: a Binding request (RFC 8489 §3), the reflexive address decoded.
         let t0 = Instant::now();
-        let r = match s.request(Method::BINDING, false, &|_| Ok(())) {
+        let spinner = self.spinner(format!("reach: waiting up to {timeout:?} for {addr} to answer a Binding"));
+        let binding = s.request(Method::BINDING, false, &|_| Ok(()));
+        if let Some(sp) = &spinner {
+            sp.set_message(format!("reach: no answer over UDP yet, trying TCP {addr}"));
+        }
+        let tcp_fallback = matches!(binding, Err(TxError::Timeout)) && uri.transport == Transport::Udp;
+        let tcp_ok = tcp_fallback && tcp_answers(addr, timeout);
+        if let Some(sp) = spinner {
+            sp.finish_and_clear();
+        }
+        let r = match binding {
             Ok(r) => r,
-            Err(TxError::Timeout) if uri.transport == Transport::Udp => {
-                let d = match tcp_answers(addr, timeout) {
+            Err(TxError::Timeout) if tcp_fallback => {
+                let d = match tcp_ok {
                     true => Diagnosis::new(
                         Class::UdpBlocked,
                         format!(
@@ -384,6 +394,9 @@ impl<'a> Runner<'a> {
         let count = self.opts.count;
         let bar = self.opts.progress.then(|| {
             let b = indicatif::ProgressBar::new(u64::from(count));
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} datagrams") {
+                b.set_style(style.progress_chars("=> "));
+            }
             b.set_message(name);
             b
         });
@@ -465,6 +478,16 @@ impl<'a> Runner<'a> {
             data,
         );
         Ok(())
+    }
+
+    /// A spinner on stderr with `message`, when progress is shown (a terminal, not --json).
+    fn spinner(&self, message: String) -> Option<indicatif::ProgressBar> {
+        self.opts.progress.then(|| {
+            let sp = indicatif::ProgressBar::new_spinner();
+            sp.set_message(message);
+            sp.enable_steady_tick(Duration::from_millis(120));
+            sp
+        })
     }
 
     fn connect(&mut self, uri: &ServerUri, addr: SocketAddr) -> Result<Conn> {
