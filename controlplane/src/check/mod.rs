@@ -200,19 +200,18 @@ fn run_inner(a: CheckArgs) -> Result<u8, Diagnosis> {
     Ok(report.exit_code)
 }
 
-/// The credentials of the command line: --user/--password, or minted from --secret.
+/// The credentials of the command line: --user and --password, else minted from --secret.
 fn cli_creds(a: &CheckArgs) -> Result<Option<Creds>, Diagnosis> {
-    match (&a.password, &a.secret) {
-        (Some(p), _) => {
-            let user = a.user.clone().ok_or_else(|| usage("--password needs --user"))?;
-            Ok(Some(Creds { username: user, password: p.clone() }))
-        }
-        (None, Some(secret)) if !secret.is_empty() => {
+    match (&a.user, &a.password, &a.secret) {
+        (Some(user), Some(p), _) => Ok(Some(Creds { username: user.clone(), password: p.clone() })),
+        (_, _, Some(secret)) if !secret.is_empty() => {
             let ttl = rest::parse_ttl(&a.ttl).map_err(usage)?;
             let m = rest::mint(secret.as_bytes(), crate::credentials::unix_now(), ttl, a.user.as_deref(), a.separator);
             Ok(Some(Creds { username: m.username, password: m.password }))
         }
-        (None, Some(_)) => Err(usage("--secret must not be empty")),
-        (None, None) => Ok(None),
+        (_, _, Some(_)) => Err(usage("--secret must not be empty")),
+        // A password without --user (UTURN_PASSWORD left in the environment) is no credential:
+        // a turn: URI then stops at `authenticate` with exit 2; a stun: URI needs none.
+        _ => Ok(None),
     }
 }
