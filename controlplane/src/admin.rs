@@ -22,6 +22,8 @@ pub enum Command {
     Credential(CredentialArgs),
     /// Manage users in a store, print keys, revoke a user's allocations.
     Admin(AdminArgs),
+    /// Probe a TURN/STUN server step by step and say where it fails (exit codes below).
+    Check(crate::check::CheckArgs),
 }
 
 /// `uturn credential`.
@@ -189,6 +191,7 @@ pub fn run(cmd: Command) -> ExitCode {
     let result = match cmd {
         Command::Credential(a) => credential(&a),
         Command::Admin(a) => admin(a),
+        Command::Check(a) => return crate::check::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

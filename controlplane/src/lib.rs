@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod admin_api;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod credentials;
