@@ -22,6 +22,9 @@ pub enum Command {
     Credential(CredentialArgs),
     /// Manage users in a store, print keys, revoke a user's allocations.
     Admin(AdminArgs),
+    /// Follow a user's, a session's or a client's TURN exchanges on a running relay (its admin
+    /// endpoint), with flags and an optional pcapng for Wireshark.
+    Trace(crate::trace_cli::TraceArgs),
 }
 
 /// `uturn credential`.
@@ -189,6 +192,7 @@ pub fn run(cmd: Command) -> ExitCode {
     let result = match cmd {
         Command::Credential(a) => credential(&a),
         Command::Admin(a) => admin(a),
+        Command::Trace(a) => return crate::trace_cli::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,10 @@
 //!   REST user id matches its ephemeral usernames); answers `{"user":NAME,"revoked":N}`.
 //! - `POST /drain`: stop granting allocations; the process exits when the last one ends or
 //!   `drain-timeout` passes (`{"draining":true,"allocations":N}`).
+//! - `GET /trace?user=NAME|session=ID|client=IP[:PORT][&rate=N][&max_s=N][&snaplen=N]`: a
+//!   stream of JSON lines (`application/x-ndjson`) of the matching sessions' messages, traffic
+//!   and flags ([`crate::trace`]); 400 for a bad query, 429 when [`crate::trace::MAX_TRACES`]
+//!   traces are active. The stream is exempt from the connection time limit; it ends at `max_s`.
 //!
 //! The HTTP thread never touches control-plane or worker state: it hands each request to the
 //! control loop over a queue and waits (at most 2 s) for the answer; for sessions the control
@@ -34,7 +38,7 @@ use hyper::http::Method;
 use tracing::info;
 use uturn_proto::relay::SessionInfo;
 
-use crate::http_endpoint::{cross_site, host_is_loopback, HttpServer, Request, Response};
+use crate::http_endpoint::{cross_site, host_is_loopback, HttpServer, Request, Response, Stream};
 
 /// How long the HTTP thread waits for the control loop.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -92,25 +96,49 @@ impl AdminApi {
     pub fn start(listener: TcpListener, token: Option<String>, control: Thread) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let (tx, requests) = crossbeam_channel::bounded(64);
+        let token_for_traces = token.clone();
         let handler = move |r: &Request| {
             let (status, body) = route(r, addr.port(), token.as_deref(), &tx, &control);
             let content_type =
                 if body.starts_with(['{', '[']) { "application/json" } else { "text/plain; charset=utf-8" };
             Response { status, content_type, body }
         };
-        let server = HttpServer::start("uturn-admin", listener, Arc::new(handler))?;
+        let trace_token = token_for_traces;
+        let streams = move |r: &Request| trace_stream(r, addr.port(), trace_token.as_deref());
+        let server = HttpServer::start_streaming("uturn-admin", listener, Arc::new(handler), Arc::new(streams))?;
         info!(%addr, "admin endpoint listening");
         Ok(AdminApi { _server: server, requests })
     }
 }
 
-fn route(
-    request: &Request,
-    port: u16,
-    token: Option<&str>,
-    tx: &Sender<AdminRequest>,
-    control: &Thread,
-) -> (u16, String) {
+/// `GET /trace`: the stream of a new trace, or the answer that refuses it; `None` for every
+/// other route.
+fn trace_stream(request: &Request, port: u16, token: Option<&str>) -> Option<Result<Stream, Response>> {
+    if request.path != "/trace" {
+        return None;
+    }
+    let refuse = |status: u16, body: String| Err(Response { status, content_type: "application/json", body });
+    if let Some(denied) = authorize(request, port, token) {
+        return Some(refuse(denied.0, denied.1));
+    }
+    if request.method != Method::GET {
+        return Some(refuse(405, "{\"error\":\"GET only\"}".into()));
+    }
+    let spec = match crate::trace::TraceSpec::from_query(&request.query) {
+        Ok(s) => s,
+        Err(e) => return Some(refuse(400, serde_json::json!({ "error": e }).to_string())),
+    };
+    Some(match crate::trace::start(spec) {
+        Ok(chunks) => Ok(Stream { content_type: "application/x-ndjson", chunks }),
+        Err(crate::trace::StartError::TooMany) => refuse(
+            429,
+            format!("{{\"error\":\"{} traces are active already (the cap)\"}}", crate::trace::MAX_TRACES),
+        ),
+    })
+}
+
+/// The refusal of a request without the token (or, with none set, not addressed to loopback).
+fn authorize(request: &Request, port: u16, token: Option<&str>) -> Option<(u16, String)> {
     match token {
         Some(t) => {
             let want = format!("Bearer {t}");
@@ -120,13 +148,26 @@ fn route(
                 .iter()
                 .any(|v| constant_time_eq(v.as_bytes(), want.as_bytes()));
             if !ok {
-                return (401, "{\"error\":\"bearer token required\"}".into());
+                return Some((401, "{\"error\":\"bearer token required\"}".into()));
             }
         }
         None if !host_is_loopback(&request.headers, port) => {
-            return (403, format!("{{\"error\":\"Host must be a loopback address or localhost with port {port}\"}}"));
+            return Some((403, format!("{{\"error\":\"Host must be a loopback address or localhost with port {port}\"}}")));
         }
         None => {}
+    }
+    None
+}
+
+fn route(
+    request: &Request,
+    port: u16,
+    token: Option<&str>,
+    tx: &Sender<AdminRequest>,
+    control: &Thread,
+) -> (u16, String) {
+    if let Some(denied) = authorize(request, port, token) {
+        return denied;
     }
     if let Some(why) = cross_site(&request.method, &request.headers) {
         return (403, format!("{{\"error\":\"cross-site request refused: {why}\"}}"));
@@ -193,7 +234,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Decodes `%XX` escapes; `None` for a malformed escape or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

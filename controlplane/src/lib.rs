@@ -16,4 +16,6 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod tcp_relay;
+pub mod trace;
+pub mod trace_cli;
 pub mod upgrade;

@@ -37,6 +37,7 @@ mod metrics;
 mod socket;
 mod stream;
 mod sys;
+pub mod trace;
 mod uring;
 mod worker;
 mod xdp;
