@@ -90,8 +90,8 @@ pub struct TapEvent {
     pub peer: Option<SocketAddr>,
     /// Set when the worker dropped it.
     pub dropped: Option<DropReason>,
-    /// An Allocate exchange on a 5-tuple with no allocation yet, copied only because a user
-    /// trace is active (the tracer keeps it until it knows whose it is).
+    /// A request or response on a 5-tuple with no allocation, copied only because a user trace
+    /// is active (the tracer keeps it until it knows whose it is).
     pub pending: bool,
     /// Length of the whole message, bytes.
     pub len: usize,
@@ -121,7 +121,7 @@ impl TapFilter {
             || user.is_some_and(|u| self.users.iter().any(|n| user_matches(u, n)))
     }
 
-    /// True when some trace matches by user (so unattributed Allocate exchanges are copied).
+    /// True when some trace matches by user (so unattributed exchanges are copied).
     pub fn by_user(&self) -> bool {
         !self.users.is_empty()
     }

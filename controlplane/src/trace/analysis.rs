@@ -354,7 +354,7 @@ impl Analysis {
         for (session, a) in &mut self.allocs {
             let idle = now.duration_since(a.refreshed).as_secs();
             let lifetime = a.lifetime as u64;
-            let margin = (lifetime / 10).min(30);
+            let margin = (lifetime / 10).clamp(1, 30);
             if !a.warned && idle + margin >= lifetime {
                 a.warned = true;
                 out.push(json!({

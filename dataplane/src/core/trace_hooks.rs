@@ -28,12 +28,16 @@ impl WorkerCore {
     /// [`Self::handle_message`], then the message (and the worker's answer) copied when a
     /// trace matches.
     pub(super) fn on_message_traced(&mut self, now: Instant, ft: &FiveTuple, datagram: &[u8]) -> ClientVerdict {
+        if self.holds.holds(ft) {
+            // Held behind a request at the control plane: copied when it is handled.
+            return self.handle_message(now, ft, datagram);
+        }
         let before = *self.state.counters();
         let verdict = self.handle_message(now, ft, datagram);
         let (session, user, relayed) = self.owner(ft);
         let filter = self.tap.filter_arc();
         let matched = filter.matches(ft, session, user.as_deref());
-        let pending = !matched && session == 0 && filter.by_user() && is_allocate(datagram);
+        let pending = !matched && session == 0 && filter.by_user() && unattributed_exchange(datagram);
         if !matched && !pending {
             return verdict;
         }
@@ -133,7 +137,7 @@ impl WorkerCore {
         let filter = self.tap.filter_arc();
         let reply = &self.reply[..n];
         let matched = filter.matches(ft, session, user.as_deref());
-        let pending = !matched && session == 0 && filter.by_user() && is_allocate(reply);
+        let pending = !matched && session == 0 && filter.by_user() && unattributed_exchange(reply);
         if !matched && !pending {
             return;
         }
@@ -166,9 +170,15 @@ impl WorkerCore {
     }
 }
 
-/// True for an Allocate request or response (method bits of the STUN message type).
-fn is_allocate(message: &[u8]) -> bool {
-    message.len() >= 20 && u16::from_be_bytes([message[0], message[1]]) & 0x3EEF == 0x0003
+/// True for a STUN request or response other than Binding: on a 5-tuple with no allocation, a
+/// user trace needs it until the tracer learns whose it is (its USERNAME, or the allocation it
+/// makes).
+fn unattributed_exchange(message: &[u8]) -> bool {
+    if message.len() < 20 || message[0] & 0xC0 != 0 {
+        return false;
+    }
+    let typ = u16::from_be_bytes([message[0], message[1]]);
+    typ & 0x0110 != 0x0010 && typ & 0x3EEF != 0x0001
 }
 
 /// Which drop counter the handler incremented.
