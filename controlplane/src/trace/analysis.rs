@@ -88,6 +88,16 @@ pub struct Analysis {
 impl Analysis {
     /// The line of `ev` and the flags it raises now.
     pub fn event(&mut self, ev: &TapEvent, now: Instant) -> (Value, Vec<Value>) {
+        let stun = decode::stun(&ev.bytes);
+        // A Send indication the worker dropped names its peer only in XOR-PEER-ADDRESS.
+        let with_peer;
+        let ev = match stun.as_ref().and_then(|d| d.peers.first()) {
+            Some(p) if ev.peer.is_none() && stun.as_ref().is_some_and(|d| d.method_code == 0x006) => {
+                with_peer = TapEvent { peer: Some(*p), ..ev.clone() };
+                &with_peer
+            }
+            _ => ev,
+        };
         let mut flags = Vec::new();
         let mut line = Map::new();
         line.insert("type".into(), json!("message"));
@@ -124,7 +134,6 @@ impl Analysis {
         if let Some(d) = ev.dropped {
             line.insert("dropped".into(), json!(drop_name(d)));
         }
-        let stun = decode::stun(&ev.bytes);
         let mut payload = None;
         match &stun {
             Some(d) => {
