@@ -130,10 +130,9 @@ fn trace_stream(request: &Request, port: u16, token: Option<&str>) -> Option<Res
     };
     Some(match crate::trace::start(spec) {
         Ok(chunks) => Ok(Stream { content_type: "application/x-ndjson", chunks }),
-        Err(crate::trace::StartError::TooMany) => refuse(
-            429,
-            format!("{{\"error\":\"{} traces are active already (the cap)\"}}", crate::trace::MAX_TRACES),
-        ),
+        Err(crate::trace::StartError::TooMany) => {
+            refuse(429, format!("{{\"error\":\"{} traces are active already (the cap)\"}}", crate::trace::MAX_TRACES))
+        }
     })
 }
 
@@ -152,7 +151,10 @@ fn authorize(request: &Request, port: u16, token: Option<&str>) -> Option<(u16, 
             }
         }
         None if !host_is_loopback(&request.headers, port) => {
-            return Some((403, format!("{{\"error\":\"Host must be a loopback address or localhost with port {port}\"}}")));
+            return Some((
+                403,
+                format!("{{\"error\":\"Host must be a loopback address or localhost with port {port}\"}}"),
+            ));
         }
         None => {}
     }

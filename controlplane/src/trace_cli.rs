@@ -144,7 +144,10 @@ fn trace(a: &TraceArgs) -> Result<(), (u8, String)> {
     if let (Some(w), Some(p)) = (pcap, &a.pcap) {
         let n = w.packets();
         w.finish().map_err(|e| (1, format!("{}: {e}", p.display())))?;
-        eprintln!("uturn trace: {n} packets ({stun} STUN messages, {data} relayed datagrams) written to {}", p.display());
+        eprintln!(
+            "uturn trace: {n} packets ({stun} STUN messages, {data} relayed datagrams) written to {}",
+            p.display()
+        );
     }
     Ok(())
 }
@@ -191,7 +194,13 @@ fn addr(v: &Value) -> Option<SocketAddr> {
 fn human(v: &Value) -> Option<String> {
     let ts = v["ts"].as_f64().unwrap_or(0.0);
     let secs = ts as u64;
-    let when = format!("{:02}:{:02}:{:02}.{:03}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60, ((ts.fract()) * 1000.0) as u64);
+    let when = format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        ((ts.fract()) * 1000.0) as u64
+    );
     let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
     match v["type"].as_str()? {
         "start" => Some(format!("tracing {} (at most {} messages/s); Ctrl-C to stop", s("target"), v["rate"])),
@@ -210,7 +219,8 @@ fn human(v: &Value) -> Option<String> {
             v["total_to_client"]["packets"],
         )),
         "tick" => {
-            let (sup, slow, tap) = (v["suppressed"].as_u64()?, v["slow_reader_dropped"].as_u64()?, v["tap_dropped"].as_u64()?);
+            let (sup, slow, tap) =
+                (v["suppressed"].as_u64()?, v["slow_reader_dropped"].as_u64()?, v["tap_dropped"].as_u64()?);
             (sup + slow + tap > 0).then(|| format!("{when} (not shown: {sup} over the rate cap, {slow} to a slow reader; {tap} lost in the relay's tap queue)"))
         }
         "message" => {
@@ -236,11 +246,24 @@ fn human(v: &Value) -> Option<String> {
             }
             let mut line = format!("{when} {who} {} {}", s("method"), s("class"));
             if let Some(e) = v.get("error") {
-                line += &format!(" {} {}: {}", e["code"], e["reason"].as_str().unwrap_or(""), e["meaning"].as_str().unwrap_or(""));
+                line += &format!(
+                    " {} {}: {}",
+                    e["code"],
+                    e["reason"].as_str().unwrap_or(""),
+                    e["meaning"].as_str().unwrap_or("")
+                );
             }
             for a in v["attributes"].as_array().into_iter().flatten() {
                 let name = a["name"].as_str().unwrap_or("");
-                if matches!(name, "MESSAGE-INTEGRITY" | "MESSAGE-INTEGRITY-SHA256" | "FINGERPRINT" | "ERROR-CODE" | "SOFTWARE" | "NONCE") {
+                if matches!(
+                    name,
+                    "MESSAGE-INTEGRITY"
+                        | "MESSAGE-INTEGRITY-SHA256"
+                        | "FINGERPRINT"
+                        | "ERROR-CODE"
+                        | "SOFTWARE"
+                        | "NONCE"
+                ) {
                     continue;
                 }
                 match a.get("value") {

@@ -506,9 +506,10 @@ impl WorkerCore {
         let (path, alloc, len) = (r.client, r.id, payload.len());
         match self.state.handle_peer_datagram(now, r.id, peer, buf, payload) {
             PeerOutput::ToClient { five_tuple, message } => match path {
-                ClientPath::Datagram(listener) => {
-                    (PeerVerdict::Datagram { listener, client: five_tuple.client, message: message.clone() }, Some(message))
-                }
+                ClientPath::Datagram(listener) => (
+                    PeerVerdict::Datagram { listener, client: five_tuple.client, message: message.clone() },
+                    Some(message),
+                ),
                 ClientPath::Stream(conn) => {
                     // RFC 8656 §12.5: ChannelData is padded to 4 bytes on a stream (a Data
                     // indication already is); the tailroom holds the padding.

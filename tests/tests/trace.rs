@@ -38,7 +38,8 @@ struct Trace {
 impl Trace {
     /// Starts `uturn trace --admin http://ADMIN --json ARGS` and waits for its start line.
     fn start(admin: SocketAddr, args: &[&str]) -> Trace {
-        let stderr = std::env::temp_dir().join(format!("uturn-trace-{}-{}.err", std::process::id(), rand::random::<u32>()));
+        let stderr =
+            std::env::temp_dir().join(format!("uturn-trace-{}-{}.err", std::process::id(), rand::random::<u32>()));
         let mut child = Command::new(uturn_bin())
             .args(["trace", "--admin", &format!("http://{admin}"), "--json"])
             .args(args)
@@ -264,7 +265,11 @@ fn trace_by_user_decodes_exchanges_flags_and_writes_a_pcap_tshark_accepts() {
         assert_eq!(frames, messages.len(), "one frame per traced message");
         assert_eq!(stun_frames, stun, "tshark sees every traced STUN message");
         assert_eq!(any, frames, "every frame decodes as STUN or ChannelData");
-        assert!(t.err().contains(&format!("{frames} packets ({} STUN messages", stun - sends(&messages))), "{}", t.err());
+        assert!(
+            t.err().contains(&format!("{frames} packets ({} STUN messages", stun - sends(&messages))),
+            "{}",
+            t.err()
+        );
         let _ = std::fs::remove_file(&pcap);
     }
 }
@@ -273,7 +278,6 @@ fn trace_by_user_decodes_exchanges_flags_and_writes_a_pcap_tshark_accepts() {
 fn sends(messages: &[Value]) -> usize {
     messages.iter().filter(|v| v["method"] == "Send" || v["method"] == "Data").count()
 }
-
 
 #[test]
 fn trace_by_session_and_by_client_and_stopped_refreshes() {
@@ -339,7 +343,8 @@ fn trace_caps_and_token() {
     // At most 4 traces at once: the fifth hears 429; once one ends another may start.
     let mut open = Vec::new();
     for i in 0..4 {
-        let (status, text, s) = get(admin, &format!("/trace?user=u{i}&max_s=30"), Some("sesame"), Duration::from_secs(2));
+        let (status, text, s) =
+            get(admin, &format!("/trace?user=u{i}&max_s=30"), Some("sesame"), Duration::from_secs(2));
         assert_eq!(status, 200, "{text}");
         assert!(text.contains("application/x-ndjson"), "{text}");
         open.push(s);

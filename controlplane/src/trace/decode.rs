@@ -58,13 +58,8 @@ pub fn stun(bytes: &[u8]) -> Option<Decoded> {
     let mut tid = [0u8; 12];
     tid.copy_from_slice(&bytes[8..20]);
     let tid = TransactionId(tid);
-    let mut d = Decoded {
-        method: method_name(method_code),
-        method_code,
-        class,
-        tid: hex(&tid.0),
-        ..Decoded::default()
-    };
+    let mut d =
+        Decoded { method: method_name(method_code), method_code, class, tid: hex(&tid.0), ..Decoded::default() };
     let declared = u16::from_be_bytes([bytes[2], bytes[3]]) as usize;
     let end = (20 + declared).min(bytes.len());
     let mut at = 20;
@@ -97,7 +92,9 @@ fn attribute(d: &mut Decoded, t: u16, l: usize, v: &[u8], cut: bool, tid: &Trans
                 Err(_) => Some(json!("(malformed address)")),
             }
         }
-        attr::MAPPED_ADDRESS | attr::ALTERNATE_SERVER => Some(json!(plain_address(v).map_or("(malformed address)".into(), |a| a.to_string()))),
+        attr::MAPPED_ADDRESS | attr::ALTERNATE_SERVER => {
+            Some(json!(plain_address(v).map_or("(malformed address)".into(), |a| a.to_string())))
+        }
         attr::USERNAME => {
             d.username = Some(text());
             Some(json!(text()))
@@ -236,8 +233,9 @@ pub fn error_meaning(code: u16, peers: &[SocketAddr]) -> String {
                  addresses)"
             )
         }
-        420 => "unknown attribute: the request carries a comprehension-required attribute the relay does not know"
-            .into(),
+        420 => {
+            "unknown attribute: the request carries a comprehension-required attribute the relay does not know".into()
+        }
         437 => "allocation mismatch: an Allocate on a 5-tuple that already has an allocation, or another request \
                 on one that has none (expired, or the client's NAT rebound it to a new address)"
             .into(),

@@ -105,7 +105,8 @@ impl TraceSpec {
                     None
                 }
                 "max_s" => {
-                    spec.max = Duration::from_secs(number(MAX_DURATION.as_secs()).ok_or("max_s must be a positive number")?);
+                    spec.max =
+                        Duration::from_secs(number(MAX_DURATION.as_secs()).ok_or("max_s must be a positive number")?);
                     None
                 }
                 "snaplen" => {
@@ -212,9 +213,7 @@ impl Trace {
     fn matches(&self, ev: &TapEvent) -> bool {
         let ft = &ev.five_tuple;
         match &self.spec.target {
-            Target::User(u) => {
-                ev.user.as_deref().is_some_and(|x| user_matches(x, u)) || self.claimed.contains(ft)
-            }
+            Target::User(u) => ev.user.as_deref().is_some_and(|x| user_matches(x, u)) || self.claimed.contains(ft),
             Target::Session(s) => ev.session == *s,
             Target::Client(ip, port) => ft.client.ip() == *ip && port.is_none_or(|p| p == ft.client.port()),
         }
