@@ -117,7 +117,7 @@ fn trace(a: &TraceArgs) -> Result<(), (u8, String)> {
         let line = match line {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("uturn trace: the stream ended: {e}");
+                eprintln!("uturn trace: the relay closed the stream ({e})");
                 break;
             }
         };
@@ -229,8 +229,12 @@ fn human(v: &Value) -> Option<String> {
                 Some("to-client") => "←",
                 _ => "×",
             };
+            let transport = match v["transport"].as_str() {
+                Some("udp") | None => String::new(),
+                Some(t) => format!("/{t}"),
+            };
             let who = format!(
-                "session {}{} {} {}",
+                "session {}{} {}{transport} {}",
                 v["session"],
                 v["user"].as_str().map_or(String::new(), |u| format!(" ({u})")),
                 s("client"),

@@ -182,7 +182,7 @@ fn trace_by_user_decodes_exchanges_flags_and_writes_a_pcap_tshark_accepts() {
         // The exchanges, decoded.
         let challenge = t.wait(|v| is_msg(v, "Allocate", "error"), "Allocate 401");
         assert_eq!(challenge["error"]["code"], 401, "{challenge}");
-        assert!(challenge["error"]["meaning"].as_str().unwrap().contains("challenge"), "{challenge}");
+        assert!(challenge["error"]["meaning"].as_str().unwrap().contains("the challenge"), "{challenge}");
         let ok = t.wait(|v| is_msg(v, "Allocate", "success"), "Allocate success");
         assert_eq!(attr_value(&ok, "XOR-RELAYED-ADDRESS"), Some(relayed.to_string()), "{ok}");
         assert_eq!(attr_value(&ok, "XOR-MAPPED-ADDRESS"), Some(local_of(&c)), "{ok}");

@@ -79,7 +79,9 @@ fn a_traced_browser_call_and_tsharks_verdict_on_its_pcap() {
         .arg(&tls.cert);
     let (ok, out) = run_with_timeout(&mut cmd, Duration::from_secs(40));
     assert!(ok, "the browser call failed:\n{out}\n--- uturn log ---\n{}", relay.log());
-    // End the traces: the relay ends them at --duration; stop them sooner by ending the relay.
+    // End the traces: the relay ends them at --duration; stop them sooner by ending the relay
+    // (after the last traffic lines).
+    std::thread::sleep(Duration::from_millis(1500));
     drop(relay);
     assert!(wait_exit(&mut human, Duration::from_secs(50)), "the human trace did not end");
     assert!(wait_exit(&mut json, Duration::from_secs(50)), "the JSON trace did not end");
@@ -97,6 +99,9 @@ fn a_traced_browser_call_and_tsharks_verdict_on_its_pcap() {
         );
     }
     assert!(lines.iter().any(|v| v["type"] == "traffic"), "traffic lines");
+    // A call that ends its allocations (Refresh 0) is no NAT rebinding.
+    let rebinding: Vec<_> = lines.iter().filter(|v| v["flag"] == "nat-rebinding").collect();
+    assert!(rebinding.is_empty(), "a plain call flagged as rebinding: {rebinding:?}");
     assert!(human_text.contains("Allocate success XOR-RELAYED-ADDRESS="), "{human_text}");
 
     let p = pcap.to_str().unwrap();

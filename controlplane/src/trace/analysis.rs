@@ -79,8 +79,8 @@ struct Alloc {
 pub struct Analysis {
     flows: HashMap<(u64, SocketAddr), Flow>,
     allocs: HashMap<u64, Alloc>,
-    /// Requests seen: transaction ID -> (when, method, peers).
-    requests: HashMap<String, (Instant, &'static str, Vec<SocketAddr>, u32)>,
+    /// Requests seen: transaction ID -> (when, method, peers, times seen, signed).
+    requests: HashMap<String, (Instant, &'static str, Vec<SocketAddr>, u32, bool)>,
     drop_flags: HashMap<(u64, &'static str), (Instant, u64)>,
     rebound: Vec<FiveTuple>,
 }
@@ -143,7 +143,9 @@ impl Analysis {
                 line.insert("tid".into(), json!(d.tid));
                 line.insert("attributes".into(), Value::Array(d.attributes.clone()));
                 if let Some(code) = d.error {
-                    let peers = self.requests.get(&d.tid).map(|r| r.2.clone()).unwrap_or_default();
+                    let request = self.requests.get(&d.tid);
+                    let peers = request.map(|r| r.2.clone()).unwrap_or_default();
+                    let signed = request.map(|r| r.4);
                     let reason = d
                         .attributes
                         .iter()
@@ -153,7 +155,7 @@ impl Analysis {
                         .to_string();
                     line.insert(
                         "error".into(),
-                        json!({"code": code, "reason": reason, "meaning": decode::error_meaning(code, &peers)}),
+                        json!({"code": code, "reason": reason, "meaning": decode::error_meaning(code, &peers, signed)}),
                     );
                 }
                 if d.method_code == 0x006 || d.method_code == 0x007 {
@@ -228,7 +230,8 @@ impl Analysis {
             if self.requests.len() >= TIDS {
                 self.requests.retain(|_, r| now.duration_since(r.0) < TID_FOR);
             }
-            let entry = self.requests.entry(d.tid.clone()).or_insert((now, d.method, d.peers.clone(), 0));
+            let signed = d.username.is_some();
+            let entry = self.requests.entry(d.tid.clone()).or_insert((now, d.method, d.peers.clone(), 0, signed));
             entry.3 += 1;
             if entry.3 > 1 {
                 flags.push(flag(

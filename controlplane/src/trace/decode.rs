@@ -216,15 +216,24 @@ fn attribute_name(t: u16) -> Option<&'static str> {
 }
 
 /// What an error code means for an operator (RFC 8489 §14.8, RFC 8656 §19, RFC 6062 §6.3).
-/// `peers`: the XOR-PEER-ADDRESS values of the request it answers (named for a 403).
-pub fn error_meaning(code: u16, peers: &[SocketAddr]) -> String {
+/// `peers`: the XOR-PEER-ADDRESS values of the request it answers (named for a 403);
+/// `signed`: whether that request carried credentials (USERNAME), when known (told apart for
+/// a 401).
+pub fn error_meaning(code: u16, peers: &[SocketAddr], signed: Option<bool>) -> String {
     match code {
         300 => "try another server: the client should follow ALTERNATE-SERVER (a draining relay)".into(),
         400 => "bad request: the relay could not parse the request or a required attribute is missing".into(),
-        401 => "unauthenticated: the first 401 is the normal challenge (REALM, NONCE) and the client retries \
-                with credentials; a 401 to a request that carried them means a wrong password, an unknown \
-                user or an expired REST credential"
-            .into(),
+        401 => match signed {
+            Some(false) => "the challenge (REALM, NONCE) to a request without credentials: normal, the client \
+                            retries with them"
+                .into(),
+            Some(true) => "credentials rejected: a wrong password, an unknown user, a realm mismatch or an \
+                           expired REST credential"
+                .into(),
+            None => "unauthenticated: the normal challenge to a request without credentials; with them, a \
+                     wrong password, an unknown user or an expired REST credential"
+                .into(),
+        },
         403 => {
             let who: Vec<String> = peers.iter().map(|p| p.ip().to_string()).collect();
             let who = if who.is_empty() { "the requested peer".to_string() } else { who.join(", ") };
@@ -280,7 +289,7 @@ mod tests {
         let d = stun(&buf[..n]).unwrap();
         assert_eq!((d.method, d.class, d.error), ("CreatePermission", "error", Some(403)));
         assert_eq!(d.peers, vec![peer]);
-        assert!(error_meaning(403, &d.peers).starts_with("peer address denied by policy: 10.1.2.3"));
+        assert!(error_meaning(403, &d.peers, None).starts_with("peer address denied by policy: 10.1.2.3"));
         assert!(stun(&[0x40, 0, 0, 4, 1, 2, 3, 4]).is_none());
     }
 }

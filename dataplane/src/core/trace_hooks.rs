@@ -33,8 +33,9 @@ impl WorkerCore {
             return self.handle_message(now, ft, datagram);
         }
         let before = *self.state.counters();
-        let verdict = self.handle_message(now, ft, datagram);
+        // Its allocation as it was when it arrived (a Refresh of lifetime 0 ends it).
         let (session, user, relayed) = self.owner(ft);
+        let verdict = self.handle_message(now, ft, datagram);
         let filter = self.tap.filter_arc();
         let matched = filter.matches(ft, session, user.as_deref());
         let pending = !matched && session == 0 && filter.by_user() && unattributed_exchange(datagram);
