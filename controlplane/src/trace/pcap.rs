@@ -163,7 +163,7 @@ fn checksum(b: &[u8], init: u32) -> u16 {
 }
 
 fn pad(v: &mut Vec<u8>) {
-    while v.len() % 4 != 0 {
+    while !v.len().is_multiple_of(4) {
         v.push(0);
     }
 }
