@@ -262,11 +262,13 @@ impl Analysis {
                 }
             }
         }
-        if ev.direction == Direction::ToClient && d.class == "success" && ev.session != 0 {
+        if ev.direction == Direction::ToClient && d.class == "success" {
             match (d.method_code, d.lifetime) {
                 (0x003 | 0x004, Some(0)) => {
-                    self.allocs.remove(&ev.session);
+                    // Deleted: the answer may come after the allocation is gone (session 0).
+                    self.allocs.retain(|s, a| *s != ev.session && a.client != ev.five_tuple);
                 }
+                _ if ev.session == 0 => {}
                 (0x003 | 0x004, Some(l)) => {
                     self.allocs.insert(
                         ev.session,
@@ -407,4 +409,94 @@ fn flag(name: &str, ev: &TapEvent, detail: String) -> Value {
         "client": ev.five_tuple.client.to_string(),
         "detail": detail,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use uturn_proto::wire::{attr, Class, MessageWriter, Method, TransactionId};
+
+    use super::*;
+
+    fn ft(port: u16) -> FiveTuple {
+        FiveTuple::udp(SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([127, 0, 0, 1], 3478)))
+    }
+
+    fn ev(five_tuple: FiveTuple, session: u64, direction: Direction, bytes: Vec<u8>) -> TapEvent {
+        TapEvent {
+            at: SystemTime::now(),
+            worker: 0,
+            five_tuple,
+            session,
+            user: None,
+            relayed: None,
+            direction,
+            origin: Origin::Worker,
+            peer: None,
+            dropped: None,
+            pending: false,
+            len: bytes.len(),
+            bytes,
+        }
+    }
+
+    fn message(method: Method, class: Class, tid: [u8; 12], lifetime: Option<u32>) -> Vec<u8> {
+        let mut buf = [0u8; 256];
+        let mut w = MessageWriter::new(&mut buf, method, class, TransactionId(tid)).unwrap();
+        if let Some(l) = lifetime {
+            w.u32(attr::LIFETIME, l).unwrap();
+        }
+        let n = w.finish();
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn a_request_seen_twice_is_a_retransmission() {
+        let mut a = Analysis::default();
+        let now = Instant::now();
+        let req = message(Method::REFRESH, Class::Request, [1; 12], Some(600));
+        assert!(a.event(&ev(ft(1), 7, Direction::FromClient, req.clone()), now).1.is_empty());
+        let (_, flags) = a.event(&ev(ft(1), 7, Direction::FromClient, req), now);
+        assert_eq!(flags.len(), 1);
+        assert_eq!(flags[0]["flag"], "retransmission");
+    }
+
+    #[test]
+    fn refreshes_stop_and_a_deletion_is_not_flagged() {
+        let mut a = Analysis::default();
+        let t0 = Instant::now();
+        let ok = message(Method::ALLOCATE, Class::Success, [2; 12], Some(10));
+        a.event(&ev(ft(2), 8, Direction::ToClient, ok.clone()), t0);
+        a.event(&ev(ft(3), 9, Direction::ToClient, ok), t0);
+        // Session 9 deletes its allocation; the answer comes after it is gone (session 0).
+        let gone = message(Method::REFRESH, Class::Success, [3; 12], Some(0));
+        a.event(&ev(ft(3), 0, Direction::ToClient, gone), t0);
+        assert!(a.tick(t0 + Duration::from_secs(5)).iter().all(|v| v["type"] != "flag"));
+        let flags: Vec<_> = a.tick(t0 + Duration::from_secs(9)).into_iter().filter(|v| v["type"] == "flag").collect();
+        assert_eq!(flags.len(), 1, "{flags:?}");
+        assert_eq!((flags[0]["flag"].as_str(), flags[0]["session"].as_u64()), (Some("refreshes-stopped"), Some(8)));
+    }
+
+    #[test]
+    fn one_way_media_is_flagged_once_and_two_way_is_not() {
+        let mut a = Analysis::default();
+        let t0 = Instant::now();
+        let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let cd = vec![0x40, 0x00, 0x00, 0x64];
+        for i in 0..40 {
+            let mut e = ev(ft(4), 10, Direction::FromClient, cd.clone());
+            e.peer = Some(peer);
+            a.event(&e, t0 + Duration::from_millis(100 * i));
+        }
+        let at = t0 + Duration::from_millis(3900);
+        let flags: Vec<_> = a.tick(at).into_iter().filter(|v| v["type"] == "flag").collect();
+        assert_eq!(flags.len(), 1);
+        assert_eq!(flags[0]["flag"], "one-way-media");
+        assert!(a.tick(at).iter().all(|v| v["type"] != "flag"), "raised once");
+        let mut back = ev(ft(4), 10, Direction::ToClient, cd);
+        back.peer = Some(peer);
+        a.event(&back, at);
+        assert!(a.tick(at + Duration::from_millis(100)).iter().all(|v| v["type"] != "flag"));
+    }
 }
