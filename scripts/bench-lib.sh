@@ -5,7 +5,10 @@
 free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 SERVER_PID=""
+TRACE_PID=""
 stop_server() {
+  if [ -n "$TRACE_PID" ]; then kill "$TRACE_PID" 2>/dev/null || true; wait "$TRACE_PID" 2>/dev/null || true; fi
+  TRACE_PID=""
   if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
   SERVER_PID=""
 }
@@ -15,7 +18,9 @@ stop_server() {
 # --multiplex-peer --udp-gso, coturn 4.17's fastest mode) or `floor` (forwarding to PEER_PORT),
 # optionally followed by
 # `:VAR=VALUE[,VAR=VALUE]` environment for the relay process. For uturn, an entry `TOML=LINE`
-# is not environment: LINE is added to its config file (e.g. `uturn:TOML=reuseport-cpu = true`).
+# is not environment: LINE is added to its config file (e.g. `uturn:TOML=reuseport-cpu = true`),
+# and an entry `TRACE=QUERY` runs a trace (`GET /trace?QUERY` on an admin endpoint it opens, read
+# by curl and discarded) while the relay is loaded (e.g. `uturn:TRACE=client=127.0.0.1`).
 start_server() {
   local spec=$1 port=$2 peer=$3 name envs workers bin=$BIN/uturn
   name=${spec%%:*}; envs=""; [ "$spec" != "$name" ] && envs=${spec#*:}
@@ -29,9 +34,18 @@ start_server() {
       # unauthenticated requests (coturn has none by default).
       printf 'unauth-rate = 0\n' > "$OUT/uturn.toml"
       local -a kept=()
+      local trace="" admin=""
       for e in "${env_args[@]}"; do
-        case $e in TOML=*) printf '%s\n' "${e#TOML=}" >> "$OUT/uturn.toml" ;; *) kept+=("$e") ;; esac
+        case $e in
+          TOML=*) printf '%s\n' "${e#TOML=}" >> "$OUT/uturn.toml" ;;
+          TRACE=*) trace=${e#TRACE=} ;;
+          *) kept+=("$e") ;;
+        esac
       done
+      if [ -n "$trace" ]; then
+        admin=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+        printf 'admin-listen = "127.0.0.1:%s"\n' "$admin" >> "$OUT/uturn.toml"
+      fi
       env_args=("${kept[@]}")
       env "${env_args[@]}" taskset -c "$SERVER_CPUS" "$bin" --config "$OUT/uturn.toml" --listen 127.0.0.1:"$port" \
         --workers "$workers" --log-level warn --port-range 20000-30000 >/dev/null 2>>"$OUT/uturn.log" &
@@ -52,6 +66,11 @@ start_server() {
   esac
   SERVER_PID=$!
   sleep 1
+  if [ "$name" = uturn ] && [ -n "${trace:-}" ]; then
+    curl -sN "http://127.0.0.1:$admin/trace?$trace" >/dev/null 2>&1 &
+    TRACE_PID=$!
+    sleep 0.5
+  fi
 }
 
 # test_certificate: $OUT/cert.pem and $OUT/key.pem, self-signed for CN localhost (2048-bit RSA).

@@ -3,7 +3,8 @@
 # Installs what the tests need first: coturn (for turnutils_uclient / turnutils_peer),
 # Python's aioice, cargo-nextest, and for the XDP fast path clang (to build the eBPF program),
 # libbpf's headers, iproute2 and ethtool (the XDP test's network namespaces), and Debian's
-# chromium for the browser call over UDP, TCP and TLS (it downloads nothing). Test traffic stays
+# chromium for the browser call over UDP, TCP and TLS (it downloads nothing), and tshark to check
+# the pcapng files of `uturn trace`. Test traffic stays
 # on 127.0.0.1 and in network namespaces the tests create.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+command -v tshark >/dev/null 2>&1 || missing+=(tshark)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> apt-get install ${missing[*]}"
   $SUDO apt-get update -qq

@@ -24,6 +24,9 @@ pub enum Command {
     Admin(AdminArgs),
     /// Probe a TURN/STUN server step by step and say where it fails (exit codes below).
     Check(crate::check::CheckArgs),
+    /// Follow a user's, a session's or a client's TURN exchanges on a running relay (its admin
+    /// endpoint), with flags and an optional pcapng for Wireshark.
+    Trace(crate::trace_cli::TraceArgs),
 }
 
 /// `uturn credential`.
@@ -192,6 +195,7 @@ pub fn run(cmd: Command) -> ExitCode {
         Command::Credential(a) => credential(&a),
         Command::Admin(a) => admin(a),
         Command::Check(a) => return crate::check::run(a),
+        Command::Trace(a) => return crate::trace_cli::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

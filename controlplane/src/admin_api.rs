@@ -22,6 +22,10 @@
 //! - `GET /`, `/status.css`, `/status.js`: the live status page ([`crate::status`]; these hold
 //!   no data and need no token), `GET /status.json`: its data, `GET /timeline`: the sessions'
 //!   timelines ([`crate::timeline`]; `/timeline/ended`: the ended ones, `/timeline/ID`: one).
+//! - `GET /trace?user=NAME|session=ID|client=IP[:PORT][&rate=N][&max_s=N][&snaplen=N]`: a
+//!   stream of JSON lines (`application/x-ndjson`) of the matching sessions' messages, traffic
+//!   and flags ([`crate::trace`]); 400 for a bad query, 429 when [`crate::trace::MAX_TRACES`]
+//!   traces are active. The stream is exempt from the connection time limit; it ends at `max_s`.
 //!
 //! The HTTP thread never touches control-plane or worker state: it hands each request to the
 //! control loop over a queue and waits (at most 2 s) for the answer; for sessions the control
@@ -37,7 +41,7 @@ use hyper::http::Method;
 use tracing::info;
 use uturn_proto::relay::SessionInfo;
 
-use crate::http_endpoint::{cross_site, host_is_loopback, HttpServer, Request, Response};
+use crate::http_endpoint::{cross_site, host_is_loopback, HttpServer, Request, Response, Stream};
 
 /// How long the HTTP thread waits for the control loop.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -112,6 +116,7 @@ impl AdminApi {
     ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let (tx, requests) = crossbeam_channel::bounded(64);
+        let token_for_traces = token.clone();
         let handler = move |r: &Request| {
             // The status page's static files hold no data: served without the token (a browser
             // cannot send one on navigation; the page's script sends it on its requests), but
@@ -129,10 +134,37 @@ impl AdminApi {
                 if body.starts_with(['{', '[']) { "application/json" } else { "text/plain; charset=utf-8" };
             Response { status, content_type, body }
         };
-        let server = HttpServer::start("uturn-admin", listener, Arc::new(handler))?;
+        let trace_token = token_for_traces;
+        let streams = move |r: &Request| trace_stream(r, addr.port(), trace_token.as_deref());
+        let server = HttpServer::start_streaming("uturn-admin", listener, Arc::new(handler), Arc::new(streams))?;
         info!(%addr, "admin endpoint listening");
         Ok(AdminApi { _server: server, requests })
     }
+}
+
+/// `GET /trace`: the stream of a new trace, or the answer that refuses it; `None` for every
+/// other route.
+fn trace_stream(request: &Request, port: u16, token: Option<&str>) -> Option<Result<Stream, Response>> {
+    if request.path != "/trace" {
+        return None;
+    }
+    let refuse = |status: u16, body: String| Err(Response { status, content_type: "application/json", body });
+    if let Some(denied) = gate(request, port, token) {
+        return Some(refuse(denied.0, denied.1));
+    }
+    if request.method != Method::GET {
+        return Some(refuse(405, "{\"error\":\"GET only\"}".into()));
+    }
+    let spec = match crate::trace::TraceSpec::from_query(&request.query) {
+        Ok(s) => s,
+        Err(e) => return Some(refuse(400, serde_json::json!({ "error": e }).to_string())),
+    };
+    Some(match crate::trace::start(spec) {
+        Ok(chunks) => Ok(Stream { content_type: "application/x-ndjson", chunks }),
+        Err(crate::trace::StartError::TooMany) => {
+            refuse(429, format!("{{\"error\":\"{} traces are active already (the cap)\"}}", crate::trace::MAX_TRACES))
+        }
+    })
 }
 
 /// The refusal of a request without the bearer token (when one is set) or, without a token,
@@ -249,7 +281,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Decodes `%XX` escapes; `None` for a malformed escape or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -12,7 +12,9 @@
 //!   (hyper answers 431 past them), read within [`HEADER_READ_TIMEOUT`] (slowloris).
 //! - A body of at most [`MAX_BODY_BYTES`] bytes (413 past it).
 //! - One request per connection (no keep-alive), and [`CONNECTION_TIMEOUT`] for the whole
-//!   connection, slow body and slow reader included.
+//!   connection, slow body and slow reader included; except a streaming answer (a
+//!   [`StreamHandler`]'s, e.g. `GET /trace`), which lasts until its sender ends it: the stream
+//!   handler bounds how many there are and how long each lasts.
 //! - Handlers run one at a time on one blocking thread, so two threads per endpoint in all.
 //!
 //! The module also has the checks that an endpoint trusting its network position needs (no
@@ -22,16 +24,18 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, TcpListener};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::{Body, Bytes, Frame, Incoming};
 use hyper::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tracing::{debug, warn};
 
 /// Connections an endpoint holds at once.
@@ -56,6 +60,8 @@ pub struct Request {
     pub method: Method,
     /// The path of the request target, still percent-encoded, without the query.
     pub path: String,
+    /// The query of the request target (after `?`, still percent-encoded; empty when none).
+    pub query: String,
     /// The header fields.
     pub headers: HeaderMap,
     /// The body (at most [`MAX_BODY_BYTES`]).
@@ -77,6 +83,35 @@ pub struct Response {
 /// control loop).
 pub type Handler = Arc<dyn Fn(&Request) -> Response + Send + Sync>;
 
+/// A streaming answer: status 200 with `content_type`, then each chunk as it comes; the body
+/// ends when the sender is dropped. When the client goes away the receiver is dropped, so the
+/// sender's next send fails.
+#[derive(Debug)]
+pub struct Stream {
+    /// `Content-Type` of the body.
+    pub content_type: &'static str,
+    /// The body's chunks.
+    pub chunks: mpsc::Receiver<Bytes>,
+}
+
+/// Answers a request with a [`Stream`] (`Some(Ok)`), a plain answer (`Some(Err)`), or leaves it
+/// to the [`Handler`] (`None`). Runs on the blocking thread before the handler.
+pub type StreamHandler = Arc<dyn Fn(&Request) -> Option<Result<Stream, Response>> + Send + Sync>;
+
+/// The body of a [`Stream`].
+struct ChunkBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChunkBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+type AnyBody = Either<Full<Bytes>, ChunkBody>;
+
 /// A running endpoint: one thread with the accept loop and the connections, one for handlers.
 pub struct HttpServer {
     stop: Option<oneshot::Sender<()>>,
@@ -87,6 +122,16 @@ impl HttpServer {
     /// Serves `listener` with `handler` on threads named `name` (and `name`-handler).
     /// Errors: the runtime or its thread could not be made.
     pub fn start(name: &str, listener: TcpListener, handler: Handler) -> std::io::Result<HttpServer> {
+        Self::start_streaming(name, listener, handler, Arc::new(|_: &Request| None))
+    }
+
+    /// [`start`](Self::start), with `streams` asked first for each request.
+    pub fn start_streaming(
+        name: &str,
+        listener: TcpListener,
+        handler: Handler,
+        streams: StreamHandler,
+    ) -> std::io::Result<HttpServer> {
         listener.set_nonblocking(true)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
@@ -98,7 +143,7 @@ impl HttpServer {
         let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
             rt.block_on(async move {
                 match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => accept_loop(l, handler, stopped).await,
+                    Ok(l) => accept_loop(l, (handler, streams), stopped).await,
                     Err(e) => warn!("HTTP endpoint: the listener cannot be served: {e}"),
                 }
             });
@@ -148,7 +193,11 @@ impl Connections {
     }
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, handler: Handler, mut stopped: oneshot::Receiver<()>) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    handler: (Handler, StreamHandler),
+    mut stopped: oneshot::Receiver<()>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let connections = Arc::new(Mutex::new(Connections::default()));
     loop {
@@ -199,11 +248,18 @@ async fn accept_loop(listener: tokio::net::TcpListener, handler: Handler, mut st
 }
 
 /// Serves one connection (one request) within its bounds.
-async fn serve(stream: tokio::net::TcpStream, handler: Handler, waiting: Arc<AtomicBool>, evict: &Notify) {
+async fn serve(
+    stream: tokio::net::TcpStream,
+    handler: (Handler, StreamHandler),
+    waiting: Arc<AtomicBool>,
+    evict: &Notify,
+) {
+    let streaming = Arc::new(AtomicBool::new(false));
+    let is_streaming = streaming.clone();
     let service = hyper::service::service_fn(move |req| {
         waiting.store(false, Ordering::Relaxed);
-        let handler = handler.clone();
-        async move { Ok::<_, Infallible>(answer(req, handler).await) }
+        let (handler, streaming) = (handler.clone(), streaming.clone());
+        async move { Ok::<_, Infallible>(answer(req, handler, &streaming).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -213,17 +269,40 @@ async fn serve(stream: tokio::net::TcpStream, handler: Handler, waiting: Arc<Ato
         .max_headers(MAX_HEADERS)
         .keep_alive(false);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::select! {
-        done = tokio::time::timeout(CONNECTION_TIMEOUT, connection) => match done {
-            Ok(Err(e)) => debug!("HTTP endpoint: connection ended: {e}"),
-            Err(_) => debug!("HTTP endpoint: connection timed out"),
-            Ok(Ok(())) => {}
-        },
-        _ = evict.notified() => debug!("HTTP endpoint: idle connection closed for a new one"),
+    let mut connection = std::pin::pin!(connection);
+    let deadline = tokio::time::sleep(CONNECTION_TIMEOUT);
+    let mut deadline = std::pin::pin!(deadline);
+    let mut exempt = false;
+    loop {
+        tokio::select! {
+            done = &mut connection => {
+                if let Err(e) = done {
+                    debug!("HTTP endpoint: connection ended: {e}");
+                }
+                return;
+            }
+            _ = &mut deadline, if !exempt => {
+                // A streaming answer lasts as long as its sender: the stream handler bounds it.
+                if is_streaming.load(Ordering::Relaxed) {
+                    exempt = true;
+                    continue;
+                }
+                debug!("HTTP endpoint: connection timed out");
+                return;
+            }
+            _ = evict.notified() => {
+                debug!("HTTP endpoint: idle connection closed for a new one");
+                return;
+            }
+        }
     }
 }
 
-async fn answer(req: hyper::Request<Incoming>, handler: Handler) -> hyper::Response<Full<Bytes>> {
+async fn answer(
+    req: hyper::Request<Incoming>,
+    (handler, streams): (Handler, StreamHandler),
+    streaming: &AtomicBool,
+) -> hyper::Response<AnyBody> {
     let (parts, body) = req.into_parts();
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
@@ -233,21 +312,37 @@ async fn answer(req: hyper::Request<Incoming>, handler: Handler) -> hyper::Respo
         Ok(b) => b.to_bytes(),
         Err(_) => return response(too_large()),
     };
-    let request = Request { method: parts.method, path: parts.uri.path().to_string(), headers: parts.headers, body };
-    let answer = tokio::task::spawn_blocking(move || handler(&request)).await;
-    response(answer.unwrap_or_else(|_| Response {
-        status: 500,
-        content_type: "text/plain; charset=utf-8",
-        body: "internal error\n".into(),
-    }))
+    let request = Request {
+        method: parts.method,
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or("").to_string(),
+        headers: parts.headers,
+        body,
+    };
+    let answer = tokio::task::spawn_blocking(move || streams(&request).unwrap_or_else(|| Err(handler(&request)))).await;
+    match answer {
+        Ok(Ok(stream)) => {
+            streaming.store(true, Ordering::Relaxed);
+            let mut out = hyper::Response::new(Either::Right(ChunkBody(stream.chunks)));
+            out.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(stream.content_type));
+            out.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            out
+        }
+        Ok(Err(r)) => response(r),
+        Err(_) => response(Response {
+            status: 500,
+            content_type: "text/plain; charset=utf-8",
+            body: "internal error\n".into(),
+        }),
+    }
 }
 
 fn too_large() -> Response {
     Response { status: 413, content_type: "text/plain; charset=utf-8", body: "request body too large\n".into() }
 }
 
-fn response(r: Response) -> hyper::Response<Full<Bytes>> {
-    let mut out = hyper::Response::new(Full::new(Bytes::from(r.body)));
+fn response(r: Response) -> hyper::Response<AnyBody> {
+    let mut out = hyper::Response::new(Either::Left(Full::new(Bytes::from(r.body))));
     *out.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     out.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(r.content_type));
     out

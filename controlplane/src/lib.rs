@@ -17,6 +17,8 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod tcp_relay;
+pub mod trace;
+pub mod trace_cli;
 pub mod upgrade;
 pub mod status;
 pub mod timeline;

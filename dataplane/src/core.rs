@@ -172,6 +172,8 @@ pub(crate) struct WorkerCore {
     turnaround: Turnaround,
     /// 5-tuples whose hold is overdue (reused buffer).
     overdue_holds: Vec<FiveTuple>,
+    /// The trace filter this worker last read (`trace.rs`; used only while a trace is active).
+    tap: crate::trace::WorkerTap,
     /// Test hook, compiled only with the `fault-injection` feature (which only the end-to-end
     /// tests enable): panic on a datagram carrying [`crate::fault::MARKER`].
     #[cfg(feature = "fault-injection")]
@@ -216,6 +218,7 @@ impl WorkerCore {
             holds: Holds::new(HoldLimits::default()),
             turnaround: Turnaround::default(),
             overdue_holds: Vec::new(),
+            tap: crate::trace::WorkerTap::default(),
             #[cfg(feature = "fault-injection")]
             fault_injection: crate::fault::enabled(),
             proxied: None,
@@ -245,9 +248,19 @@ impl WorkerCore {
         self.on_message(now, &five_tuple, datagram)
     }
 
-    /// One message from a client (a UDP datagram, or one framed on a connection).
+    /// One message from a client (a UDP datagram, or one framed on a connection). While a trace
+    /// is active it goes through [`Self::on_message_traced`] (one branch otherwise).
     #[inline]
     fn on_message(&mut self, now: Instant, five_tuple: &FiveTuple, datagram: &[u8]) -> ClientVerdict {
+        if crate::trace::active() {
+            return self.on_message_traced(now, five_tuple, datagram);
+        }
+        self.handle_message(now, five_tuple, datagram)
+    }
+
+    /// One message from a client, untraced.
+    #[inline]
+    fn handle_message(&mut self, now: Instant, five_tuple: &FiveTuple, datagram: &[u8]) -> ClientVerdict {
         if self.holds.holds(five_tuple) {
             // A request of this 5-tuple is at the control plane: what follows it waits, in
             // order, and is handled once the answer is applied (or dropped past the bounds).
@@ -485,16 +498,32 @@ impl WorkerCore {
         buf: &mut [u8],
         payload: Range<usize>,
     ) -> PeerVerdict {
-        let Some(Some(r)) = self.relays.get(relay) else { return PeerVerdict::Drop };
+        if crate::trace::active() {
+            return self.on_peer_traced(now, relay, peer, buf, payload);
+        }
+        self.handle_peer(now, relay, peer, buf, payload).0
+    }
+
+    /// A datagram from a peer, untraced; with the range of the message framed for the client.
+    #[inline]
+    fn handle_peer(
+        &mut self,
+        now: Instant,
+        relay: usize,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        payload: Range<usize>,
+    ) -> (PeerVerdict, Option<Range<usize>>) {
+        let Some(Some(r)) = self.relays.get(relay) else { return (PeerVerdict::Drop, None) };
         let (path, alloc, len) = (r.client, r.id, payload.len());
         match self.state.handle_peer_datagram(now, r.id, peer, buf, payload) {
             PeerOutput::ToClient { five_tuple, message } => match path {
                 ClientPath::Datagram(listener) => match self.datagram_to(&five_tuple) {
-                    Some(client) => PeerVerdict::Datagram { listener, client, message },
+                    Some(client) => (PeerVerdict::Datagram { listener, client, message: message.clone() }, Some(message)),
                     None => {
                         // `proxy-protocol-udp` with no balancer known for the client (yet).
                         self.state.uncount_to_client(alloc, len);
-                        PeerVerdict::Drop
+                        (PeerVerdict::Drop, None)
                     }
                 },
                 ClientPath::Stream(conn) => {
@@ -507,16 +536,16 @@ impl WorkerCore {
                     };
                     let end = message.end + pad;
                     if end > buf.len() {
-                        return PeerVerdict::Drop;
+                        return (PeerVerdict::Drop, None);
                     }
                     buf[message.end..end].fill(0);
                     if !self.streams.queue(conn, &buf[message.start..end]) {
                         self.state.uncount_to_client(alloc, len);
                     }
-                    PeerVerdict::Queued
+                    (PeerVerdict::Queued, Some(message))
                 }
             },
-            PeerOutput::Drop => PeerVerdict::Drop,
+            PeerOutput::Drop => (PeerVerdict::Drop, None),
         }
     }
 
@@ -635,6 +664,9 @@ impl WorkerCore {
                 _ => {}
             }
             if out.reply_len > 0 {
+                if crate::trace::active() {
+                    self.tap_reply(&out.five_tuple, out.reply_len);
+                }
                 match path {
                     Some(ClientPath::Datagram(listener)) => {
                         if let Some(to) = self.datagram_to(&out.five_tuple) {
@@ -847,3 +879,4 @@ mod ordering;
 use ordering::{answer_of, held_for};
 mod proxied;
 mod tcp_data;
+mod trace_hooks;

@@ -38,6 +38,7 @@ mod proxy;
 mod socket;
 mod stream;
 mod sys;
+pub mod trace;
 mod uring;
 mod worker;
 mod xdp;
