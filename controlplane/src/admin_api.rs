@@ -89,11 +89,17 @@ impl AdminApi {
     /// process); each request unparks `control`. `token`: the bearer token required in
     /// `Authorization` (required by the configuration off loopback); without one, only
     /// requests whose Host is loopback with the listener's port are answered.
-    pub fn start(listener: TcpListener, token: Option<String>, control: Thread) -> std::io::Result<Self> {
+    /// `fleet`: the fleet routes' shared state (crate::fleet::admin).
+    pub fn start(
+        listener: TcpListener,
+        token: Option<String>,
+        control: Thread,
+        fleet: Option<Arc<crate::fleet::FleetShared>>,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let (tx, requests) = crossbeam_channel::bounded(64);
         let handler = move |r: &Request| {
-            let (status, body) = route(r, addr.port(), token.as_deref(), &tx, &control);
+            let (status, body) = route(r, addr.port(), token.as_deref(), &tx, &control, fleet.as_deref());
             let content_type =
                 if body.starts_with(['{', '[']) { "application/json" } else { "text/plain; charset=utf-8" };
             Response { status, content_type, body }
@@ -110,6 +116,7 @@ fn route(
     token: Option<&str>,
     tx: &Sender<AdminRequest>,
     control: &Thread,
+    fleet: Option<&crate::fleet::FleetShared>,
 ) -> (u16, String) {
     match token {
         Some(t) => {
@@ -137,7 +144,14 @@ fn route(
     let session_id = path.strip_prefix("/sessions/").map(|id| id.parse::<u64>());
     if let (true, Some(name)) = (delete, path.strip_prefix("/users/").and_then(|r| r.strip_suffix("/sessions"))) {
         let Some(user) = percent_decode(name) else { return (400, "{\"error\":\"bad user name\"}".into()) };
+        if let Some(answer) = fleet.and_then(|f| crate::fleet::admin::route(f, request, Some(&user), tx, control)) {
+            return answer;
+        }
         return ask(tx, control, AdminAction::Revoke(user));
+    }
+    // GET /fleet, GET /sessions?fleet=1, POST /ice-servers (crate::fleet::admin).
+    if let Some(answer) = fleet.and_then(|f| crate::fleet::admin::route(f, request, None, tx, control)) {
+        return answer;
     }
     match session_id {
         _ if get && path == "/health" => (200, "ok".into()),
@@ -151,7 +165,9 @@ fn route(
     }
 }
 
-fn ask(tx: &Sender<AdminRequest>, control: &Thread, action: AdminAction) -> (u16, String) {
+/// Hands `action` to the control loop over `tx` (unparking `control`) and waits (at most 2 s) for
+/// its answer: status and JSON body.
+pub fn ask(tx: &Sender<AdminRequest>, control: &Thread, action: AdminAction) -> (u16, String) {
     let filter = match action {
         AdminAction::Sessions(f) => Some(f),
         _ => None,

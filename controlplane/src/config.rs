@@ -113,9 +113,10 @@ pub struct Cli {
     /// Log format: text or json (one JSON object per line).
     #[arg(long)]
     pub log_format: Option<String>,
-    /// ALTERNATE-SERVER IP:PORT offered with 300 Try Alternate while draining.
+    /// ALTERNATE-SERVER IP:PORT offered with 300 Try Alternate while draining or over budget
+    /// (repeatable: used in turn; a fleet's registry comes first, docs/operations.md).
     #[arg(long)]
-    pub alternate_server: Option<SocketAddr>,
+    pub alternate_server: Vec<SocketAddr>,
     /// Seconds a drain waits for allocations to end before the process exits.
     #[arg(long)]
     pub drain_timeout: Option<u64>,
@@ -136,6 +137,9 @@ pub struct Cli {
     /// This node's name in the fleet (default: the host name).
     #[arg(long)]
     pub node_id: Option<String>,
+    /// This node's region, published in the fleet registry (`POST /ice-servers` may ask for one).
+    #[arg(long)]
+    pub region: Option<String>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -196,7 +200,7 @@ pub struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     metrics_allow_remote: Option<bool>,
     log_format: Option<String>,
-    alternate_server: Option<SocketAddr>,
+    alternate_server: Option<OneOrMany>,
     drain_timeout: Option<u64>,
     reuseport_cpu: Option<bool>,
     xdp: Option<String>,
@@ -205,6 +209,9 @@ pub struct FileConfig {
     max_peer_connections_per_user: Option<usize>,
     fleet_redis: Option<String>,
     node_id: Option<String>,
+    region: Option<String>,
+    node_max_bandwidth: Option<u64>,
+    ice_servers_max_ttl: Option<u64>,
 }
 
 /// A key that takes one string or a list of them.
@@ -267,9 +274,10 @@ pub struct Config {
     pub metrics_allow_remote: bool,
     /// Logs as JSON objects, one per line (`log-format = "json"`), instead of text.
     pub log_json: bool,
-    /// ALTERNATE-SERVER offered with 300 while draining; without it a draining relay answers
-    /// new Allocates with 508.
-    pub alternate_server: Option<SocketAddr>,
+    /// ALTERNATE-SERVERs offered in turn with 300 while draining or over budget (after the
+    /// fleet registry's, when there is one); without any, a draining relay answers new
+    /// Allocates with 508 and one over `total-quota` with 486.
+    pub alternate_server: Vec<SocketAddr>,
     /// How long a drain waits for the allocations to end before the process exits, default
     /// 3600 s.
     pub drain_timeout: Duration,
@@ -335,6 +343,14 @@ pub struct Config {
     /// This node's name in the fleet registry, usage records and logs (`node-id`; default: the
     /// host name, or `uturn` when it has none).
     pub node_id: String,
+    /// This node's region in the fleet registry (`region`), matched by `POST /ice-servers`.
+    pub region: Option<String>,
+    /// Relayed bytes/s (both directions, all allocations) past which this node counts as over
+    /// budget and redirects new Allocates (`node-max-bandwidth`; 0, the default: no such budget).
+    pub node_max_bandwidth: u64,
+    /// Longest credential lifetime `POST /ice-servers` mints (`ice-servers-max-ttl`, default
+    /// 86,400 s).
+    pub ice_servers_max_ttl: Duration,
 }
 
 /// Default `unauth-rate`, requests/s per source: 500 clients behind one NAT address that each
@@ -516,7 +532,15 @@ impl Config {
                 "json" => true,
                 other => bail!("log-format {other:?}: expected text or json"),
             },
-            alternate_server: cli.alternate_server.or(f.alternate_server),
+            alternate_server: if cli.alternate_server.is_empty() {
+                let listed = f.alternate_server.map(OneOrMany::into_vec).unwrap_or_default();
+                listed
+                    .iter()
+                    .map(|a| a.parse().with_context(|| format!("alternate-server {a:?}: expected IP:PORT")))
+                    .collect::<Result<_>>()?
+            } else {
+                cli.alternate_server.clone()
+            },
             drain_timeout: secs(cli.drain_timeout.or(f.drain_timeout), 3600),
             reuseport_cpu: cli.reuseport_cpu || f.reuseport_cpu.unwrap_or(false),
             xdp: cli.xdp.clone().or(f.xdp).as_deref().unwrap_or("off").parse().map_err(anyhow::Error::msg)?,
@@ -547,6 +571,9 @@ impl Config {
             max_peer_connections_per_user: f.max_peer_connections_per_user.unwrap_or(1024),
             fleet_redis: cli.fleet_redis.clone().or(f.fleet_redis),
             node_id: cli.node_id.clone().or(f.node_id).unwrap_or_else(host_name),
+            region: cli.region.clone().or(f.region),
+            node_max_bandwidth: f.node_max_bandwidth.unwrap_or(0),
+            ice_servers_max_ttl: secs(f.ice_servers_max_ttl, 86_400),
         };
         c.validate()?;
         Ok(c)

@@ -60,6 +60,8 @@ pub struct Request {
     pub headers: HeaderMap,
     /// The body (at most [`MAX_BODY_BYTES`]).
     pub body: Bytes,
+    /// The query of the request target (after `?`), still percent-encoded.
+    pub query: Option<String>,
 }
 
 /// A handler's answer.
@@ -233,7 +235,9 @@ async fn answer(req: hyper::Request<Incoming>, handler: Handler) -> hyper::Respo
         Ok(b) => b.to_bytes(),
         Err(_) => return response(too_large()),
     };
-    let request = Request { method: parts.method, path: parts.uri.path().to_string(), headers: parts.headers, body };
+    let query = parts.uri.query().map(str::to_owned);
+    let request =
+        Request { method: parts.method, path: parts.uri.path().to_string(), headers: parts.headers, body, query };
     let answer = tokio::task::spawn_blocking(move || handler(&request)).await;
     response(answer.unwrap_or_else(|_| Response {
         status: 500,
