@@ -19,6 +19,8 @@
 //!   REST user id matches its ephemeral usernames); answers `{"user":NAME,"revoked":N}`.
 //! - `POST /drain`: stop granting allocations; the process exits when the last one ends or
 //!   `drain-timeout` passes (`{"draining":true,"allocations":N}`).
+//! - `GET /fleet`, `GET /sessions?fleet=1`, `POST /ice-servers`, and `DELETE /users/NAME/sessions`
+//!   on every node of a fleet: see [`crate::fleet::admin`].
 //!
 //! The HTTP thread never touches control-plane or worker state: it hands each request to the
 //! control loop over a queue and waits (at most 2 s) for the answer; for sessions the control

@@ -343,6 +343,12 @@ impl<'a> Server<'a> {
             config.alternate_server.clone(),
             Some(fleet.shared.clone()),
             crate::fleet::redirect::Budget { total_quota: config.total_quota, max_bytes_per_s: config.node_max_bandwidth },
+            config
+                .listen
+                .iter()
+                .map(|l| l.addr)
+                .chain(fleet.shared.local().addresses.iter().map(|a| a.addr))
+                .collect(),
         );
         let mut server = Server {
             config,
@@ -779,6 +785,11 @@ fn start_fleet(config: &Config) -> Result<crate::fleet::Fleet> {
         load: 0.0,
         updated_ms: crate::fleet::unix_ms(),
     };
+    if let Some(url) = &config.fleet_redis {
+        // A URL that does not parse is a configuration error; an unreachable Redis is an outage
+        // the node rides out alone.
+        redis::Client::open(url.as_str()).with_context(|| format!("fleet-redis {}", crate::fleet::shown(url)))?;
+    }
     let shared = FleetShared::new(config.node_id.clone(), config.fleet_redis.clone(), local, Default::default());
     shared.set_minting(config.credentials.secrets.first().cloned(), config);
     if let Some(url) = &config.fleet_redis {

@@ -418,6 +418,9 @@ fn chromium_calls_with_the_ice_servers_answer_as_is() {
     let logs: String = nodes.iter().map(|n| format!("--- {} ---\n{}", n.id, n.relay.log())).collect();
     assert!(ok, "the browser call failed:\n{out}\n{logs}");
     assert!(out.contains("browser call over udp: ok"), "{out}");
+    for line in out.lines().filter(|l| l.starts_with("browser call") || l.starts_with("connect time")) {
+        println!("{line}");
+    }
     // The browser's allocations used the minted REST username.
     assert!(logs.contains(":browser"), "{logs}");
 }

@@ -66,6 +66,8 @@ pub struct Redirector {
     next: usize,
     /// The fleet registry, when there is one.
     fleet: Option<Arc<FleetShared>>,
+    /// This node's own addresses (listen and published), never named as an alternate.
+    own: Vec<SocketAddr>,
     /// This node's budget.
     pub budget: Budget,
     /// Relayed bytes/s over the last second (the control loop's load meter).
@@ -74,9 +76,15 @@ pub struct Redirector {
 
 impl Redirector {
     /// A redirector over the static `list`, the `fleet` registry (with `fleet-redis`), and
-    /// this node's `budget`.
-    pub fn new(list: Vec<SocketAddr>, fleet: Option<Arc<FleetShared>>, budget: Budget) -> Self {
-        Redirector { list, next: 0, fleet: fleet.filter(|f| f.in_fleet()), budget, bytes_per_s: 0 }
+    /// this node's `budget`; `own` are this node's addresses (never an alternate).
+    pub fn new(list: Vec<SocketAddr>, fleet: Option<Arc<FleetShared>>, budget: Budget, own: Vec<SocketAddr>) -> Self {
+        Redirector { list, next: 0, fleet: fleet.filter(|f| f.in_fleet()), own, budget, bytes_per_s: 0 }
+    }
+
+    /// True when `a` may be named to a request that came to `server`: of its family, and none
+    /// of this node's addresses.
+    fn usable(&self, a: SocketAddr, server: SocketAddr) -> bool {
+        a.is_ipv6() == server.is_ipv6() && a != server && !self.own.contains(&a)
     }
 
     /// Why this node, holding `allocations`, is over its budget, if it is (`draining` given).
@@ -102,7 +110,7 @@ impl Redirector {
                 .live_nodes()
                 .into_iter()
                 .filter(|n| n.node != fleet.node_id && n.accepting())
-                .filter_map(|n| n.address(ft.transport, v6).filter(|a| *a != ft.server).map(|a| (n, a)))
+                .filter_map(|n| n.address(ft.transport, v6).filter(|a| self.usable(*a, ft.server)).map(|a| (n, a)))
                 .min_by(|(a, _), (b, _)| {
                     a.load
                         .total_cmp(&b.load)
@@ -117,11 +125,11 @@ impl Redirector {
         for _ in 0..self.list.len() {
             let a = self.list[self.next % self.list.len()];
             self.next = (self.next + 1) % self.list.len();
-            if a.is_ipv6() == v6 && a != ft.server {
+            if self.usable(a, ft.server) {
                 return Some(a);
             }
         }
-        fallback.filter(|a| a.is_ipv6() == v6 && *a != ft.server)
+        fallback.filter(|a| self.usable(*a, ft.server))
     }
 }
 
@@ -138,18 +146,22 @@ mod tests {
     fn static_list_in_turn_skipping_self_and_the_other_family() {
         let list: Vec<SocketAddr> =
             ["127.0.0.1:1000", "[::1]:1000", "127.0.0.1:2000", "127.0.0.1:3000"].iter().map(|a| a.parse().unwrap()).collect();
-        let mut r = Redirector::new(list, None, Budget::default());
+        let mut r = Redirector::new(list.clone(), None, Budget::default(), Vec::new());
         let f = ft("127.0.0.1:3000");
         let picks: Vec<_> = (0..4).map(|_| r.pick(&f, None).unwrap().port()).collect();
         assert_eq!(picks, [1000, 2000, 1000, 2000]);
-        let mut empty = Redirector::new(Vec::new(), None, Budget::default());
+        // Its own published address is skipped even when the request came to another one.
+        let mut r = Redirector::new(list, None, Budget::default(), vec!["127.0.0.1:2000".parse().unwrap()]);
+        let picks: Vec<_> = (0..2).map(|_| r.pick(&f, None).unwrap().port()).collect();
+        assert_eq!(picks, [1000, 1000]);
+        let mut empty = Redirector::new(Vec::new(), None, Budget::default(), Vec::new());
         assert_eq!(empty.pick(&f, None), None);
         assert_eq!(empty.pick(&f, Some("127.0.0.1:3000".parse().unwrap())), None, "never itself");
     }
 
     #[test]
     fn budget() {
-        let r = Redirector::new(Vec::new(), None, Budget { total_quota: 2, max_bytes_per_s: 0 });
+        let r = Redirector::new(Vec::new(), None, Budget { total_quota: 2, max_bytes_per_s: 0 }, Vec::new());
         assert_eq!(r.over_budget(false, 1), None);
         assert_eq!(r.over_budget(false, 2), Some(OverBudget::Allocations));
         assert_eq!(r.over_budget(true, 0), Some(OverBudget::Draining));
