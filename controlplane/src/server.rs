@@ -342,13 +342,11 @@ impl<'a> Server<'a> {
         control.redirect = crate::fleet::redirect::Redirector::new(
             config.alternate_server.clone(),
             Some(fleet.shared.clone()),
-            crate::fleet::redirect::Budget { total_quota: config.total_quota, max_bytes_per_s: config.node_max_bandwidth },
-            config
-                .listen
-                .iter()
-                .map(|l| l.addr)
-                .chain(fleet.shared.local().addresses.iter().map(|a| a.addr))
-                .collect(),
+            crate::fleet::redirect::Budget {
+                total_quota: config.total_quota,
+                max_bytes_per_s: config.node_max_bandwidth,
+            },
+            config.listen.iter().map(|l| l.addr).chain(fleet.shared.local().addresses.iter().map(|a| a.addr)).collect(),
         );
         let mut server = Server {
             config,

@@ -107,9 +107,8 @@ fn allocate(node: &Node, user: &str, pass: &str) -> Client {
 /// MESSAGE-INTEGRITY verifies with the user's key (RFC 8489 §10: the 300 is signed).
 fn allocate_or_redirect(c: &mut Client, user: &str, pass: &str) -> Result<SocketAddr, SocketAddr> {
     c.learn_nonce();
-    let r = c
-        .transact_authenticated(Method::ALLOCATE, |w| w.u32(attr::REQUESTED_TRANSPORT, 17 << 24).map(drop))
-        .unwrap();
+    let r =
+        c.transact_authenticated(Method::ALLOCATE, |w| w.u32(attr::REQUESTED_TRANSPORT, 17 << 24).map(drop)).unwrap();
     let m = r.msg();
     match r.code() {
         None => Ok(m.xor_address(attr::XOR_RELAYED_ADDRESS).unwrap().unwrap()),
@@ -180,7 +179,8 @@ fn registry_revoke_sessions_and_a_killed_node() {
         assert!(urls.contains(&udp_url(n)), "{urls:?}");
     }
     assert_eq!(ice["nodes"], serde_json::json!(all));
-    let (user, cred) = (ice["iceServers"][0]["username"].as_str().unwrap(), ice["iceServers"][0]["credential"].as_str().unwrap());
+    let (user, cred) =
+        (ice["iceServers"][0]["username"].as_str().unwrap(), ice["iceServers"][0]["credential"].as_str().unwrap());
     assert!(user.ends_with(":carol"), "{user}");
     for n in [&a, &b, &c] {
         Client::new(n.relay.addr, user, cred, REALM).try_allocate().unwrap();
@@ -198,7 +198,12 @@ fn registry_revoke_sessions_and_a_killed_node() {
     println!("GET /sessions?fleet=1 on node-a: {sessions}");
     assert_eq!(sessions["missing"], 0);
     assert_eq!(sessions["nodes"], serde_json::json!({"node-a": 2, "node-b": 3, "node-c": 1}), "{sessions}");
-    let alice_on_b = sessions["sessions"].as_array().unwrap().iter().filter(|s| s["user"] == "alice" && s["node"] == "node-b").count();
+    let alice_on_b = sessions["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["user"] == "alice" && s["node"] == "node-b")
+        .count();
     assert_eq!(alice_on_b, 1, "{sessions}");
     let (status, body) = http("DELETE", c.admin, "/users/alice/sessions", None);
     println!("DELETE /users/alice/sessions on node-c: {body}");
@@ -291,8 +296,22 @@ fn a_node_at_its_budget_redirects_to_the_least_loaded_node() {
     // coturn's turnutils_uclient follows the 300 from A to B and relays there, every message.
     let (_peer_guard, peer_port) = start_peer();
     let mut cmd = Command::new("turnutils_uclient");
-    cmd.args(["-u", "bob", "-w", "b", "-p", &a.relay.addr.port().to_string(), "-n", "20", "-l", "120", "-m", "1", "-c"])
-        .args(["-e", "127.0.0.1", "-r", &peer_port.to_string(), "127.0.0.1"]);
+    cmd.args([
+        "-u",
+        "bob",
+        "-w",
+        "b",
+        "-p",
+        &a.relay.addr.port().to_string(),
+        "-n",
+        "20",
+        "-l",
+        "120",
+        "-m",
+        "1",
+        "-c",
+    ])
+    .args(["-e", "127.0.0.1", "-r", &peer_port.to_string(), "127.0.0.1"]);
     let (ok, out) = run_with_timeout(&mut cmd, Duration::from_secs(60));
     assert!(ok, "turnutils_uclient failed:\n{out}\n--- node-a ---\n{}", a.relay.log());
     assert!(out.contains("Total lost packets 0 (0.000000%)"), "{out}");
@@ -364,7 +383,10 @@ fn redis_killed_mid_run_stalls_no_node() {
         let log = n.relay.log();
         assert_eq!(log.matches("fleet: Redis unreachable").count(), 1, "one WARN on {}:\n{log}", n.id);
     }
-    println!("Redis down for {:.1} s: relayed {relayed:?} datagrams per node, allocated on each", start.elapsed().as_secs_f64());
+    println!(
+        "Redis down for {:.1} s: relayed {relayed:?} datagrams per node, allocated on each",
+        start.elapsed().as_secs_f64()
+    );
 }
 
 #[test]

@@ -61,8 +61,10 @@ pub fn broadcast(url: &str, op: &str, user: Option<&str>) -> redis::RedisResult<
     conn.set_read_timeout(Some(ANSWER_TIMEOUT + Duration::from_secs(1)))?;
     let reply = format!("{REPLY_PREFIX}{:016x}", rand::random::<u64>());
     let request = Request { op: op.into(), user: user.map(str::to_owned), reply: reply.clone() };
-    let receivers: usize =
-        redis::cmd("PUBLISH").arg(CONTROL_CHANNEL).arg(serde_json::to_string(&request).unwrap_or_default()).query(&mut conn)?;
+    let receivers: usize = redis::cmd("PUBLISH")
+        .arg(CONTROL_CHANNEL)
+        .arg(serde_json::to_string(&request).unwrap_or_default())
+        .query(&mut conn)?;
     let deadline = Instant::now() + ANSWER_TIMEOUT;
     let mut answers = Vec::with_capacity(receivers);
     while answers.len() < receivers {

@@ -139,13 +139,19 @@ mod tests {
     use uturn_proto::Transport;
 
     fn ft(server: &str) -> FiveTuple {
-        FiveTuple { client: "127.0.0.9:5000".parse().unwrap(), server: server.parse().unwrap(), transport: Transport::Udp }
+        FiveTuple {
+            client: "127.0.0.9:5000".parse().unwrap(),
+            server: server.parse().unwrap(),
+            transport: Transport::Udp,
+        }
     }
 
     #[test]
     fn static_list_in_turn_skipping_self_and_the_other_family() {
-        let list: Vec<SocketAddr> =
-            ["127.0.0.1:1000", "[::1]:1000", "127.0.0.1:2000", "127.0.0.1:3000"].iter().map(|a| a.parse().unwrap()).collect();
+        let list: Vec<SocketAddr> = ["127.0.0.1:1000", "[::1]:1000", "127.0.0.1:2000", "127.0.0.1:3000"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
         let mut r = Redirector::new(list.clone(), None, Budget::default(), Vec::new());
         let f = ft("127.0.0.1:3000");
         let picks: Vec<_> = (0..4).map(|_| r.pick(&f, None).unwrap().port()).collect();

@@ -124,7 +124,11 @@ pub fn addresses(config: &Config) -> Vec<NodeAddress> {
         .filter_map(|l| {
             let ip = public(l.addr.ip())?;
             let addr = SocketAddr::new(ip, l.addr.port());
-            Some(NodeAddress { transport: super::transport_name(l.transport).into(), addr, url: url(l.transport, addr) })
+            Some(NodeAddress {
+                transport: super::transport_name(l.transport).into(),
+                addr,
+                url: url(l.transport, addr),
+            })
         })
         .collect()
 }
