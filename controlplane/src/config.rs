@@ -719,6 +719,14 @@ impl Config {
             (
                 "xdp",
                 self.xdp != new.xdp || self.xdp_interfaces != new.xdp_interfaces || self.xdp_routes != new.xdp_routes,
+            ),            (
+                "fleet-redis, node-id, region, node-max-bandwidth, alternate-server, ice-servers-max-ttl",
+                self.fleet_redis != new.fleet_redis
+                    || self.node_id != new.node_id
+                    || self.region != new.region
+                    || self.node_max_bandwidth != new.node_max_bandwidth
+                    || self.alternate_server != new.alternate_server
+                    || self.ice_servers_max_ttl != new.ice_servers_max_ttl,
             ),
         ]
     }

@@ -522,7 +522,9 @@ impl<'a> Server<'a> {
             if signals.reload.swap(false, Ordering::Relaxed) {
                 reload(&mut self.control, self.config, reloader);
                 self.reload_tls();
-                self.fleet.shared.set_minting(self.control.credentials_mut().first_secret(), self.config);
+                let credentials = self.control.credentials_mut();
+                let (secret, separator) = (credentials.first_secret(), credentials.separator());
+                self.fleet.shared.set_minting(secret, separator, self.config.ice_servers_max_ttl);
             }
             self.fleet_tick();
             if signals.upgrade.swap(false, Ordering::Relaxed) {
@@ -789,7 +791,11 @@ fn start_fleet(config: &Config) -> Result<crate::fleet::Fleet> {
         redis::Client::open(url.as_str()).with_context(|| format!("fleet-redis {}", crate::fleet::shown(url)))?;
     }
     let shared = FleetShared::new(config.node_id.clone(), config.fleet_redis.clone(), local, Default::default());
-    shared.set_minting(config.credentials.secrets.first().cloned(), config);
+    shared.set_minting(
+        config.credentials.secrets.first().cloned(),
+        config.credentials.separator,
+        config.ice_servers_max_ttl,
+    );
     if let Some(url) = &config.fleet_redis {
         info!(node = %config.node_id, redis = %crate::fleet::shown(url), "fleet: registry and fleet-wide admin requests in Redis");
     }

@@ -407,6 +407,17 @@ fn without_redis_a_static_alternate_server_list_is_used_in_turn() {
     assert!(wait_until(Duration::from_secs(3), || node.get("/fleet")["nodes"][0]["over_budget"] == true).is_some());
     let ice = ice_servers(&node, r#"{"user":"x","ttl":60,"transports":["udp"]}"#);
     assert_eq!(ice_urls(&ice), [udp_url(&node)]);
+    // SIGHUP with a new secret only: /ice-servers mints from it, and the node accepts it.
+    let rotated = format!("{config}{}", CONFIG.replace("fleet-secret", "rotated-secret"));
+    std::fs::write(node.relay.config_path(), rotated).unwrap();
+    node.relay.signal("HUP");
+    assert!(node.relay.wait_log("credentials reloaded", Duration::from_secs(5)), "{}", node.relay.log());
+    let ice = ice_servers(&node, r#"{"user":"x","ttl":60,"transports":["udp"]}"#);
+    let (user, cred) =
+        (ice["iceServers"][0]["username"].as_str().unwrap(), ice["iceServers"][0]["credential"].as_str().unwrap());
+    let mut c = Client::new(node.relay.addr, user, cred, REALM);
+    // The node is full: a verified request is redirected (300), a wrong credential would be 401.
+    assert!(allocate_or_redirect(&mut c, user, cred).is_err());
     // The flag repeats too, and a single value still works.
     let one = Node::start("one", None, "total-quota = 1\n", &["--alternate-server", "127.0.0.1:3009"]);
     let _held = allocate(&one, "fill", "f");

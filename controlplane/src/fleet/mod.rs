@@ -178,11 +178,10 @@ impl FleetShared {
         all
     }
 
-    /// Replaces what `/ice-servers` mints with: `secret` (the first REST secret) and the
-    /// separator and longest TTL of `config`.
-    pub fn set_minting(&self, secret: Option<String>, config: &crate::config::Config) {
-        *self.minting.lock().unwrap_or_else(|e| e.into_inner()) =
-            Minting { secret, separator: config.credentials.separator, max_ttl: config.ice_servers_max_ttl };
+    /// Replaces what `/ice-servers` mints with: `secret` (the first REST secret), the REST
+    /// `separator`, and the longest TTL.
+    pub fn set_minting(&self, secret: Option<String>, separator: char, max_ttl: Duration) {
+        *self.minting.lock().unwrap_or_else(|e| e.into_inner()) = Minting { secret, separator, max_ttl };
     }
 
     /// True when this node is part of a fleet (`fleet-redis` set).
