@@ -26,6 +26,8 @@
 //!   stream of JSON lines (`application/x-ndjson`) of the matching sessions' messages, traffic
 //!   and flags ([`crate::trace`]); 400 for a bad query, 429 when [`crate::trace::MAX_TRACES`]
 //!   traces are active. The stream is exempt from the connection time limit; it ends at `max_s`.
+//! - `GET /fleet`, `GET /sessions?fleet=1`, `POST /ice-servers`, and `DELETE /users/NAME/sessions`
+//!   on every node of a fleet: see [`crate::fleet::admin`].
 //!
 //! The HTTP thread never touches control-plane or worker state: it hands each request to the
 //! control loop over a queue and waits (at most 2 s) for the answer; for sessions the control
@@ -108,11 +110,13 @@ impl AdminApi {
     /// `Authorization` (required by the configuration off loopback); without one, only
     /// requests whose Host is loopback with the listener's port are answered. `board`: what
     /// `GET /status.json` shows.
+    /// `fleet`: the fleet routes' shared state (crate::fleet::admin).
     pub fn start(
         listener: TcpListener,
         token: Option<String>,
         control: Thread,
         board: Arc<crate::status::StatusBoard>,
+        fleet: Option<Arc<crate::fleet::FleetShared>>,
     ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let (tx, requests) = crossbeam_channel::bounded(64);
@@ -129,7 +133,7 @@ impl AdminApi {
             if r.method == Method::GET && r.path == "/status.json" && gate(r, addr.port(), token.as_deref()).is_none() {
                 return Response { status: 200, content_type: "application/json", body: board.to_json() };
             }
-            let (status, body) = route(r, addr.port(), token.as_deref(), &tx, &control);
+            let (status, body) = route(r, addr.port(), token.as_deref(), &tx, &control, fleet.as_deref());
             let content_type =
                 if body.starts_with(['{', '[']) { "application/json" } else { "text/plain; charset=utf-8" };
             Response { status, content_type, body }
@@ -199,6 +203,7 @@ fn route(
     token: Option<&str>,
     tx: &Sender<AdminRequest>,
     control: &Thread,
+    fleet: Option<&crate::fleet::FleetShared>,
 ) -> (u16, String) {
     if let Some(refusal) = gate(request, port, token) {
         return refusal;
@@ -212,7 +217,14 @@ fn route(
     let session_id = path.strip_prefix("/sessions/").map(|id| id.parse::<u64>());
     if let (true, Some(name)) = (delete, path.strip_prefix("/users/").and_then(|r| r.strip_suffix("/sessions"))) {
         let Some(user) = percent_decode(name) else { return (400, "{\"error\":\"bad user name\"}".into()) };
+        if let Some(answer) = fleet.and_then(|f| crate::fleet::admin::route(f, request, Some(&user), tx, control)) {
+            return answer;
+        }
         return ask(tx, control, AdminAction::Revoke(user));
+    }
+    // GET /fleet, GET /sessions?fleet=1, POST /ice-servers (crate::fleet::admin).
+    if let Some(answer) = fleet.and_then(|f| crate::fleet::admin::route(f, request, None, tx, control)) {
+        return answer;
     }
     match session_id {
         _ if get && path == "/health" => (200, "ok".into()),
@@ -239,7 +251,9 @@ fn timeline_query(rest: &str) -> Option<TimelineQuery> {
     }
 }
 
-fn ask(tx: &Sender<AdminRequest>, control: &Thread, action: AdminAction) -> (u16, String) {
+/// Hands `action` to the control loop over `tx` (unparking `control`) and waits (at most 2 s) for
+/// its answer: status and JSON body.
+pub fn ask(tx: &Sender<AdminRequest>, control: &Thread, action: AdminAction) -> (u16, String) {
     let filter = match action {
         AdminAction::Sessions(f) => Some(f),
         _ => None,

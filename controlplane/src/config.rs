@@ -113,9 +113,10 @@ pub struct Cli {
     /// Log format: text or json (one JSON object per line).
     #[arg(long)]
     pub log_format: Option<String>,
-    /// ALTERNATE-SERVER IP:PORT offered with 300 Try Alternate while draining.
+    /// ALTERNATE-SERVER IP:PORT offered with 300 Try Alternate while draining or over budget
+    /// (repeatable: used in turn; a fleet's registry comes first, docs/operations.md).
     #[arg(long)]
-    pub alternate_server: Option<SocketAddr>,
+    pub alternate_server: Vec<SocketAddr>,
     /// Seconds a drain waits for allocations to end before the process exits.
     #[arg(long)]
     pub drain_timeout: Option<u64>,
@@ -154,6 +155,9 @@ pub struct Cli {
     /// Usage records: seconds between interim records of a live allocation (0: final only).
     #[arg(long)]
     pub usage_interval: Option<u64>,
+    /// This node's region, published in the fleet registry (`POST /ice-servers` may ask for one).
+    #[arg(long)]
+    pub region: Option<String>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -214,7 +218,7 @@ pub struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     metrics_allow_remote: Option<bool>,
     log_format: Option<String>,
-    alternate_server: Option<SocketAddr>,
+    alternate_server: Option<OneOrMany>,
     drain_timeout: Option<u64>,
     reuseport_cpu: Option<bool>,
     xdp: Option<String>,
@@ -230,6 +234,9 @@ pub struct FileConfig {
     usage_interval: Option<u64>,
     usage_stream: Option<String>,
     usage_stream_maxlen: Option<u64>,
+    region: Option<String>,
+    node_max_bandwidth: Option<u64>,
+    ice_servers_max_ttl: Option<u64>,
 }
 
 /// A key that takes one string or a list of them.
@@ -292,9 +299,10 @@ pub struct Config {
     pub metrics_allow_remote: bool,
     /// Logs as JSON objects, one per line (`log-format = "json"`), instead of text.
     pub log_json: bool,
-    /// ALTERNATE-SERVER offered with 300 while draining; without it a draining relay answers
-    /// new Allocates with 508.
-    pub alternate_server: Option<SocketAddr>,
+    /// ALTERNATE-SERVERs offered in turn with 300 while draining or over budget (after the
+    /// fleet registry's, when there is one); without any, a draining relay answers new
+    /// Allocates with 508 and one over `total-quota` with 486.
+    pub alternate_server: Vec<SocketAddr>,
     /// How long a drain waits for the allocations to end before the process exits, default
     /// 3600 s.
     pub drain_timeout: Duration,
@@ -366,6 +374,14 @@ pub struct Config {
     /// Usage records (`usage-file`, `usage-interval`, `usage-stream`, `usage-stream-maxlen`;
     /// the stream is written when `fleet-redis` is set). See [`crate::usage`].
     pub usage: UsageSettings,
+    /// This node's region in the fleet registry (`region`), matched by `POST /ice-servers`.
+    pub region: Option<String>,
+    /// Relayed bytes/s (both directions, all allocations) past which this node counts as over
+    /// budget and redirects new Allocates (`node-max-bandwidth`; 0, the default: no such budget).
+    pub node_max_bandwidth: u64,
+    /// Longest credential lifetime `POST /ice-servers` mints (`ice-servers-max-ttl`, default
+    /// 86,400 s).
+    pub ice_servers_max_ttl: Duration,
 }
 
 /// Where usage records go (docs/operations.md, "Usage records").
@@ -561,7 +577,15 @@ impl Config {
                 "json" => true,
                 other => bail!("log-format {other:?}: expected text or json"),
             },
-            alternate_server: cli.alternate_server.or(f.alternate_server),
+            alternate_server: if cli.alternate_server.is_empty() {
+                let listed = f.alternate_server.map(OneOrMany::into_vec).unwrap_or_default();
+                listed
+                    .iter()
+                    .map(|a| a.parse().with_context(|| format!("alternate-server {a:?}: expected IP:PORT")))
+                    .collect::<Result<_>>()?
+            } else {
+                cli.alternate_server.clone()
+            },
             drain_timeout: secs(cli.drain_timeout.or(f.drain_timeout), 3600),
             reuseport_cpu: cli.reuseport_cpu || f.reuseport_cpu.unwrap_or(false),
             xdp: cli.xdp.clone().or(f.xdp).as_deref().unwrap_or("off").parse().map_err(anyhow::Error::msg)?,
@@ -607,6 +631,9 @@ impl Config {
                 stream: f.usage_stream.unwrap_or_else(|| crate::usage::DEFAULT_STREAM.into()),
                 stream_maxlen: f.usage_stream_maxlen.unwrap_or(crate::usage::DEFAULT_MAXLEN).max(1),
             },
+            region: cli.region.clone().or(f.region),
+            node_max_bandwidth: f.node_max_bandwidth.unwrap_or(0),
+            ice_servers_max_ttl: secs(f.ice_servers_max_ttl, 86_400),
         };
         c.validate()?;
         Ok(c)
@@ -758,6 +785,14 @@ impl Config {
             (
                 "xdp",
                 self.xdp != new.xdp || self.xdp_interfaces != new.xdp_interfaces || self.xdp_routes != new.xdp_routes,
+            ),            (
+                "fleet-redis, node-id, region, node-max-bandwidth, alternate-server, ice-servers-max-ttl",
+                self.fleet_redis != new.fleet_redis
+                    || self.node_id != new.node_id
+                    || self.region != new.region
+                    || self.node_max_bandwidth != new.node_max_bandwidth
+                    || self.alternate_server != new.alternate_server
+                    || self.ice_servers_max_ttl != new.ice_servers_max_ttl,
             ),
             ("proxy-protocol, proxy-protocol-udp, proxy-trusted", self.proxy != new.proxy),
             ("usage-*", self.usage != new.usage),

@@ -186,6 +186,8 @@ pub struct ControlPlane {
     pub stats: ControlStats,
     /// What the metrics endpoint shows.
     pub metrics: Arc<ControlMetrics>,
+    /// Where an Allocate goes while this node is over budget (crate::fleet::redirect).
+    pub redirect: crate::fleet::redirect::Redirector,
 }
 
 impl ControlPlane {
@@ -220,6 +222,7 @@ impl ControlPlane {
             ),
             stats: ControlStats::default(),
             metrics: Arc::new(ControlMetrics::default()),
+            redirect: Default::default(),
         }
     }
 
@@ -522,15 +525,29 @@ impl ControlPlane {
             }
             // RFC 8656 §7.2 step 2.
             Err(ErrorCode::AllocationMismatch)
-        } else if let Some(alternate) = self.draining {
-            let Some(alt) = alternate else {
-                let r = self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
-                return Some(reply(ft, r));
-            };
-            self.stats.errors += 1;
-            self.metrics.refused(ErrorCode::TryAlternate.code());
-            let n = response::try_alternate(&mut self.buf, Method::ALLOCATE, tid, &alt, Some(&key)).unwrap_or(0);
-            return Some(reply(ft, self.buf[..n].to_vec()));
+        } else if let Some(over) = self.redirect.over_budget(self.draining.is_some(), self.owners.len()) {
+            // RFC 8489 §10, RFC 8656 §6.2: over budget, a signed 300 names another node
+            // (crate::fleet::redirect); without one, a draining node answers 508 and a full one
+            // goes on to the quota check below (486).
+            use crate::fleet::redirect::OverBudget;
+            match self.redirect.pick(&ft, self.draining.flatten()) {
+                Some(alt) => {
+                    self.stats.errors += 1;
+                    self.metrics.refused(ErrorCode::TryAlternate.code());
+                    info!(client = %ft.client, %user, alternate = %alt, reason = ?over, "Allocate redirected (300)");
+                    let n =
+                        response::try_alternate(&mut self.buf, Method::ALLOCATE, tid, &alt, Some(&key)).unwrap_or(0);
+                    return Some(reply(ft, self.buf[..n].to_vec()));
+                }
+                None if over == OverBudget::Draining => {
+                    let r = self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
+                    return Some(reply(ft, r));
+                }
+                None if !msg.unknown_required().is_empty() && !tcp::dont_fragment_only(msg) => {
+                    Err(ErrorCode::UnknownAttribute)
+                }
+                None => self.check_allocate(&ft, msg, &user),
+            }
         } else if !msg.unknown_required().is_empty() && !tcp::dont_fragment_only(msg) {
             Err(ErrorCode::UnknownAttribute)
         } else {

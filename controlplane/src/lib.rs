@@ -8,6 +8,7 @@ pub mod check;
 pub mod config;
 pub mod control;
 pub mod credentials;
+pub mod fleet;
 pub mod http_endpoint;
 pub mod metrics;
 pub mod notify;

@@ -185,6 +185,11 @@ struct Server<'a> {
     status: Option<crate::status::Sampler>,
     /// The usage-record writer, when records go anywhere.
     usage: Option<crate::usage::Usage>,
+    /// The fleet (registry, fleet-wide admin requests; threads only with `fleet-redis`), this
+    /// node's load meter and when it last sampled.
+    fleet: crate::fleet::Fleet,
+    load: crate::fleet::registry::LoadMeter,
+    load_sampled: Instant,
 }
 
 /// The listener of an HTTP endpoint configured at `addr` (`setting` names it in errors): the one
@@ -340,6 +345,17 @@ impl<'a> Server<'a> {
             rfc5766_channels: config.rfc5766_channels,
         };
         info!("{}", policy.peers.describe());
+        let fleet = start_fleet(config)?;
+        let mut control = ControlPlane::new(policy, credentials, config.workers, config.port_range, challenger.clone());
+        control.redirect = crate::fleet::redirect::Redirector::new(
+            config.alternate_server.clone(),
+            Some(fleet.shared.clone()),
+            crate::fleet::redirect::Budget {
+                total_quota: config.total_quota,
+                max_bytes_per_s: config.node_max_bandwidth,
+            },
+            config.listen.iter().map(|l| l.addr).chain(fleet.shared.local().addresses.iter().map(|a| a.addr)).collect(),
+        );
         let mut server = Server {
             config,
             backend,
@@ -348,7 +364,7 @@ impl<'a> Server<'a> {
             workers: Vec::with_capacity(config.workers),
             senders: Vec::with_capacity(config.workers),
             events_rx: Vec::with_capacity(config.workers),
-            control: ControlPlane::new(policy, credentials, config.workers, config.port_range, challenger),
+            control,
             admin: None,
             metrics: None,
             drain_deadline: None,
@@ -359,6 +375,9 @@ impl<'a> Server<'a> {
             timeline: Default::default(),
             status: None,
             usage: None,
+            fleet,
+            load: Default::default(),
+            load_sampled: now,
         };
         if !config.stream_listen().is_empty() {
             let (tx, rx) = crossbeam_channel::unbounded();
@@ -450,7 +469,8 @@ impl<'a> Server<'a> {
             let keep = listener.try_clone()?;
             let board = self.status_board();
             self.status = Some(board.start_sampler().context("status page sampler")?);
-            let api = AdminApi::start(listener, c.admin_token.clone(), std::thread::current(), board)
+            let fleet = Some(self.fleet.shared.clone());
+            let api = AdminApi::start(listener, c.admin_token.clone(), std::thread::current(), board, fleet)
                 .with_context(|| format!("admin endpoint on {addr}"))?;
             self.admin = Some((api, keep));
         }
@@ -547,7 +567,11 @@ impl<'a> Server<'a> {
             if signals.reload.swap(false, Ordering::Relaxed) {
                 reload(&mut self.control, self.config, reloader);
                 self.reload_tls();
+                let credentials = self.control.credentials_mut();
+                let (secret, separator) = (credentials.first_secret(), credentials.separator());
+                self.fleet.shared.set_minting(secret, separator, self.config.ice_servers_max_ttl);
             }
+            self.fleet_tick();
             if signals.upgrade.swap(false, Ordering::Relaxed) {
                 self.start_upgrade(exe, args);
             }
@@ -684,10 +708,44 @@ impl<'a> Server<'a> {
         }
     }
 
-    /// Answers the admin endpoint's queued requests; returns how many.
+    /// Once a second: measures this node's load and writes its registry entry
+    /// (crate::fleet; the heartbeat thread publishes it).
+    fn fleet_tick(&mut self) {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.load_sampled) < crate::fleet::HEARTBEAT {
+            return;
+        }
+        self.load_sampled = now;
+        let relayed: u64 = self
+            .worker_cfgs
+            .iter()
+            .map(|w| {
+                let c = w.metrics.sample().counters;
+                c.bytes_to_peer + c.bytes_to_client
+            })
+            .sum();
+        self.load.sample(now, relayed);
+        self.control.redirect.bytes_per_s = self.load.bytes_per_s;
+        let allocations = self.control.allocations();
+        let draining = self.control.is_draining();
+        let over = self.control.redirect.over_budget(draining, allocations).is_some();
+        let load = self.control.redirect.budget.load(allocations, self.load.bytes_per_s);
+        let mut me = self.fleet.shared.local.lock().unwrap_or_else(|e| e.into_inner());
+        me.health = if draining { "draining" } else { "ready" }.into();
+        me.over_budget = over;
+        me.allocations = allocations as u64;
+        me.relayed_bps = self.load.bytes_per_s.saturating_mul(8);
+        me.cpu_percent = self.load.cpu_percent;
+        me.load = load;
+        me.updated_ms = crate::fleet::unix_ms();
+    }
+
+    /// Answers the admin endpoint's and the fleet's queued requests; returns how many.
     fn admin_requests(&mut self) -> usize {
-        let Some((api, _)) = &self.admin else { return 0 };
-        let requests: Vec<AdminRequest> = api.requests.try_iter().collect();
+        let mut requests: Vec<AdminRequest> = self.fleet.requests.try_iter().collect();
+        if let Some((api, _)) = &self.admin {
+            requests.extend(api.requests.try_iter());
+        }
         let n = requests.len();
         for req in requests {
             let answer = self.admin_answer(req.action);
@@ -720,7 +778,8 @@ impl<'a> Server<'a> {
                 AdminReply::Sessions { rx, workers }
             }
             AdminAction::Drain => {
-                self.control.drain(self.config.alternate_server);
+                self.control.drain(self.config.alternate_server.first().copied());
+                self.load_sampled = Instant::now() - crate::fleet::HEARTBEAT;
                 if self.drain_deadline.is_none() {
                     self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
                 }
@@ -797,6 +856,38 @@ impl<'a> Server<'a> {
 }
 
 mod hot_upgrade;
+
+/// The fleet's shared state from `config` and its threads (only with `fleet-redis`).
+fn start_fleet(config: &Config) -> Result<crate::fleet::Fleet> {
+    use crate::fleet::{FleetShared, NodeInfo};
+    let local = NodeInfo {
+        node: config.node_id.clone(),
+        region: config.region.clone(),
+        addresses: crate::fleet::registry::addresses(config),
+        health: "ready".into(),
+        over_budget: false,
+        allocations: 0,
+        relayed_bps: 0,
+        cpu_percent: 0.0,
+        load: 0.0,
+        updated_ms: crate::fleet::unix_ms(),
+    };
+    if let Some(url) = &config.fleet_redis {
+        // A URL that does not parse is a configuration error; an unreachable Redis is an outage
+        // the node rides out alone.
+        redis::Client::open(url.as_str()).with_context(|| format!("fleet-redis {}", crate::fleet::shown(url)))?;
+    }
+    let shared = FleetShared::new(config.node_id.clone(), config.fleet_redis.clone(), local, Default::default());
+    shared.set_minting(
+        config.credentials.secrets.first().cloned(),
+        config.credentials.separator,
+        config.ice_servers_max_ttl,
+    );
+    if let Some(url) = &config.fleet_redis {
+        info!(node = %config.node_id, redis = %crate::fleet::shown(url), "fleet: registry and fleet-wide admin requests in Redis");
+    }
+    crate::fleet::Fleet::start(shared, std::thread::current()).context("starting the fleet threads")
+}
 
 /// The relay's own addresses for the peer policy: every listener of the process (UDP, TCP, TLS,
 /// admin, metrics), the relay and external IPs, and the host's addresses (a listener on an

@@ -231,6 +231,11 @@ def run_call(cdp, session, transport, args, timeout_s):
     cfg = {"transport": transport, "url": ice_url(transport, args), "username": args.user,
            "credential": args.password, "timeoutMs": int(timeout_s * 1000),
            "messages": args.messages, "minAudioPackets": args.min_audio_packets}
+    if args.rtc_config:
+        # An RTCConfiguration as a server handed it (uturn's POST /ice-servers), unchanged.
+        with open(args.rtc_config) as f:
+            cfg["rtcConfig"] = json.load(f)
+        cfg["url"] = args.rtc_config
     r = cdp.call("Runtime.evaluate", {"expression": f"runCall({json.dumps(cfg)})",
                                       "awaitPromise": True, "returnByValue": True},
                  session=session, timeout=timeout_s + 5)
@@ -336,11 +341,16 @@ def main():
     ap.add_argument("--min-audio-packets", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=1,
                     help="calls per transport (each prints its connect time; the median closes)")
+    ap.add_argument("--rtc-config", help="a JSON RTCConfiguration file (e.g. uturn's POST "
+                    "/ice-servers answer) given to RTCPeerConnection as is, plus "
+                    "iceTransportPolicy relay; runs one call, checked as TURN over UDP")
     ap.add_argument("--chromium", help="browser binary (default: /usr/lib/chromium/chromium, "
                                        "else /usr/bin/chromium)")
     args = ap.parse_args()
 
     transports = [t for t in ("udp", "tcp", "tls") if getattr(args, f"{t}_port")]
+    if args.rtc_config:
+        transports = ["udp"]
     if not transports:
         ap.error("give at least one of --udp-port, --tcp-port, --tls-port")
     binary = args.chromium or next((b for b in ("/usr/lib/chromium/chromium", "/usr/bin/chromium")

@@ -231,6 +231,11 @@ impl Credentials {
         self.config.strict_expiry
     }
 
+    /// The first REST secret (the one that mints), if any.
+    pub fn first_secret(&self) -> Option<String> {
+        self.config.secrets.first().cloned()
+    }
+
     /// The REST username separator.
     pub fn separator(&self) -> char {
         self.config.separator
