@@ -136,6 +136,9 @@ pub struct Cli {
     /// This node's name in the fleet (default: the host name).
     #[arg(long)]
     pub node_id: Option<String>,
+    /// A file holding the nonce secret (64 hex digits) shared by the fleet.
+    #[arg(long)]
+    pub nonce_secret_file: Option<PathBuf>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -205,6 +208,8 @@ pub struct FileConfig {
     max_peer_connections_per_user: Option<usize>,
     fleet_redis: Option<String>,
     node_id: Option<String>,
+    nonce_secret_file: Option<PathBuf>,
+    quota_lease: Option<u64>,
 }
 
 /// A key that takes one string or a list of them.
@@ -335,6 +340,13 @@ pub struct Config {
     /// This node's name in the fleet registry, usage records and logs (`node-id`; default: the
     /// host name, or `uturn` when it has none).
     pub node_id: String,
+    /// The nonce secret shared by the fleet: a file of 64 hex digits (`nonce-secret-file`);
+    /// without it, taken from `fleet-redis`, or this node's own (docs/credentials.md).
+    pub nonce_secret_file: Option<PathBuf>,
+    /// How long a node's share of the fleet's user quotas outlives its last lease refresh
+    /// (`quota-lease`, seconds, default 10, at least 1): a crashed node's allocations stop
+    /// counting after it.
+    pub quota_lease: Duration,
 }
 
 /// Default `unauth-rate`, requests/s per source: 500 clients behind one NAT address that each
@@ -547,6 +559,10 @@ impl Config {
             max_peer_connections_per_user: f.max_peer_connections_per_user.unwrap_or(1024),
             fleet_redis: cli.fleet_redis.clone().or(f.fleet_redis),
             node_id: cli.node_id.clone().or(f.node_id).unwrap_or_else(host_name),
+            nonce_secret_file: cli.nonce_secret_file.clone().or(f.nonce_secret_file),
+            quota_lease: Duration::from_secs(
+                f.quota_lease.unwrap_or(crate::fleet::quota::DEFAULT_LEASE_SECS).max(1),
+            ),
         };
         c.validate()?;
         Ok(c)
@@ -687,6 +703,13 @@ impl Config {
             ("user-store", self.credentials.store != new.credentials.store),
             ("password-algorithms", self.password_algorithms != new.password_algorithms),
             ("nonce-lifetime", self.nonce_lifetime != new.nonce_lifetime),
+            (
+                "fleet-redis, node-id, nonce-secret-file, quota-lease",
+                self.fleet_redis != new.fleet_redis
+                    || self.node_id != new.node_id
+                    || self.nonce_secret_file != new.nonce_secret_file
+                    || self.quota_lease != new.quota_lease,
+            ),
             ("unauth-rate", self.unauth_rate != new.unauth_rate),
             ("max-peer-connections-per-user", self.max_peer_connections_per_user != new.max_peer_connections_per_user),
             (

@@ -7,6 +7,7 @@ pub mod admin_api;
 pub mod config;
 pub mod control;
 pub mod credentials;
+pub mod fleet;
 pub mod http_endpoint;
 pub mod metrics;
 pub mod notify;

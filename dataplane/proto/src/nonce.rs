@@ -140,6 +140,9 @@ pub struct Challenger {
     realm: Arc<str>,
     key: NonceKey,
     origin: Instant,
+    /// Seconds added to the time since `origin`: 0 for a node alone; in a fleet the UNIX time
+    /// at `origin`, so every node counts the same seconds (see [`Challenger::with_epoch`]).
+    epoch: u64,
     /// PASSWORD-ALGORITHMS' value as sent, in order of preference; empty when only MD5 is
     /// offered (an RFC 5389 challenge: no cookie, no PASSWORD-ALGORITHMS, no USERHASH).
     algorithms: Arc<[u8]>,
@@ -149,7 +152,16 @@ impl Challenger {
     /// A challenger for `realm` offering only MD5, as RFC 5389 servers do; nonce times count
     /// seconds from `origin`.
     pub fn new(realm: &str, key: NonceKey, origin: Instant) -> Self {
-        Challenger { realm: realm.into(), key, origin, algorithms: Arc::from(&[][..]) }
+        Challenger { realm: realm.into(), key, origin, epoch: 0, algorithms: Arc::from(&[][..]) }
+    }
+
+    /// The same challenger counting nonce times as `epoch_secs` plus the seconds since its
+    /// origin. A fleet whose nodes share the nonce secret sets the origin to now and
+    /// `epoch_secs` to the UNIX time now (seconds), so a nonce minted by one node is checked on
+    /// the same clock by every other (their wall clocks agreeing to within a nonce window).
+    pub fn with_epoch(mut self, epoch_secs: u64) -> Self {
+        self.epoch = epoch_secs;
+        self
     }
 
     /// The same challenger offering `algorithms` in order of preference (RFC 8489 §9.2.4): with
@@ -194,7 +206,12 @@ impl Challenger {
     }
 
     fn secs(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.origin).as_secs()
+        now.saturating_duration_since(self.origin).as_secs() + self.epoch
+    }
+
+    /// Seconds added to the time since the origin (0 unless set by [`with_epoch`](Self::with_epoch)).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     fn prefix(&self) -> &'static str {
