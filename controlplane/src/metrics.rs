@@ -73,6 +73,8 @@ pub struct ControlMetrics {
     pub peer_refusals: Arc<crate::tcp_relay::RelayCounters>,
     /// True while the relay drains (new Allocates refused).
     pub draining: AtomicBool,
+    /// The fleet quota thread's counters, once it runs (`fleet-redis` with `user-quota`).
+    pub fleet_quota: std::sync::OnceLock<Arc<crate::fleet::quota::QuotaMetrics>>,
 }
 
 impl Default for ControlMetrics {
@@ -88,6 +90,7 @@ impl Default for ControlMetrics {
             user_cache: std::array::from_fn(|_| AtomicU64::new(0)),
             peer_refusals: Arc::default(),
             draining: AtomicBool::new(false),
+            fleet_quota: std::sync::OnceLock::new(),
         }
     }
 }
@@ -511,6 +514,9 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         "1 while the relay drains.",
         [(String::new(), c.draining.load(Ordering::Relaxed) as u8 as f64)],
     );
+    if let Some(q) = c.fleet_quota.get() {
+        render_fleet_quota(&mut out, q);
+    }
     if let Some((listener, relay)) = rxq {
         family(
             &mut out,
@@ -533,6 +539,29 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         writeln!(out, "uturn_allocate_latency_seconds_sum {}", c.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9);
     let _ = writeln!(out, "uturn_allocate_latency_seconds_count {count}");
     out
+}
+
+/// Fleet quotas (`fleet-redis` with `user-quota`): Redis commands and failures, Allocates
+/// checked and refused across the fleet, and whether Redis answers.
+fn render_fleet_quota(out: &mut String, q: &crate::fleet::quota::QuotaMetrics) {
+    let n = |v: &AtomicU64| [(String::new(), v.load(Ordering::Relaxed) as f64)];
+    family(out, "fleet_quota_redis_ops_total", "counter", "Redis commands the fleet quota thread sent.", n(&q.redis_ops));
+    family(
+        out,
+        "fleet_quota_redis_errors_total",
+        "counter",
+        "Fleet quota round trips or connection attempts to Redis that failed.",
+        n(&q.redis_errors),
+    );
+    family(out, "fleet_quota_checks_total", "counter", "Allocates checked against the fleet's user-quota.", n(&q.checks));
+    family(out, "fleet_quota_denied_total", "counter", "Allocates refused (486) because the fleet total was at user-quota.", n(&q.denied));
+    family(
+        out,
+        "fleet_quota_redis_up",
+        "gauge",
+        "1 while Redis answers (quotas count across the fleet), 0 while each node counts alone.",
+        [(String::new(), q.up.load(Ordering::Relaxed) as u8 as f64)],
+    );
 }
 
 /// Order within a 5-tuple: datagrams held behind a request at the control plane, what the

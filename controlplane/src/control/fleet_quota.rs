@@ -30,6 +30,7 @@ impl ControlPlane {
     /// `fleet-redis` and `user-quota` are set). Set before a hot upgrade's owners are imported,
     /// so their counts are published.
     pub fn set_fleet_quota(&mut self, quota: FleetQuota) {
+        let _ = self.metrics.fleet_quota.set(quota.metrics());
         self.fleet_quota = Some(quota);
     }
 

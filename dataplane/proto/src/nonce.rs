@@ -326,6 +326,38 @@ mod tests {
     }
 
     #[test]
+    fn nodes_sharing_a_secret_and_an_epoch_take_each_others_nonces() {
+        // Two nodes started 100 s apart: with the same secret but each counting from its own
+        // start, B sees A's nonce issued in its future (invalid); counting UNIX seconds
+        // (with_epoch), it is valid on both.
+        let t0 = Instant::now();
+        let (a_start, b_start) = (t0, t0 + Duration::from_secs(100));
+        let now = t0 + Duration::from_secs(130);
+        let client: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let key = NonceKey::new([9; 32], 600);
+        let mut out = [0u8; 256];
+        let mint = |c: &Challenger, out: &mut [u8]| {
+            let n = c
+                .write(out, Method::ALLOCATE, TransactionId([1; 12]), ErrorCode::Unauthenticated, now, &client)
+                .unwrap();
+            Message::parse(&out[..n]).unwrap().nonce().unwrap().to_vec()
+        };
+        let (a, b) = (Challenger::new("r", key.clone(), a_start), Challenger::new("r", key.clone(), b_start));
+        let nonce = mint(&a, &mut out);
+        assert_eq!(b.check(&nonce, now, &client), NonceCheck::Invalid, "own clocks differ");
+        let unix = 1_765_000_000;
+        let a = a.with_epoch(unix);
+        let b = b.with_epoch(unix + 100);
+        let nonce = mint(&a, &mut out);
+        assert_eq!(b.check(&nonce, now, &client), NonceCheck::Valid);
+        assert_eq!(a.check(&mint(&b, &mut out), now, &client), NonceCheck::Valid);
+        // Another secret never verifies, shared clock or not.
+        let c = Challenger::new("r", NonceKey::new([8; 32], 600), b_start).with_epoch(unix + 100);
+        assert_eq!(c.check(&nonce, now, &client), NonceCheck::Invalid);
+        assert_eq!(b.check(&nonce, now + Duration::from_secs(600), &client), NonceCheck::Stale);
+    }
+
+    #[test]
     fn cookie_and_password_algorithms() {
         let c = Challenger::new("r", NonceKey::new([1; 32], 600), Instant::now())
             .offering(&[PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5]);
