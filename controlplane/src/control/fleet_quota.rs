@@ -98,6 +98,7 @@ impl ControlPlane {
                 continue;
             }
             let user = p.granted.user.clone();
+            let before = self.per_user.get(&user).copied();
             let Ok(msg) = Message::parse(&p.bytes) else { continue };
             let answer = match a.verdict {
                 Verdict::Denied { fleet } => {
@@ -109,9 +110,12 @@ impl ControlPlane {
                     self.allocate(now, p.worker, a.five_tuple, &msg, p.granted, None)
                 }
             };
-            // The count Redis holds for this node becomes the control plane's again (the
-            // check wrote count + 1 whether or not the allocation was then made).
-            self.publish_count(&user);
+            // The count Redis holds for this node becomes the control plane's again: the check
+            // wrote count + 1; a granted allocation published its count already, else it is
+            // written back here.
+            if self.per_user.get(&user).copied() == before {
+                self.publish_count(&user);
+            }
             if let Some(answer) = answer {
                 self.metrics.allocate_latency(Instant::now().saturating_duration_since(p.received));
                 out.push((p.worker, answer));
