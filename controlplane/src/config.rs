@@ -560,9 +560,7 @@ impl Config {
             fleet_redis: cli.fleet_redis.clone().or(f.fleet_redis),
             node_id: cli.node_id.clone().or(f.node_id).unwrap_or_else(host_name),
             nonce_secret_file: cli.nonce_secret_file.clone().or(f.nonce_secret_file),
-            quota_lease: Duration::from_secs(
-                f.quota_lease.unwrap_or(crate::fleet::quota::DEFAULT_LEASE_SECS).max(1),
-            ),
+            quota_lease: Duration::from_secs(f.quota_lease.unwrap_or(crate::fleet::quota::DEFAULT_LEASE_SECS).max(1)),
         };
         c.validate()?;
         Ok(c)

@@ -411,7 +411,9 @@ impl ControlPlane {
         // RFC 8656 §7.2 and §5: after authentication comes the 5-tuple check (437), and only then
         // the request's own attributes, unknown comprehension-required ones (420) first.
         match msg.method() {
-            Method::ALLOCATE => self.allocate(now, worker, ft, &msg, Granted { user, key, cap }, Some((bytes, received))),
+            Method::ALLOCATE => {
+                self.allocate(now, worker, ft, &msg, Granted { user, key, cap }, Some((bytes, received)))
+            }
             // RFC 6062 §5.4: on a new connection, which has no allocation.
             Method::CONNECTION_BIND => self.connection_bind(worker, ft, &msg, user, key),
             m => {

@@ -545,7 +545,13 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
 /// checked and refused across the fleet, and whether Redis answers.
 fn render_fleet_quota(out: &mut String, q: &crate::fleet::quota::QuotaMetrics) {
     let n = |v: &AtomicU64| [(String::new(), v.load(Ordering::Relaxed) as f64)];
-    family(out, "fleet_quota_redis_ops_total", "counter", "Redis commands the fleet quota thread sent.", n(&q.redis_ops));
+    family(
+        out,
+        "fleet_quota_redis_ops_total",
+        "counter",
+        "Redis commands the fleet quota thread sent.",
+        n(&q.redis_ops),
+    );
     family(
         out,
         "fleet_quota_redis_errors_total",
@@ -553,8 +559,20 @@ fn render_fleet_quota(out: &mut String, q: &crate::fleet::quota::QuotaMetrics) {
         "Fleet quota round trips or connection attempts to Redis that failed.",
         n(&q.redis_errors),
     );
-    family(out, "fleet_quota_checks_total", "counter", "Allocates checked against the fleet's user-quota.", n(&q.checks));
-    family(out, "fleet_quota_denied_total", "counter", "Allocates refused (486) because the fleet total was at user-quota.", n(&q.denied));
+    family(
+        out,
+        "fleet_quota_checks_total",
+        "counter",
+        "Allocates checked against the fleet's user-quota.",
+        n(&q.checks),
+    );
+    family(
+        out,
+        "fleet_quota_denied_total",
+        "counter",
+        "Allocates refused (486) because the fleet total was at user-quota.",
+        n(&q.denied),
+    );
     family(
         out,
         "fleet_quota_redis_up",

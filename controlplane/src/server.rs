@@ -227,10 +227,9 @@ impl<'a> Server<'a> {
             config.fleet_redis.as_deref(),
         )?;
         let (nonce_key, origin) = match &inherited {
-            _ if fleet_secret.is_some() => (
-                NonceKey::new(fleet_secret.unwrap_or_default(), config.nonce_lifetime.as_secs().max(1)),
-                now,
-            ),
+            _ if fleet_secret.is_some() => {
+                (NonceKey::new(fleet_secret.unwrap_or_default(), config.nonce_lifetime.as_secs().max(1)), now)
+            }
             Some((h, _)) => (
                 NonceKey::new(h.nonce_secret, h.nonce_lifetime_s),
                 now.checked_sub(Duration::from_millis(h.nonce_origin_age_ms)).unwrap_or(now),

@@ -77,8 +77,7 @@ impl ControlPlane {
         if !q.check(ft, tid, granted.user.clone(), local) {
             return Err(granted);
         }
-        self.quota_parked
-            .insert(ft, QuotaParked { worker, tid, bytes: bytes.into(), granted, since: now, received });
+        self.quota_parked.insert(ft, QuotaParked { worker, tid, bytes: bytes.into(), granted, since: now, received });
         Ok(())
     }
 

@@ -47,8 +47,7 @@ pub enum Source {
 /// or Redis holds something else than 64 hex digits under [`REDIS_KEY`].
 pub fn fleet_secret(file: Option<&Path>, redis: Option<&str>) -> Result<(Option<[u8; 32]>, Source)> {
     if let Some(path) = file {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("nonce-secret-file {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("nonce-secret-file {}", path.display()))?;
         let secret = parse_hex(text.trim())
             .with_context(|| format!("nonce-secret-file {}: expected 64 hex digits", path.display()))?;
         info!(file = %path.display(), "nonce secret from nonce-secret-file: nonces are valid on every node sharing it");
@@ -57,8 +56,8 @@ pub fn fleet_secret(file: Option<&Path>, redis: Option<&str>) -> Result<(Option<
     let Some(url) = redis else { return Ok((None, Source::Local)) };
     match from_redis(url) {
         Ok(text) => {
-            let secret =
-                parse_hex(text.trim()).with_context(|| format!("{REDIS_KEY} in {}: expected 64 hex digits", mask_redis(url)))?;
+            let secret = parse_hex(text.trim())
+                .with_context(|| format!("{REDIS_KEY} in {}: expected 64 hex digits", mask_redis(url)))?;
             info!(key = REDIS_KEY, "nonce secret from fleet-redis: nonces are valid on every node of the fleet");
             Ok((Some(secret), Source::Redis))
         }

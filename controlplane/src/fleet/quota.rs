@@ -392,7 +392,7 @@ impl QuotaThread {
             }
         }
         self.metrics.redis_ops.fetch_add(ops, Ordering::Relaxed);
-        let Some(conn) = self.conn.as_mut() else { return None };
+        let conn = self.conn.as_mut()?;
         match p.query::<Vec<(i64, i64)>>(conn) {
             Ok(results) => Some(
                 results
