@@ -43,20 +43,28 @@ fn refused(relay: &Relay, user: &str) -> String {
     }
 }
 
-/// `redis-cli` against `redis`, its output.
-fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli (Debian package redis-tools)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The sum of the counts of `user` in Redis over every node field (live or not).
+/// The sum of the counts of `user` in Redis over every node field (live or not): `HVALS`,
+/// spoken in RESP on a plain socket.
 fn redis_counts(redis: &RedisServer, user: &str) -> u32 {
-    let out = redis_cli(redis, &["HVALS", &format!("uturn:quota:user:{user}")]);
-    out.lines().filter_map(|l| l.trim().parse::<u32>().ok()).sum()
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let key = format!("uturn:quota:user:{user}");
+    write!(s, "*2\r\n$5\r\nHVALS\r\n${}\r\n{key}\r\n", key.len()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let n: usize = line.trim().strip_prefix('*').and_then(|n| n.parse().ok()).expect("an array");
+    let mut sum = 0;
+    for _ in 0..n {
+        // A bulk string: its length line, then the value.
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        sum += line.trim().parse::<u32>().expect("a count");
+    }
+    sum
 }
 
 fn kill_by_pid(relay: &Relay) {
