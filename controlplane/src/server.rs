@@ -226,9 +226,18 @@ impl<'a> Server<'a> {
             config.nonce_secret_file.as_deref(),
             config.fleet_redis.as_deref(),
         )?;
+        // The instant of the last whole UNIX second and that second: counted from there, nonce
+        // times are the UNIX time in whole seconds, the same on every node.
+        let unix_epoch = {
+            let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            match now.checked_sub(Duration::from_nanos(since.subsec_nanos().into())) {
+                Some(origin) => (origin, since.as_secs()),
+                None => (now, since.as_secs()),
+            }
+        };
         let (nonce_key, origin) = match &inherited {
             _ if fleet_secret.is_some() => {
-                (NonceKey::new(fleet_secret.unwrap_or_default(), config.nonce_lifetime.as_secs().max(1)), now)
+                (NonceKey::new(fleet_secret.unwrap_or_default(), config.nonce_lifetime.as_secs().max(1)), unix_epoch.0)
             }
             Some((h, _)) => (
                 NonceKey::new(h.nonce_secret, h.nonce_lifetime_s),
@@ -238,7 +247,7 @@ impl<'a> Server<'a> {
                 (NonceKey::new(rand::random(), config.nonce_lifetime.as_secs().max(1)), Challenger::origin_for(now))
             }
         };
-        let epoch = if fleet_secret.is_some() { crate::credentials::unix_now() } else { 0 };
+        let epoch = if fleet_secret.is_some() { unix_epoch.1 } else { 0 };
         let challenger = Challenger::new(&config.credentials.realm, nonce_key, origin)
             .with_epoch(epoch)
             .offering(&config.password_algorithms);

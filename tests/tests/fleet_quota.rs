@@ -151,8 +151,11 @@ fn code(m: &Message<'_>) -> Option<u16> {
 #[test]
 fn a_nonce_from_one_node_is_accepted_by_another() {
     let redis = RedisServer::start();
-    let a = node(&redis, "a", "");
-    let b = node(&redis, "b", "");
+    // Nonce windows of 1 s (nonce-lifetime 10), and b started 1.5 s after a: the nodes agree on
+    // nonce times only by counting UNIX seconds, not each from its own start.
+    let a = node(&redis, "a", "nonce-lifetime = 10");
+    std::thread::sleep(Duration::from_millis(1500));
+    let b = node(&redis, "b", "nonce-lifetime = 10");
     let alone = Relay::start(BACKEND, "[users]\nalice = \"pw\"\n", &[]);
     assert!(a.wait_log("nonce secret from fleet-redis", Duration::from_secs(5)), "{}", a.log());
     let mut c = Client::new(a.addr, "alice", "pw", "x");
