@@ -158,6 +158,9 @@ pub struct Cli {
     /// This node's region, published in the fleet registry (`POST /ice-servers` may ask for one).
     #[arg(long)]
     pub region: Option<String>,
+    /// A file holding the nonce secret (64 hex digits) shared by the fleet.
+    #[arg(long)]
+    pub nonce_secret_file: Option<PathBuf>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -237,6 +240,8 @@ pub struct FileConfig {
     region: Option<String>,
     node_max_bandwidth: Option<u64>,
     ice_servers_max_ttl: Option<u64>,
+    nonce_secret_file: Option<PathBuf>,
+    quota_lease: Option<u64>,
 }
 
 /// A key that takes one string or a list of them.
@@ -382,6 +387,13 @@ pub struct Config {
     /// Longest credential lifetime `POST /ice-servers` mints (`ice-servers-max-ttl`, default
     /// 86,400 s).
     pub ice_servers_max_ttl: Duration,
+    /// The nonce secret shared by the fleet: a file of 64 hex digits (`nonce-secret-file`);
+    /// without it, taken from `fleet-redis`, or this node's own (docs/credentials.md).
+    pub nonce_secret_file: Option<PathBuf>,
+    /// How long a node's share of the fleet's user quotas outlives its last lease refresh
+    /// (`quota-lease`, seconds, default 10, at least 1): a crashed node's allocations stop
+    /// counting after it.
+    pub quota_lease: Duration,
 }
 
 /// Where usage records go (docs/operations.md, "Usage records").
@@ -634,6 +646,8 @@ impl Config {
             region: cli.region.clone().or(f.region),
             node_max_bandwidth: f.node_max_bandwidth.unwrap_or(0),
             ice_servers_max_ttl: secs(f.ice_servers_max_ttl, 86_400),
+            nonce_secret_file: cli.nonce_secret_file.clone().or(f.nonce_secret_file),
+            quota_lease: Duration::from_secs(f.quota_lease.unwrap_or(crate::fleet::quota::DEFAULT_LEASE_SECS).max(1)),
         };
         c.validate()?;
         Ok(c)
@@ -780,6 +794,13 @@ impl Config {
             ("user-store", self.credentials.store != new.credentials.store),
             ("password-algorithms", self.password_algorithms != new.password_algorithms),
             ("nonce-lifetime", self.nonce_lifetime != new.nonce_lifetime),
+            (
+                "fleet-redis, node-id, nonce-secret-file, quota-lease",
+                self.fleet_redis != new.fleet_redis
+                    || self.node_id != new.node_id
+                    || self.nonce_secret_file != new.nonce_secret_file
+                    || self.quota_lease != new.quota_lease,
+            ),
             ("unauth-rate", self.unauth_rate != new.unauth_rate),
             ("max-peer-connections-per-user", self.max_peer_connections_per_user != new.max_peer_connections_per_user),
             (

@@ -188,6 +188,10 @@ pub struct ControlPlane {
     pub metrics: Arc<ControlMetrics>,
     /// Where an Allocate goes while this node is over budget (crate::fleet::redirect).
     pub redirect: crate::fleet::redirect::Redirector,
+    /// Fleet quotas (`fleet-redis` with `user-quota`): the quota thread, and the Allocates
+    /// waiting for its verdict.
+    fleet_quota: Option<crate::fleet::quota::FleetQuota>,
+    quota_parked: HashMap<FiveTuple, fleet_quota::QuotaParked>,
 }
 
 impl ControlPlane {
@@ -223,6 +227,8 @@ impl ControlPlane {
             stats: ControlStats::default(),
             metrics: Arc::new(ControlMetrics::default()),
             redirect: Default::default(),
+            fleet_quota: None,
+            quota_parked: HashMap::new(),
         }
     }
 
@@ -294,6 +300,9 @@ impl ControlPlane {
                 }
             }
         }
+        for user in self.per_user.keys() {
+            self.publish_count(user);
+        }
     }
 
     /// Ends the allocation with session id `session`; returns the command for its worker.
@@ -333,6 +342,7 @@ impl ControlPlane {
                     self.per_user.remove(&o.user);
                 }
             }
+            self.publish_count(&o.user);
             if let Some(relayed) = o.tcp.as_deref().copied() {
                 self.tcp_released(*ft, relayed);
             }
@@ -420,7 +430,9 @@ impl ControlPlane {
         // RFC 8656 §7.2 and §5: after authentication comes the 5-tuple check (437), and only then
         // the request's own attributes, unknown comprehension-required ones (420) first.
         match msg.method() {
-            Method::ALLOCATE => self.allocate(now, worker, ft, &msg, Granted { user, key, cap }),
+            Method::ALLOCATE => {
+                self.allocate(now, worker, ft, &msg, Granted { user, key, cap }, Some((bytes, received)))
+            }
             // RFC 6062 §5.4: on a new connection, which has no allocation.
             Method::CONNECTION_BIND => self.connection_bind(worker, ft, &msg, user, key),
             m => {
@@ -503,7 +515,9 @@ impl ControlPlane {
         self.buf[..n].to_vec()
     }
 
-    /// Allocate after authentication (RFC 8656 §7.2 steps 2-8).
+    /// Allocate after authentication (RFC 8656 §7.2 steps 2-8). With `request` (its bytes and
+    /// when the worker received it), an Allocate that passes the local checks is parked for the
+    /// fleet quota when one counts; without, the fleet has answered already.
     fn allocate(
         &mut self,
         now: Instant,
@@ -511,6 +525,7 @@ impl ControlPlane {
         ft: FiveTuple,
         msg: &Message<'_>,
         granted: Granted,
+        request: Option<(&[u8], Instant)>,
     ) -> Option<ToWorker> {
         let Granted { user, key, cap } = granted;
         let tid = msg.transaction_id();
@@ -552,6 +567,15 @@ impl ControlPlane {
             Err(ErrorCode::UnknownAttribute)
         } else {
             self.check_allocate(&ft, msg, &user)
+        };
+        let (user, key) = match (&checked, request) {
+            (Ok(_), Some((bytes, received))) if self.fleet_quota.is_some() => {
+                match self.park_for_quota(now, worker, ft, tid, bytes, received, Granted { user, key, cap }) {
+                    Ok(()) => return None,
+                    Err(g) => (g.user, g.key),
+                }
+            }
+            _ => (user, key),
         };
         match checked {
             Err(code) => {
@@ -644,6 +668,7 @@ impl ControlPlane {
     /// Records a granted allocation's owner and counts it (quota, counters, metrics).
     fn record_grant(&mut self, ft: FiveTuple, owner: Owner) {
         *self.per_user.entry(owner.user.clone()).or_default() += 1;
+        self.publish_count(&owner.user);
         self.owners.insert(ft, owner);
         self.stats.allocations += 1;
         self.metrics.granted();
@@ -902,6 +927,7 @@ fn reply(five_tuple: FiveTuple, bytes: Vec<u8>) -> ToWorker {
 }
 
 mod auth;
+mod fleet_quota;
 mod refusals;
 mod relay_ports;
 mod tcp;

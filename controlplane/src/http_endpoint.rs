@@ -66,8 +66,6 @@ pub struct Request {
     pub headers: HeaderMap,
     /// The body (at most [`MAX_BODY_BYTES`]).
     pub body: Bytes,
-    /// The query of the request target (after `?`), still percent-encoded.
-    pub query: Option<String>,
 }
 
 /// A handler's answer.

@@ -75,6 +75,8 @@ pub struct ControlMetrics {
     pub draining: AtomicBool,
     /// Usage records written, dropped and pending (written by the usage writer).
     pub usage: Arc<crate::usage::UsageCounters>,
+    /// The fleet quota thread's counters, once it runs (`fleet-redis` with `user-quota`).
+    pub fleet_quota: std::sync::OnceLock<Arc<crate::fleet::quota::QuotaMetrics>>,
 }
 
 impl Default for ControlMetrics {
@@ -91,6 +93,7 @@ impl Default for ControlMetrics {
             peer_refusals: Arc::default(),
             draining: AtomicBool::new(false),
             usage: Arc::default(),
+            fleet_quota: std::sync::OnceLock::new(),
         }
     }
 }
@@ -534,6 +537,9 @@ fn render_samples(src: &Sources, samples: &[WorkerSample], rxq: Option<(u64, u64
         [(String::new(), c.draining.load(Ordering::Relaxed) as u8 as f64)],
     );
     render_usage(&mut out, &c.usage);
+    if let Some(q) = c.fleet_quota.get() {
+        render_fleet_quota(&mut out, q);
+    }
     if let Some((listener, relay)) = rxq {
         family(
             &mut out,
@@ -581,6 +587,47 @@ fn render_usage(out: &mut String, u: &crate::usage::UsageCounters) {
         "gauge",
         "Usage records queued or waiting for Redis.",
         [(String::new(), n(&u.pending))],
+    );
+}
+
+/// Fleet quotas (`fleet-redis` with `user-quota`): Redis commands and failures, Allocates
+/// checked and refused across the fleet, and whether Redis answers.
+fn render_fleet_quota(out: &mut String, q: &crate::fleet::quota::QuotaMetrics) {
+    let n = |v: &AtomicU64| [(String::new(), v.load(Ordering::Relaxed) as f64)];
+    family(
+        out,
+        "fleet_quota_redis_ops_total",
+        "counter",
+        "Redis commands the fleet quota thread sent.",
+        n(&q.redis_ops),
+    );
+    family(
+        out,
+        "fleet_quota_redis_errors_total",
+        "counter",
+        "Fleet quota round trips or connection attempts to Redis that failed.",
+        n(&q.redis_errors),
+    );
+    family(
+        out,
+        "fleet_quota_checks_total",
+        "counter",
+        "Allocates checked against the fleet's user-quota.",
+        n(&q.checks),
+    );
+    family(
+        out,
+        "fleet_quota_denied_total",
+        "counter",
+        "Allocates refused (486) because the fleet total was at user-quota.",
+        n(&q.denied),
+    );
+    family(
+        out,
+        "fleet_quota_redis_up",
+        "gauge",
+        "1 while Redis answers (quotas count across the fleet), 0 while each node counts alone.",
+        [(String::new(), q.up.load(Ordering::Relaxed) as u8 as f64)],
     );
 }
 

@@ -232,7 +232,25 @@ impl<'a> Server<'a> {
         // One nonce key (secret from the OS CSPRNG, or the old process's) for the control plane
         // and every worker: workers answer the first, unauthenticated request of an Allocate
         // with 401 themselves.
+        // A fleet secret (nonce-secret-file, or fleet-redis) wins over both, and nonce times
+        // then count UNIX seconds, so every node of the fleet accepts every node's nonces.
+        let (fleet_secret, _) = crate::fleet::nonce_secret::fleet_secret(
+            config.nonce_secret_file.as_deref(),
+            config.fleet_redis.as_deref(),
+        )?;
+        // The instant of the last whole UNIX second and that second: counted from there, nonce
+        // times are the UNIX time in whole seconds, the same on every node.
+        let unix_epoch = {
+            let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            match now.checked_sub(Duration::from_nanos(since.subsec_nanos().into())) {
+                Some(origin) => (origin, since.as_secs()),
+                None => (now, since.as_secs()),
+            }
+        };
         let (nonce_key, origin) = match &inherited {
+            _ if fleet_secret.is_some() => {
+                (NonceKey::new(fleet_secret.unwrap_or_default(), config.nonce_lifetime.as_secs().max(1)), unix_epoch.0)
+            }
             Some((h, _)) => (
                 NonceKey::new(h.nonce_secret, h.nonce_lifetime_s),
                 now.checked_sub(Duration::from_millis(h.nonce_origin_age_ms)).unwrap_or(now),
@@ -241,8 +259,10 @@ impl<'a> Server<'a> {
                 (NonceKey::new(rand::random(), config.nonce_lifetime.as_secs().max(1)), Challenger::origin_for(now))
             }
         };
-        let challenger =
-            Challenger::new(&config.credentials.realm, nonce_key, origin).offering(&config.password_algorithms);
+        let epoch = if fleet_secret.is_some() { unix_epoch.1 } else { 0 };
+        let challenger = Challenger::new(&config.credentials.realm, nonce_key, origin)
+            .with_epoch(epoch)
+            .offering(&config.password_algorithms);
         // Each worker's share of a source's budget: a source's 5-tuples spread over the workers
         // (SO_REUSEPORT hashing), so the relay as a whole answers a source about `unauth-rate`
         // unverified requests per second (docs/security.md).
@@ -379,6 +399,17 @@ impl<'a> Server<'a> {
             load: Default::default(),
             load_sampled: now,
         };
+        if let (Some(url), true) = (&config.fleet_redis, config.user_quota > 0) {
+            let quota = crate::fleet::quota::FleetQuota::start(
+                url,
+                &config.node_id,
+                config.user_quota,
+                config.quota_lease,
+                std::thread::current(),
+            )
+            .context("fleet quota")?;
+            server.control.set_fleet_quota(quota);
+        }
         if !config.stream_listen().is_empty() {
             let (tx, rx) = crossbeam_channel::unbounded();
             let limits = crate::tcp_relay::PeerLimits {

@@ -249,6 +249,7 @@ impl ControlPlane {
                 }
             }
         }
+        out.extend(self.poll_fleet_quota(now));
         self.ports_exhausted.flush(now);
         self.bind_refusals.flush(now);
         self.metrics.set_parked(self.parked_count);

@@ -6,6 +6,9 @@
 //! only reads [`FleetShared`]'s registry view (a mutex held for a copy) when an Allocate is
 //! redirected, and writes this node's load into it once a second.
 //!
+//! Also here: the fleet's nonce secret ([`nonce_secret`]: `nonce-secret-file`, or shared through
+//! Redis) and per-user quotas across nodes ([`quota`]: its own thread, one Lua check per Allocate).
+//!
 //! Without `fleet-redis`, no thread starts and no connection is made: `GET /fleet` lists this
 //! node alone, `POST /ice-servers` names this node's URLs, redirects use the static
 //! `alternate-server` list, and revoke reaches this node only, exactly as a single node.
@@ -30,6 +33,8 @@ use uturn_proto::Transport;
 pub mod admin;
 pub mod broadcast;
 pub mod ice;
+pub mod nonce_secret;
+pub mod quota;
 pub mod redirect;
 pub mod registry;
 

@@ -140,6 +140,9 @@ pub struct Challenger {
     realm: Arc<str>,
     key: NonceKey,
     origin: Instant,
+    /// Seconds added to the time since `origin`: 0 for a node alone; in a fleet the UNIX time
+    /// at `origin`, so every node counts the same seconds (see [`Challenger::with_epoch`]).
+    epoch: u64,
     /// PASSWORD-ALGORITHMS' value as sent, in order of preference; empty when only MD5 is
     /// offered (an RFC 5389 challenge: no cookie, no PASSWORD-ALGORITHMS, no USERHASH).
     algorithms: Arc<[u8]>,
@@ -149,7 +152,16 @@ impl Challenger {
     /// A challenger for `realm` offering only MD5, as RFC 5389 servers do; nonce times count
     /// seconds from `origin`.
     pub fn new(realm: &str, key: NonceKey, origin: Instant) -> Self {
-        Challenger { realm: realm.into(), key, origin, algorithms: Arc::from(&[][..]) }
+        Challenger { realm: realm.into(), key, origin, epoch: 0, algorithms: Arc::from(&[][..]) }
+    }
+
+    /// The same challenger counting nonce times as `epoch_secs` plus the seconds since its
+    /// origin. A fleet whose nodes share the nonce secret sets the origin to now and
+    /// `epoch_secs` to the UNIX time now (seconds), so a nonce minted by one node is checked on
+    /// the same clock by every other (their wall clocks agreeing to within a nonce window).
+    pub fn with_epoch(mut self, epoch_secs: u64) -> Self {
+        self.epoch = epoch_secs;
+        self
     }
 
     /// The same challenger offering `algorithms` in order of preference (RFC 8489 §9.2.4): with
@@ -194,7 +206,12 @@ impl Challenger {
     }
 
     fn secs(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.origin).as_secs()
+        now.saturating_duration_since(self.origin).as_secs() + self.epoch
+    }
+
+    /// Seconds added to the time since the origin (0 unless set by [`with_epoch`](Self::with_epoch)).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     fn prefix(&self) -> &'static str {
@@ -306,6 +323,38 @@ mod tests {
                 assert_eq!(k.check(&m, 1000, &c), NonceCheck::Invalid, "at {i}");
             }
         }
+    }
+
+    #[test]
+    fn nodes_sharing_a_secret_and_an_epoch_take_each_others_nonces() {
+        // Two nodes started 100 s apart: with the same secret but each counting from its own
+        // start, B sees A's nonce issued in its future (invalid); counting UNIX seconds
+        // (with_epoch), it is valid on both.
+        let t0 = Instant::now();
+        let (a_start, b_start) = (t0, t0 + Duration::from_secs(100));
+        let now = t0 + Duration::from_secs(130);
+        let client: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let key = NonceKey::new([9; 32], 600);
+        let mut out = [0u8; 256];
+        let mint = |c: &Challenger, out: &mut [u8]| {
+            let n = c
+                .write(out, Method::ALLOCATE, TransactionId([1; 12]), ErrorCode::Unauthenticated, now, &client)
+                .unwrap();
+            Message::parse(&out[..n]).unwrap().nonce().unwrap().to_vec()
+        };
+        let (a, b) = (Challenger::new("r", key.clone(), a_start), Challenger::new("r", key.clone(), b_start));
+        let nonce = mint(&a, &mut out);
+        assert_eq!(b.check(&nonce, now, &client), NonceCheck::Invalid, "own clocks differ");
+        let unix = 1_765_000_000;
+        let a = a.with_epoch(unix);
+        let b = b.with_epoch(unix + 100);
+        let nonce = mint(&a, &mut out);
+        assert_eq!(b.check(&nonce, now, &client), NonceCheck::Valid);
+        assert_eq!(a.check(&mint(&b, &mut out), now, &client), NonceCheck::Valid);
+        // Another secret never verifies, shared clock or not.
+        let c = Challenger::new("r", NonceKey::new([8; 32], 600), b_start).with_epoch(unix + 100);
+        assert_eq!(c.check(&nonce, now, &client), NonceCheck::Invalid);
+        assert_eq!(b.check(&nonce, now + Duration::from_secs(600), &client), NonceCheck::Stale);
     }
 
     #[test]
