@@ -22,6 +22,9 @@ pub enum Command {
     Credential(CredentialArgs),
     /// Manage users in a store, print keys, revoke a user's allocations.
     Admin(AdminArgs),
+    /// Check the configuration the relay would load (the same flags before the subcommand, and
+    /// --config) and exit: 0 with a summary, 1 with the reason (like `nginx -t`).
+    CheckConfig(crate::check_config::CheckConfigArgs),
 }
 
 /// `uturn credential`.
@@ -189,6 +192,8 @@ pub fn run(cmd: Command) -> ExitCode {
     let result = match cmd {
         Command::Credential(a) => credential(&a),
         Command::Admin(a) => admin(a),
+        // main runs it with the relay's flags (crate::check_config::run).
+        Command::CheckConfig(_) => Err(usage("check-config needs the relay's flags: run `uturn [FLAGS] check-config`")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,9 +4,11 @@
 
 pub mod admin;
 pub mod admin_api;
+pub mod check_config;
 pub mod config;
 pub mod control;
 pub mod credentials;
+pub mod discovery;
 pub mod http_endpoint;
 pub mod metrics;
 pub mod notify;

@@ -749,6 +749,9 @@ fn reload(control: &mut ControlPlane, running: &Config, reloader: Option<&Reload
                 }
             }
             control.credentials_mut().reload(new.credentials.clone());
+            if new.external_ip_auto {
+                control.set_external_ips(new.external_ips.clone());
+            }
         }
         Err(e) => warn!("SIGHUP: configuration not reloaded, the running one stays: {e:#}"),
     }
