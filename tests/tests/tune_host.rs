@@ -117,7 +117,8 @@ fn real_run_in_a_network_namespace_and_revert() {
 #[test]
 fn notrack_dry_run_prints_the_ruleset_for_the_configured_ports() {
     let cfg = std::env::temp_dir().join(format!("uturn-tune-nt-{}.toml", rand::random::<u32>()));
-    std::fs::write(&cfg, "listen = [\"0.0.0.0:3478\", \"tls://0.0.0.0:5349\"]\nport-range = \"50000-50100\"\n").unwrap();
+    std::fs::write(&cfg, "listen = [\"0.0.0.0:3478\", \"tls://0.0.0.0:5349\"]\nport-range = \"50000-50100\"\n")
+        .unwrap();
     let state = std::env::temp_dir().join(format!("uturn-tune-state-{}", rand::random::<u32>()));
     let out = Command::new("bash")
         .arg(script())
