@@ -6,9 +6,9 @@
 #  2. The base: no registry can be reached, so debian:bookworm-slim is made from Debian's
 #     packages (`debootstrap --variant=minbase bookworm`, then `docker import`), its tarball
 #     cached under target/docker/ for reruns.
-#  3. Builds the Dockerfile at the repository root with a stripped copy of
-#     target/release/uturn (--build-arg UTURN_BINARY; `docker build .` alone takes
-#     target/release/uturn as it is), `--network host` so its apt-get reaches Debian.
+#  3. Builds the Dockerfile at the repository root as it stands (`docker build .`, which takes
+#     target/release/uturn), with `--network host` so its apt-get reaches Debian (this daemon
+#     has no bridge network).
 #  4. Runs it with --network host, configured by UTURN_* variables, listening on a port below
 #     1024 as the non-root user (CAP_NET_BIND_SERVICE), waits for the HEALTHCHECK to say
 #     healthy, relays a turnutils_uclient session through it, and stops it with SIGTERM.
@@ -65,8 +65,7 @@ fi
 echo "    $(docker image inspect -f '{{.Size}}' debian:bookworm-slim | awk '{printf "%.1f MB", $1/1e6}')"
 
 echo "==> docker build"
-strip -o "$work/uturn" target/release/uturn
-docker build --network host --build-arg UTURN_BINARY=target/docker/uturn -t uturn:test . >"$work/build.log" 2>&1 \
+docker build --network host -t uturn:test . >"$work/build.log" 2>&1 \
   || { tail -30 "$work/build.log" >&2; fail "docker build"; }
 size=$(docker image inspect -f '{{.Size}}' uturn:test)
 echo "    image uturn:test: $(awk -v s="$size" 'BEGIN{printf "%.1f MB", s/1e6}') ($size bytes)"
