@@ -94,14 +94,32 @@ pub fn binding(relay_ip: IpAddr, server: &str) -> Result<Mapping> {
 /// for any other configuration.
 ///
 /// Errors: as [`binding`], for any relay IP (the relay then does not start, or SIGHUP keeps
-/// the running configuration).
+/// the running configuration). On SIGHUP it runs in the control loop, so new Allocates wait for
+/// the answer: one round trip to the server, 3.5 s when it does not answer.
 pub fn resolve(config: &mut Config) -> Result<()> {
     let Some(server) = config.external_ip_stun.clone().filter(|_| config.external_ip_auto) else {
         return Ok(());
     };
+    // One request per relay IP, all at once: the wait is one round trip (3.5 s at worst, when
+    // the server does not answer), whatever the number of relay IPs.
+    let answers: Vec<Result<Mapping>> = std::thread::scope(|scope| {
+        let asks: Vec<_> = config
+            .relay_ips
+            .iter()
+            .map(|&ip| {
+                scope.spawn({
+                    let server = &server;
+                    move || binding(ip, server)
+                })
+            })
+            .collect();
+        asks.into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("discovery thread panicked"))))
+            .collect()
+    });
     let mut pairs = Vec::with_capacity(config.relay_ips.len());
-    for &ip in &config.relay_ips {
-        let m = binding(ip, &server).with_context(|| format!("public address discovery for relay-ip {ip}"))?;
+    for (&ip, answer) in config.relay_ips.iter().zip(answers) {
+        let m = answer.with_context(|| format!("public address discovery for relay-ip {ip}"))?;
         info!(
             relay_ip = %ip, local = %m.local, mapped = %m.mapped, stun = %server,
             "public address discovery: relayed transport addresses on {ip} are advertised as {}", m.mapped.ip()
