@@ -18,9 +18,8 @@ fn the_relay_advertises_what_the_stun_server_saw() {
         let config =
             format!("relay-ip = \"127.0.0.2\"\nexternal-ip = \"auto\"\nexternal-ip-stun = \"{}\"\n", stun.addr);
         let relay = Relay::start(backend, &config, &[]);
-        let line =
-            format!("public address discovery: relayed transport addresses on 127.0.0.2 are advertised as 127.0.0.2");
-        assert!(relay.wait_log(&line, Duration::from_secs(5)), "{}", relay.log());
+        let line = "public address discovery: relayed transport addresses on 127.0.0.2 are advertised as 127.0.0.2";
+        assert!(relay.wait_log(line, Duration::from_secs(5)), "{}", relay.log());
         assert!(relay.log().contains(&format!("stun={}", stun.addr)), "{}", relay.log());
         let mut client = Client::new(relay.addr, "demo", "demo", "uturn.local");
         let relayed = client.allocate();
@@ -28,7 +27,7 @@ fn the_relay_advertises_what_the_stun_server_saw() {
 
         // SIGHUP asks again; with the STUN server gone the running configuration stays.
         relay.signal("HUP");
-        let again = |log: &str| log.matches(&line).count();
+        let again = |log: &str| log.matches(line).count();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while again(&relay.log()) < 2 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
