@@ -107,4 +107,7 @@ code=$(docker inspect -f '{{.State.ExitCode}}' "$container")
 [ "$code" = 0 ] || { docker logs "$container" >&2; fail "the relay exited $code on SIGTERM"; }
 docker rm "$container" >/dev/null
 container=""
+# vfs copies every layer whole: keep only the base image (and its cached tarball) for the next run.
+docker rmi uturn:test >/dev/null
+docker image prune -f >/dev/null
 echo "image: 1 passed"
