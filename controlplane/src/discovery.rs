@@ -94,8 +94,8 @@ pub fn binding(relay_ip: IpAddr, server: &str) -> Result<Mapping> {
 /// for any other configuration.
 ///
 /// Errors: as [`binding`], for any relay IP (the relay then does not start, or SIGHUP keeps
-/// the running configuration). On SIGHUP it runs in the control loop, so new Allocates wait for
-/// the answer: one round trip to the server, 3.5 s when it does not answer.
+/// the running configuration). On SIGHUP it runs on the reload thread (crate::server), not in
+/// the control loop.
 pub fn resolve(config: &mut Config) -> Result<()> {
     let Some(server) = config.external_ip_stun.clone().filter(|_| config.external_ip_auto) else {
         return Ok(());

@@ -1,6 +1,7 @@
 //! Public address discovery (`external-ip = "auto"` with `external-ip-stun`): the relay asks a
 //! STUN server, here a second uturn on loopback, for each relay address's mapping at start and
-//! on SIGHUP, and advertises the mapped address in XOR-RELAYED-ADDRESS.
+//! on SIGHUP (on a thread of its own: Allocates are answered meanwhile), and advertises the
+//! mapped address in XOR-RELAYED-ADDRESS.
 //!
 //! On loopback there is no NAT, so the mapped address is the relay address the Binding request
 //! left from (127.0.0.2 here, not the listen address): the test checks that the relay reports
@@ -35,6 +36,15 @@ fn the_relay_advertises_what_the_stun_server_saw() {
         assert_eq!(again(&relay.log()), 2, "{}", relay.log());
         drop(stun);
         relay.signal("HUP");
+        // The reload waits on the silent server for 3.5 s on a thread of its own: the control
+        // loop answers an Allocate meanwhile, before the reload gives up.
+        let mut client = Client::new(relay.addr, "demo", "demo", "uturn.local");
+        assert_eq!(client.allocate().ip().to_string(), "127.0.0.2");
+        assert!(
+            !relay.log().contains("configuration not reloaded"),
+            "Allocate waited for the reload:\n{}",
+            relay.log()
+        );
         assert!(
             relay.wait_log("configuration not reloaded, the running one stays", Duration::from_secs(8)),
             "{}",
