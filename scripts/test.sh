@@ -25,6 +25,12 @@ command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v tshark >/dev/null 2>&1 || missing+=(tshark)
+# Packaging (docs/operations.md): the image test's Docker engine and base image, the notrack
+# option of tune-host.sh, the manifests' validator (node, npm).
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> apt-get install ${missing[*]}"
   $SUDO apt-get update -qq
@@ -40,6 +46,10 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> cargo install cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "==> cargo install cargo-deb"
+  cargo install --locked cargo-deb
 fi
 
 echo "==> build"
@@ -60,6 +70,17 @@ if grep -q -a -e UTURN_FAULT_INJECTION -e register-files-fail target/release/utu
   echo "target/release/uturn contains the fault-injection hook" >&2
   exit 1
 fi
+
+# Installing uturn as operators do, each step for real (docs/operations.md): the Debian package
+# (dpkg -i / -r: needs root, as CI runs), the Kubernetes manifests (offline schema validation and
+# their contract with the binary), the container image (starts dockerd itself when none runs;
+# fails when Docker cannot start).
+echo "==> Debian package"
+./scripts/test-package.sh
+echo "==> Kubernetes manifests"
+./scripts/test-kubernetes.sh
+echo "==> container image"
+./scripts/test-image.sh
 
 # A short soak (debug binaries, so a modest rate) and a fuzz smoke run; the long versions are
 # `./scripts/soak.sh` (10 minutes) and `FUZZ_SECONDS=3600 ./scripts/fuzz.sh`.

@@ -3,7 +3,7 @@
 # makes none; the values replaced are saved so that --revert restores them.
 #
 #   scripts/tune-host.sh [--config uturn.toml] [--iface IF]... [--busy-poll USEC] [--persist]
-#                        [--dry-run] [--revert]
+#                        [--notrack] [--dry-run] [--revert]
 #
 # - socket buffer limits and backlogs: net.core.rmem_max / wmem_max / rmem_default,
 #   netdev_max_backlog, somaxconn, and net.ipv4.udp_mem scaled to the host's memory;
@@ -15,21 +15,28 @@
 #   turn, with irqbalance told to keep off (IRQBALANCE_BANNED_CPUS is printed; the service is
 #   stopped unless --dry-run); prints the matching `--workers N`;
 # - with --busy-poll USEC, net.core.busy_poll and busy_read;
-# - with --persist, the sysctls also go to /etc/sysctl.d/90-uturn.conf.
+# - with --persist, the sysctls also go to /etc/sysctl.d/90-uturn.conf;
+# - with --notrack, an nftables table `inet uturn_notrack` exempts the listen ports (listen in
+#   --config, default 3478) and the relay port range from connection tracking in both
+#   directions (raw-priority prerouting and output chains, `notrack`), so conntrack's table
+#   (nf_conntrack_max) no longer caps allocations (docs/scaling.md). A stateful firewall must
+#   then accept `ct state untracked` for these ports; NAT cannot apply to them. --revert deletes
+#   the table.
 # State: $UTURN_TUNE_STATE (default /var/lib/uturn/tune-host.saved), one "path<TAB>old value" line
 # per change.
 set -euo pipefail
 
-CONFIG="" DRY=0 REVERT=0 PERSIST=0 BUSY="" IFACES=()
+CONFIG="" DRY=0 REVERT=0 PERSIST=0 BUSY="" NOTRACK=0 IFACES=()
 while [ $# -gt 0 ]; do
   case $1 in
     --config) CONFIG=$2; shift 2 ;;
     --iface) IFACES+=("$2"); shift 2 ;;
     --busy-poll) BUSY=$2; shift 2 ;;
     --persist) PERSIST=1; shift ;;
+    --notrack) NOTRACK=1; shift ;;
     --dry-run) DRY=1; shift ;;
     --revert) REVERT=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "tune-host.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -58,6 +65,11 @@ sysctl_path() { echo "/proc/sys/$(echo "$1" | tr . /)"; }
 if [ "$REVERT" = 1 ]; then
   [ -f "$STATE" ] || { echo "nothing to revert ($STATE absent)"; exit 0; }
   while IFS=$'\t' read -r file old; do
+    if [ "$file" = nftables ]; then
+      echo "revert nft delete table $old"
+      [ "$DRY" = 1 ] || nft delete table $old 2>/dev/null || echo "  table $old already gone"
+      continue
+    fi
     echo "revert $file = $old"
     [ "$DRY" = 1 ] || printf '%s\n' "$old" > "$file" || echo "  could not write $file" >&2
   done < "$STATE"
@@ -101,6 +113,44 @@ if [ "$PERSIST" = 1 ]; then
     mkdir -p "$SYSCTL_D"
     printf '# Written by uturn scripts/tune-host.sh\n' > "$SYSCTL_D/90-uturn.conf"
     for kv in "${SYSCTLS[@]}"; do printf '%s = %s\n' "${kv%%=*}" "${kv#*=}" >> "$SYSCTL_D/90-uturn.conf"; done
+  fi
+fi
+
+if [ "$NOTRACK" = 1 ]; then
+  # Listen ports from `listen = [...]` in --config (any transport), else uturn's default.
+  ports=""
+  if [ -n "$CONFIG" ]; then
+    ports=$(sed -n 's/^[[:space:]]*listen[[:space:]]*=[[:space:]]*\[\(.*\)\].*/\1/p' "$CONFIG" | head -1 \
+      | { grep -oE ':[0-9]+"' || true; } | tr -d ':"' | sort -un | paste -sd, -)
+  fi
+  ports=${ports:-3478}
+  lo=${range%-*} hi=${range#*-}
+  ruleset="table inet uturn_notrack {
+  chain prerouting {
+    type filter hook prerouting priority raw; policy accept;
+    udp dport { $ports } counter notrack comment \"client to listen\"
+    tcp dport { $ports } counter notrack comment \"client to listen\"
+    udp dport $lo-$hi counter notrack comment \"peer to relayed address\"
+    tcp dport $lo-$hi counter notrack comment \"peer to relayed address (RFC 6062)\"
+  }
+  chain output {
+    type filter hook output priority raw; policy accept;
+    udp sport { $ports } counter notrack comment \"listen to client\"
+    tcp sport { $ports } counter notrack comment \"listen to client\"
+    udp sport $lo-$hi counter notrack comment \"relayed address to peer\"
+    tcp sport $lo-$hi counter notrack comment \"relayed address to peer (RFC 6062)\"
+    udp dport { $ports } counter notrack comment \"local client to listen\"
+  }
+}"
+  echo "== conntrack exemption (nftables notrack): listen ports $ports, relay ports $range"
+  echo "$ruleset"
+  if [ "$DRY" = 0 ]; then
+    command -v nft >/dev/null || { echo "tune-host.sh: --notrack needs nft (apt-get install nftables)" >&2; exit 1; }
+    # Replace a table left by an earlier run in one transaction.
+    printf 'table inet uturn_notrack\ndelete table inet uturn_notrack\n%s\n' "$ruleset" | nft -f -
+    echo "set    nftables table inet uturn_notrack"
+    mkdir -p "$(dirname "$STATE")"
+    grep -q -F "nftables	" "$STATE" 2>/dev/null || printf 'nftables\tinet uturn_notrack\n' >> "$STATE"
   fi
 fi
 

@@ -27,6 +27,9 @@ pub enum Command {
     /// Follow a user's, a session's or a client's TURN exchanges on a running relay (its admin
     /// endpoint), with flags and an optional pcapng for Wireshark.
     Trace(crate::trace_cli::TraceArgs),
+    /// Check the configuration the relay would load (the same flags before the subcommand, and
+    /// --config) and exit: 0 with a summary, 1 with the reason (like `nginx -t`).
+    CheckConfig(crate::check_config::CheckConfigArgs),
 }
 
 /// `uturn credential`.
@@ -196,6 +199,8 @@ pub fn run(cmd: Command) -> ExitCode {
         Command::Admin(a) => admin(a),
         Command::Check(a) => return crate::check::run(a),
         Command::Trace(a) => return crate::trace_cli::run(a),
+        // main runs it with the relay's flags (crate::check_config::run).
+        Command::CheckConfig(_) => Err(usage("check-config needs the relay's flags: run `uturn [FLAGS] check-config`")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,11 +25,11 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<crate::admin::Command>,
     /// TOML configuration file (see docs/uturn.example.toml).
-    #[arg(long)]
+    #[arg(long, env = "UTURN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Listen address: udp://IP:PORT, tcp://IP:PORT, tls://IP:PORT or a bare IP:PORT (UDP);
-    /// repeatable.
-    #[arg(long)]
+    /// repeatable (UTURN_LISTEN: comma-separated).
+    #[arg(long, env = "UTURN_LISTEN", value_delimiter = ',')]
     pub listen: Vec<ListenAddr>,
     /// PEM certificate chain for tls:// listen addresses (re-read on SIGHUP).
     #[arg(long)]
@@ -38,16 +38,16 @@ pub struct Cli {
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
     /// IP address relayed transport addresses are bound to (repeatable: one or more per family;
-    /// allocations spread over those of their family).
-    #[arg(long)]
+    /// allocations spread over those of their family; UTURN_RELAY_IP: comma-separated).
+    #[arg(long, env = "UTURN_RELAY_IP", value_delimiter = ',')]
     pub relay_ip: Vec<IpAddr>,
     /// PUBLIC/PRIVATE (or PUBLIC alone, for the only relay address of its family): advertise
     /// PUBLIC in XOR-RELAYED-ADDRESS for relay sockets bound to PRIVATE, behind a 1:1 NAT
-    /// (repeatable).
-    #[arg(long)]
+    /// (repeatable; UTURN_EXTERNAL_IP: comma-separated). `auto`: ask --external-ip-stun.
+    #[arg(long, env = "UTURN_EXTERNAL_IP", value_delimiter = ',')]
     pub external_ip: Vec<String>,
     /// Realm for long-term credentials.
-    #[arg(long)]
+    #[arg(long, env = "UTURN_REALM")]
     pub realm: Option<String>,
     /// A user as NAME:PASSWORD (repeatable; replaces the file's users). Prefer --users-file or
     /// UTURN_USER: a flag shows in /proc/PID/cmdline.
@@ -60,7 +60,7 @@ pub struct Cli {
     #[arg(long)]
     pub workers: Option<usize>,
     /// Relay port range LO-HI.
-    #[arg(long)]
+    #[arg(long, env = "UTURN_PORT_RANGE")]
     pub port_range: Option<String>,
     /// I/O backend: auto, uring or epoll.
     #[arg(long)]
@@ -94,7 +94,7 @@ pub struct Cli {
     #[arg(long)]
     pub user_store: Option<String>,
     /// Admin endpoint IP:PORT (HTTP; loopback only unless --admin-token is set).
-    #[arg(long)]
+    #[arg(long, env = "UTURN_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token the admin endpoint requires. Prefer --admin-token-file or
     /// UTURN_ADMIN_TOKEN: a flag shows in /proc/PID/cmdline.
@@ -105,7 +105,7 @@ pub struct Cli {
     pub admin_token_file: Option<PathBuf>,
     /// Prometheus endpoint IP:PORT (`GET /metrics`; off by default; loopback only unless
     /// --metrics-allow-remote).
-    #[arg(long)]
+    #[arg(long, env = "UTURN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// Let `metrics-listen` be off loopback (the endpoint has no authentication).
     #[arg(long)]
@@ -161,6 +161,10 @@ pub struct Cli {
     /// A file holding the nonce secret (64 hex digits) shared by the fleet.
     #[arg(long)]
     pub nonce_secret_file: Option<PathBuf>,
+    /// STUN server (HOST:PORT) that `--external-ip auto` asks for the relay addresses' public
+    /// address, at start and on SIGHUP.
+    #[arg(long, env = "UTURN_EXTERNAL_IP_STUN")]
+    pub external_ip_stun: Option<String>,
 }
 
 /// The configuration file, every key optional (kebab-case keys).
@@ -242,6 +246,7 @@ pub struct FileConfig {
     ice_servers_max_ttl: Option<u64>,
     nonce_secret_file: Option<PathBuf>,
     quota_lease: Option<u64>,
+    external_ip_stun: Option<String>,
 }
 
 /// A key that takes one string or a list of them.
@@ -394,6 +399,11 @@ pub struct Config {
     /// (`quota-lease`, seconds, default 10, at least 1): a crashed node's allocations stop
     /// counting after it.
     pub quota_lease: Duration,
+    /// `external-ip = "auto"`: `external_ips` comes from asking `external_ip_stun` for each
+    /// relay IP (crate::discovery), at start and on SIGHUP.
+    pub external_ip_auto: bool,
+    /// The STUN server (`host:port`) of `external-ip = "auto"`.
+    pub external_ip_stun: Option<String>,
 }
 
 /// Where usage records go (docs/operations.md, "Usage records").
@@ -542,16 +552,19 @@ impl Config {
         allow_peer.extend(cli.allow_peer.iter().copied());
         let mut deny_peer = f.deny_peer.unwrap_or_default();
         deny_peer.extend(cli.deny_peer.iter().copied());
+        let external = if cli.external_ip.is_empty() {
+            f.external_ip.map(OneOrMany::into_vec).unwrap_or_default()
+        } else {
+            cli.external_ip.clone()
+        };
+        // `auto` stands alone: the discovered addresses replace every entry (crate::discovery).
+        let external_ip_auto = external.iter().any(|e| e == "auto");
+        if external_ip_auto && external.len() > 1 {
+            bail!("external-ip = \"auto\" must be the only external-ip entry");
+        }
         let c = Config {
             relay_ips: relay_ips.clone(),
-            external_ips: parse_external(
-                &if cli.external_ip.is_empty() {
-                    f.external_ip.map(OneOrMany::into_vec).unwrap_or_default()
-                } else {
-                    cli.external_ip.clone()
-                },
-                &relay_ips,
-            )?,
+            external_ips: if external_ip_auto { Vec::new() } else { parse_external(&external, &relay_ips)? },
             listen,
             tls_cert: cli.tls_cert.clone().or(f.tls_cert),
             tls_key: cli.tls_key.clone().or(f.tls_key),
@@ -648,6 +661,8 @@ impl Config {
             ice_servers_max_ttl: secs(f.ice_servers_max_ttl, 86_400),
             nonce_secret_file: cli.nonce_secret_file.clone().or(f.nonce_secret_file),
             quota_lease: Duration::from_secs(f.quota_lease.unwrap_or(crate::fleet::quota::DEFAULT_LEASE_SECS).max(1)),
+            external_ip_auto,
+            external_ip_stun: cli.external_ip_stun.clone().or(f.external_ip_stun),
         };
         c.validate()?;
         Ok(c)
@@ -735,6 +750,9 @@ impl Config {
         if self.max_peer_connections_per_user == 0 {
             bail!("max-peer-connections-per-user must be positive");
         }
+        if self.external_ip_auto && self.external_ip_stun.is_none() {
+            bail!("external-ip = \"auto\" needs external-ip-stun = \"HOST:PORT\", the STUN server to ask");
+        }
         self.check_ports_outside_relay_range()?;
         if (self.proxy.streams || self.proxy.datagrams) && self.proxy.trusted.is_empty() {
             bail!("proxy-protocol and proxy-protocol-udp need proxy-trusted: the load balancers' networks");
@@ -781,7 +799,8 @@ impl Config {
         vec![
             ("listen", self.listen != new.listen),
             ("relay-ip", self.relay_ips != new.relay_ips),
-            ("external-ip", self.external_ips != new.external_ips),
+            // With `external-ip = "auto"` SIGHUP applies the newly discovered addresses.
+            ("external-ip", self.external_ip_auto != new.external_ip_auto || (!new.external_ip_auto && self.external_ips != new.external_ips)),
             // The certificate files at these paths are re-read on SIGHUP; the paths are not.
             ("tls-cert / tls-key paths", self.tls_cert != new.tls_cert || self.tls_key != new.tls_key),
             (

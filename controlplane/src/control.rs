@@ -471,6 +471,12 @@ impl ControlPlane {
         &mut self.credentials
     }
 
+    /// Replaces the (private, public) relay address pairs advertised in XOR-RELAYED-ADDRESS
+    /// from now on (`external-ip = "auto"` on SIGHUP); allocations made before keep theirs.
+    pub fn set_external_ips(&mut self, pairs: Vec<(std::net::IpAddr, std::net::IpAddr)>) {
+        self.policy.external_ips = pairs;
+    }
+
     /// Ends every allocation of `user` (a username, or the user id of REST usernames
     /// `<expiry><sep><user>`); returns the commands for the workers that hold them. The
     /// workers report the ends, which release the quotas.

@@ -5,9 +5,11 @@
 pub mod admin;
 pub mod admin_api;
 pub mod check;
+pub mod check_config;
 pub mod config;
 pub mod control;
 pub mod credentials;
+pub mod discovery;
 pub mod fleet;
 pub mod http_endpoint;
 pub mod metrics;

@@ -5,13 +5,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use uturn_controlplane::admin::Command;
 use uturn_controlplane::config::{Cli, Config};
-use uturn_controlplane::server;
+use uturn_controlplane::{discovery, server};
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    if let Some(cmd) = cli.command.take() {
-        return uturn_controlplane::admin::run(cmd);
+    match cli.command.take() {
+        Some(Command::CheckConfig(args)) => return uturn_controlplane::check_config::run(&mut cli, &args),
+        Some(cmd) => return uturn_controlplane::admin::run(cmd),
+        None => {}
     }
     let config = match Config::load(&cli) {
         Ok(c) => c,
@@ -31,6 +34,13 @@ fn main() -> ExitCode {
     } else {
         logs.with_ansi(ansi).init();
     }
+    // `external-ip = "auto"`: the public address is asked of a STUN server before serving
+    // (logged, so after the logs are set up).
+    let mut config = config;
+    if let Err(e) = discovery::resolve(&mut config) {
+        eprintln!("uturn: {e:#}");
+        return ExitCode::from(2);
+    }
 
     let signals = server::Signals::default();
     let handlers = [
@@ -49,8 +59,10 @@ fn main() -> ExitCode {
     if std::env::var_os(server::UPGRADE_ENV).is_none() {
         print_banner(&config);
     }
-    // SIGHUP re-reads the same file and flags.
-    let reloader: server::Reloader = Box::new(move || Config::load(&cli));
+    // SIGHUP re-reads the same file and flags (and asks the STUN server of `external-ip =
+    // "auto"` again).
+    let reloader: server::Reloader =
+        Box::new(move || Config::load(&cli).and_then(|mut c| discovery::resolve(&mut c).map(|()| c)));
     match server::run(&config, signals, Some(reloader)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -70,7 +70,7 @@ pub struct Signals {
 }
 
 /// Re-reads the configuration (SIGHUP); `None` when there is nothing to re-read.
-pub type Reloader = Box<dyn Fn() -> Result<Config>>;
+pub type Reloader = Box<dyn Fn() -> Result<Config> + Send + Sync>;
 
 /// Runs uturn until `signals.shutdown` is set, a drain ends, or a hot upgrade hands everything
 /// to a new process; returns after every worker has stopped. On `signals.reload`, `reloader`
@@ -136,6 +136,7 @@ pub fn run(config: &Config, signals: Signals, reloader: Option<Reloader>) -> Res
         );
     }
     notify::ready(successor.is_some());
+    let reloader = reloader.map(Arc::new);
     let outcome = server.serve(&signals, reloader.as_ref(), &exe, &args);
     server.finish(outcome)
 }
@@ -573,11 +574,13 @@ impl<'a> Server<'a> {
     fn serve(
         &mut self,
         signals: &Signals,
-        reloader: Option<&Reloader>,
+        reloader: Option<&Arc<Reloader>>,
         exe: &Path,
         args: &[std::ffi::OsString],
     ) -> Outcome {
         let shutdown = &signals.shutdown;
+        // A SIGHUP reload under way on its own thread, and whether another SIGHUP came meanwhile.
+        let (mut reloading, mut reload_again) = (None, false);
         while !shutdown.load(Ordering::Relaxed) {
             // Take up to FAIR_SHARE events from each worker's queue in turn, so one worker's
             // flood cannot starve the clients of the others; stop after MAX_BATCH so the checks
@@ -596,13 +599,32 @@ impl<'a> Server<'a> {
             handled += self.tcp_relay_events();
             self.usage_interim();
             if signals.reload.swap(false, Ordering::Relaxed) {
-                reload(&mut self.control, self.config, reloader);
+                if reloading.is_some() {
+                    reload_again = true;
+                } else {
+                    reloading = start_reload(reloader);
+                }
                 self.reload_tls();
-                let credentials = self.control.credentials_mut();
-                let (secret, separator) = (credentials.first_secret(), credentials.separator());
-                self.fleet.shared.set_minting(secret, separator, self.config.ice_servers_max_ttl);
             }
             self.fleet_tick();
+            if let Some(rx) = &reloading {
+                match rx.try_recv() {
+                    Ok(result) => {
+                        handled += 1;
+                        apply_reload(&mut self.control, self.config, result);
+                        // POST /ice-servers mints with the credentials the reload loaded.
+                        let credentials = self.control.credentials_mut();
+                        let (secret, separator) = (credentials.first_secret(), credentials.separator());
+                        self.fleet.shared.set_minting(secret, separator, self.config.ice_servers_max_ttl);
+                        reloading = if std::mem::take(&mut reload_again) { start_reload(reloader) } else { None };
+                    }
+                    Err(TryRecvError::Empty) => {}
+                    Err(TryRecvError::Disconnected) => {
+                        warn!("SIGHUP: the reload thread ended without an answer; the running configuration stays");
+                        reloading = None;
+                    }
+                }
+            }
             if signals.upgrade.swap(false, Ordering::Relaxed) {
                 self.start_upgrade(exe, args);
             }
@@ -943,14 +965,36 @@ fn own_addresses(config: &Config) -> crate::policy::OwnAddresses {
     }
 }
 
-/// SIGHUP: re-reads the configuration and replaces the credentials; keys that need a restart
-/// are logged when they changed. Existing allocations are untouched.
-fn reload(control: &mut ControlPlane, running: &Config, reloader: Option<&Reloader>) {
+/// SIGHUP: re-reads the configuration on a thread of its own, since it may ask a STUN server
+/// (`external-ip = "auto"`, crate::discovery) and the control loop never waits; the result
+/// comes back on the returned channel and unparks the control thread. `None`: nothing to
+/// re-read, or no thread could be started (logged).
+fn start_reload(reloader: Option<&Arc<Reloader>>) -> Option<crossbeam_channel::Receiver<Result<Config>>> {
     let Some(reloader) = reloader else {
         info!("SIGHUP: no configuration file to re-read");
-        return;
+        return None;
     };
-    match reloader() {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let reloader = Arc::clone(reloader);
+    let control = std::thread::current();
+    let spawned = std::thread::Builder::new().name("uturn-reload".into()).spawn(move || {
+        let _ = tx.send(reloader());
+        control.unpark();
+    });
+    match spawned {
+        Ok(_) => Some(rx),
+        Err(e) => {
+            warn!("SIGHUP: cannot start the reload thread ({e}); the running configuration stays");
+            None
+        }
+    }
+}
+
+/// Applies a SIGHUP's re-read configuration: replaces the credentials (and the discovered
+/// external IPs); keys that need a restart are logged when they changed. Existing allocations
+/// are untouched.
+fn apply_reload(control: &mut ControlPlane, running: &Config, result: Result<Config>) {
+    match result {
         Ok(new) => {
             for (key, changed) in running.restart_only_changes(&new) {
                 if changed {
@@ -958,6 +1002,9 @@ fn reload(control: &mut ControlPlane, running: &Config, reloader: Option<&Reload
                 }
             }
             control.credentials_mut().reload(new.credentials.clone());
+            if new.external_ip_auto {
+                control.set_external_ips(new.external_ips.clone());
+            }
         }
         Err(e) => warn!("SIGHUP: configuration not reloaded, the running one stays: {e:#}"),
     }

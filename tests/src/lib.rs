@@ -435,11 +435,6 @@ impl RedisServer {
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
-    /// Starts one on `port` (e.g. the port of one that was killed: Redis back after an outage).
-    pub fn start_on(port: u16) -> RedisServer {
-        Self::spawn(port, &[])
-    }
-
     /// Kills the server now (an outage), by PID.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

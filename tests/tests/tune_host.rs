@@ -113,3 +113,78 @@ fn real_run_in_a_network_namespace_and_revert() {
     assert!(!state.exists(), "revert removes the saved state");
     let _ = std::fs::remove_file(cfg);
 }
+
+#[test]
+fn notrack_dry_run_prints_the_ruleset_for_the_configured_ports() {
+    let cfg = std::env::temp_dir().join(format!("uturn-tune-nt-{}.toml", rand::random::<u32>()));
+    std::fs::write(&cfg, "listen = [\"0.0.0.0:3478\", \"tls://0.0.0.0:5349\"]\nport-range = \"50000-50100\"\n")
+        .unwrap();
+    let state = std::env::temp_dir().join(format!("uturn-tune-state-{}", rand::random::<u32>()));
+    let out = Command::new("bash")
+        .arg(script())
+        .args(["--dry-run", "--notrack", "--config"])
+        .arg(&cfg)
+        .env("UTURN_TUNE_STATE", &state)
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    for needle in [
+        "listen ports 3478,5349, relay ports 50000-50100",
+        "type filter hook prerouting priority raw",
+        "udp dport { 3478,5349 } counter notrack",
+        "udp dport 50000-50100 counter notrack",
+        "udp sport 50000-50100 counter notrack",
+        "tcp sport { 3478,5349 } counter notrack",
+        "dry run: nothing was changed",
+    ] {
+        assert!(log.contains(needle), "missing {needle:?} in:\n{log}");
+    }
+    assert!(!log.contains("set    nftables"), "{log}");
+    assert!(!state.exists(), "a dry run saves nothing");
+    let _ = std::fs::remove_file(cfg);
+}
+
+#[test]
+fn notrack_in_a_network_namespace_exempts_the_ports_and_revert_removes_it() {
+    let ns = format!("uturn-nt-{}", rand::random::<u32>());
+    let added = privileged(&["ip", "netns", "add", &ns]);
+    assert!(added.status.success(), "ip netns add (needs root): {}", text(&added));
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = privileged(&["ip", "netns", "del", &self.0]);
+        }
+    }
+    let _ns = Ns(ns.clone());
+    assert!(privileged(&["ip", "-n", &ns, "link", "set", "lo", "up"]).status.success());
+    let cfg = config("50000-50100");
+    let state = std::env::temp_dir().join(format!("uturn-tune-state-{}", rand::random::<u32>()));
+    let (script_s, cfg_s) = (script().display().to_string(), cfg.display().to_string());
+    let env_state = format!("UTURN_TUNE_STATE={}", state.display());
+    let in_ns = |args: &[&str]| {
+        let mut all = vec!["ip", "netns", "exec", &ns];
+        all.extend_from_slice(args);
+        privileged(&all)
+    };
+    let out = in_ns(&["env", &env_state, "bash", &script_s, "--notrack", "--iface", "lo", "--config", &cfg_s]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("set    nftables table inet uturn_notrack"), "{log}");
+    // A datagram to the listen port inside the namespace goes through the notrack rule.
+    assert!(in_ns(&["bash", "-c", "echo x > /dev/udp/127.0.0.1/3478"]).status.success());
+    let listed = text(&in_ns(&["nft", "list", "table", "inet", "uturn_notrack"]));
+    let hit = listed
+        .lines()
+        .find(|l| l.contains("local client to listen"))
+        .unwrap_or_else(|| panic!("no local-client rule in:\n{listed}"));
+    assert!(hit.contains("udp dport 3478 counter packets 1 "), "{listed}");
+    assert!(listed.contains("udp dport 50000-50100 counter packets 0 bytes 0 notrack"), "{listed}");
+    // The host's own ruleset is untouched.
+    assert!(!text(&privileged(&["nft", "list", "tables"])).contains("uturn_notrack"));
+    let out = in_ns(&["env", &env_state, "bash", &script_s, "--revert"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&in_ns(&["nft", "list", "tables"])).contains("uturn_notrack"));
+    assert!(!state.exists(), "revert removes the saved state");
+    let _ = std::fs::remove_file(cfg);
+}

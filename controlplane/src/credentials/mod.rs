@@ -208,7 +208,7 @@ impl Credentials {
         );
         // What the relay was started with stays: the realm its 401s offer (every worker's
         // challenger holds it), the store with its threads, and the cache's sizes;
-        // `server::reload` logs a WARN when the file changed them.
+        // `server::apply_reload` logs a WARN when the file changed them.
         let kept = &self.config;
         let next = CredentialConfig {
             realm: kept.realm.clone(),
