@@ -381,7 +381,9 @@ fn redis_killed_mid_run_stalls_no_node() {
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("\"revoked\":1") && body.contains("fleet_error"), "{body}");
         let log = n.relay.log();
-        assert_eq!(log.matches("fleet: Redis unreachable").count(), 1, "one WARN on {}:\n{log}", n.id);
+        let warns = log.lines().filter(|l| l.contains("WARN") && l.contains("fleet-redis unreachable")).count();
+        assert_eq!(warns, 1, "one WARN on {}:\n{log}", n.id);
+        assert!(log.contains("fleet registry: no registry"), "the registry noticed:\n{log}");
     }
     println!(
         "Redis down for {:.1} s: relayed {relayed:?} datagrams per node, allocated on each",

@@ -205,20 +205,21 @@ fn redis_killed_mid_run_quotas_go_local_with_one_warn_then_catch_up() {
     std::thread::sleep(Duration::from_secs(3));
     for n in &nodes {
         let log = n.log();
-        let warns: Vec<&str> = log.lines().filter(|l| l.contains("WARN") && l.contains("Redis unreachable")).collect();
+        let warns: Vec<&str> = log.lines().filter(|l| l.contains("WARN") && l.contains("fleet-redis unreachable")).collect();
         assert_eq!(warns.len(), 1, "exactly one WARN per node for the outage:\n{log}");
     }
     // Redis comes back empty on the same port: every node re-publishes its counts.
     let redis = RedisServer::start_on(port);
     for n in &nodes {
-        assert!(n.wait_log("Redis answers again", Duration::from_secs(5)), "{}", n.log());
+        assert!(n.wait_log("fleet quota: Redis answers again", Duration::from_secs(5)), "{}", n.log());
     }
     assert_eq!(redis_counts(&redis, "alice"), 5, "a 2 + b 1 + c 2, re-published");
     // Across the fleet again: alice is over quota everywhere, even on b (1 of its own).
     assert!(refused(&nodes[1], "alice").contains("486"));
     // Still one WARN each.
     for n in &nodes {
-        assert_eq!(n.log().matches("Redis unreachable").count(), 1, "{}", n.log());
+        let warns = n.log().lines().filter(|l| l.contains("WARN") && l.contains("fleet-redis unreachable")).count();
+        assert_eq!(warns, 1, "{}", n.log());
     }
     drop(held);
 }

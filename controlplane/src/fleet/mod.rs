@@ -34,6 +34,7 @@ pub mod admin;
 pub mod broadcast;
 pub mod ice;
 pub mod nonce_secret;
+pub mod outage;
 pub mod quota;
 pub mod redirect;
 pub mod registry;

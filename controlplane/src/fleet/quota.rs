@@ -59,7 +59,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use uturn_proto::wire::TransactionId;
 use uturn_proto::FiveTuple;
 
@@ -324,10 +324,7 @@ impl QuotaThread {
         self.metrics.up.store(false, Ordering::Relaxed);
         if !self.warned {
             self.warned = true;
-            warn!(
-                redis = %self.shown,
-                "fleet quota: Redis unreachable ({e}); user-quota is enforced by this node alone until it answers again"
-            );
+            super::outage::failed("fleet quota", e, "user-quota is enforced by this node alone");
         } else {
             debug!(redis = %self.shown, "fleet quota: Redis still unreachable: {e}");
         }
@@ -370,6 +367,7 @@ impl QuotaThread {
         }
         self.first = false;
         self.warned = false;
+        super::outage::answered("fleet quota");
     }
 
     /// One pipelined round trip for `batch`; the verdicts of its checks in order, or `None`

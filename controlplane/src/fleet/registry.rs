@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::info;
 use uturn_proto::Transport;
 
 use super::{connect, shown, unix_ms, FleetShared, NodeAddress, NodeInfo, HEARTBEAT, NODES, NODE_PREFIX, NODE_TTL};
@@ -46,13 +46,14 @@ fn heartbeat(shared: &FleetShared, url: &str) {
                 if let Some(since) = outage_since.take() {
                     info!(redis = %shown(url), after_s = since.elapsed().as_secs(), "fleet: Redis answers again; registry, revoke and redirects are fleet-wide again");
                 }
+                super::outage::answered("fleet registry");
             }
             Err(e) => {
                 conn = None;
                 shared.connected.store(false, Ordering::Relaxed);
                 if outage_since.is_none() {
                     outage_since = Some(Instant::now());
-                    warn!(redis = %shown(url), "fleet: Redis unreachable ({e}); this node relays and allocates alone (no registry, fleet revoke or fleet redirects) until it answers");
+                    super::outage::failed("fleet registry", &e, "no registry, fleet revoke or fleet redirects");
                 }
             }
         }

@@ -265,16 +265,15 @@ impl Writer {
                     if self.redis_down {
                         info!(pending = self.pending.len(), "usage records: Redis answers again");
                         self.redis_down = false;
+                        crate::fleet::outage::answered("usage records");
                     }
                 }
                 Err(e) => {
                     self.conn = None;
                     self.retry_at = Instant::now() + RETRY;
                     if !self.redis_down {
-                        warn!(
-                            pending = self.pending.len(),
-                            "usage records: Redis unreachable ({e}); records wait (at most {PENDING_MAX})"
-                        );
+                        let waiting = format!("{} records wait (at most {PENDING_MAX})", self.pending.len());
+                        crate::fleet::outage::failed("usage records", &e, &waiting);
                         self.redis_down = true;
                     }
                 }
