@@ -5,6 +5,8 @@
 # `fleet-redis` set, in alternating rounds on the same cores, side by side in one run. A third
 # contestant runs in a registry of FLEET_NODES nodes (FLEET_NODES-1 entries the script writes
 # into Redis), so the heartbeat reads as many entries as in a fleet of that size.
+# Two more contestants set a user-quota (never reached), alone and in the fleet, where each
+# Allocate then asks Redis (one EVAL) before it is answered.
 # The Redis commands each run caused (INFO commandstats before and after) are reported per
 # allocation (allocs run) and per second, with Redis's CPU (relay run, DURATION+1 s steady). Prints medians; writes target/bench/fleet.md (docs/scaling.md,
 # "Redis in a fleet"). Everything stays on 127.0.0.1; every run is bounded by COUNT
@@ -60,12 +62,14 @@ fake_registry() {
 }
 clear_registry() { rcli FLUSHALL >/dev/null; }
 
-# start_uturn FLEET: uturn alone (FLEET empty) or in the fleet.
+# start_uturn PORT FLEET [QUOTA]: uturn alone (FLEET empty) or in the fleet; QUOTA non-empty sets
+# a user-quota no run reaches (with FLEET: one Lua check in Redis per Allocate, fleet/quota.rs).
 start_uturn() {
-  local port=$1 fleet=$2 workers
+  local port=$1 fleet=$2 quota=${3:-} workers
   workers=$(echo "$SERVER_CPUS" | tr ',' '\n' | wc -l)
   {
     echo 'unauth-rate = 0'
+    if [ -n "$quota" ]; then echo 'user-quota = 1000000'; fi
     if [ -n "$fleet" ]; then echo "fleet-redis = \"redis://127.0.0.1:$redis_port/0\""; echo 'node-id = "bench"'; fi
   } > "$OUT/uturn-fleet.toml"
   taskset -c "$SERVER_CPUS" $BIN/uturn --config "$OUT/uturn-fleet.toml" --listen 127.0.0.1:"$port" \
@@ -111,15 +115,19 @@ PY
   tail -1 "$RESULTS" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  %-34s %8.0f pkts/s  %7.2f us CPU/packet  loss %.3f%%  Redis: %.1f commands/s, %.2f%% CPU" % (r["contestant"], r.get("delivered_pps") or 0, r.get("server_cpu_us_per_packet") or 0, r.get("loss_pct") or 0, r["redis_calls_per_s"], r["redis_cpu_pct"]))'
 }
 
-LABELS=("alone" "fleet-redis" "fleet-redis, $FLEET_NODES-node registry")
+LABELS=("alone" "fleet-redis" "fleet-redis, $FLEET_NODES-node registry" "alone, user-quota" "fleet-redis, user-quota")
+# ONLY=REGEX runs only the contestants whose label matches (e.g. ONLY=quota).
 for round in $(seq 1 "$ROUNDS"); do
   echo "==> round $round of $ROUNDS"
   for label in "${LABELS[@]}"; do
+    [[ -z "${ONLY:-}" || "$label" =~ $ONLY ]] || continue
     clear_registry
     port=$(free_port)
     case $label in
       alone) start_uturn "$port" "" ;;
       fleet-redis) start_uturn "$port" 1 ;;
+      "alone, user-quota") start_uturn "$port" "" 1 ;;
+      "fleet-redis, user-quota") start_uturn "$port" 1 1 ;;
       *) fake_registry "$FLEET_NODES"; start_uturn "$port" 1 ;;
     esac
     run "$label"
@@ -135,11 +143,14 @@ for line in open(sys.argv[1]):
     (rows if r["kind"] == "allocs" else relay).setdefault(r["contestant"], []).append(r)
 med = lambda rs, k: statistics.median((x.get(k) or 0) for x in rs) if rs else 0
 base = rows.get("alone")
-print("| uturn | allocations/s | server CPU per allocation, µs | vs alone | Redis commands per allocation | server CPU per relayed packet, µs | vs alone | Redis commands/s | Redis CPU, % of a core | runs |")
+# Each contestant is compared with the one of the same quota setting that runs alone.
+alone_of = lambda name: "alone, user-quota" if "user-quota" in name else "alone"
+print("| uturn | allocations/s | server CPU per allocation, µs | vs alone (same quota) | Redis commands per allocation | server CPU per relayed packet, µs | vs alone | Redis commands/s | Redis CPU, % of a core | runs |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for name, rs in rows.items():
     cpu, pkt = med(rs, "server_cpu_us_per_alloc"), med(relay.get(name), "server_cpu_us_per_packet")
-    vs = lambda v, k, rows_: "" if name == "alone" or not rows_.get("alone") else f"{(v / med(rows_['alone'], k) - 1) * 100:+.1f}%"
+    ref = alone_of(name)
+    vs = lambda v, k, rows_: "" if name == ref or not rows_.get(ref) else f"{(v / med(rows_[ref], k) - 1) * 100:+.1f}%"
     print(f"| {name} | {med(rs, 'allocs_per_s'):.0f} | {cpu:.1f} | {vs(cpu, 'server_cpu_us_per_alloc', rows)} | "
           f"{med(rs, 'redis_calls_per_alloc'):.4f} | {pkt:.2f} | {vs(pkt, 'server_cpu_us_per_packet', relay)} | "
           f"{med(relay.get(name), 'redis_calls_per_s'):.1f} | {med(relay.get(name), 'redis_cpu_pct'):.2f} | {len(rs)} |")

@@ -31,19 +31,21 @@
 //! refreshes; an exact quota is what billing and abuse limits need.
 //!
 //! After the Allocate ends either way, and whenever an allocation ends, the control plane
-//! sends the user's count on this node, which is written as is (HSET, or HDEL at zero): the
-//! control plane's count is the truth, Redis a copy of it.
+//! sends the user's count on this node; the thread keeps the latest per user and writes it
+//! (HSET, or HDEL at zero) before its next check, or within [`FLUSH_EVERY`] (50 ms): the control
+//! plane's count is the truth, Redis a copy of it that lags by at most that for decreases.
 //!
 //! # Redis operations
 //!
 //! Per Allocate of a user with a quota: 1 EVAL (inside: one HGETALL, one EXISTS per other node
 //! holding the user, one HSET, one PEXPIRE). Per allocation end: 1 HDEL when it was the user's
-//! last on this node, else 2 writes (HSET + PEXPIRE). A count Redis holds already is not written
-//! again, so a user without concurrent allocations costs 2 commands per allocation lifetime;
-//! concurrent Allocates of one user may add a write of the granted count (at most 5). Measured:
-//! 2.05 commands per allocation over 100 users, 4.6 with all on one user (4 clients at once).
-//! Commands are pipelined: everything queued while a round trip runs goes in the next one. Per
-//! node: one SET PX every lease/3. Without `user-quota` nothing is written.
+//! last on this node, else 2 writes (HSET + PEXPIRE), coalesced per user over 50 ms and sent in
+//! the same pipelined round trip as the next checks. A count Redis holds already is not written
+//! again. So a user costs at most 3 commands per allocation lifetime, and a user who allocates
+//! and ends allocations faster than every 50 ms costs little more than the EVAL
+//! (`scripts/bench-fleet.sh`, docs/scaling.md). Commands are pipelined: everything queued while
+//! a round trip runs goes in the next one. Per node: one SET PX every lease/3. Without
+//! `user-quota` nothing is written.
 //!
 //! # Redis unreachable
 //!
@@ -79,6 +81,11 @@ pub const TIMEOUT: Duration = Duration::from_secs(1);
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Default `quota-lease`, seconds.
 pub const DEFAULT_LEASE_SECS: u64 = 10;
+/// Longest a changed count of this node waits before it is written to Redis. Only decreases
+/// wait (a granted Allocate is written by its check at once), so meanwhile other nodes see this
+/// node's count too high, never too low: a quota is never exceeded, at worst reached this much
+/// early.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// Most jobs in one pipelined round trip.
 const BATCH: usize = 1024;
 
@@ -183,6 +190,8 @@ impl FleetQuota {
             quota,
             lease: lease.max(Duration::from_secs(1)),
             mirror: HashMap::new(),
+            dirty: HashMap::new(),
+            last_flush: Instant::now(),
             warned: false,
             first: true,
             last_try: None,
@@ -251,6 +260,11 @@ struct QuotaThread {
     /// the control plane), re-published after an outage; a count Redis holds already is not
     /// written again.
     mirror: HashMap<Arc<str>, u32>,
+    /// Counts of this node that changed since Redis last had them (allocation ends, Allocates
+    /// that failed after their check): written at most every [`FLUSH_EVERY`], or before the next
+    /// check, one write per user however many changes came in between.
+    dirty: HashMap<Arc<str>, u32>,
+    last_flush: Instant,
     /// The WARN of the current outage was logged.
     warned: bool,
     /// Redis has not answered yet since the start.
@@ -272,7 +286,8 @@ impl QuotaThread {
         let tick = self.lease / 3;
         loop {
             let mut batch = Vec::new();
-            match jobs.recv_timeout(tick.min(RETRY_AFTER)) {
+            let wait = if self.dirty.is_empty() { tick.min(RETRY_AFTER) } else { FLUSH_EVERY };
+            match jobs.recv_timeout(wait) {
                 Ok(j) => batch.push(j),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -305,6 +320,13 @@ impl QuotaThread {
 
     /// Keeps the mirror of this node's counts while Redis is down.
     fn apply_counts(&mut self, batch: &[Job]) {
+        for (user, n) in self.dirty.drain() {
+            if n == 0 {
+                self.mirror.remove(&user);
+            } else {
+                self.mirror.insert(user, n);
+            }
+        }
         for job in batch {
             if let Job::Count { user, n } = job {
                 if *n == 0 {
@@ -373,27 +395,58 @@ impl QuotaThread {
     /// One pipelined round trip for `batch`; the verdicts of its checks in order, or `None`
     /// when Redis failed (then it is down).
     fn round_trip(&mut self, batch: &[Job]) -> Option<Vec<Verdict>> {
-        if batch.is_empty() {
-            return Some(Vec::new());
-        }
         let ttl = USER_TTL.as_millis() as u64;
-        let mut p = ::redis::pipe();
-        let mut ops = 0;
+        let mut checks = false;
+        // Users whose last job here is a check: a granted check writes their newer count itself,
+        // so their changed count is held back (written later only if the check is refused).
+        let mut checked_last: HashMap<&Arc<str>, bool> = HashMap::new();
+        for job in batch {
+            match job {
+                Job::Count { user, .. } => checked_last.insert(user, false),
+                Job::Check { user, .. } => checked_last.insert(user, true),
+            };
+        }
         for job in batch {
             match job {
                 // Redis holds this count already (the check that granted it wrote it).
-                Job::Count { user, n } if self.mirror.get(user).copied().unwrap_or(0) == *n => {}
-                Job::Count { user, n } if *n > 0 => {
-                    self.mirror.insert(user.clone(), *n);
-                    p.cmd("HSET").arg(user_key(user)).arg(&self.field).arg(*n).ignore();
-                    p.cmd("PEXPIRE").arg(user_key(user)).arg(ttl).ignore();
+                Job::Count { user, n } if self.mirror.get(user).copied().unwrap_or(0) == *n => {
+                    self.dirty.remove(user);
+                }
+                Job::Count { user, n } => {
+                    self.dirty.insert(user.clone(), *n);
+                }
+                Job::Check { .. } => checks = true,
+            }
+        }
+        let flush = !self.dirty.is_empty() && self.last_flush.elapsed() >= FLUSH_EVERY;
+        if !checks && !flush {
+            return Some(Vec::new());
+        }
+        let mut p = ::redis::pipe();
+        let mut ops = 0;
+        // The changed counts first: a check below overwrites its user's with a newer one.
+        if flush {
+            self.last_flush = Instant::now();
+            let held: Vec<(Arc<str>, u32)> =
+                self.dirty.iter().filter(|(u, _)| checked_last.get(u) == Some(&true)).map(|(u, n)| (u.clone(), *n)).collect();
+            let due: Vec<(Arc<str>, u32)> = self.dirty.drain().collect();
+            self.dirty.extend(held.iter().cloned());
+            for (user, n) in due.into_iter().filter(|(u, _)| checked_last.get(u) != Some(&true)) {
+                if n > 0 {
+                    p.cmd("HSET").arg(user_key(&user)).arg(&self.field).arg(n).ignore();
+                    p.cmd("PEXPIRE").arg(user_key(&user)).arg(ttl).ignore();
                     ops += 2;
-                }
-                Job::Count { user, .. } => {
-                    self.mirror.remove(user);
-                    p.cmd("HDEL").arg(user_key(user)).arg(&self.field).ignore();
+                    self.mirror.insert(user, n);
+                } else {
+                    p.cmd("HDEL").arg(user_key(&user)).arg(&self.field).ignore();
                     ops += 1;
+                    self.mirror.remove(&user);
                 }
+            }
+        }
+        for job in batch {
+            match job {
+                Job::Count { .. } => {}
                 Job::Check { user, local, .. } => {
                     p.cmd("EVAL").arg(CHECK).arg(1).arg(user_key(user));
                     p.arg(&self.field).arg(self.quota).arg(*local).arg(ALIVE_PREFIX).arg(ttl);
@@ -427,14 +480,25 @@ impl QuotaThread {
     fn answer(&mut self, batch: &[Job], verdicts: Option<Vec<Verdict>>) {
         let mut verdicts = verdicts.unwrap_or_default().into_iter();
         let mut any = false;
-        for job in batch {
+        // Where each user's last count change in the batch is.
+        let mut last_count: HashMap<&Arc<str>, usize> = HashMap::new();
+        for (i, job) in batch.iter().enumerate() {
+            if let Job::Count { user, .. } = job {
+                last_count.insert(user, i);
+            }
+        }
+        for (i, job) in batch.iter().enumerate() {
             let Job::Check { five_tuple, tid, user, local } = job else { continue };
             let verdict = verdicts.next().unwrap_or(Verdict::Unavailable);
             self.metrics.checks.fetch_add(1, Ordering::Relaxed);
             match verdict {
                 Verdict::Allowed => {
-                    // As written in Redis, until the control plane's count follows.
+                    // As written in Redis, until the control plane's count follows; a change held
+                    // back from before this check is older than what the check wrote.
                     self.mirror.insert(user.clone(), local + 1);
+                    if last_count.get(user).is_none_or(|&c| c < i) && self.conn.is_some() {
+                        self.dirty.remove(user);
+                    }
                 }
                 Verdict::Denied { fleet } => {
                     self.metrics.denied.fetch_add(1, Ordering::Relaxed);
