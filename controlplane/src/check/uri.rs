@@ -25,28 +25,9 @@ impl Scheme {
     }
 }
 
-/// The transport to the server (RFC 7065 §3.1 `transport=`; `turns:`/`stuns:` mean TLS over TCP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// UDP.
-    Udp,
-    /// TCP (RFC 8656 §3.1).
-    Tcp,
-    /// TLS over TCP (RFC 8656 §3.1).
-    Tls,
-}
-
-impl Transport {
-    /// `udp`, `tcp` or `tls`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Transport::Udp => "udp",
-            Transport::Tcp => "tcp",
-            Transport::Tls => "tls",
-        }
-    }
-}
+/// The transport to the server (RFC 7065 §3.1 `transport=`; `turns:`/`stuns:` mean TLS over TCP):
+/// the relay's own [`uturn_proto::Transport`].
+pub use uturn_proto::Transport;
 
 /// One parsed URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
