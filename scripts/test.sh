@@ -25,11 +25,10 @@ command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v tshark >/dev/null 2>&1 || missing+=(tshark)
-# Packaging (docs/operations.md): the image test's Docker engine and base image, the notrack
-# option of tune-host.sh, the manifests' validator (node, npm).
+# Packaging (docs/operations.md): the image test's Docker engine and base image, the manifests'
+# validator (node, npm); nftables above serves tune-host.sh --notrack and the check tests.
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
-command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> apt-get install ${missing[*]}"
