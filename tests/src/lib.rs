@@ -334,6 +334,20 @@ impl Drop for Guard {
     }
 }
 
+/// Starts coturn's `turnutils_peer` (a UDP echo peer) on 127.0.0.1 and a free port; returns its
+/// guard and the port.
+pub fn start_turnutils_peer() -> (Guard, u16) {
+    let port = free_udp_port();
+    let child = Command::new("turnutils_peer")
+        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("turnutils_peer (Debian package coturn) must be installed: scripts/test.sh installs it");
+    std::thread::sleep(Duration::from_millis(300));
+    (Guard(child), port)
+}
+
 /// Runs `uturn ARGS` (a subcommand such as `credential` or `admin`) with a 20 s limit;
 /// returns (exit code, stdout, stderr).
 pub fn uturn_cli(args: &[&str]) -> (i32, String, String) {

@@ -122,16 +122,7 @@ fn expired_rest_credential_keeps_its_allocation_unless_strict_expiry() {
 #[test]
 fn turnutils_uclient_with_a_shared_secret() {
     let relay = Relay::start(BACKEND, "", &["--static-auth-secret", "north", "--rfc5766-channels"]);
-    let peer_port = uturn_tests::free_udp_port();
-    let _peer = uturn_tests::Guard(
-        Command::new("turnutils_peer")
-            .args(["-L", "127.0.0.1", "-p", &peer_port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("turnutils_peer"),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let (_peer, peer_port) = uturn_tests::start_turnutils_peer();
     let mut cmd = Command::new("turnutils_uclient");
     cmd.args(["-W", "north", "-u", "alice", "-p", &relay.addr.port().to_string()])
         .args(["-n", "50", "-l", "180", "-m", "2", "-e", "127.0.0.1", "-r", &peer_port.to_string()])

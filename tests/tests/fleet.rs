@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use uturn_tests::uturn_proto::wire::integrity::{self, IntegrityKey};
 use uturn_tests::uturn_proto::wire::{attr, Method};
-use uturn_tests::{free_udp_port, peer_socket, run_with_timeout, uturn_cli, Client, Guard, RedisServer, Relay};
+use uturn_tests::{peer_socket, run_with_timeout, uturn_cli, Client, RedisServer, Relay};
 
 const BACKEND: &str = "epoll";
 const REALM: &str = "uturn.local";
@@ -235,19 +235,6 @@ fn registry_revoke_sessions_and_a_killed_node() {
     assert_eq!(json(&body)["nodes"], serde_json::json!({"node-a": 0, "node-c": 0}), "{body}");
 }
 
-/// Starts `turnutils_peer` on a free port.
-fn start_peer() -> (Guard, u16) {
-    let port = free_udp_port();
-    let child = Command::new("turnutils_peer")
-        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("turnutils_peer (Debian package coturn)");
-    std::thread::sleep(Duration::from_millis(300));
-    (Guard(child), port)
-}
-
 #[test]
 fn a_node_at_its_budget_redirects_to_the_least_loaded_node() {
     let redis = RedisServer::start();
@@ -294,7 +281,7 @@ fn a_node_at_its_budget_redirects_to_the_least_loaded_node() {
         a.get("/fleet")
     );
     // coturn's turnutils_uclient follows the 300 from A to B and relays there, every message.
-    let (_peer_guard, peer_port) = start_peer();
+    let (_peer_guard, peer_port) = uturn_tests::start_turnutils_peer();
     let mut cmd = Command::new("turnutils_uclient");
     cmd.args([
         "-u",

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use uturn_tests::{free_udp_port, run_with_timeout, Guard, Relay, TlsFiles};
+use uturn_tests::{run_with_timeout, Relay, TlsFiles};
 
 /// The last "tot_send_msgs=X, tot_recv_msgs=Y" uclient printed.
 fn totals(out: &str) -> (u64, u64) {
@@ -20,18 +20,6 @@ fn totals(out: &str) -> (u64, u64) {
         rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
     };
     (num("tot_send_msgs="), num("tot_recv_msgs="))
-}
-
-fn start_peer() -> (Guard, u16) {
-    let port = free_udp_port();
-    let child = Command::new("turnutils_peer")
-        .args(["-L", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("turnutils_peer (Debian package coturn) must be installed: scripts/test.sh installs it");
-    std::thread::sleep(Duration::from_millis(300));
-    (Guard(child), port)
 }
 
 /// Runs uclient over `transport` (udp, tcp or tls) with `mode_args` (e.g. `-s`), `messages` per
@@ -59,7 +47,7 @@ fn uclient_over(backend: &str, transport: &str, mode_args: &[&str], messages: u6
     let (_peer, peer_port) = if client_to_client {
         (None, 0)
     } else {
-        let (g, p) = start_peer();
+        let (g, p) = uturn_tests::start_turnutils_peer();
         (Some(g), p)
     };
     let mut cmd = Command::new("turnutils_uclient");
